@@ -1,0 +1,42 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Everything the
+# project needs (Python packages, DICOM validators, a Triton server) is installed here.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+
+.PHONY: demo test install lint typecheck clean system-deps triton-server
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch is pinned to the CPU wheel that pip finds locally (a range would pull CUDA).
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[train,export,serve,dev]'
+	# tensorrt-stubs declares a dependency on tensorrt itself, which cannot be installed here.
+	$(PIP) install -q --no-deps tensorrt-stubs
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# dciodvfy (dicom3tools) validates the DICOM we write; dcmdump helps debugging.
+system-deps:
+	@if ! command -v dciodvfy >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends dicom3tools dcmtk >/dev/null; \
+	fi
+
+demo: $(STAMP)
+	$(PY) -m cli.demo --out $(DEMO_DIR)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cmc_train cmc_export cmc_serve cli tests bench
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,54 @@
+"""`cmc`: train, export and serve CMC segmentation models.
+
+Each sub-command lives in its own module (cli/<name>.py) and imports the heavy libraries
+inside its function, so `cmc --help` answers without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="cmc",
+    help="CMC: semi-supervised two-modality 3D segmentation, from training to the clinic.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_COMMANDS = {
+    "synth": "Write a synthetic two-modality phantom study (NIfTI, optional DICOM) and its datalist.",
+    "import": "Write a datalist for a public dataset layout (AMOS 2022, MS-CMRSeg 2019).",
+    "train": "Train a CMC model from a datalist; writes checkpoints and metrics.",
+    "evaluate": "Dice and HD95 per class and modality of a checkpoint on a datalist split.",
+    "export": "Export a checkpoint to ONNX / OpenVINO / TensorRT with parity gates and a Triton repository.",
+    "segment": "Segment NIfTI files or DICOM series (single case or whole folders) with an exported model.",
+    "serve": "Serve an exported model repository with a local Triton server.",
+}
+
+
+def _register(name: str, help_text: str) -> None:
+    module_name = f"cli.{name.replace('-', '_')}_cmd"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+
+        def _missing() -> None:
+            typer.echo(f"cmc {name}: not available in this build yet.", err=True)
+            raise typer.Exit(2)
+
+        app.command(name, help=f"{help_text} (not available in this build yet)")(_missing)
+        return
+    app.command(name, help=help_text)(module.command)
+
+
+for _name, _help in _COMMANDS.items():
+    _register(_name, _help)
+
+
+if __name__ == "__main__":
+    app()

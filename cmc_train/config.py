@@ -1,0 +1,202 @@
+"""Run configuration: model size, pre-processing and training schedule.
+
+Pure Python (no torch import) so that the CLI, the exporter and tests can read a
+configuration without loading PyTorch. The same dataclasses travel inside checkpoints
+(as JSON) and inside `config.yaml` in a run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the CMC network (one ViT3D encoder per modality, SAM-Med3D layout)."""
+
+    img_size: int = 32
+    vit_patch: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    window_size: int = 0
+    global_attn_indexes: tuple[int, ...] = ()
+    neck_channels: int = 64
+    adapter_dim: int = 16
+    adapter_scale: float = 0.5
+    decoder_channels: int = 16
+    num_classes: int = 5
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.vit_patch:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of vit_patch {self.vit_patch}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        if self.num_classes < 2:
+            raise ValueError("num_classes counts the background and must be >= 2")
+
+    @property
+    def grid_size(self) -> int:
+        """Token grid edge (S / p)."""
+        return self.img_size // self.vit_patch
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["global_attn_indexes"] = list(self.global_attn_indexes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "global_attn_indexes" in d:
+            d["global_attn_indexes"] = tuple(d["global_attn_indexes"])
+        return cls(**d)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on a 2-core CPU in minutes.
+    "tiny": dict(img_size=32, vit_patch=4, embed_dim=96, depth=4, num_heads=4,
+                 neck_channels=64, adapter_dim=16, decoder_channels=16),
+    # A bigger CPU/GPU model with the SAM-Med3D grid pattern (global + windowed blocks).
+    "small": dict(img_size=64, vit_patch=8, embed_dim=192, depth=6, num_heads=6,
+                  window_size=4, global_attn_indexes=(2, 5), neck_channels=128,
+                  adapter_dim=32, decoder_channels=24),
+    # SAM-Med3D ViT-B (vit_b_ori): loads the public checkpoint.
+    "sam-med3d": dict(img_size=128, vit_patch=16, embed_dim=768, depth=12, num_heads=12,
+                      window_size=14, global_attn_indexes=(2, 5, 8, 11), neck_channels=384,
+                      adapter_dim=64, decoder_channels=32),
+}
+
+
+def model_config(name: str, num_classes: int) -> ModelConfig:
+    """A named preset with the data's number of classes (background included)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return ModelConfig(num_classes=num_classes, **MODEL_PRESETS[name])
+
+
+CT_WINDOW = {"kind": "ct_window", "low": -175.0, "high": 250.0}
+ZSCORE_NONZERO = {"kind": "zscore_nonzero"}
+
+
+def default_normalisation(modality: str) -> dict[str, Any]:
+    """CT gets the abdominal window of the paper; every other modality a non-zero z-score."""
+    return dict(CT_WINDOW) if modality.lower() == "ct" else dict(ZSCORE_NONZERO)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Deterministic pre-processing; recorded in checkpoints so inference reproduces it."""
+
+    modalities: tuple[str, str] = ("ct", "mr")
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    orientation: str = "RAS"
+    normalisation: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
+            raise ValueError(f"need two distinct modality names, got {self.modalities}")
+        if self.orientation != "RAS":
+            raise ValueError("only RAS orientation is supported")
+        if not self.normalisation:
+            object.__setattr__(self, "normalisation",
+                               {m: default_normalisation(m) for m in self.modalities})
+        missing = [m for m in self.modalities if m not in self.normalisation]
+        if missing:
+            raise ValueError(f"no normalisation for modalities {missing}")
+        for m, norm in self.normalisation.items():
+            if norm.get("kind") not in ("ct_window", "zscore_nonzero"):
+                raise ValueError(f"unknown normalisation {norm!r} for modality {m}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modalities": list(self.modalities), "spacing": list(self.spacing),
+                "orientation": self.orientation,
+                "normalisation": {k: dict(v) for k, v in self.normalisation.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        return cls(modalities=tuple(d["modalities"]), spacing=tuple(float(s) for s in d["spacing"]),
+                   orientation=d.get("orientation", "RAS"),
+                   normalisation={k: dict(v) for k, v in d.get("normalisation", {}).items()})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and semi-supervised schedule (method.md, 'Training protocol')."""
+
+    steps: int = 600
+    batch_labelled: int = 2
+    batch_unlabelled: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 30
+    schedule: str = "sigmoid"  # "authors" | "sigmoid"
+    rampup_fraction: float = 0.4
+    w_csc: float = 0.1
+    w_cac: float = 0.5
+    csc_temperature: float = 0.5
+    use_csc: bool = True
+    use_cac: bool = True
+    val_every: int = 100
+    seed: int = 0
+    num_workers: int = 0
+    fg_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("authors", "sigmoid"):
+            raise ValueError(f"unknown schedule {self.schedule!r} (authors | sigmoid)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `cmc train` needs besides the datalist; saved as RUN_DIR/config.yaml."""
+
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    train: TrainConfig
+    preset: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "model": self.model.to_dict(),
+                "preprocess": self.preprocess.to_dict(), "train": self.train.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(model=ModelConfig.from_dict(d["model"]),
+                   preprocess=PreprocessConfig.from_dict(d["preprocess"]),
+                   train=TrainConfig.from_dict(d.get("train", {})),
+                   preset=d.get("preset", "custom"))
+
+    def save_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: Path) -> RunConfig:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read config ({exc})") from exc
+        if not isinstance(data, dict) or "model" not in data or "preprocess" not in data:
+            raise ValueError(f"{path}: not a cmc run config (needs 'model' and 'preprocess')")
+        return cls.from_dict(data)
