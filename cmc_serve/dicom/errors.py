@@ -1,0 +1,19 @@
+"""Error classes of the DICOM path; every message is one line naming the folder or file."""
+
+from __future__ import annotations
+
+
+class DicomError(ValueError):
+    """Base of all DICOM input/output errors raised by `cmc_serve.dicom`."""
+
+
+class DicomScanError(DicomError):
+    """A folder that cannot be scanned (missing, empty, no DICOM images at all)."""
+
+
+class DicomSeriesError(DicomError):
+    """A series that cannot be assembled into a correct volume, or no series to choose."""
+
+
+class DicomSegError(DicomError):
+    """Labels or source images that cannot be written as a DICOM Segmentation."""

@@ -1,0 +1,232 @@
+"""Find the DICOM series in a folder tree and say which of them can be segmented.
+
+Real exports mix several series in one folder: scouts/localizers, derived reformats, SEG or SR
+objects, DICOMDIR indexes and stray non-DICOM files. We read headers only
+(`stop_before_pixels`), group by SeriesInstanceUID, and classify each series; nothing is
+silently dropped: unreadable files and every skipped series carry a reason the CLI can show.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from cmc_serve.dicom.errors import DicomScanError
+
+log = logging.getLogger(__name__)
+
+# Objects that are DICOM but not images we can segment.
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "PR",
+                                  "KO", "REG", "DOC", "RWV", "FID", "PLAN"})
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+# Series kinds; only VOLUME series are candidates by default.
+VOLUME, LOCALIZER, DERIVED, NON_IMAGE, UNSUPPORTED = (
+    "volume", "localizer", "derived", "non-image", "unsupported")
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series found on disk, with why it is (not) a candidate for segmentation."""
+
+    uid: str
+    study_uid: str
+    modality: str
+    description: str
+    paths: tuple[Path, ...]
+    patient_id: str
+    study_id: str
+    series_number: int | None
+    plane: str  # axial | coronal | sagittal | mixed | none
+    kind: str
+    reason: str  # why this kind, e.g. "ImageType contains LOCALIZER"
+
+    @property
+    def n_files(self) -> int:
+        return len(self.paths)
+
+    @property
+    def folder(self) -> Path:
+        """The deepest folder holding all of the series' files (for error messages)."""
+        return Path(os.path.commonpath([str(p.parent) for p in self.paths]))
+
+    def summary(self) -> str:
+        return (f"{self.uid} ({self.modality} '{self.description}', {self.n_files} files, "
+                f"{self.kind}: {self.reason})")
+
+
+@dataclass
+class ScanResult:
+    """All series found under a folder plus the files that are not usable DICOM."""
+
+    folder: Path
+    series: list[SeriesInfo] = field(default_factory=list)
+    skipped_files: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def volumes(self) -> list[SeriesInfo]:
+        return [s for s in self.series if s.kind == VOLUME]
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The few header fields classification needs, parsed once per file."""
+
+    path: Path
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str
+    patient_id: str
+    study_id: str
+    series_number: int | None
+    image_type: tuple[str, ...]
+    sop_class: str
+    has_image: bool
+    frames: int
+    orientation: tuple[float, ...] | None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _orientation(ds: Dataset) -> tuple[float, ...] | None:
+    iop = ds.get("ImageOrientationPatient")
+    try:
+        values = tuple(float(v) for v in iop) if iop is not None else None
+    except (TypeError, ValueError):
+        return None
+    return values if values is not None and len(values) == 6 else None
+
+
+def _read_header(path: Path) -> _Header | str:
+    """The header of one file, or the reason it is skipped."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+    except InvalidDicomError:
+        return "not a DICOM file (no DICM preamble)"
+    except Exception as exc:  # pydicom raises many types on corrupt headers
+        return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+    try:
+        sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID")
+        if sop_class == MEDIA_STORAGE_DIRECTORY:
+            return "DICOMDIR index, not an instance"
+        series_uid = _text(ds, "SeriesInstanceUID")
+        if not series_uid:
+            return "DICOM without SeriesInstanceUID (incomplete or truncated header)"
+        number = ds.get("SeriesNumber")
+        image_type = ds.get("ImageType") or ()
+        image_type = (image_type,) if isinstance(image_type, str) else image_type
+        return _Header(
+            path=path, series_uid=series_uid, study_uid=_text(ds, "StudyInstanceUID"),
+            modality=_text(ds, "Modality").upper(), description=_text(ds, "SeriesDescription"),
+            patient_id=_text(ds, "PatientID"), study_id=_text(ds, "StudyID"),
+            series_number=int(number) if number not in (None, "") else None,
+            image_type=tuple(str(t).strip().upper() for t in image_type),
+            sop_class=sop_class, has_image="Rows" in ds and "Columns" in ds,
+            frames=int(ds.get("NumberOfFrames") or 1), orientation=_orientation(ds))
+    except Exception as exc:  # garbled values (wrong VR, bad numbers) surface on access
+        return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+
+
+def _plane(orientations: list[tuple[float, ...]]) -> str:
+    if not orientations:
+        return "none"
+    names = set()
+    for iop in orientations:
+        normal = np.cross(iop[:3], iop[3:])
+        names.add(("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))])
+    return names.pop() if len(names) == 1 else "mixed"
+
+
+def _distinct_orientations(orientations: list[tuple[float, ...]]) -> int:
+    distinct: list[np.ndarray] = []
+    for iop in orientations:
+        v = np.asarray(iop)
+        if not any(np.allclose(v, d, atol=1e-3) for d in distinct):
+            distinct.append(v)
+    return len(distinct)
+
+
+def _classify(headers: list[_Header]) -> tuple[str, str]:
+    """(kind, reason) of one series from its headers."""
+    first = headers[0]
+    if first.modality in NON_IMAGE_MODALITIES:
+        return NON_IMAGE, f"modality {first.modality} is not an image"
+    if not all(h.has_image for h in headers):
+        return NON_IMAGE, "no Rows/Columns: not an image object"
+    if first.sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        return DERIVED, "secondary capture"
+    image_type = {t for h in headers for t in h.image_type}
+    if image_type & {"LOCALIZER", "SCOUT"}:
+        return LOCALIZER, "ImageType contains LOCALIZER"
+    if first.image_type[:1] == ("DERIVED",) or first.image_type[1:2] == ("SECONDARY",):
+        return DERIVED, f"ImageType {'/'.join(first.image_type)}"
+    if any(h.frames > 1 for h in headers):
+        return UNSUPPORTED, "multi-frame (enhanced) images are not supported"
+    orientations = [h.orientation for h in headers]
+    if any(o is None for o in orientations):
+        return UNSUPPORTED, "ImageOrientationPatient missing or invalid in some files"
+    n_orient = _distinct_orientations(orientations)  # type: ignore[arg-type]
+    if n_orient > 1:
+        return LOCALIZER, f"slices in {n_orient} orientations (multi-planar localizer)"
+    if len(headers) == 1:
+        return LOCALIZER, "single slice (scout, localizer or 2D image), not a volume"
+    return VOLUME, f"{len(headers)} slices"
+
+
+def _series_info(headers: list[_Header]) -> SeriesInfo:
+    headers = sorted(headers, key=lambda h: str(h.path))
+    first = headers[0]
+    kind, reason = _classify(headers)
+    return SeriesInfo(
+        uid=first.series_uid, study_uid=first.study_uid, modality=first.modality,
+        description=first.description, paths=tuple(h.path for h in headers),
+        patient_id=first.patient_id, study_id=first.study_id,
+        series_number=first.series_number,
+        plane=_plane([h.orientation for h in headers if h.orientation is not None]),
+        kind=kind, reason=reason)
+
+
+def scan_folder(folder: str | Path) -> ScanResult:
+    """Read every file under `folder` (recursively) and group the DICOM ones into series.
+
+    Raises `DicomScanError` when the folder does not exist or holds no DICOM series at all;
+    unusable files and series are reported in the result, never raised.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomScanError(f"{folder}: not a folder")
+    result = ScanResult(folder)
+    groups: dict[str, list[_Header]] = defaultdict(list)
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            header = _read_header(path)
+            if isinstance(header, str):
+                log.info("skipping %s: %s", path, header)
+                result.skipped_files.append((path, header))
+            else:
+                groups[header.series_uid].append(header)
+    if not groups:
+        detail = (f"{len(result.skipped_files)} files, none a DICOM series" if result.skipped_files
+                  else "the folder is empty")
+        raise DicomScanError(f"{folder}: no DICOM series found ({detail})")
+    result.series = sorted((_series_info(h) for h in groups.values()),
+                           key=lambda s: (s.study_uid, s.series_number or 0, s.uid))
+    for s in result.series:
+        if s.kind != VOLUME:
+            log.info("series %s skipped", s.summary())
+    return result

@@ -1,0 +1,109 @@
+"""cmc_serve.dicom.seg_writer: standard-valid SEGs that put each label on the right pixel."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import SeriesSpec, write_series
+
+from cmc_serve.dicom import DicomSegError, LoadedSeries, load_series, scan_folder
+from cmc_serve.dicom.seg_writer import write_dicom_seg
+
+CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / \
+    "98892001" / "CT5N"
+CLASSES = ["background", "liver", "spleen", "left kidney", "lesion"]
+
+
+def load_only(folder: Path) -> LoadedSeries:
+    (series,) = scan_folder(folder).series
+    return load_series(series)
+
+
+def phantom_labels(shape: tuple[int, int, int]) -> np.ndarray:
+    """Asymmetric blocks (any flip or transpose of the SEG would move them)."""
+    labels = np.zeros(shape, np.uint8)
+    labels[1:6, 2:5, 1:3] = 1
+    labels[7:9, 6:9, 2:] = 2
+    labels[3, 8, 0] = 4
+    return labels
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy not installed (make system-deps installs dicom3tools)")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def read_back(path: Path, loaded: LoadedSeries) -> np.ndarray:
+    """The SEG as class indices on the source grid [column, row, slice] via highdicom."""
+    seg = hd.seg.segread(path)
+    uids = [ds.SOPInstanceUID for ds in loaded.datasets]
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, combine_segments=False,
+        assert_missing_frames_are_empty=True)  # (slice, row, column, segment)
+    out = np.zeros(masks.shape[:3], np.uint8)
+    for number in range(1, masks.shape[3] + 1):
+        label = CLASSES.index(seg.get_segment_description(number).segment_label)
+        out[masks[..., number - 1] > 0] = label
+    return out.transpose(2, 1, 0)
+
+
+def test_seg_for_real_ct_series_is_valid_and_round_trips(tmp_path: Path) -> None:
+    loaded = load_only(CT5N)
+    labels = phantom_labels(loaded.volume.shape)
+    out = write_dicom_seg(labels, loaded.datasets, CLASSES, tmp_path / "out" / "seg.dcm")
+    assert dciodvfy_errors(out) == []
+    assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+    seg = hd.seg.segread(out)
+    assert seg.SegmentationType == "BINARY"
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["liver", "spleen", "lesion"]
+    liver = seg.SegmentSequence[0]
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
+    assert seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Tissue"
+    assert liver.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "CMC"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == loaded.info.uid
+    assert seg.StudyInstanceUID == loaded.datasets[0].StudyInstanceUID
+    # empty frames are omitted: 2 + 3 + 1 non-empty (slice, segment) pairs
+    assert int(seg.NumberOfFrames) == 6
+    np.testing.assert_array_equal(read_back(out, loaded), labels)
+
+
+@pytest.mark.parametrize("orientation", [(0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
+                                         (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)])
+def test_seg_geometry_follows_sorted_slices(tmp_path: Path, orientation: tuple) -> None:
+    """Shuffled files, reversed InstanceNumbers, sagittal or flipped planes: the label lands on
+    the source voxel it was made for, and the SEG's frame positions are the images' positions."""
+    write_series(tmp_path / "s", SeriesSpec(orientation=orientation, rows=12, cols=10))
+    loaded = load_only(tmp_path / "s")
+    labels = phantom_labels(loaded.volume.shape)
+    out = write_dicom_seg(labels, loaded.datasets, CLASSES, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(out) == []
+    np.testing.assert_array_equal(read_back(out, loaded), labels)
+    seg = pydicom.dcmread(out)
+    by_uid = {ds.SOPInstanceUID: ds for ds in loaded.datasets}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in by_uid[ref].ImagePositionPatient], atol=1e-4)
+
+
+def test_seg_refusals(tmp_path: Path) -> None:
+    loaded = load_only(CT5N)
+    shape = loaded.volume.shape
+    with pytest.raises(DicomSegError, match=r"labels shape \(5, 16, 16\) does not match"):
+        write_dicom_seg(np.zeros((5, 16, 16), np.uint8), loaded.datasets, CLASSES,
+                        tmp_path / "a.dcm")
+    with pytest.raises(DicomSegError, match="no foreground voxels"):
+        write_dicom_seg(np.zeros(shape, np.uint8), loaded.datasets, CLASSES, tmp_path / "b.dcm")
+    with pytest.raises(DicomSegError, match="label 4 has no class name"):
+        write_dicom_seg(phantom_labels(shape), loaded.datasets, CLASSES[:3], tmp_path / "c.dcm")
+    assert list(tmp_path.iterdir()) == []
