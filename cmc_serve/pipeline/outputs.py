@@ -1,0 +1,167 @@
+"""The output folder: what is written where, and how a run never damages or fakes results.
+
+Layout: OUT/.cmc-output (marks a folder as written by cmc), OUT/report.json,
+OUT/failures.csv, and per case OUT/<case>/ with seg.nii.gz + seg.json (class names),
+seg.dcm (DICOM SEG, DICOM input), statistics.json, preview.png and `done`.
+
+Safety rules (documented in `cmc segment --help`):
+- OUT must be new, empty, or an earlier cmc output folder (it holds `.cmc-output`); any other
+  existing folder is refused, so a typo cannot mix results into (or overwrite) a user's data.
+- Every file is written to a hidden temporary name ('.<name>.XXXX') in its final folder and
+  renamed when complete (`nifti_io.atomic_write`): a killed run never leaves a partial file
+  under a final name, and `clear_case` removes such leftovers.
+- A case is finished only when its `done` file exists; it is written last, after the
+  geometry check. Re-running a case first removes `done`, then replaces the files; a case
+  that fails while writing has its cmc files removed, so no half set survives.
+- Only cmc's own file names are ever replaced or removed inside OUT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cmc_serve.nifti_io import atomic_write
+
+if TYPE_CHECKING:
+    from cmc_serve.pipeline.run_case import CaseResult
+
+MARKER = ".cmc-output"
+DONE = "done"
+SEG_NIFTI = "seg.nii.gz"
+SEG_SIDECAR = "seg.json"
+SEG_DICOM = "seg.dcm"
+STATISTICS = "statistics.json"
+PREVIEW = "preview.png"
+REPORT = "report.json"
+FAILURES = "failures.csv"
+CASE_FILES = (SEG_NIFTI, SEG_SIDECAR, SEG_DICOM, STATISTICS, PREVIEW, DONE)
+
+
+class OutputError(ValueError):
+    """OUT cannot be used, or an output failed its checks."""
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def prepare_output_root(out: Path, cmc_version: str) -> None:
+    """Create or adopt OUT; refuse a file, a foreign non-empty folder, or an unwritable one."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise OutputError(f"{out}: folder exists, is not empty and was not written by cmc "
+                          "(no .cmc-output); choose a new or empty output folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / MARKER, {"format": "cmc-segment-output", "cmc_version": cmc_version})
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write output folder ({exc.strerror or exc})") from exc
+
+
+def case_dir(out: Path, case_id: str) -> Path:
+    return out / case_id
+
+
+def is_done(out: Path, case_id: str) -> bool:
+    """A case is finished when its `done` file holds a readable record."""
+    path = case_dir(out, case_id) / DONE
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def clear_case(folder: Path) -> None:
+    """Remove cmc's files (done first) and leftover temporaries from a case folder."""
+    if not folder.is_dir():
+        return
+    (folder / DONE).unlink(missing_ok=True)
+    for name in CASE_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for leftover in folder.glob(".*"):
+        if any(leftover.name.startswith(f".{name}.") for name in CASE_FILES):
+            leftover.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def check_nifti_geometry(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> None:
+    """TotalSegmentator's post-run check: the written label map has the input's shape and
+    affine (read back from disk, so a writer that reorients or drops the sform is caught)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    assert isinstance(img, nib.Nifti1Image)  # written by nifti_io.write_label_nifti
+    if tuple(img.shape) != tuple(shape):
+        raise OutputError(f"{path}: written shape {tuple(img.shape)} differs from the input "
+                          f"{tuple(shape)}")
+    if not np.allclose(img.affine, affine, atol=1e-4):
+        raise OutputError(f"{path}: written affine differs from the input's "
+                          f"(max diff {np.abs(img.affine - affine).max():.3g} mm)")
+
+
+def write_done(folder: Path, record: dict[str, Any]) -> None:
+    """Mark a case complete: the last file written for it."""
+    write_json(folder / DONE, record)
+
+
+def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[str],
+                       output_types: Sequence[str], statistics: bool, preview: bool
+                       ) -> tuple[list[str], list[str]]:
+    """Write one case's files (not `done`); on any failure remove what was written.
+
+    Returns (files written, notes). An empty segmentation is a valid result: seg.nii.gz is
+    all background, but no seg.dcm is written (a SEG without segments is not valid DICOM)
+    and a note says so.
+    """
+    from cmc_serve.pipeline.preview import render_preview
+    from cmc_serve.pipeline.statistics import class_statistics
+
+    ref = result.loaded.reference
+    volume = ref.volume
+    clear_case(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    notes: list[str] = []
+    try:
+        if "nifti" in output_types:
+            from cmc_serve.nifti_io import write_label_nifti
+
+            write_label_nifti(result.labels, volume.affine, folder / SEG_NIFTI, class_names)
+            check_nifti_geometry(folder / SEG_NIFTI, volume.shape, volume.affine)
+            written += [SEG_NIFTI, SEG_SIDECAR]
+        if "dicom-seg" in output_types:
+            if ref.datasets is None:
+                raise OutputError(f"{ref.source.path}: DICOM SEG output needs a DICOM input")
+            if result.labels.any():
+                from cmc_serve.dicom.seg_writer import write_dicom_seg
+
+                write_dicom_seg(result.labels, ref.datasets, class_names, folder / SEG_DICOM)
+                written.append(SEG_DICOM)
+            else:
+                notes.append("no foreground voxels: seg.dcm not written (a DICOM SEG needs "
+                             "at least one segment)")
+        if statistics:
+            stats = class_statistics(result.labels, class_names, volume.affine,
+                                     result.loaded.on_reference)
+            write_json(folder / STATISTICS, stats)
+            written.append(STATISTICS)
+        if preview:
+            atomic_write(folder / PREVIEW,
+                         lambda tmp: render_preview(volume.array, result.labels, volume.affine,
+                                                    tmp))
+            written.append(PREVIEW)
+    except BaseException:
+        clear_case(folder)
+        raise
+    return written, notes

@@ -1,0 +1,73 @@
+"""`--preview`: one PNG with three orthogonal slices through the segmentation's centroid.
+
+Slices are cut in RAS world orientation (whatever the input's voxel order), shown in the
+radiological convention (patient's right on the viewer's left, anterior/superior up) and
+stretched to the voxel spacing, so a flipped or permuted result is visible at a glance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from nibabel import orientations as nio
+from PIL import Image
+
+PANEL = 256  # pixels, longest edge of each panel
+ALPHA = 0.45
+# Label colours (label 1 first); repeated for models with more classes.
+PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                    [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
+                    [210, 245, 60], [250, 190, 212]], dtype=np.float32)
+
+
+def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The array with axes flipped/permuted to R, A, S and its voxel spacing in that order."""
+    ornt = nio.io_orientation(affine)
+    ras = nio.apply_orientation(array, ornt)
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return ras, spacing[ornt[:, 0].astype(int)]
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(image, [1, 99])
+    scale = hi - lo if hi > lo else 1.0
+    return np.clip((image - lo) / scale * 255.0, 0, 255).astype(np.float32)
+
+
+def _panel(grey: np.ndarray, labels: np.ndarray, pixel_mm: tuple[float, float]) -> Image.Image:
+    """Blend a label overlay on a 2D slice (rows, cols) and resize to physical aspect."""
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    mask = labels > 0
+    colours = PALETTE[(labels[mask].astype(np.int64) - 1) % len(PALETTE)]
+    rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * colours
+    height_mm, width_mm = grey.shape[0] * pixel_mm[0], grey.shape[1] * pixel_mm[1]
+    scale = PANEL / max(height_mm, width_mm)
+    size = (max(1, round(width_mm * scale)), max(1, round(height_mm * scale)))
+    return Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+
+
+def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
+                   path: Path) -> None:
+    """Axial, coronal and sagittal slices through the foreground centroid (the image
+    centre when nothing was segmented), side by side, written as PNG to `path`."""
+    img, spacing = _to_ras(image.astype(np.float32), affine)
+    lab, _ = _to_ras(labels, affine)
+    fg = np.argwhere(lab > 0)
+    centre = (fg.mean(axis=0) if len(fg) else (np.asarray(lab.shape) - 1) / 2).round().astype(int)
+    x, y, z = centre
+    grey = _grey(img)
+    sx, sy, sz = (float(s) for s in spacing)
+    # (rows, cols) after .T; [::-1, ::-1] puts anterior/superior up and the patient's right
+    # on the left (sagittal: anterior on the left).
+    views = [(grey[:, :, z].T[::-1, ::-1], lab[:, :, z].T[::-1, ::-1], (sy, sx)),
+             (grey[:, y, :].T[::-1, ::-1], lab[:, y, :].T[::-1, ::-1], (sz, sx)),
+             (grey[x, :, :].T[::-1, ::-1], lab[x, :, :].T[::-1, ::-1], (sz, sy))]
+    panels = [_panel(np.ascontiguousarray(g), np.ascontiguousarray(m), mm) for g, m, mm in views]
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1),
+                              max(p.height for p in panels)))
+    left = 0
+    for p in panels:
+        sheet.paste(p, (left, 0))
+        left += p.width + 8
+    sheet.save(path, format="PNG")

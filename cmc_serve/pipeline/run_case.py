@@ -1,0 +1,238 @@
+"""One case from its inputs to labels on the source grid, in stages the batch runner overlaps.
+
+`load_case` (threads: read + pre-process) -> `segment_case` (main thread: infer + labels back
+to the source grid) -> `outputs.write_case_outputs`. Each stage raises `CaseError` naming
+the stage and the problem, so the batch can log it in failures.csv and go on.
+
+Geometry rules (orientation/flip errors are the most reported bug class of such tools):
+- modality b is resampled into modality a's *world* grid before any pre-processing, so both
+  channels see the same anatomy voxel for voxel; the two are never paired by array index;
+- labels come back to the reference image's own grid by nearest neighbour (uint8 labels,
+  never per-class probabilities), and their shape must equal the input's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cmc_serve.model_dir import ModelInfo
+from cmc_serve.pipeline.cases import Case, Source
+from cmc_serve.pipeline.pairing import ROLES, PairingError, PairingRules, pair_series
+from cmc_serve.pipeline.report import StageTimer
+from cmc_serve.runtimes import RuntimeUnavailable
+from cmc_serve.volume import Volume
+
+MODES = ("auto", "fused", "a", "b")
+
+
+class CaseError(Exception):
+    """A case that cannot be segmented; `stage` says where it stopped."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class Image:
+    """One modality's image as read: the volume and, for DICOM, the series' datasets."""
+
+    role: str
+    modality: str
+    source: Source
+    volume: Volume
+    datasets: Sequence[Any] | None = None
+
+
+@dataclass
+class LoadedCase:
+    """A case ready for inference: prepared arrays on one grid plus what outputs need."""
+
+    case: Case
+    mode: str
+    reference: Image  # the grid the labels are returned to (a, or b in mode b)
+    prepared: dict[str, Any]  # role -> cmc_serve.preprocess.PreparedVolume
+    on_reference: dict[str, np.ndarray]  # modality name -> raw intensities on the reference
+    pairing: list[str]
+    timer: StageTimer = field(default_factory=StageTimer)
+
+
+@dataclass
+class CaseResult:
+    loaded: LoadedCase
+    labels: np.ndarray  # uint8, on the reference image's source grid
+    engine: dict[str, str]
+
+
+# --------------------------------------------------------------------------- roles & mode
+
+def roles_for(mode: str) -> tuple[str, ...]:
+    """Roles an inference mode reads; `auto` reads whatever is present."""
+    return ("a", "b") if mode in ("auto", "fused") else (mode,)
+
+
+def assign_roles(case: Case, rules: PairingRules,
+                 roles: Sequence[str]) -> tuple[dict[str, Source], list[str]]:
+    """Choose the source of each wanted role and say why (user-fixed roles first, then the
+    DICOM pairing rules for the study's series)."""
+    chosen: dict[str, Source] = {}
+    reasons: list[str] = []
+    free = [s for s in case.sources if s.role is None]
+    for role in roles:
+        fixed = [s for s in case.sources if s.role == role]
+        name = rules.names[ROLES.index(role)]
+        if not fixed:
+            continue
+        if fixed[0].kind == "nifti":
+            if len(fixed) > 1:
+                raise PairingError(f"{case.case_id}: {len(fixed)} images given as {role} ({name})")
+            chosen[role] = fixed[0]
+            reasons.append(f"{role} ({name}) <- {fixed[0].path}: given as {role} "
+                           "(position or _000x channel suffix); NIfTI has no modality tag")
+            continue
+        pick = pair_series([s.summary for s in fixed if s.summary], rules, (role,),
+                           where=str(fixed[0].path))
+        series = pick.a if role == "a" else pick.b
+        if series is None:
+            raise PairingError(f"{fixed[0].path}: given as {role} ({name}) but "
+                               f"{'; '.join(pick.reasons)}")
+        chosen[role] = next(s for s in fixed if s.summary == series)
+        reasons.extend(pick.reasons)
+    rest = [r for r in roles if r not in chosen]
+    if free and rest:
+        pick = pair_series([s.summary for s in free if s.summary], rules, rest,
+                           where=f"study {case.case_id}")
+        for role, series in zip(ROLES, (pick.a, pick.b), strict=True):
+            if series is not None and role in rest:
+                chosen[role] = next(s for s in free if s.summary == series)
+        reasons.extend(pick.reasons)
+    return chosen, reasons
+
+
+def resolve_mode(requested: str, present: Sequence[str], info: ModelInfo, where: str) -> str:
+    """The inference mode for the roles present; never a silent downgrade of an explicit
+    request (`--mode fused` with b absent is an error, `auto` picks what the data allows)."""
+    names = dict(zip(ROLES, info.modalities, strict=True))
+    if requested == "auto":
+        options = [m for m in ("fused", "a", "b")
+                   if all(r in present for r in roles_for(m)) and m in info.modes]
+        if not options:
+            have = ", ".join(f"{r} ({names[r]})" for r in present) or "no image"
+            raise CaseError("pair", f"{where}: found {have}; the model serves modes "
+                                    f"{list(info.modes)}")
+        return options[0]
+    missing = [r for r in roles_for(requested) if r not in present]
+    if missing:
+        r = missing[0]
+        raise CaseError("pair", f"{where}: modality {r} ({names[r]}) required by --mode "
+                                f"{requested} but absent")
+    if requested not in info.modes:
+        raise CaseError("pair", f"{where}: the model has no graph for mode {requested} "
+                                f"(it serves {list(info.modes)})")
+    return requested
+
+
+# --------------------------------------------------------------------------- read
+
+def _read(source: Source) -> tuple[Volume, Sequence[Any] | None]:
+    if source.kind == "nifti":
+        from cmc_serve.nifti_io import read_nifti
+
+        return read_nifti(source.path), None
+    from cmc_serve.dicom.series import load_series
+
+    loaded = load_series(source.series)
+    return loaded.volume, loaded.datasets
+
+
+def _check_image(volume: Volume, source: Source) -> None:
+    """Refuse images that would give silently meaningless output."""
+    array = volume.array
+    if not np.all(np.isfinite(array)):
+        raise CaseError("read", f"{source.describe()}: image contains NaN or infinite values")
+    if not np.any(array):
+        raise CaseError("read", f"{source.describe()}: image is all zeros")
+    if float(array.min()) == float(array.max()):
+        raise CaseError("read", f"{source.describe()}: image has a single intensity value")
+
+
+# --------------------------------------------------------------------------- stages
+
+def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: str) -> LoadedCase:
+    """Pair, read and pre-process a case (safe to run in a worker thread)."""
+    from cmc_serve.preprocess import PreprocessError, preprocess, resample_to_reference
+
+    timer = StageTimer()
+    if not case.sources:
+        raise CaseError("pair", f"{case.case_id}: no series that can be segmented ("
+                        + "; ".join(case.notes) + ")")
+    try:
+        chosen, reasons = assign_roles(case, rules, roles_for(requested_mode))
+    except PairingError as exc:
+        raise CaseError("pair", str(exc)) from exc
+    mode = resolve_mode(requested_mode, [r for r in ROLES if r in chosen], info, case.case_id)
+    roles = roles_for(mode)
+    names = dict(zip(ROLES, info.modalities, strict=True))
+    images: dict[str, Image] = {}
+    with timer.stage("read"):
+        for role in roles:
+            src = chosen[role]
+            try:
+                volume, datasets = _read(src)
+            except Exception as exc:  # each reader raises its own one-line error class
+                raise CaseError("read", _one_line(exc)) from exc
+            _check_image(volume, src)
+            images[role] = Image(role, names[role], src, volume, datasets)
+    reference = images[roles[0]]
+    on_reference = {reference.modality: reference.volume.array}
+    prepared: dict[str, Any] = {}
+    with timer.stage("preprocess"):
+        try:
+            for role in roles:
+                volume = images[role].volume
+                if role != reference.role:
+                    if not volume.grid.same_as(reference.volume.grid):
+                        volume = resample_to_reference(volume, reference.volume.grid)
+                        reasons.append(f"{role} ({names[role]}) resampled into "
+                                       f"{reference.role}'s world grid "
+                                       f"{list(reference.volume.shape)} before pre-processing")
+                    on_reference[names[role]] = volume.array
+                prepared[role] = preprocess(volume, names[role], info.preprocessing)
+        except PreprocessError as exc:
+            raise CaseError("preprocess", f"{case.case_id}: {exc}") from exc
+    return LoadedCase(case, mode, reference, prepared, on_reference, reasons, timer)
+
+
+def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
+    """Infer on the prepared grid, then return uint8 labels to the reference's source grid."""
+    from cmc_serve.preprocess import labels_to_source
+
+    timer = loaded.timer
+    prep = loaded.prepared
+    with timer.stage("infer"):
+        try:
+            result = segmenter.segment(
+                prep["a"].array if "a" in prep else None,
+                prep["b"].array if "b" in prep else None, loaded.mode)
+        except RuntimeUnavailable:
+            raise  # the runtime, not the case, is the problem: the run stops
+        except Exception as exc:
+            raise CaseError("infer", f"{loaded.case.case_id}: {_one_line(exc)}") from exc
+    with timer.stage("postprocess"):
+        ref = loaded.reference
+        labels = labels_to_source(result.labels, prep[ref.role], ref.volume)
+        if labels.shape != ref.volume.shape:
+            raise CaseError("postprocess", f"{loaded.case.case_id}: labels {labels.shape} do "
+                                           f"not match the input shape {ref.volume.shape}")
+    engine = {k: str(getattr(result, k)) for k in ("runtime", "device", "precision")
+              if getattr(result, k, None) is not None}
+    return CaseResult(loaded, labels, engine)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
