@@ -1,0 +1,96 @@
+"""Triton python-backend model `<name>_patch`: one exported patch graph, batched.
+
+Serves `image_a` / `image_b` [N, 1, P, P, P] (FP16 or FP32, as the config declares) ->
+`probs` [N, K, P, P, P] (FP32 or FP16, as declared). The graph runs in the server venv with
+cmc's own patch runtimes (`cmc_serve.runtimes`: ONNX Runtime or OpenVINO), so Triton and
+`cmc segment` execute the same graph the same way; the server venv has cmc installed
+without dependencies (`python -m cmc_serve.triton.setup`).
+
+config.pbtxt `parameters` (string values):
+  graph      path of the .onnx / .xml graph, relative to this model's folder or absolute
+  runtime    onnxruntime (default) | openvino
+  precision  fp32 (default) | fp16 | bf16 (bf16: OpenVINO inference-precision hint)
+The dynamic batcher hands us several requests at once: their tiles are concatenated, run in
+chunks of at most `max_batch_size`, and the probabilities are split back per request.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
+from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
+
+RUNTIMES: dict[str, Any] = {"onnxruntime": OnnxRuntimeRuntime, "openvino": OpenVinoRuntime}
+
+
+def parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
+    """A string parameter of config.pbtxt; a missing required one is a load error."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
+    if value is None:
+        raise pb_utils.TritonModelException(
+            f"{config.get('name')}: config.pbtxt lacks parameter {key!r}")
+    return str(value)
+
+
+class TritonPythonModel:
+    """Loads the graph once per model instance and runs each batch of requests through it."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        runtime = parameter(config, "runtime", "onnxruntime")
+        if runtime not in RUNTIMES:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: runtime {runtime!r} is not one of {sorted(RUNTIMES)}")
+        graph = Path(args["model_repository"]) / parameter(config, "graph")
+        if not graph.is_file():
+            raise pb_utils.TritonModelException(f"{self.name}: graph file {graph} does not exist")
+        self.inputs = tuple(i["name"] for i in config["input"])
+        (output,) = config["output"]
+        self.output = output["name"]
+        self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
+        self.max_batch = max(1, int(config.get("max_batch_size", 0)))
+        self.runtime = RUNTIMES[runtime](graph, inputs=self.inputs, output=self.output,
+                                         precision=parameter(config, "precision", "fp32"),
+                                         max_batch=self.max_batch)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        try:
+            sizes, feeds = self._gather(requests)
+            probs = self._run(feeds)
+        except Exception as exc:  # reported per request; the model stays loaded
+            error = pb_utils.TritonError(f"{self.name}: {type(exc).__name__}: {exc}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        responses = []
+        for part in np.split(probs, np.cumsum(sizes)[:-1]):
+            tensor = pb_utils.Tensor(self.output, part.astype(self.output_dtype, copy=False))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return responses
+
+    def _gather(self, requests: list[Any]) -> tuple[list[int], dict[str, np.ndarray]]:
+        """Concatenate every request's tiles per input (float32, what the runtimes take)."""
+        per_input: dict[str, list[np.ndarray]] = {name: [] for name in self.inputs}
+        sizes = []
+        for request in requests:
+            batch = None
+            for name in self.inputs:
+                array = pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                per_input[name].append(array.astype(np.float32, copy=False))
+                batch = array.shape[0]
+            sizes.append(int(batch or 0))
+        return sizes, {name: np.concatenate(parts) for name, parts in per_input.items()}
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        total = next(iter(feeds.values())).shape[0]
+        chunks = [self.runtime.run({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                  for i in range(0, total, self.max_batch)]
+        return np.concatenate(chunks)
+
+    def finalize(self) -> None:
+        self.runtime.close()
