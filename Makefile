@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+TRITON := .triton
 
 .PHONY: demo test install lint typecheck clean system-deps triton-server
 
@@ -32,11 +33,17 @@ system-deps:
 demo: $(STAMP)
 	$(PY) -m cli.demo --out $(DEMO_DIR)
 
-test: $(STAMP) system-deps
+# Local Triton server: the nvidia-pytriton wheel in its own venv (numpy<2), see cmc_serve/triton/setup.py
+$(TRITON)/.ready: $(STAMP) cmc_serve/triton/setup.py
+	$(PY) -m cmc_serve.triton.setup --prefix $(TRITON)
+
+triton-server: $(TRITON)/.ready
+
+test: $(STAMP) system-deps $(TRITON)/.ready
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cmc_train cmc_export cmc_serve cli tests bench
+	$(VENV)/bin/ruff check cmc_train cmc_export cmc_serve cli tests bench model_repository
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(TRITON) $(DEMO_DIR) .pytest_cache

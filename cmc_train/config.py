@@ -125,7 +125,12 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        return cls(modalities=tuple(d["modalities"]), spacing=tuple(float(s) for s in d["spacing"]),
+        spacing = [float(s) for s in d["spacing"]]
+        modalities = list(d["modalities"])
+        if len(spacing) != 3 or len(modalities) != 2:
+            raise ValueError(f"need 3 spacings and 2 modalities, got {spacing} and {modalities}")
+        return cls(modalities=(modalities[0], modalities[1]),
+                   spacing=(spacing[0], spacing[1], spacing[2]),
                    orientation=d.get("orientation", "RAS"),
                    normalisation={k: dict(v) for k, v in d.get("normalisation", {}).items()})
 
