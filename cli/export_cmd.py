@@ -1,0 +1,54 @@
+"""`cmc export CKPT --out MODEL_DIR`: gated ONNX / OpenVINO / TensorRT graphs and a Triton repository.
+
+Heavy imports (torch, onnx, openvino) live inside `command` so `cmc --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXIT_ERROR = 1
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def command(
+    ckpt: Annotated[Path, typer.Argument(help="CMC checkpoint (.pt) written by `cmc train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to create (MODEL_DIR).")],
+    name: Annotated[str, typer.Option(
+        "--name", help="Triton volume model name; patch models are NAME_patch, NAME_patch_a, "
+                       "NAME_patch_b.")] = "cmc",
+    formats: Annotated[str, typer.Option(
+        "--format", help="Comma-separated: onnx, openvino, tensorrt.")] = "onnx,openvino",
+    precisions: Annotated[str, typer.Option(
+        "--precision", help="Comma-separated: fp32, fp16, bf16 (each one gated; combinations "
+                            "this host cannot run are skipped with a message).")] = "fp32,fp16,bf16",
+    modes: Annotated[str, typer.Option(
+        "--modes", help="Comma-separated inference modes: fused, a, b.")] = "fused,a,b",
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", min=1, help="Largest patch batch of the graphs and Triton models.")] = 8,
+    triton_backend: Annotated[str, typer.Option(
+        "--triton-backend", help="Backend of the Triton patch models: python (runs ONNX "
+                                 "Runtime / OpenVINO inside), onnxruntime, openvino, "
+                                 "tensorrt.")] = "python",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing MODEL_DIR (atomically).")] = False,
+) -> None:
+    """Export a checkpoint; every graph must pass its parity gate or nothing is written."""
+    from cmc_export.errors import ExportError
+    from cmc_export.exporter import export
+
+    try:
+        report = export(ckpt, out, name=name, formats=_split(formats),
+                        precisions=_split(precisions), modes=_split(modes), max_batch=max_batch,
+                        triton_backend=triton_backend, force=force, log=typer.echo)
+    except ExportError as exc:
+        typer.echo(f"cmc export: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    typer.echo(f"{report.out_dir / 'cmc.json'}: {len(report.graphs)} graphs; Triton models "
+               f"{', '.join(sorted(report.triton_models.values()))} and {name}")

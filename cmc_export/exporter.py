@@ -1,0 +1,361 @@
+"""`cmc export`: checkpoint -> gated ONNX / OpenVINO / TensorRT graphs + Triton repository + cmc.json.
+
+Everything is written into a temporary folder next to MODEL_DIR and renamed into place at
+the end, so a failed gate, a crash or Ctrl-C never leaves a half-written model directory,
+and `force` replaces an existing one without ever mixing old and new files.
+
+Per mode, the fp32 ONNX graph is gated against PyTorch (max abs diff); every other graph
+(ONNX fp16, OpenVINO fp32/bf16/fp16, TensorRT) is gated against that fp32 ONNX graph on a
+pre-processed synthetic volume (argmax agreement and per-class Dice). Combinations this
+host cannot produce or that make no sense (bf16 in ONNX Runtime, a precision the CPU lacks,
+TensorRT without a GPU) are skipped with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmc_export.errors import ExportError
+from cmc_export.gates import (
+    THRESHOLDS,
+    Runner,
+    Thresholds,
+    describe_gate,
+    fp32_parity,
+    run_batched,
+    segmentation_parity,
+)
+from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT, MODES
+from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
+
+FORMATS = ("onnx", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+MODEL_FORMAT = "cmc-model"
+MODEL_FORMAT_VERSION = 1
+RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+# The graph a python-backend Triton patch model serves, best first (CPU server).
+PYTHON_BACKEND_PREFERENCE = (("openvino", "bf16"), ("openvino", "fp32"),
+                             ("onnxruntime", "fp32"), ("onnxruntime", "fp16"))
+NATIVE_BACKEND_PREFERENCE = {"onnxruntime": (("onnxruntime", "fp32"), ("onnxruntime", "fp16")),
+                             "openvino": (("openvino", "fp32"),),
+                             "tensorrt": (("tensorrt", "fp16"), ("tensorrt", "fp32"))}
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote: cmc.json's graph entries, skipped combinations, Triton models."""
+
+    out_dir: Path
+    graphs: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    triton_models: dict[str, str] = field(default_factory=dict)
+
+
+def _check_choices(kind: str, values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(values))
+    unknown = [v for v in values if v not in allowed]
+    if not values or unknown:
+        raise ExportError(f"invalid {kind} {list(unknown or values)}; choose from {list(allowed)}")
+    return values
+
+
+def _check_backend(backend: str, formats: Sequence[str]) -> None:
+    if backend not in BACKENDS:
+        raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
+    needed = {"python": ("onnx", "openvino"), "onnxruntime": ("onnx",),
+              "openvino": ("openvino",), "tensorrt": ("tensorrt",)}[backend]
+    if not set(needed) & set(formats):
+        raise ExportError(f"Triton backend {backend} needs format {' or '.join(needed)} "
+                          f"(requested {list(formats)})")
+
+
+def _prepare_output(out_dir: Path, force: bool) -> None:
+    """Refuse an existing MODEL_DIR unless forced; make sure its parent is writable."""
+    if out_dir.exists() and not force:
+        raise ExportError(f"{out_dir}: already exists; pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from exc
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise ExportError(f"{out_dir}: the folder {out_dir.parent} is not writable")
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Move the finished export into place; an existing MODEL_DIR is swapped out, then deleted."""
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load(ckpt_path: Path) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint's network and metadata; ExportError naming the file otherwise."""
+    from cmc_train.checkpoint import CheckpointError, load_model
+    from cmc_train.config import PreprocessConfig
+
+    try:
+        net, metadata = load_model(ckpt_path)
+        preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{ckpt_path}: invalid pre-processing in metadata ({exc})") from exc
+    if len(metadata["classes"]) != net.cfg.num_classes:
+        raise ExportError(f"{ckpt_path}: {len(metadata['classes'])} class names for a model with "
+                          f"{net.cfg.num_classes} classes")
+    if list(metadata["modalities"]) != list(preprocess.modalities):
+        raise ExportError(f"{ckpt_path}: modalities {metadata['modalities']} differ from the "
+                          f"pre-processing's {list(preprocess.modalities)}")
+    return net, metadata
+
+
+class _Exporter:
+    """One export run inside the temporary folder `root` (see `export`)."""
+
+    def __init__(self, root: Path, net: Any, metadata: dict[str, Any], sha256: str,
+                 max_batch: int, thresholds: Thresholds, log: Callable[[str], None]) -> None:
+        from cmc_train.config import PreprocessConfig
+
+        self.root, self.net, self.metadata, self.sha256 = root, net, metadata, sha256
+        self.max_batch, self.thresholds, self.log = max_batch, thresholds, log
+        self.patch = int(net.cfg.img_size)
+        self.classes = list(metadata["classes"])
+        self.work = root / ".work"
+        self.report_graphs: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+        self.preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
+        self._tiles: dict[str, np.ndarray] | None = None
+
+    def skip(self, message: str) -> None:
+        if message not in self.skipped:
+            self.skipped.append(message)
+            self.log(f"skipped: {message}")
+
+    def tiles(self) -> dict[str, np.ndarray]:
+        """The pre-processed synthetic gate volume, as patches (built once per export)."""
+        if self._tiles is None:
+            from cmc_export.gate_inputs import synthetic_tiles
+
+            self._tiles = synthetic_tiles(self.preprocess, self.patch)
+        return self._tiles
+
+    def props(self, mode: str, precision: str) -> dict[str, str]:
+        from cmc_export.onnx_export import cmc_metadata_props
+
+        return cmc_metadata_props(self.metadata, mode, precision, self.sha256)
+
+    def add(self, mode: str, runtime: str, precision: str, path: Path, gate: dict[str, Any]) -> None:
+        self.log(f"gate {mode}/{runtime}/{precision}: {describe_gate(gate)}")
+        self.report_graphs.append({
+            "mode": mode, "runtime": runtime, "precision": precision,
+            "file": path.relative_to(self.root).as_posix(),
+            "inputs": list(GRAPH_INPUTS[mode]), "output": GRAPH_OUTPUT, "gate": gate})
+
+    def candidate_gate(self, label: str, runner: Runner, mode: str,
+                       reference: np.ndarray) -> dict[str, Any]:
+        from cmc_export.gate_inputs import mode_inputs
+
+        probs = run_batched(runner, mode_inputs(self.tiles(), mode), self.max_batch)
+        gate = segmentation_parity(label, reference, probs, self.classes, self.thresholds)
+        return {"kind": "segmentation_parity", "reference": "onnxruntime fp32", **gate}
+
+    def export_mode(self, mode: str, formats: Sequence[str], precisions: Sequence[str]) -> None:
+        from cmc_export.fp16 import convert_fp16
+        from cmc_export.gate_inputs import mode_inputs, random_patches
+        from cmc_export.onnx_export import (
+            check_and_save,
+            export_onnx,
+            onnxruntime_runner,
+            set_metadata_props,
+        )
+        from cmc_export.patch_graph import patch_graph, torch_runner
+
+        graph = patch_graph(self.net, mode)
+        keep_fp32 = "onnx" in formats and "fp32" in precisions
+        onnx_dir = self.root / "onnx" if keep_fp32 else self.work
+        fp32_path = onnx_dir / f"{mode}_fp32.onnx"
+        model = export_onnx(graph, mode, self.patch, fp32_path, self.props(mode, "fp32"))
+        sets = {"random": random_patches(mode, self.patch),
+                "synthetic": mode_inputs(self.tiles(), mode)}
+        torch_run, ort_run = torch_runner(graph), onnxruntime_runner(fp32_path)
+        candidate = {k: run_batched(ort_run, v, self.max_batch) for k, v in sets.items()}
+        gate = fp32_parity(f"{fp32_path.name} (onnxruntime fp32 vs PyTorch)",
+                           {k: run_batched(torch_run, v, self.max_batch) for k, v in sets.items()},
+                           candidate, self.thresholds)
+        gate = {"kind": "fp32_parity", "reference": "pytorch", **gate}
+        if keep_fp32:
+            self.add(mode, "onnxruntime", "fp32", fp32_path, gate)
+        else:
+            self.log(f"gate {mode}/onnxruntime/fp32 (reference only): {describe_gate(gate)}")
+        reference = candidate["synthetic"]
+
+        if "onnx" in formats and "fp16" in precisions:
+            path = self.root / "onnx" / f"{mode}_fp16.onnx"
+            fp16 = convert_fp16(model)
+            set_metadata_props(fp16, self.props(mode, "fp16"))
+            check_and_save(fp16, path)
+            self.add(mode, "onnxruntime", "fp16", path, self.candidate_gate(
+                f"{path.name} (onnxruntime fp16)", onnxruntime_runner(path), mode, reference))
+        if "onnx" in formats and "bf16" in precisions:
+            self.skip("onnx bf16: ONNX Runtime has no bf16 CPU kernels; bf16 is served by OpenVINO")
+        if "openvino" in formats:
+            self.export_openvino(mode, fp32_path, precisions, reference)
+        if "tensorrt" in formats:
+            self.export_tensorrt(mode, fp32_path, precisions, reference)
+
+    def export_openvino(self, mode: str, onnx_path: Path, precisions: Sequence[str],
+                        reference: np.ndarray) -> None:
+        from cmc_export.openvino_export import export_openvino, openvino_runner, unsupported_reason
+
+        wanted = []
+        for precision in precisions:
+            reason = unsupported_reason(precision)
+            if reason:
+                self.skip(reason)
+            else:
+                wanted.append(precision)
+        if not wanted:
+            return
+        xml = self.root / "openvino" / f"{mode}_fp32.xml"
+        export_openvino(onnx_path, xml, self.props(mode, "fp32"))
+        for precision in wanted:
+            gate = self.candidate_gate(f"{xml.name} (openvino {precision})",
+                                       openvino_runner(xml, precision), mode, reference)
+            self.add(mode, "openvino", precision, xml, gate)
+
+    def export_tensorrt(self, mode: str, onnx_path: Path, precisions: Sequence[str],
+                        reference: np.ndarray) -> None:
+        from cmc_export.tensorrt_build import TRT_PRECISIONS, build_engine, tensorrt_runner
+
+        for precision in precisions:
+            if precision not in TRT_PRECISIONS:
+                self.skip(f"tensorrt {precision}: engines are built in {list(TRT_PRECISIONS)}")
+                continue
+            plan = self.root / "tensorrt" / f"{mode}_{precision}.plan"
+            build_engine(onnx_path, plan, GRAPH_INPUTS[mode], self.patch, self.max_batch,
+                         precision, timing_cache=self.root / "tensorrt" / "timing.cache")
+            gate = self.candidate_gate(f"{plan.name} (tensorrt {precision})",
+                                       tensorrt_runner(plan, GRAPH_OUTPUT), mode, reference)
+            self.add(mode, "tensorrt", precision, plan, gate)
+
+    def write_triton(self, name: str, backend: str, modes: Sequence[str]) -> dict[str, str]:
+        preference = (PYTHON_BACKEND_PREFERENCE if backend == "python"
+                      else NATIVE_BACKEND_PREFERENCE[backend])
+        chosen = []
+        for mode in modes:
+            entries = {(g["runtime"], g["precision"]): g for g in self.report_graphs
+                       if g["mode"] == mode}
+            key = next((k for k in preference if k in entries), None)
+            if key is None:
+                raise ExportError(f"Triton backend {backend}: no exported graph for mode {mode} "
+                                  f"can be served (exported: {sorted(entries)})")
+            chosen.append(PatchGraph(mode, key[0], key[1], self.root / entries[key]["file"]))
+        return write_repository(self.root / "repository", name, backend, chosen, self.patch,
+                                len(self.classes), self.max_batch)
+
+    def write_model_json(self, name: str, backend: str, triton_models: Mapping[str, str]) -> None:
+        document = {
+            "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+            "cmc_version": _cmc_version(), "name": name,
+            "modalities": list(self.metadata["modalities"]), "classes": self.classes,
+            "patch_size": [self.patch] * 3, "max_batch": self.max_batch,
+            "preprocessing": self.metadata["preprocessing"],
+            "checkpoint_sha256": self.sha256,
+            "graphs": self.report_graphs,
+            "triton": {"backend": backend, "patch_models": dict(triton_models),
+                       "volume_model": name},
+        }
+        (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _cmc_version() -> str:
+    from cmc_train import __version__
+
+    return __version__
+
+
+def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
+           formats: Sequence[str] = ("onnx", "openvino"),
+           precisions: Sequence[str] = ("fp32", "fp16", "bf16"),
+           modes: Sequence[str] = MODES, max_batch: int = 8, triton_backend: str = "python",
+           force: bool = False, thresholds: Thresholds = THRESHOLDS,
+           log: Callable[[str], None] = print) -> ExportReport:
+    """Export a checkpoint to MODEL_DIR (docs/DESIGN.md layout); all or nothing."""
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir).absolute()
+    formats = _check_choices("format", formats, FORMATS)
+    precisions = _check_choices("precision", precisions, PRECISIONS)
+    modes = _check_choices("mode", modes, MODES)
+    if max_batch < 1:
+        raise ExportError(f"max_batch must be >= 1, got {max_batch}")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ExportError(f"model name {name!r} must be letters, digits, '_' or '-'")
+    skipped = []
+    if "tensorrt" in formats:
+        from cmc_export.tensorrt_build import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason()
+        if reason and formats == ("tensorrt",):
+            raise ExportError(f"cannot export to TensorRT: {reason}")
+        if reason:
+            skipped.append(f"tensorrt: {reason}")
+            formats = tuple(f for f in formats if f != "tensorrt")
+    _check_backend(triton_backend, formats)
+    _prepare_output(out_dir, force)
+    net, metadata = _load(ckpt_path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; MODEL_DIR is a normal folder
+    except OSError as exc:
+        raise ExportError(f"{out_dir}: cannot write the output ({exc.strerror or exc})") from exc
+    try:
+        job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log)
+        for message in skipped:
+            job.skip(message)
+        for mode in modes:
+            job.export_mode(mode, formats, precisions)
+        if not job.report_graphs:
+            raise ExportError(f"{ckpt_path}: nothing to export for formats {list(formats)} and "
+                              f"precisions {list(precisions)} on this host")
+        triton_models = job.write_triton(name, triton_backend, modes)
+        job.write_model_json(name, triton_backend, triton_models)
+        shutil.rmtree(job.work, ignore_errors=True)
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {len(job.report_graphs)} graphs to {out_dir}")
+    return ExportReport(out_dir, job.report_graphs, job.skipped, triton_models)
