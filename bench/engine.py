@@ -1,0 +1,310 @@
+"""Benchmark: the torch-free engine against MONAI sliding-window inference, end to end.
+
+    .venv/bin/python bench/engine.py [--size 96] [--rss-shape 400 512 512] [--rss-classes 8]
+
+1. Speed on one pre-processed two-modality volume (size^3) with the tiny CMC network
+   (random init, seeded): MONAI `sliding_window_inference` + torch eager fp32 versus
+   `Segmenter` on ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16 (where the CPU has
+   native bf16), all in this one run, with the ratios, the label agreement (Dice of bf16
+   vs fp32 labels) and the achieved FLOP/s of the patch network next to numpy's fp32 GEMM
+   FLOP/s measured in the same run.
+2. Peak RSS, each in its own process, of segmenting a K-class two-modality volume with a
+   cheap 1x1x1 patch network (so that stitching, not the network, dominates): the engine's
+   slab-wise stitching versus MONAI's full-volume accumulation.
+
+Prints a markdown table plus the CPU model and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ROI = 32
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
+    b = a.T.copy()
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def write_model_dir(root: Path, graphs: dict[str, object], example: object, classes: int,
+                    patch: int, openvino: bool) -> Path:
+    """Export `graphs` (mode -> torch module) to ONNX (+ OpenVINO IR) with a cmc.json."""
+    import torch
+
+    (root / "onnx").mkdir(parents=True)
+    entries = []
+    for mode, module in graphs.items():
+        inputs = ["image_a", "image_b"] if mode == "fused" else [f"image_{mode}"]
+        onnx_file = f"onnx/{mode}_fp32.onnx"
+        with torch.no_grad():
+            torch.onnx.export(module, example, str(root / onnx_file), input_names=inputs,
+                              output_names=["probs"], opset_version=17, dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in [*inputs, "probs"]})
+        entries.append({"mode": mode, "runtime": "onnxruntime", "precision": "fp32",
+                        "file": onnx_file, "inputs": inputs, "output": "probs"})
+        if openvino:
+            import openvino as ov
+
+            (root / "openvino").mkdir(exist_ok=True)
+            xml = f"openvino/{mode}_fp32.xml"
+            ov.save_model(ov.convert_model(str(root / onnx_file)), str(root / xml),
+                          compress_to_fp16=False)
+            entries.append({"mode": mode, "runtime": "openvino", "precision": "fp32",
+                            "file": xml, "inputs": inputs, "output": "probs"})
+    meta = {"format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": "bench",
+            "modalities": ["ct", "mr"], "classes": [f"c{i}" for i in range(classes)],
+            "patch_size": [patch] * 3, "max_batch": 4, "preprocessing": {}, "graphs": entries}
+    (root / "cmc.json").write_text(json.dumps(meta))
+    return root
+
+
+def synthetic_case(shape: tuple[int, int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape],
+                             indexing="ij")
+    blob = np.exp(-4 * (zz**2 + yy**2 + xx**2))
+    a = blob + 0.3 * rng.standard_normal(shape, dtype=np.float32)
+    b = np.sin(3 * zz) * blob + 0.3 * rng.standard_normal(shape, dtype=np.float32)
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+def dice(x: np.ndarray, y: np.ndarray, classes: int) -> float:
+    scores = []
+    for c in range(1, classes):
+        denom = (x == c).sum() + (y == c).sum()
+        if denom:
+            scores.append(2 * ((x == c) & (y == c)).sum() / denom)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def fused_graph(net: object) -> object:
+    """The fused predict graph of a CMCNet as a module (image_a, image_b) -> probs."""
+    import torch
+
+    class FusedGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
+            return self.net.predict(image_a, image_b, "fused")  # type: ignore[attr-defined]
+
+    return FusedGraph()
+
+
+def speed(size: int) -> tuple[list[tuple[str, str, str, str, str]], dict[str, object]]:
+    import torch
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers import sliding_window_inference
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cmc_serve.engine import Segmenter
+    from cmc_serve.runtimes import RuntimeUnavailable
+    from cmc_serve.tiling import TileGrid
+    from cmc_train.config import model_config
+    from cmc_train.network import build_cmc
+
+    classes = 5
+    torch.manual_seed(0)
+    net = build_cmc(model_config("tiny", classes)).eval()
+    graph = fused_graph(net)
+    x = torch.randn(1, 1, ROI, ROI, ROI)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        graph(x, x)  # type: ignore[operator]
+    tile_flops = counter.get_total_flops()
+    tmp = Path(tempfile.mkdtemp(prefix="cmc_bench_"))
+    model_dir = write_model_dir(tmp / "tiny", {"fused": graph}, (x.repeat(2, 1, 1, 1, 1),) * 2,
+                                classes, ROI, openvino=True)
+    a, b = synthetic_case((size,) * 3)
+    shape = a.shape
+    gemm = gemm_flops()
+    info: dict[str, object] = {"gemm_gflops": gemm / 1e9, "tile_gflop": tile_flops / 1e9}
+
+    monai_tiles = len(dense_patch_slices(shape, (ROI,) * 3, (ROI // 2,) * 3))
+    vol = torch.from_numpy(np.stack([a, b])[None])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref = sliding_window_inference(
+            vol, roi_size=(ROI,) * 3, sw_batch_size=4, overlap=0.5, mode="gaussian",
+            sigma_scale=0.125, predictor=lambda t: net.predict(t[:, :1], t[:, 1:], "fused"))
+        monai_s = time.perf_counter() - t0
+    ref_labels = ref[0].argmax(0).numpy().astype(np.uint8)
+    del ref
+    rows = [("MONAI sliding_window + torch eager", "fp32", f"{monai_s:.1f}", "1.00",
+             f"{monai_tiles * tile_flops / monai_s / 1e9:.1f}")]
+    engine_tiles = len(TileGrid.build(shape, (ROI,) * 3, 0.5))
+    labels: dict[str, np.ndarray] = {}
+    for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"),
+                               ("openvino", "bf16")):
+        name = f"engine {runtime}"
+        try:
+            with Segmenter(model_dir, runtime=runtime, precision=precision) as seg:
+                seg.runtime_for("fused")  # compile outside the timing
+                t0 = time.perf_counter()
+                result = seg.segment(a, b, mode="fused")
+                took = time.perf_counter() - t0
+        except RuntimeUnavailable as exc:
+            rows.append((name, precision, "unavailable", "-", "-"))
+            info[f"{name} {precision} unavailable"] = str(exc)
+            continue
+        labels[f"{runtime}/{precision}"] = result.labels
+        rows.append((name, precision, f"{took:.1f}", f"{monai_s / took:.2f}",
+                     f"{engine_tiles * tile_flops / took / 1e9:.1f}"))
+    info["argmax agreement engine ORT vs MONAI"] = float(
+        (labels["onnxruntime/fp32"] == ref_labels).mean())
+    if "openvino/bf16" in labels:
+        info["Dice bf16 vs fp32 labels (OpenVINO)"] = dice(labels["openvino/bf16"],
+                                                           labels["openvino/fp32"], classes)
+    info["tiles"] = {"monai": monai_tiles, "engine": engine_tiles}
+    return rows, info
+
+
+def rss_worker(kind: str, shape: tuple[int, int, int], classes: int, patch: int,
+               model_dir: Path) -> None:
+    """Runs in its own process: segment one volume, print the peak RSS in MiB."""
+    a, b = synthetic_case(shape, seed=1)
+    t0 = time.perf_counter()
+    if kind == "engine":
+        from cmc_serve.engine import Segmenter
+
+        with Segmenter(model_dir, runtime="onnxruntime", batch_size=1) as seg:
+            seg.segment(a, b, mode="fused")
+    else:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        conv = conv_model(classes)
+        vol = torch.from_numpy(np.stack([a, b])[None])
+        del a, b
+        with torch.no_grad():
+            out = sliding_window_inference(
+                vol, roi_size=(patch,) * 3, sw_batch_size=1, overlap=0.5, mode="gaussian",
+                sigma_scale=0.125, predictor=lambda t: conv(t[:, :1], t[:, 1:]))
+            out.argmax(1).to(torch.uint8)
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(), "seconds": time.perf_counter() - t0}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage: Linux carries ru_maxrss across execve, so a
+    child of a big parent would report the parent's peak; VmHWM starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def conv_model(classes: int) -> object:
+    import torch
+
+    class Pointwise(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv3d(2, classes, 1)
+
+        def forward(self, image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.cat([image_a, image_b], 1)).softmax(1)
+
+    return Pointwise().eval()
+
+
+def peak_rss(shape: tuple[int, int, int], classes: int,
+             patch: int) -> list[tuple[str, str, str]]:
+    import torch
+
+    tmp = Path(tempfile.mkdtemp(prefix="cmc_bench_rss_"))
+    x = torch.zeros(2, 1, patch, patch, patch)
+    model_dir = write_model_dir(tmp / "pointwise", {"fused": conv_model(classes)}, (x, x),
+                                classes, patch, openvino=False)
+    input_mib = 2 * np.prod(shape) * 4 / 2**20
+    rows = []
+    for kind in ("engine", "monai"):
+        done = subprocess.run([sys.executable, __file__, "--rss-worker", kind, "--rss-shape",
+                               *map(str, shape), "--rss-classes", str(classes),
+                               "--rss-patch", str(patch),
+                               "--model-dir", str(model_dir)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            rows.append((kind, "failed", done.stderr.strip().splitlines()[-1]))
+            continue
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append((kind, f"{out['peak_rss_mib']:.0f}", f"{out['seconds']:.0f}"))
+    rows.append(("(input volumes alone)", f"{input_mib:.0f}", "-"))
+    return rows
+
+
+def print_speed(size: int) -> None:
+    rows, info = speed(size)
+    print(f"## Speed: tiny CMC (K=5, patch {ROI}^3), two-modality {size}^3 volume, "
+          "overlap 0.5, gaussian blending\n")
+    print("| pipeline | precision | seconds | speed-up vs MONAI | patch-net GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nnumpy fp32 GEMM (2048^2): {info['gemm_gflops']:.0f} GFLOP/s; patch network "
+          f"{info['tile_gflop']:.2f} GFLOP per tile; tiles {info['tiles']}")
+    for key, value in info.items():
+        if key not in ("gemm_gflops", "tile_gflop", "tiles"):
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=96, help="edge of the speed-test volume")
+    parser.add_argument("--rss-shape", type=int, nargs=3, default=(400, 512, 512))
+    parser.add_argument("--rss-classes", type=int, default=8)
+    parser.add_argument("--rss-patch", type=int, default=128)
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--rss-worker", choices=("engine", "monai"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = tuple(args.rss_shape)
+    if args.rss_worker:
+        rss_worker(args.rss_worker, shape, args.rss_classes, args.rss_patch, args.model_dir)
+        return
+
+    import torch
+
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
+          f"{torch.get_num_threads()}, python {platform.python_version()}\n")
+    if not args.skip_speed:
+        print_speed(args.size)
+    if args.skip_rss:
+        return
+    print(f"\n## Peak RSS: 2 x {' x '.join(map(str, shape))} float32 input, K={args.rss_classes}, "
+          f"1x1x1 patch net, patch {args.rss_patch}^3, separate processes\n")
+    print("| stitching | peak RSS MiB | seconds |")
+    print("|---|---|---|")
+    for row in peak_rss(shape, args.rss_classes, args.rss_patch):
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""`Segmenter`: sliding-window inference of an exported CMC model over a whole volume.
+
+The inputs are pre-processed volumes [D, H, W] on one voxel grid (see `cmc_serve.preprocess`);
+they may be np.memmap, since tiles are read one by one and nothing volume-sized besides the
+uint8 labels (and the probabilities, if asked for) is allocated. While the runtime works on
+one batch of tiles a background thread gathers the next batch, so reading and copying
+tiles overlaps with inference; the stitcher keeps only about one patch depth of
+accumulators (see `cmc_serve.stitching`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cmc_serve.model_dir import MODE_INPUTS, MODES, ModelInfo
+from cmc_serve.runtimes import PatchRuntime, open_runtime
+from cmc_serve.stitching import SlabStitcher
+from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
+
+log = logging.getLogger(__name__)
+
+# Test-time augmentation: identity plus a flip of each spatial axis of [N, C, D, H, W].
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))
+# Finite-value checks read the inputs in chunks of this many slices (memmap friendly).
+CHECK_SLICES = 16
+
+
+class SegmentError(ValueError):
+    """The images given to `Segmenter.segment` cannot be segmented as asked."""
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """Labels uint8 [D, H, W], probabilities float32 [K, D, H, W] if requested, and what ran."""
+
+    labels: np.ndarray
+    probs: np.ndarray | None
+    mode: str
+    runtime: str
+    device: str
+    precision: str
+
+
+class Segmenter:
+    """Segments pre-processed volumes with the graphs of one exported model directory.
+
+    Runtimes are opened per mode on first use and kept; `close()` (or a `with` block)
+    releases them.
+    """
+
+    def __init__(self, model_dir: str | Path, runtime: str = "auto", device: str = "cpu",
+                 precision: str = "fp32", overlap: float = 0.5, tta: bool = False,
+                 batch_size: int | None = None, return_probs: bool = False,
+                 accumulator_dtype: str = "float32") -> None:
+        self.model = ModelInfo.load(model_dir)
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if accumulator_dtype not in ("float32", "float16"):
+            raise ValueError(f"accumulator_dtype must be float32 or float16, got "
+                             f"{accumulator_dtype!r}")
+        self.runtime = runtime
+        self.device = device
+        self.precision = precision
+        self.overlap = overlap
+        self.tta = tta
+        self.batch_size = batch_size
+        self.return_probs = return_probs
+        self.accumulator_dtype = np.dtype(accumulator_dtype)
+        self.weights = gaussian_importance(self.model.patch_size)
+        self._runtimes: dict[str, PatchRuntime] = {}
+
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for rt in self._runtimes.values():
+            rt.close()
+        self._runtimes.clear()
+
+    def runtime_for(self, mode: str) -> PatchRuntime:
+        """The (cached) runtime of `mode`, opened on first use."""
+        if mode not in self._runtimes:
+            self._runtimes[mode] = open_runtime(self.model, mode, self.runtime, self.device,
+                                                self.precision, self.batch_size)
+        return self._runtimes[mode]
+
+    def segment(self, image_a: np.ndarray | None = None, image_b: np.ndarray | None = None,
+                mode: str = "auto") -> SegmentResult:
+        """Segment one case; `mode` "auto" fuses when both images are given."""
+        mode = self._resolve_mode(image_a, image_b, mode)
+        images = {"image_a": image_a, "image_b": image_b}
+        volumes, shape = _check_volumes({name: images[name] for name in MODE_INPUTS[mode]})
+        runtime = self.runtime_for(mode)
+        grid = TileGrid.build(shape, self.model.patch_size, self.overlap)
+        stitcher = SlabStitcher(grid, self.model.num_classes, self.weights,
+                                accumulator_dtype=self.accumulator_dtype,
+                                keep_probs=self.return_probs)
+        origins = list(grid.origins())
+        batches = [origins[i:i + runtime.max_batch]
+                   for i in range(0, len(origins), runtime.max_batch)]
+        log.info("segment %s: volume %s, %d tiles of %s in %d batches on %s/%s/%s", mode,
+                 shape, len(origins), grid.patch, len(batches), runtime.name, runtime.device,
+                 runtime.precision)
+        for batch, inputs in zip(batches, self._prefetch(volumes, batches, grid), strict=True):
+            probs = self._infer(runtime, inputs)
+            for origin, tile in zip(batch, probs, strict=True):
+                stitcher.add(origin, tile)
+        labels, probs_out = stitcher.result()
+        return SegmentResult(labels=labels, probs=probs_out, mode=mode, runtime=runtime.name,
+                             device=runtime.device, precision=runtime.precision)
+
+    def _resolve_mode(self, image_a: np.ndarray | None, image_b: np.ndarray | None,
+                      mode: str) -> str:
+        available = self.model.modes
+        if mode == "auto":
+            if image_a is not None and image_b is not None and "fused" in available:
+                mode = "fused"
+            elif image_a is not None and "a" in available:
+                mode = "a"
+            elif image_b is not None and "b" in available:
+                mode = "b"
+            else:
+                given = [n for n, im in (("a", image_a), ("b", image_b)) if im is not None]
+                raise SegmentError(f"no exported mode of {self.model.root} fits the images "
+                                   f"given ({given or 'none'}; available modes "
+                                   f"{list(available)})")
+        if mode not in MODES:
+            raise SegmentError(f"unknown mode {mode!r} (expected auto or one of {list(MODES)})")
+        if mode not in available:
+            raise SegmentError(f"mode {mode!r} is not exported in {self.model.root} "
+                               f"(available: {list(available)})")
+        need = {"image_a": image_a, "image_b": image_b}
+        missing = [n for n in MODE_INPUTS[mode] if need[n] is None]
+        if missing:
+            raise SegmentError(f"mode {mode!r} needs {list(MODE_INPUTS[mode])}; missing "
+                               f"{missing}")
+        return mode
+
+    def _prefetch(self, volumes: dict[str, np.ndarray], batches: list[list[tuple[int, int, int]]],
+                  grid: TileGrid) -> Iterator[dict[str, np.ndarray]]:
+        """Yield each batch's input tensors, gathering batch i+1 while batch i runs."""
+        def gather(batch: list[tuple[int, int, int]]) -> dict[str, np.ndarray]:
+            return {name: np.stack([extract_patch(vol, o, grid.patch) for o in batch])[:, None]
+                    for name, vol in volumes.items()}
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmc-tiles") as pool:
+            pending = pool.submit(gather, batches[0])
+            for i in range(len(batches)):
+                ready = pending.result()
+                if i + 1 < len(batches):
+                    pending = pool.submit(gather, batches[i + 1])
+                yield ready
+
+    def _infer(self, runtime: PatchRuntime, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if not self.tta:
+            return runtime.run(inputs)
+        total: np.ndarray | None = None
+        for axes in TTA_FLIPS:
+            flipped = {k: np.flip(v, axes) if axes else v for k, v in inputs.items()}
+            out = runtime.run(flipped)
+            out = np.flip(out, axes) if axes else out
+            total = out.copy() if total is None else total + out
+        assert total is not None
+        return total / len(TTA_FLIPS)
+
+
+def _check_volumes(given: dict[str, object]) -> tuple[dict[str, np.ndarray],
+                                                      tuple[int, int, int]]:
+    """Validate shapes, dtypes and finiteness; return the arrays and their [D, H, W] shape."""
+    shapes = {}
+    volumes: dict[str, np.ndarray] = {}
+    for name, vol in given.items():
+        if not isinstance(vol, np.ndarray):
+            raise SegmentError(f"{name} must be a numpy array, got {type(vol).__name__}")
+        if vol.ndim != 3 or min(vol.shape) < 1:
+            raise SegmentError(f"{name} must be a non-empty [D, H, W] volume, got shape "
+                               f"{vol.shape}")
+        if not (np.issubdtype(vol.dtype, np.floating) or np.issubdtype(vol.dtype, np.integer)):
+            raise SegmentError(f"{name} has dtype {vol.dtype}; expected a real number type")
+        for start in range(0, vol.shape[0], CHECK_SLICES):
+            if not np.isfinite(vol[start:start + CHECK_SLICES]).all():
+                raise SegmentError(f"{name} contains NaN or infinite values (first in slices "
+                                   f"{start}..{min(start + CHECK_SLICES, vol.shape[0]) - 1})")
+        shapes[name] = tuple(int(s) for s in vol.shape)
+        volumes[name] = vol
+    if len(set(shapes.values())) != 1:
+        raise SegmentError(f"image shapes differ {shapes}: both modalities must be on one "
+                           "voxel grid (resample first)")
+    d, h, w = next(iter(shapes.values()))
+    return volumes, (d, h, w)

@@ -1,0 +1,44 @@
+"""The interface every patch runtime implements, and the error for one that cannot run."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The requested runtime/device/precision cannot run here (not installed, no GPU,
+    incompatible engine, silent fallback detected)."""
+
+
+@runtime_checkable
+class PatchRuntime(Protocol):
+    """Runs one patch graph on a batch of tiles.
+
+    `run` takes the graph's inputs by name (`image_a`/`image_b`, float32 [N, 1, P, P, P],
+    N <= max_batch) and returns softmax probabilities float32 [N, K, P, P, P].
+    """
+
+    name: str  # "onnxruntime" | "openvino" | "tensorrt"
+    device: str  # "cpu" | "cuda"
+    precision: str  # "fp32" | "fp16" | "bf16"
+    max_batch: int
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def check_batch(inputs: dict[str, np.ndarray], names: tuple[str, ...], max_batch: int,
+                runtime: str) -> int:
+    """Validate the input dict of one `run` call against the graph; return N."""
+    if set(inputs) != set(names):
+        raise ValueError(f"{runtime}: graph inputs are {list(names)}, got {sorted(inputs)}")
+    sizes = {a.shape[0] for a in inputs.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"{runtime}: inputs disagree on batch size {sorted(sizes)}")
+    n = sizes.pop()
+    if not 1 <= n <= max_batch:
+        raise ValueError(f"{runtime}: batch of {n} tiles, this runtime takes 1..{max_batch}")
+    return n

@@ -1,0 +1,87 @@
+"""ONNX Runtime patch runtime (CPU, CUDA or TensorRT execution provider).
+
+ONNX Runtime silently falls back to the CPU provider when a GPU provider fails to load
+(platform.md: onnxruntime-gpu without a GPU only logs errors), so after creating the
+session we check which providers it actually got and refuse a session that is not running
+where it was asked to.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
+
+log = logging.getLogger(__name__)
+
+# execution provider -> ONNX Runtime provider list, most preferred first; CPU stays last
+# for the few ops a GPU provider does not implement (ORT assigns those node by node).
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class OnnxRuntimeRuntime:
+    """One ONNX graph in an `onnxruntime.InferenceSession`."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, *, inputs: tuple[str, ...], output: str, precision: str,
+                 max_batch: int, execution_provider: str = "cpu") -> None:
+        try:
+            import onnxruntime as ort  # type: ignore[import-untyped,unused-ignore]
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"onnxruntime is not installed ({exc})") from exc
+        if execution_provider not in PROVIDERS:
+            raise ValueError(f"unknown execution provider {execution_provider!r} "
+                             f"(expected one of {sorted(PROVIDERS)})")
+        wanted = PROVIDERS[execution_provider]
+        primary = wanted[0]
+        if primary not in ort.get_available_providers():
+            raise RuntimeUnavailable(
+                f"onnxruntime {ort.__version__} has no {primary} (available: "
+                f"{ort.get_available_providers()}); install onnxruntime-gpu on a CUDA host")
+        providers: list[Any] = list(wanted)
+        if execution_provider == "tensorrt":
+            providers[0] = (primary, {"trt_fp16_enable": precision == "fp16"})
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self._session: Any = ort.InferenceSession(str(path), sess_options=opts,
+                                                 providers=providers)
+        except Exception as exc:  # ORT raises its own exception types per failure
+            raise RuntimeUnavailable(f"{path}: onnxruntime cannot load the graph ({exc})") from exc
+        got = self._session.get_providers()
+        if primary not in got:
+            raise RuntimeUnavailable(
+                f"{path}: onnxruntime fell back to {got} although {primary} was requested")
+        names = tuple(i.name for i in self._session.get_inputs())
+        if set(names) != set(inputs) or output not in {o.name for o in self._session.get_outputs()}:
+            raise RuntimeUnavailable(f"{path}: graph I/O {names} -> "
+                                     f"{[o.name for o in self._session.get_outputs()]} does not "
+                                     f"match cmc.json ({list(inputs)} -> {output})")
+        self.inputs = inputs
+        self.output = output
+        self.device = "cpu" if execution_provider == "cpu" else "cuda"
+        self.precision = precision
+        self.max_batch = max_batch
+        self.provider = primary
+        log.info("onnxruntime %s: %s on %s (session providers %s)", ort.__version__, path.name,
+                 primary, got)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self._session is None:
+            raise RuntimeError("onnxruntime: run() after close()")
+        check_batch(inputs, self.inputs, self.max_batch, self.name)
+        feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+        (probs,) = self._session.run([self.output], feed)
+        return np.asarray(probs, dtype=np.float32)
+
+    def close(self) -> None:
+        self._session = None

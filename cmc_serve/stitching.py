@@ -1,0 +1,122 @@
+"""Bounded-memory blending of tile probabilities into a label volume.
+
+A full-volume float32 accumulator for K classes costs 4*K bytes per voxel (a 512x512x400
+CT with K=14 is 5.9 GB), far more than the uint8 labels we return. The volume is cut along
+its slowest axis D into slabs at every tile start/end; a slab's accumulator exists only
+while tiles touching it are outstanding. When the last one is in, the slab is normalised,
+argmax'ed into the uint8 output (and copied into the optional probability output) and
+freed. With tiles arriving D-major, at most about one patch depth of slabs is alive.
+
+The per-voxel arithmetic is the same as a naive full-volume accumulation in the same tile
+order (sum of p*w, then divide by the sum of w), so the result is bit-identical to it with
+float32 accumulators.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from cmc_serve.tiling import TileGrid, clip_box
+
+
+@dataclass
+class _Slab:
+    start: int
+    stop: int
+    remaining: int
+    acc: np.ndarray | None = None  # [K, d, H, W] weighted probability sum
+    weight: np.ndarray | None = None  # [d, H, W] weight sum (float32)
+
+
+class SlabStitcher:
+    """Accumulates tiles of one TileGrid; `result()` returns (labels, probs or None)."""
+
+    def __init__(self, grid: TileGrid, num_classes: int, weights: np.ndarray, *,
+                 accumulator_dtype: type[np.floating] | np.dtype = np.float32,
+                 keep_probs: bool = False) -> None:
+        if not 2 <= num_classes <= 255:
+            raise ValueError(f"num_classes must be in 2..255 for uint8 labels, got {num_classes}")
+        if weights.shape != grid.patch:
+            raise ValueError(f"weights shape {weights.shape} != patch {grid.patch}")
+        self.grid = grid
+        self.num_classes = num_classes
+        self.weights = weights.astype(np.float32, copy=False)
+        self.acc_dtype = np.dtype(accumulator_dtype)
+        if self.acc_dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+            raise ValueError(f"accumulator dtype must be float32 or float16, got {self.acc_dtype}")
+        depth, height, width = grid.shape
+        self.labels = np.empty(grid.shape, dtype=np.uint8)
+        self.probs = (np.empty((num_classes, depth, height, width), dtype=np.float32)
+                      if keep_probs else None)
+        self._slabs = self._make_slabs()
+        self._added = 0
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def _make_slabs(self) -> list[_Slab]:
+        depth, patch = self.grid.shape[0], self.grid.patch[0]
+        boxes = [clip_box(s, patch, depth)[:2] for s in self.grid.starts[0]]
+        cuts = sorted({c for box in boxes for c in box})
+        per_row = len(self.grid.starts[1]) * len(self.grid.starts[2])
+        slabs = []
+        for lo, hi in itertools.pairwise(cuts):
+            rows = sum(1 for b0, b1 in boxes if b0 < hi and lo < b1)
+            slabs.append(_Slab(start=lo, stop=hi, remaining=rows * per_row))
+        return slabs
+
+    def add(self, origin: tuple[int, int, int], tile: np.ndarray) -> None:
+        """Blend one tile's probabilities [K, P0, P1, P2] at `origin`."""
+        if tile.shape != (self.num_classes, *self.grid.patch):
+            raise ValueError(f"tile shape {tile.shape} != {(self.num_classes, *self.grid.patch)}")
+        (d0, d1, od), (h0, h1, oh), (w0, w1, ow) = (
+            clip_box(o, p, n) for o, p, n in zip(origin, self.grid.patch, self.grid.shape, strict=True))
+        for slab in self._slabs:
+            if slab.stop <= d0 or slab.start >= d1:
+                continue
+            if slab.remaining <= 0:
+                raise ValueError(f"tile at {origin} added twice (slab {slab.start}:{slab.stop} "
+                                 "already complete)")
+            if slab.acc is None:
+                self._allocate(slab)
+            assert slab.acc is not None and slab.weight is not None
+            ts = slice(od + slab.start - d0, od + slab.stop - d0)
+            hs, ws = slice(oh, oh + h1 - h0), slice(ow, ow + w1 - w0)
+            w = self.weights[ts, hs, ws]
+            slab.acc[:, :, h0:h1, w0:w1] += tile[:, ts, hs, ws] * w
+            slab.weight[:, h0:h1, w0:w1] += w
+            slab.remaining -= 1
+            if slab.remaining == 0:
+                self._finalise(slab)
+        self._added += 1
+
+    def _allocate(self, slab: _Slab) -> None:
+        _, height, width = self.grid.shape
+        d = slab.stop - slab.start
+        slab.acc = np.zeros((self.num_classes, d, height, width), dtype=self.acc_dtype)
+        slab.weight = np.zeros((d, height, width), dtype=np.float32)
+        self.live_bytes += slab.acc.nbytes + slab.weight.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _finalise(self, slab: _Slab) -> None:
+        assert slab.acc is not None and slab.weight is not None
+        probs = slab.acc.astype(np.float32, copy=False)
+        probs /= slab.weight
+        self.labels[slab.start:slab.stop] = np.argmax(probs, axis=0)
+        if self.probs is not None:
+            self.probs[:, slab.start:slab.stop] = probs
+        self.live_bytes -= slab.acc.nbytes + slab.weight.nbytes
+        slab.acc = slab.weight = None
+
+    @property
+    def complete(self) -> bool:
+        return all(s.remaining == 0 for s in self._slabs)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels uint8 [D, H, W] and probabilities float32 [K, D, H, W] (if kept)."""
+        if not self.complete:
+            missing = len(self.grid) - self._added
+            raise ValueError(f"stitching incomplete: {missing} of {len(self.grid)} tiles missing")
+        return self.labels, self.probs
