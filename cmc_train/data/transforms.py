@@ -1,0 +1,152 @@
+"""MONAI dictionary transforms: deterministic pre-processing and training augmentation.
+
+The deterministic part is the contract with inference: checkpoints record the
+PreprocessConfig, and `cmc_serve.preprocess` re-implements exactly these steps in numpy
+(checked against `deterministic_transforms` by a parity test). Change them only together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+from monai.transforms.utils import map_binary_to_indices
+
+from cmc_train.config import PreprocessConfig
+
+# Axis code meaning of Orientationd (nibabel's: "RAS" = axes point to Right, Anterior, Superior).
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def normalisation_transform(norm: dict[str, Any]) -> MapTransform:
+    """The intensity normalisation of one modality, applied to key "image" only."""
+    if norm["kind"] == "ct_window":
+        return ScaleIntensityRanged(keys="image", a_min=float(norm["low"]),
+                                    a_max=float(norm["high"]), b_min=0.0, b_max=1.0, clip=True,
+                                    dtype=np.float32)
+    if norm["kind"] == "zscore_nonzero":
+        return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=False,
+                                   dtype=np.float32)
+    raise ValueError(f"unknown normalisation kind {norm['kind']!r}")
+
+
+def deterministic_transforms(preprocess: PreprocessConfig, modality: str,
+                             with_label: bool) -> Compose:
+    """Load a NIfTI file pair {"image": path[, "label": path]} and pre-process it.
+
+    Exactly, in this order (keys = ["image", "label"] or ["image"]):
+
+    1. `LoadImaged(keys, reader="NibabelReader", dtype=np.float32, image_only=True)`
+       (the label is read as float32 too);
+    2. `EnsureChannelFirstd(keys)` -> [1, X, Y, Z];
+    3. `Orientationd(keys, axcodes="RAS", labels=RAS_LABELS)` (voxel axes point Right,
+       Anterior, Superior; a pure axis permutation/flip, no interpolation);
+    4. `Spacingd(keys, pixdim=preprocess.spacing, mode=("bilinear", "nearest"),
+       padding_mode="border", align_corners=False, dtype=np.float32)`: image bilinear,
+       label nearest. For axis-aligned input the affine is now diagonal-positive, so MONAI's
+       `compute_shape_offset` keeps the first voxel centre (the world origin of voxel 0)
+       and makes the output shape `np.round(extent / new_spacing + 1)` per axis, with
+       extent = (n - 1) * old_spacing (numpy rounding: halves go to even); samples
+       outside the input take the border value;
+    5. normalisation of "image" per `preprocess.normalisation[modality]`:
+       - `ct_window`: `ScaleIntensityRanged(a_min=low, a_max=high, b_min=0, b_max=1,
+         clip=True)`: clip to [low, high], scale linearly to [0, 1];
+       - `zscore_nonzero`: `NormalizeIntensityd(nonzero=True, channel_wise=False)`:
+         (x - mean) / std over the non-zero voxels (population std, ddof 0), zeros stay 0
+         (std 0 -> divisor 1).
+
+    Returns MetaTensors whose `.affine` is the pre-processed RAS voxel-to-world matrix.
+    """
+    if modality not in preprocess.normalisation:
+        raise ValueError(f"no normalisation configured for modality {modality!r}")
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+    return Compose([
+        LoadImaged(keys=keys, reader="NibabelReader", dtype=np.float32, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        Orientationd(keys=keys, axcodes=preprocess.orientation, labels=RAS_LABELS),
+        Spacingd(keys=keys, pixdim=tuple(preprocess.spacing), mode=modes,
+                 padding_mode="border", align_corners=False, dtype=np.float32),
+        normalisation_transform(preprocess.normalisation[modality]),
+    ])
+
+
+FG_INDICES, BG_INDICES = "fg_indices", "bg_indices"
+
+
+def _patch(patch_size: Sequence[int] | int) -> tuple[int, ...]:
+    return (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
+
+
+def pad_to_patch(patch_size: Sequence[int] | int, with_label: bool) -> SpatialPadd:
+    """Zero-pad volumes smaller than the patch (zeros: air after the CT window,
+    background after the non-zero z-score)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    return SpatialPadd(keys=keys, spatial_size=_patch(patch_size), mode="constant")
+
+
+def add_crop_indices(sample: dict[str, Any], patch_size: Sequence[int] | int) -> dict[str, Any]:
+    """Pad a labelled sample and attach its foreground/background voxel indices.
+
+    The positive/negative crop then skips scanning the label at every draw (the sampler
+    calls this once per cached volume); the result is the same as without the indices.
+    """
+    pad: Any = pad_to_patch(patch_size, with_label=True)
+    padded: dict[str, Any] = pad(sample)
+    fg, bg = map_binary_to_indices(padded["label"], None, 0.0)
+    return {**padded, FG_INDICES: fg, BG_INDICES: bg}
+
+
+def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
+                            fg_ratio: float = 0.5) -> Compose:
+    """Random patch and augmentation of a pre-processed sample (one patch per call).
+
+    Labelled samples: `RandCropByPosNegLabeld` centres the patch on a foreground voxel with
+    probability `fg_ratio` (pos:neg = fg_ratio : 1 - fg_ratio, 1:1 by default), otherwise
+    on any background voxel (no intensity threshold: a z-scored MR has negative tissue
+    values, so thresholding would not mean "inside the body"). Unlabelled: a uniform
+    `RandSpatialCropd`, which never looks at a mask. Both pad to the patch first
+    (`pad_to_patch`). Then flips on the
+    three axes, 90-degree rotations in the axial plane, intensity scale and shift +-0.1.
+    Label patches go through the same spatial transforms, so they stay aligned.
+    Precomputed `add_crop_indices` keys are used when present.
+    """
+    if not 0.0 <= fg_ratio <= 1.0:
+        raise ValueError(f"fg_ratio must be in [0, 1], got {fg_ratio}")
+    size = _patch(patch_size)
+    keys = ["image", "label"] if with_label else ["image"]
+    crop: MapTransform
+    if with_label:
+        crop = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=size,
+                                      pos=fg_ratio, neg=1.0 - fg_ratio, num_samples=1,
+                                      fg_indices_key=FG_INDICES, bg_indices_key=BG_INDICES)
+    else:
+        crop = RandSpatialCropd(keys=keys, roi_size=size, random_size=False)
+    return Compose([
+        pad_to_patch(size, with_label),
+        crop,
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+        RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+    ])
