@@ -1,0 +1,121 @@
+"""`cmc train`: semi-supervised CMC training from a datalist into a run folder.
+
+Runs as one process, or data-parallel under `torchrun --nproc_per_node N -m cli.main train
+...` (gloo on CPU, NCCL on GPU; only rank 0 writes). Heavy imports live inside `command`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from cmc_train.config import RunConfig
+
+PRESETS = ("tiny", "small", "sam-med3d")
+SCHEDULES = ("authors", "sigmoid")
+EXIT_USAGE = 2
+
+HELP_CONFIG = ("Model preset (tiny | small | sam-med3d; classes and modalities come from the "
+               "datalist, training settings from the defaults) or a run config YAML (e.g. "
+               "an earlier RUN_DIR/config.yaml). With --resume the run's own config.yaml is used.")
+
+
+def command(
+    data: Annotated[Path, typer.Option("--data", help="Datalist JSON (cmc synth / cmc import).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoint_last.pt, "
+                                      "checkpoint_best.pt, metrics.jsonl, config.yaml.")],
+    config: Annotated[str, typer.Option("--config", help=HELP_CONFIG)] = "tiny",
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps (with --resume: "
+                                              "the new total).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and sampling.")] = None,
+    init_sam_med3d: Annotated[Path | None, typer.Option(
+        "--init-sam-med3d", help="SAM-Med3D checkpoint (vit_b_ori) for both encoders; needs "
+                                 "--config sam-med3d.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from "
+                                         "checkpoint_last.pt (identical to an uninterrupted "
+                                         "run).")] = False,
+    schedule: Annotated[str | None, typer.Option(
+        help="Consistency-weight schedule: authors (off until 0.7 T) | sigmoid ramp-up.")] = None,
+    no_csc: Annotated[bool, typer.Option("--no-csc", help="Ablation: no CSC loss.")] = False,
+    no_cac: Annotated[bool, typer.Option("--no-cac", help="Ablation: no CAC loss.")] = False,
+    single_modality: Annotated[str | None, typer.Option(
+        "--single-modality", help="Ablation: a | b, supervised training of that modality "
+                                  "alone (its image feeds both branches; no unlabelled data, "
+                                  "no CSC/CAC).")] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar (only on a terminal).")] = True,
+) -> None:
+    """Train a CMC model from a datalist; writes checkpoints and metrics."""
+    import os
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from cmc_train.checkpoint import CheckpointError
+    from cmc_train.config import RunConfig
+    from cmc_train.data.datalist import DatalistError
+    from cmc_train.data.loaders import SamplerError
+    from cmc_train.evaluate import EvaluationError
+    from cmc_train.network import SamMed3DError
+    from cmc_train.trainer import CONFIG, TrainError, train
+
+    console = Console(stderr=True)
+
+    def fail(message: str) -> typer.Exit:
+        console.print(f"cmc train: error: {message}", highlight=False, markup=False,
+                      soft_wrap=True)
+        return typer.Exit(EXIT_USAGE)
+
+    if schedule is not None and schedule not in SCHEDULES:
+        raise typer.BadParameter(f"{schedule!r} is not one of {', '.join(SCHEDULES)}",
+                                 param_hint="--schedule")
+    if single_modality is not None and single_modality not in ("a", "b"):
+        raise typer.BadParameter(f"{single_modality!r} is not a or b",
+                                 param_hint="--single-modality")
+    try:
+        if resume:
+            run_cfg = RunConfig.load_yaml(out / CONFIG)
+        else:
+            run_cfg = _base_config(config, data)
+        overrides: dict[str, Any] = {}
+        if steps is not None:
+            overrides["steps"] = steps
+        if seed is not None:
+            overrides["seed"] = seed
+        if schedule is not None:
+            overrides["schedule"] = schedule
+        if no_csc or single_modality:
+            overrides["use_csc"] = False
+        if no_cac or single_modality:
+            overrides["use_cac"] = False
+        run_cfg = replace(run_cfg, train=replace(run_cfg.train, **overrides))
+        summary = train(data, out, run_cfg, resume=resume, init_sam_med3d=init_sam_med3d,
+                        progress=progress, single_modality=single_modality)
+    except (TrainError, CheckpointError, DatalistError, SamplerError, SamMed3DError,
+            EvaluationError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        console.print(
+            f"cmc train: {summary.steps_done}/{summary.steps_total} steps in "
+            f"{summary.train_seconds:.0f} s ({summary.steps_per_second:.2f} steps/s); best "
+            f"validation mean foreground Dice {summary.best_metric:.4f} at step "
+            f"{summary.best_step}; outputs in {out}", highlight=False)
+
+
+def _base_config(config: str, data: Path) -> RunConfig:
+    """A preset sized to the datalist's classes and modalities, or a run config YAML."""
+    from cmc_train.config import PreprocessConfig, RunConfig, TrainConfig, model_config
+    from cmc_train.data.datalist import Datalist
+
+    if config in PRESETS:
+        datalist = Datalist.load(data)
+        return RunConfig(model=model_config(config, len(datalist.classes)),
+                         preprocess=PreprocessConfig(modalities=datalist.modalities),
+                         train=TrainConfig(), preset=config)
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"--config {config!r}: use a preset ({', '.join(PRESETS)}) or a "
+                         ".yaml run config")
+    return RunConfig.load_yaml(path)

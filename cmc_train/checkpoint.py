@@ -1,0 +1,149 @@
+"""The CMC checkpoint: one torch file that `torch.load(weights_only=True)` can read.
+
+Layout (docs/DESIGN.md):
+    {"format": "cmc-checkpoint", "format_version": 1, "state_dict": {name: tensor},
+     "metadata_json": str, "trainer_state": {...}}   # trainer_state only for resumable files
+
+Metadata travels as a JSON string so that any reader (the exporter, a user with plain
+`torch.load`) gets the model shape, modalities, classes and pre-processing without
+unpickling code. `trainer_state` holds only tensors, numbers, strings, lists and dicts, which
+keeps the weights-only loader usable for resume too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from cmc_train import __version__
+from cmc_train.config import ModelConfig, PreprocessConfig
+
+if TYPE_CHECKING:
+    from cmc_train.network import CMCNet
+
+FORMAT = "cmc-checkpoint"
+FORMAT_VERSION = 1
+_METADATA_KEYS = ("cmc_version", "model", "modalities", "classes", "preprocessing", "training")
+
+
+class CheckpointError(Exception):
+    """A file is not a readable CMC checkpoint of a supported version (message names the file)."""
+
+
+class LoadedCheckpoint(NamedTuple):
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    trainer_state: dict[str, Any] | None
+
+
+def build_metadata(
+    model: ModelConfig,
+    preprocess: PreprocessConfig,
+    classes: list[str],
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """The metadata dict every checkpoint carries (JSON-serialisable)."""
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} classes")
+    return {
+        "cmc_version": __version__,
+        "model": model.to_dict(),
+        "modalities": list(preprocess.modalities),
+        "classes": list(classes),
+        "preprocessing": preprocess.to_dict(),
+        "training": dict(training),
+    }
+
+
+def save_checkpoint(
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    trainer_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    missing = [k for k in _METADATA_KEYS if k not in metadata]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+        "metadata_json": json.dumps(metadata, sort_keys=True, allow_nan=True),
+    }
+    if trainer_state is not None:
+        payload["trainer_state"] = trainer_state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
+    """Read and validate a checkpoint; raise CheckpointError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a CMC checkpoint (no 'format': '{FORMAT}' entry)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unsupported CMC checkpoint format_version {version!r} "
+            f"(this cmc {__version__} reads version {FORMAT_VERSION})"
+        )
+    state_dict = payload.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise CheckpointError(f"{path}: corrupt CMC checkpoint (state_dict is not a tensor dict)")
+    try:
+        metadata = json.loads(payload["metadata_json"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt CMC checkpoint (metadata_json: {exc})") from exc
+    missing = [k for k in _METADATA_KEYS if not isinstance(metadata, dict) or k not in metadata]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt CMC checkpoint (metadata lacks {missing})")
+    return LoadedCheckpoint(state_dict, metadata, payload.get("trainer_state"))
+
+
+def load_model(path: Path) -> tuple[CMCNet, dict[str, Any]]:
+    """Rebuild the network a checkpoint describes, load its weights strictly, set eval mode."""
+    from cmc_train.network import build_cmc
+
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = ModelConfig.from_dict(ckpt.metadata["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model config in metadata ({exc})") from exc
+    net = build_cmc(cfg)
+    try:
+        net.load_state_dict(ckpt.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not match the model config ({_first_line(exc)})"
+        ) from exc
+    net.eval()
+    return net, ckpt.metadata
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

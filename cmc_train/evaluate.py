@@ -1,0 +1,213 @@
+"""Dice and HD95 of a CMC network on whole pre-processed volumes (validation and `cmc evaluate`).
+
+Where metrics are computed: on the pre-processed grid (RAS, the checkpoint's spacing), the
+space the network predicts in, as MONAI-style validation does; HD95 uses that spacing in mm.
+
+Modes:
+- "a" / "b" (single modality): every labelled volume of that modality, its image fed to both
+  branches, compared with its own label.
+- "fused": every case with both modalities. The prediction is made on modality a's grid and
+  compared with a's label; b's pre-processed image is resampled onto a's grid by world (RAS)
+  position, trilinear, border values beyond b's field of view (as `cmc segment` does). No
+  registration is attempted: where the two scans are not aligned (different sessions, the
+  synthetic study's "patient moved"), fused Dice measures how the model copes with that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmc_train.checkpoint import load_model
+from cmc_train.config import PreprocessConfig
+from cmc_train.data.datalist import Datalist
+from cmc_train.data.loaders import EvalVolume, validation_volumes
+from cmc_train.metrics import per_class_metrics
+from cmc_train.network import CMCNet
+from cmc_train.sliding_window import MODES, predict_labels
+
+_AFFINE_TOL = 1e-3
+
+
+class EvaluationError(ValueError):
+    """Evaluation cannot run on these inputs (message names the file and the problem)."""
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Pre-processed labelled volumes of one split, loaded once and kept in memory."""
+
+    modalities: tuple[str, str]
+    num_classes: int
+    volumes: tuple[EvalVolume, ...]
+
+    @classmethod
+    def from_datalist(cls, datalist: Datalist, preprocess: PreprocessConfig,
+                      split: str = "validation") -> ValidationSet:
+        volumes = tuple(validation_volumes(datalist, preprocess, split))
+        return cls(tuple(datalist.modalities), len(datalist.classes), volumes)  # type: ignore[arg-type]
+
+    def of_modality(self, modality: str) -> list[EvalVolume]:
+        return [v for v in self.volumes if v.modality == modality]
+
+    def pairs(self) -> list[tuple[EvalVolume, EvalVolume]]:
+        """(a, b) volumes of every case that has both modalities."""
+        by_case: dict[str, dict[str, EvalVolume]] = defaultdict(dict)
+        for v in self.volumes:
+            by_case[v.case_id][v.modality] = v
+        a, b = self.modalities
+        return [(vols[a], vols[b]) for vols in by_case.values() if a in vols and b in vols]
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel edge lengths (mm) of a voxel-to-world affine."""
+    norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+
+def resample_onto(image: torch.Tensor, src_affine: np.ndarray, dst_shape: Sequence[int],
+                  dst_affine: np.ndarray) -> torch.Tensor:
+    """Trilinear resampling of a [D, H, W] image onto another grid by world position
+    (values beyond the source clamp to its border)."""
+    same_grid = tuple(image.shape) == tuple(dst_shape) and np.allclose(
+        src_affine, dst_affine, atol=_AFFINE_TOL)
+    if same_grid:
+        return image
+    dst_to_src = np.linalg.solve(np.asarray(src_affine, np.float64), np.asarray(dst_affine, np.float64))
+    axes = [torch.arange(n, dtype=torch.float64) for n in dst_shape]
+    idx = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # [D, H, W, 3] dst voxels
+    xform = torch.from_numpy(dst_to_src)
+    src = idx @ xform[:3, :3].T + xform[:3, 3]
+    size = torch.tensor(image.shape, dtype=torch.float64)
+    norm = 2.0 * src / (size - 1).clamp(min=1) - 1.0  # align_corners=True convention
+    grid = norm.flip(-1).float()[None]  # grid_sample wants (x=W, y=H, z=D)
+    out = F.grid_sample(image.float()[None, None], grid, mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out[0, 0]
+
+
+def _fg_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def validate(net: CMCNet, val_set: ValidationSet, modes: Sequence[str], patch_size: int,
+             device: torch.device) -> dict[str, Any]:
+    """Mean foreground Dice per class of single-modality modes (the training's model
+    selection): {"dice": {modality: [per foreground class]}, "mean_fg_dice": float}."""
+    per_modality: dict[str, list[float]] = {}
+    for mode in modes:
+        modality = val_set.modalities[0 if mode == "a" else 1]
+        scores = [_case_metrics(net, vol, mode, patch_size, device, val_set.num_classes)["dice"]
+                  for vol in val_set.of_modality(modality)]
+        if scores:
+            per_modality[modality] = [float(x) for x in np.mean(scores, axis=0)]
+    if not per_modality:
+        raise EvaluationError("the validation split has no labelled volume of the modalities "
+                              f"being trained ({list(modes)})")
+    mean_fg = float(np.mean([np.mean(v) for v in per_modality.values()]))
+    return {"dice": per_modality, "mean_fg_dice": mean_fg}
+
+
+def _case_metrics(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,
+                  device: torch.device, num_classes: int,
+                  other: EvalVolume | None = None) -> dict[str, list[float]]:
+    image = vol.image[0]
+    if mode == "fused":
+        assert other is not None
+        image_b = resample_onto(other.image[0], other.affine, image.shape, vol.affine)
+        pred = predict_labels(net, image, image_b, "fused", patch_size, device)
+    elif mode == "a":
+        pred = predict_labels(net, image, None, "a", patch_size, device)
+    else:
+        pred = predict_labels(net, None, image, "b", patch_size, device)
+    ref = vol.label[0].numpy().astype(np.uint8)
+    return per_class_metrics(pred, ref, num_classes, spacing_of(vol.affine))
+
+
+def _summarise(cases: dict[str, dict[str, list[float]]], fg_classes: Sequence[str]) -> dict[str, Any]:
+    """Per-case values and per-class means (HD95 means skip undefined, NaN, cases)."""
+    dice = np.array([c["dice"] for c in cases.values()], dtype=np.float64)
+    hd = np.array([c["hd95"] for c in cases.values()], dtype=np.float64)
+    mean_dice = [float(x) for x in dice.mean(axis=0)]
+    mean_hd = [_fg_mean(list(hd[:, k])) for k in range(len(fg_classes))]
+    return {
+        "num_cases": len(cases),
+        "dice": dict(zip(fg_classes, mean_dice, strict=True)),
+        "hd95_mm": dict(zip(fg_classes, mean_hd, strict=True)),
+        "mean_fg_dice": float(np.mean(mean_dice)),
+        "mean_fg_hd95_mm": _fg_mean(mean_hd),
+        "hd95_undefined": {name: int(np.isnan(hd[:, k]).sum())
+                           for k, name in enumerate(fg_classes)},
+        "cases": {cid: {"dice": dict(zip(fg_classes, c["dice"], strict=True)),
+                        "hd95_mm": dict(zip(fg_classes, c["hd95"], strict=True))}
+                  for cid, c in cases.items()},
+    }
+
+
+def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
+             modes: Sequence[str] = MODES, device: torch.device | None = None) -> dict[str, Any]:
+    """Dice and HD95 (mm) per foreground class for each mode; JSON-ready (NaN -> None)."""
+    ckpt_path, datalist_path = Path(ckpt_path), Path(datalist_path)
+    net, metadata = load_model(ckpt_path)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device)
+    datalist = Datalist.load(datalist_path)
+    if list(datalist.modalities) != metadata["modalities"]:
+        raise EvaluationError(f"{datalist_path}: modalities {list(datalist.modalities)} differ "
+                              f"from the checkpoint's {metadata['modalities']} (order matters)")
+    if list(datalist.classes) != metadata["classes"]:
+        raise EvaluationError(f"{datalist_path}: classes {list(datalist.classes)} differ from "
+                              f"the checkpoint's {metadata['classes']}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise EvaluationError(f"unknown modes {unknown}; choose from {list(MODES)}")
+    preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
+    val_set = ValidationSet.from_datalist(datalist, preprocess, split)
+    if not val_set.volumes:
+        raise EvaluationError(f"{datalist_path}: split {split!r} has no labelled volumes")
+    patch = int(metadata["model"]["img_size"])
+    k = len(datalist.classes)
+    fg_classes = list(datalist.classes[1:])
+    results: dict[str, Any] = {}
+    for mode in modes:
+        cases: dict[str, dict[str, list[float]]] = {}
+        if mode == "fused":
+            for vol_a, vol_b in val_set.pairs():
+                cases[vol_a.case_id] = _case_metrics(net, vol_a, "fused", patch, device, k, vol_b)
+        else:
+            for vol in val_set.of_modality(val_set.modalities[0 if mode == "a" else 1]):
+                cases[vol.case_id] = _case_metrics(net, vol, mode, patch, device, k)
+        modality = "+".join(val_set.modalities) if mode == "fused" else \
+            val_set.modalities[0 if mode == "a" else 1]
+        if cases:
+            results[mode] = {"modality": modality, **_summarise(cases, fg_classes)}
+        else:
+            results[mode] = {"modality": modality, "num_cases": 0,
+                             "skipped": f"no labelled {modality} case in split {split!r}"}
+    return _json_ready({
+        "checkpoint": str(ckpt_path), "datalist": str(datalist_path), "split": split,
+        "classes": list(datalist.classes), "modalities": list(datalist.modalities),
+        "spacing_mm": list(preprocess.spacing),
+        "space": "pre-processed grid (RAS, checkpoint spacing); fused on modality a's grid",
+        "modes": results,
+    })
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN (undefined HD95) becomes None so the output is strict JSON."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
