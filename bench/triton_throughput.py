@@ -1,0 +1,455 @@
+"""Benchmark: Triton serving throughput against the local engine, on one two-modality volume.
+
+    .venv/bin/python bench/triton_throughput.py [--network cmc-tiny|test-conv] [--size 96]
+        [--cases 4] [--clients 1,2,4] [--server-runtime onnxruntime|openvino]
+
+The model is a real export: `cmc-tiny` saves a randomly initialised tiny CMC network as a
+checkpoint (speed does not depend on the weights) and runs `cmc_export.exporter.export`
+(fused ONNX fp32, python Triton backend, max batch 4); `test-conv` is the one-conv ONNX
+graph of the Triton tests (tests/triton_fixture.py), where server overhead dominates. Then,
+in this one run and on the same synthetic pre-processed volume:
+
+1. the local `Segmenter` on ONNX Runtime and on OpenVINO (no server running);
+2. client-side tiling (`TritonSegmenter`: tiles go to the `<name>_patch` model over gRPC)
+   with 1, 2, 4 concurrent client processes, with the patch model's dynamic batcher on
+   (the exported repository) and off (a copy whose config lacks `dynamic_batching`);
+3. server-side tiling (`TritonVolumeClient`: the python BLS volume model) with 1 and 4
+   client processes.
+
+Every configuration segments the same number of cases (`--cases`, split evenly over its
+clients), each client process in its own interpreter, started and connected before a
+barrier so only segmentation is timed. Throughput is cases / wall time from the barrier to
+the last client's end. Every client's labels are compared with the local ONNX Runtime
+labels. Prints the CPU, thread counts, load average, a markdown table with the ratios
+(N clients vs 1, Triton vs local ONNX Runtime) and the command. The server listens on
+127.0.0.1 only and is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import queue
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# bench/engine.py: the CPU name and the synthetic pre-processed volume shared by the benches
+# (this script's folder is sys.path[0], and spawned clients inherit sys.path).
+from engine import cpu_model, synthetic_case
+
+ROOT = Path(__file__).resolve().parents[1]
+MODE = "fused"
+CLASSES = 5
+MAX_BATCH = 4
+CONNECT_TIMEOUT_S = 300.0  # client processes import, connect and reach the barrier
+CASE_TIMEOUT_S = 900.0  # one case on a heavily shared 2-core machine
+
+
+class BenchError(RuntimeError):
+    """A configuration could not be measured (a client failed; the message says why)."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One row of the table: what ran, how much and how fast, and whether it was right."""
+
+    path: str
+    runtime: str
+    batching: str
+    clients: int
+    cases: int
+    wall_s: float
+    tiles_per_case: int
+    agreement: float | None  # fraction of voxels equal to the local ONNX Runtime labels
+
+    @property
+    def cases_per_min(self) -> float:
+        return 60.0 * self.cases / self.wall_s
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.cases * self.tiles_per_case / self.wall_s
+
+
+# --- the model ---------------------------------------------------------------------------
+
+def export_tiny_cmc(root: Path) -> Path:
+    """Checkpoint of a random tiny CMC network -> `cmc export` (fused ONNX fp32, python)."""
+    import torch
+
+    from cmc_export.exporter import export
+    from cmc_train.checkpoint import build_metadata, save_checkpoint
+    from cmc_train.config import PreprocessConfig, model_config
+    from cmc_train.network import build_cmc
+
+    config = model_config("tiny", CLASSES)
+    torch.manual_seed(0)
+    net = build_cmc(config).eval()
+    metadata = build_metadata(config, PreprocessConfig(), [f"class{i}" for i in range(CLASSES)],
+                              {"steps": 0, "seed": 0})
+    checkpoint = root / "tiny.pt"
+    save_checkpoint(checkpoint, net.state_dict(), metadata)
+    out = root / "model"
+    export(checkpoint, out, formats=("onnx",), precisions=("fp32",), modes=(MODE,),
+           max_batch=MAX_BATCH, triton_backend="python", log=lambda line: None)
+    return out
+
+
+def test_conv_model(root: Path) -> Path:
+    """The Triton tests' exported-like model directory (one 3x3x3 conv, 16^3 patches)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from triton_fixture import write_model_dir
+
+    return write_model_dir(root / "model")
+
+
+NETWORKS: dict[str, tuple[str, Callable[[Path], Path]]] = {
+    "cmc-tiny": ("tiny CMC network (random init), exported by cmc_export.exporter.export",
+                 export_tiny_cmc),
+    "test-conv": ("the Triton tests' one-conv ONNX graph (tests/triton_fixture.py)",
+                  test_conv_model),
+}
+
+
+def edit_patch_config(repository: Path, model: str, batching: bool, runtime: str) -> None:
+    """Switch the patch model's dynamic batcher off (or keep it) and choose its runtime;
+    the config is edited as a protobuf, not as text."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = repository / model / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    if not batching:
+        config.ClearField("dynamic_batching")
+    config.parameters["runtime"].string_value = runtime  # OpenVINO reads the ONNX graph
+    path.write_text(text_format.MessageToString(config))
+
+
+# --- client processes --------------------------------------------------------------------
+
+def open_client(kind: str, url: str, model_dir: str
+                ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], Callable[[], None]]:
+    """(segment(image_a, image_b) -> labels, close) of a connected, checked client."""
+    if kind == "volume":
+        from cmc_serve.model_dir import ModelInfo
+        from cmc_serve.triton.client import TritonVolumeClient
+
+        volume = TritonVolumeClient(url, ModelInfo.load(Path(model_dir)).name)
+
+        def on_server(image_a: np.ndarray, image_b: np.ndarray) -> np.ndarray:
+            return volume.segment(image_a, image_b).labels
+
+        return on_server, volume.close
+    from cmc_serve.pipeline.engine_factory import TritonSegmenter
+
+    segmenter = TritonSegmenter(model_dir, url)
+    segmenter.runtime_for(MODE)  # connect and check the served model before timing
+
+    def client_side(image_a: np.ndarray, image_b: np.ndarray) -> np.ndarray:
+        return segmenter.segment(image_a, image_b, mode=MODE).labels
+
+    return client_side, segmenter.close
+
+
+def client_process(kind: str, url: str, model_dir: str, size: int, cases: int,
+                   barrier: Barrier, results: Any) -> None:
+    """One client (own interpreter): connect, wait at the barrier, segment `cases` times."""
+    close: Callable[[], None] | None = None
+    try:
+        image_a, image_b = synthetic_case((size,) * 3)
+        segment, close = open_client(kind, url, model_dir)
+        barrier.wait(CONNECT_TIMEOUT_S)
+        start = time.monotonic()
+        labels = [segment(image_a, image_b) for _ in range(cases)][-1]
+        results.put((start, time.monotonic(), labels))
+    except BaseException as exc:  # reported to the parent, which names the configuration
+        barrier.abort()
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    finally:
+        if close is not None:
+            close()
+
+
+def run_clients(kind: str, url: str, model_dir: Path, size: int, clients: int,
+                cases: int) -> tuple[float, list[np.ndarray]]:
+    """Wall time of `clients` processes segmenting `cases` cases in all, and their labels."""
+    context = mp.get_context("spawn")  # fresh interpreters: no forked gRPC state
+    barrier = context.Barrier(clients + 1)
+    results = context.Queue()
+    processes = [context.Process(target=client_process, daemon=True, args=(
+        kind, url, str(model_dir), size, cases // clients, barrier, results))
+        for _ in range(clients)]
+    where = f"{kind} tiling, {clients} client(s)"
+    try:
+        for process in processes:
+            process.start()
+        watcher = threading.Thread(target=abort_on_death, args=(processes, barrier), daemon=True)
+        watcher.start()
+        try:
+            barrier.wait(CONNECT_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise BenchError(f"{where}: {first_error(results, clients)}") from None
+        outcomes = []
+        for _ in processes:
+            try:
+                outcomes.append(results.get(timeout=CASE_TIMEOUT_S * cases))
+            except queue.Empty:
+                raise BenchError(f"{where}: no result within {CASE_TIMEOUT_S * cases:.0f} s")\
+                    from None
+        errors = [o for o in outcomes if isinstance(o, str)]
+        if errors:
+            raise BenchError(f"{where}: {errors[0]}")
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    wall = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
+    return wall, [o[2] for o in outcomes]
+
+
+def abort_on_death(processes: list[Any], barrier: Barrier) -> None:
+    """Break the barrier as soon as a client dies without a word (e.g. at import), instead
+    of letting the others wait out CONNECT_TIMEOUT_S."""
+    while any(p.exitcode is None for p in processes):
+        if any(p.exitcode not in (None, 0) for p in processes):
+            barrier.abort()
+            return
+        time.sleep(0.2)
+
+
+def first_error(results: Any, clients: int) -> str:
+    """The message of the client that broke the barrier (or a timeout if none did)."""
+    for _ in range(clients):
+        try:
+            outcome = results.get(timeout=10)
+        except queue.Empty:
+            break
+        if isinstance(outcome, str):
+            return outcome
+    return f"clients not connected within {CONNECT_TIMEOUT_S:.0f} s"
+
+
+# --- the measurements --------------------------------------------------------------------
+
+def agreement(labels: list[np.ndarray], reference: np.ndarray) -> float:
+    return min(float((lab == reference).mean()) for lab in labels)
+
+
+def measure_local(model_dir: Path, image_a: np.ndarray, image_b: np.ndarray, cases: int,
+                  tiles: int) -> tuple[list[Measurement], np.ndarray]:
+    """The local engine on ONNX Runtime and OpenVINO; returns the rows and ORT's labels."""
+    from cmc_serve.engine import Segmenter
+
+    rows = []
+    reference: np.ndarray | None = None
+    for runtime in ("onnxruntime", "openvino"):
+        with Segmenter(model_dir, runtime=runtime) as segmenter:
+            patch_runtime = segmenter.runtime_for(MODE)  # load / compile outside the timing
+            zeros = np.zeros((patch_runtime.max_batch, 1, *segmenter.model.patch_size), np.float32)
+            patch_runtime.run({"image_a": zeros, "image_b": zeros})  # as warm_up() does for Triton
+            start = time.monotonic()
+            for _ in range(cases):
+                labels = segmenter.segment(image_a, image_b, mode=MODE).labels
+            wall = time.monotonic() - start
+        reference = labels if reference is None else reference
+        print(f"  local {runtime}: {cases} cases in {wall:.1f} s", file=sys.stderr, flush=True)
+        rows.append(Measurement("local Segmenter", runtime, "-", 1, cases, wall, tiles,
+                                agreement([labels], reference)))
+    assert reference is not None
+    return rows, reference
+
+
+def warm_up(url: str, model_dir: Path, volume_model: bool) -> None:
+    """One full batch through the patch model (and a one-tile volume) before any timing."""
+    from cmc_serve.model_dir import ModelInfo
+    from cmc_serve.triton.client import TritonPatchRuntime, TritonVolumeClient
+
+    info = ModelInfo.load(model_dir)
+    runtime = TritonPatchRuntime(url, info, MODE)
+    try:
+        tiles = np.zeros((runtime.max_batch, 1, *info.patch_size), np.float32)
+        runtime.run({"image_a": tiles, "image_b": tiles})
+    finally:
+        runtime.close()
+    if volume_model:
+        client = TritonVolumeClient(url, info.name)
+        try:
+            cube = np.zeros(tuple(info.patch_size), np.float32)
+            client.segment(cube, cube)
+        finally:
+            client.close()
+
+
+def measure_triton(repository: Path, model_dir: Path, size: int, cases: int,
+                   plan: list[tuple[str, int]], runtime: str, batching: str, tiles: int,
+                   reference: np.ndarray, models: list[str]) -> list[Measurement]:
+    """Start one server on loopback and run each (kind, clients) of `plan` against it."""
+    from cmc_serve.triton.server import TritonServer, TritonServerError
+
+    log: list[str] = []  # kept for the error message only
+    server = TritonServer(repository, models=models, log=log.append, ready_timeout_s=600)
+    rows = []
+    try:
+        server.start()
+        url = f"grpc://{server.grpc_url}"
+        warm_up(url, model_dir, any(kind == "volume" for kind, _ in plan))
+        for kind, clients in plan:
+            print(f"  {kind} tiling, {runtime}, batching {batching}, {clients} client(s) ...",
+                  file=sys.stderr, flush=True)
+            wall, labels = run_clients(kind, url, model_dir, size, clients, cases)
+            print(f"    {cases} cases in {wall:.1f} s", file=sys.stderr, flush=True)
+            path = "Triton, client-side tiling" if kind == "client" else \
+                "Triton, server-side tiling (volume model)"
+            rows.append(Measurement(path, runtime, batching, clients, cases, wall, tiles,
+                                    agreement(labels, reference)))
+    except TritonServerError as exc:
+        raise BenchError(str(exc)) from exc
+    finally:
+        server.stop()
+    return rows
+
+
+# --- report ------------------------------------------------------------------------------
+
+def table(rows: list[Measurement]) -> list[str]:
+    """Markdown rows with the ratios to the same path's 1-client row and to local ORT."""
+    local = next(r for r in rows if r.path.startswith("local") and r.runtime == "onnxruntime")
+    single = {(r.path, r.runtime, r.batching): r for r in rows if r.clients == 1}
+    lines = ["| path | runtime | dyn. batching | clients | cases | wall s | cases/min | tiles/s "
+             "| x vs 1 client | x vs local ORT | labels = local ORT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = single.get((r.path, r.runtime, r.batching))
+        vs_one = f"{r.tiles_per_s / base.tiles_per_s:.2f}" if base and base is not r else "1.00"
+        same = "-" if r.agreement is None else f"{100 * r.agreement:.3f}%"
+        lines.append(f"| {r.path} | {r.runtime} | {r.batching} | {r.clients} | {r.cases} | "
+                     f"{r.wall_s:.1f} | {r.cases_per_min:.2f} | {r.tiles_per_s:.1f} | {vs_one} | "
+                     f"{r.tiles_per_s / local.tiles_per_s:.2f} | {same} |")
+    return lines
+
+
+def verdict(rows: list[Measurement], target: float) -> list[str]:
+    """4 (most) clients vs 1 per Triton path, against the issue's target."""
+    lines = []
+    triton = [r for r in rows if r.path.startswith("Triton")]
+    for key in dict.fromkeys((r.path, r.batching) for r in triton):
+        group = [r for r in triton if (r.path, r.batching) == key]
+        one = next((r for r in group if r.clients == 1), None)
+        most = max(group, key=lambda r: r.clients)
+        if one is None or most is one:
+            continue
+        ratio = most.tiles_per_s / one.tiles_per_s
+        lines.append(f"- {key[0]} (batching {key[1]}): {most.clients} clients = {ratio:.2f}x "
+                     f"1 client: target >= {target}x {'MET' if ratio >= target else 'NOT met'}")
+    return lines
+
+
+def thread_summary() -> str:
+    import onnxruntime
+    import openvino
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{os.cpu_count()} logical CPUs ({cores} usable); ONNX Runtime "
+            f"{onnxruntime.__version__} intra-op threads: default (one per physical core); "
+            f"OpenVINO {openvino.__version__} INFERENCE_NUM_THREADS={os.cpu_count()}; "
+            f"the server, its python-backend stubs and all client processes share these")
+
+
+def parse_clients(text: str) -> list[int]:
+    values = sorted({int(v) for v in text.split(",") if v.strip()})
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"--clients wants positive integers, got {text!r}")
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="cmc-tiny")
+    parser.add_argument("--size", type=int, default=96, help="edge of the cubic volume")
+    parser.add_argument("--cases", type=int, default=4,
+                        help="cases per configuration, split evenly over its clients")
+    parser.add_argument("--clients", type=parse_clients, default=[1, 2, 4],
+                        help="client counts for client-side tiling (comma-separated)")
+    parser.add_argument("--volume-clients", type=parse_clients, default=[1, 4],
+                        help="client counts for server-side tiling (comma-separated)")
+    parser.add_argument("--server-runtime", choices=("onnxruntime", "openvino"),
+                        default="onnxruntime", help="runtime inside the Triton patch model")
+    parser.add_argument("--target", type=float, default=1.5,
+                        help="wanted throughput of the most clients vs 1 client")
+    args = parser.parse_args()
+    if args.cases < 1:
+        parser.error("--cases must be >= 1")
+    bad = [n for n in {*args.clients, *args.volume_clients} if args.cases % n]
+    if bad:
+        parser.error(f"--cases {args.cases} must be divisible by every client count ({bad})")
+
+    from cmc_serve.model_dir import ModelInfo
+    from cmc_serve.tiling import TileGrid
+    from cmc_serve.triton.client import patch_model_name
+    from cmc_serve.triton.server import TritonInstall, TritonSetupError
+
+    try:
+        TritonInstall.locate()
+    except TritonSetupError as exc:
+        sys.exit(f"error: {exc}")
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    description, build = NETWORKS[args.network]
+    work = Path(tempfile.mkdtemp(prefix="cmc_bench_triton_"))
+    try:
+        print(f"building the model: {description} ...", file=sys.stderr, flush=True)
+        model_dir = build(work)
+        info = ModelInfo.load(model_dir)
+        patch_model = patch_model_name(info.name, MODE)
+        batched = model_dir / "repository"
+        unbatched = work / "repository_nobatch"
+        shutil.copytree(batched, unbatched)
+        edit_patch_config(batched, patch_model, batching=True, runtime=args.server_runtime)
+        edit_patch_config(unbatched, patch_model, batching=False, runtime=args.server_runtime)
+
+        image_a, image_b = synthetic_case((args.size,) * 3)
+        tiles = len(list(TileGrid.build(image_a.shape, info.patch_size, 0.5).origins()))
+        print("local engine ...", file=sys.stderr, flush=True)
+        rows, reference = measure_local(model_dir, image_a, image_b, args.cases, tiles)
+        plan_on = [("client", n) for n in args.clients] + \
+            [("volume", n) for n in args.volume_clients]
+        rows += measure_triton(batched, model_dir, args.size, args.cases, plan_on,
+                               args.server_runtime, "on", tiles, reference,
+                               [patch_model, info.name])
+        rows += measure_triton(unbatched, model_dir, args.size, args.cases,
+                               [("client", n) for n in args.clients], args.server_runtime,
+                               "off", tiles, reference, [patch_model])
+    except BenchError as exc:
+        sys.exit(f"error: {exc}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"CPU: {cpu_model()}; {thread_summary()}; python {platform.python_version()}")
+    print(f"Load average (1 min) at start {load_before[0]:.1f}, at end {os.getloadavg()[0]:.1f}; "
+          f"total run {time.monotonic() - started:.0f} s\n")
+    print(f"## Triton throughput: {description}, fused mode, patch "
+          f"{'x'.join(map(str, info.patch_size))}, K={info.num_classes}, two-modality "
+          f"{args.size}^3 volume, overlap 0.5 ({tiles} tiles/case), gRPC on 127.0.0.1, "
+          f"patch model max_batch_size {info.max_batch}\n")
+    print("\n".join(table(rows)))
+    print("\n" + "\n".join(verdict(rows, args.target)))
+    print(f"\nCommand: .venv/bin/python {shlex.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
