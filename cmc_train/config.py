@@ -66,7 +66,7 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Trains on a 2-core CPU in minutes.
     "tiny": dict(img_size=32, vit_patch=4, embed_dim=96, depth=4, num_heads=4,
-                 neck_channels=64, adapter_dim=16, decoder_channels=16),
+                 neck_channels=64, adapter_dim=16, decoder_channels=8),
     # A bigger CPU/GPU model with the SAM-Med3D grid pattern (global + windowed blocks).
     "small": dict(img_size=64, vit_patch=8, embed_dim=192, depth=6, num_heads=6,
                   window_size=4, global_attn_indexes=(2, 5), neck_channels=128,
@@ -139,12 +139,12 @@ class PreprocessConfig:
 class TrainConfig:
     """Optimisation and semi-supervised schedule (method.md, 'Training protocol')."""
 
-    steps: int = 600
+    steps: int = 250
     batch_labelled: int = 2
-    batch_unlabelled: int = 2
+    batch_unlabelled: int = 1
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     schedule: str = "sigmoid"  # "authors" | "sigmoid"
     rampup_fraction: float = 0.4
     w_csc: float = 0.1
@@ -152,7 +152,7 @@ class TrainConfig:
     csc_temperature: float = 0.5
     use_csc: bool = True
     use_cac: bool = True
-    val_every: int = 100
+    val_every: int = 50
     seed: int = 0
     num_workers: int = 0
     fg_ratio: float = 0.5

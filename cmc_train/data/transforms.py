@@ -20,7 +20,6 @@ from monai.transforms import (
     Orientationd,
     RandCropByPosNegLabeld,
     RandFlipd,
-    RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
@@ -124,8 +123,11 @@ def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
     on any background voxel (no intensity threshold: a z-scored MR has negative tissue
     values, so thresholding would not mean "inside the body"). Unlabelled: a uniform
     `RandSpatialCropd`, which never looks at a mask. Both pad to the patch first
-    (`pad_to_patch`). Then flips on the
-    three axes, 90-degree rotations in the axial plane, intensity scale and shift +-0.1.
+    (`pad_to_patch`). Then flips along the anterior-posterior and superior-inferior axes and
+    intensity scale and shift +-0.1. No left-right flip and no axial 90-degree rotation:
+    both swap left and right, and the label set has lateral pairs (kidney_r / kidney_l,
+    RV / LV), which the network can then only tell apart by context (measured: the right
+    kidney and spleen collapsed to Dice 0 on CT with them in).
     Label patches go through the same spatial transforms, so they stay aligned.
     Precomputed `add_crop_indices` keys are used when present.
     """
@@ -143,10 +145,8 @@ def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
     return Compose([
         pad_to_patch(size, with_label),
         crop,
-        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-        RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=(0, 1)),
         RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
     ])
