@@ -30,19 +30,7 @@ _COMMANDS = {
 
 
 def _register(name: str, help_text: str) -> None:
-    module_name = f"cli.{name.replace('-', '_')}_cmd"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-
-        def _missing() -> None:
-            typer.echo(f"cmc {name}: not available in this build yet.", err=True)
-            raise typer.Exit(2)
-
-        app.command(name, help=f"{help_text} (not available in this build yet)")(_missing)
-        return
+    module = importlib.import_module(f"cli.{name}_cmd")
     app.command(name, help=help_text)(module.command)
 
 
