@@ -1,0 +1,483 @@
+"""Semi-supervised quality benchmark: does CMC beat plain supervised training?
+
+    .venv/bin/python bench/quality.py [--quick] [--out bench/results/quality] [--steps N]
+        [--seeds N] [--ratios 10,20,50,100] [--arms single,fusion,cmc,cmc-no-csc,cmc-no-cac]
+        [--offsets 0,5,10,20] [--threads 2] [--resume-from FOLDER]
+
+Data (generated with `write_synthetic_study`, one study per labelled ratio, same seed so the
+images are identical and only the labelled split changes): CT and MR of *different* subjects
+(`unpaired=True`, as in AMOS), misaligned, with a fixed validation and test split.
+
+Arms, all with the same steps and batch sizes (the budget), trained by
+`cmc_train.trainer.train` and scored on the test split by `cmc_train.evaluate.evaluate` with
+the checkpoint selected on the validation split:
+  single      supervised, one modality (one branch, no fusion): two runs, one per modality
+  fusion      supervised, both branches + fusion, no consistency losses
+  cmc         CMC: CSC + CAC on the unlabelled data
+  cmc-no-csc  CMC without CSC
+  cmc-no-cac  CMC without CAC
+A misalignment sweep at the lowest ratio trains `cmc` and `fusion` on *paired* studies whose
+rigid offset between CT and MR is varied (rotation 0.75 deg per mm, no elastic field, so the
+offset alone changes) and also scores the fused (CT + MR) prediction.
+
+The lowest ratio and the sweep are repeated over `--seeds` training seeds (mean +- std); the
+other ratios use the first seed. Without `--steps`, the steps are chosen from the steps/s
+measured here so the whole benchmark fits the budget (15 min `--quick`, 3 h full); the
+estimate is printed before training starts. Writes to the output folder: results.md (tables
+and the plain list of where CMC does not beat `fusion`), quality.png, results.json (every raw
+number, the command and the wall time), data/ (studies) and runs/ (one folder per training
+run, holding test_metrics.json once scored, which `--resume-from` uses to skip it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+
+from cmc_train.config import PreprocessConfig, RunConfig, TrainConfig, model_config
+from cmc_train.evaluate import evaluate
+from cmc_train.synth import CLASSES, MODALITIES, write_synthetic_study
+from cmc_train.trainer import LAST, iter_metrics, train
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+TEST_METRICS = "test_metrics.json"
+BEST = "checkpoint_best.pt"
+BASELINE, CMC = "fusion", "cmc"
+ROTATION_PER_MM = 0.75  # sweep: 20 mm comes with 15 degrees
+DATA_SEED = 0
+
+
+class BenchmarkError(Exception):
+    """The benchmark cannot run as asked (the message names the folder or option)."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe; `single_modality` set means one branch on its own labels only."""
+
+    key: str
+    title: str
+    use_csc: bool = False
+    use_cac: bool = False
+    single_modality: str | None = None
+
+    @property
+    def uses_unlabelled(self) -> bool:
+        return self.use_csc or self.use_cac
+
+
+ARMS: dict[str, tuple[Arm, ...]] = {
+    "single": (Arm("single", "supervised, single modality", single_modality="a"),
+               Arm("single", "supervised, single modality", single_modality="b")),
+    "fusion": (Arm("fusion", "supervised, both branches + fusion"),),
+    "cmc": (Arm("cmc", "CMC (CSC + CAC)", use_csc=True, use_cac=True),),
+    "cmc-no-csc": (Arm("cmc-no-csc", "CMC without CSC", use_cac=True),),
+    "cmc-no-cac": (Arm("cmc-no-cac", "CMC without CAC", use_csc=True),),
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big the benchmark is: data, seeds, sweep and the wall-time budget it must fit."""
+
+    cases: int
+    val_cases: int
+    test_cases: int
+    size: int
+    ratios: tuple[int, ...]
+    offsets: tuple[float, ...]
+    seeds: int
+    budget_s: float
+
+
+FULL = Scale(cases=40, val_cases=6, test_cases=10, size=48, ratios=(10, 20, 50, 100),
+             offsets=(0.0, 5.0, 10.0, 20.0), seeds=3, budget_s=3 * 3600)
+QUICK = Scale(cases=20, val_cases=2, test_cases=4, size=40, ratios=(10, 100),
+              offsets=(0.0, 20.0), seeds=1, budget_s=15 * 60)
+
+
+@dataclass(frozen=True)
+class Study:
+    """One generated data set: a labelled ratio of the AMOS-like study, or a sweep point."""
+
+    name: str
+    ratio: int
+    unpaired: bool
+    offset_mm: float
+    rotation_deg: float
+    elastic_mm: float
+
+    def spec(self, scale: Scale) -> dict[str, Any]:
+        """Everything `write_synthetic_study` is given (recorded to refuse stale reuse)."""
+        return {"cases": scale.cases, "seed": DATA_SEED, "size": scale.size,
+                "labelled_ratio": self.ratio / 100, "val_cases": scale.val_cases,
+                "test_cases": scale.test_cases, "unpaired": self.unpaired,
+                "offset_mm": self.offset_mm, "rotation_deg": self.rotation_deg,
+                "elastic_mm": self.elastic_mm}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run followed by its test-split evaluation."""
+
+    study: Study
+    arm: Arm
+    seed: int
+    part: str  # "ratio" | "sweep"
+
+    @property
+    def name(self) -> str:
+        arm = self.arm.key + (f"-{self.arm.single_modality}" if self.arm.single_modality else "")
+        return f"{self.part}_{self.study.name}_{arm}_seed{self.seed}"
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        if self.arm.single_modality is not None:
+            return (self.arm.single_modality,)
+        return ("a", "b", "fused") if self.part == "sweep" else ("a", "b")
+
+
+def ratio_study(ratio: int) -> Study:
+    """AMOS-like: CT and MR of different subjects, the synthetic study's default motion."""
+    return Study(f"ratio{ratio}", ratio, unpaired=True, offset_mm=10.0, rotation_deg=5.0,
+                 elastic_mm=2.0)
+
+
+def sweep_study(ratio: int, offset_mm: float) -> Study:
+    """Paired subjects; only the rigid CT-MR offset (and its rotation) varies."""
+    return Study(f"offset{offset_mm:g}mm", ratio, unpaired=False, offset_mm=offset_mm,
+                 rotation_deg=ROTATION_PER_MM * offset_mm, elastic_mm=0.0)
+
+
+def plan(scale: Scale, arm_keys: Sequence[str]) -> list[Job]:
+    """All runs: every arm at every ratio, then the sweep (CMC vs fusion) at the lowest ratio."""
+    low = min(scale.ratios)
+    jobs = []
+    for ratio in scale.ratios:
+        for seed in range(scale.seeds if ratio == low else 1):
+            for key in arm_keys:
+                jobs += [Job(ratio_study(ratio), arm, seed, "ratio") for arm in ARMS[key]]
+    for offset in scale.offsets:
+        for seed in range(scale.seeds):
+            for key in (BASELINE, CMC):
+                jobs += [Job(sweep_study(low, offset), arm, seed, "sweep") for arm in ARMS[key]]
+    return jobs
+
+
+def write_study(study: Study, scale: Scale, data_dir: Path) -> Path:
+    """Generate the study once; reuse an existing one only if it was made with the same spec."""
+    folder = data_dir / study.name
+    spec_path = folder / "study.json"
+    spec = study.spec(scale)
+    if spec_path.is_file():
+        if json.loads(spec_path.read_text()) != spec:
+            raise BenchmarkError(f"{spec_path}: existing study was generated with other "
+                                 "settings; use a fresh --out folder")
+        return folder / "datalist.json"
+    datalist = write_synthetic_study(folder, **spec)
+    spec_path.write_text(json.dumps(spec, indent=1))
+    return datalist
+
+
+def run_config(arm: Arm, steps: int, seed: int) -> RunConfig:
+    """Tiny preset on 2 mm voxels; same schedule and batch sizes for every arm."""
+    train_cfg = dataclasses.replace(
+        TrainConfig(), steps=steps, seed=seed, use_csc=arm.use_csc, use_cac=arm.use_cac,
+        val_every=max(1, steps // 4), warmup_steps=max(1, min(30, steps // 10)))
+    return RunConfig(model=model_config("tiny", len(CLASSES)),
+                     preprocess=PreprocessConfig(modalities=MODALITIES), train=train_cfg,
+                     preset="tiny")
+
+
+def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, Any]:
+    """Train (or finish an interrupted run), score the best checkpoint on the test split."""
+    run_dir = runs_dir / job.name
+    metrics_path = run_dir / TEST_METRICS
+    if metrics_path.is_file():
+        record = json.loads(metrics_path.read_text())
+        if record["steps"] != steps:
+            raise BenchmarkError(f"{metrics_path}: run was trained for {record['steps']} steps, "
+                                 f"this benchmark uses {steps}; pass --steps {record['steps']}")
+        return record
+    summary = train(datalist, run_dir, run_config(job.arm, steps, job.seed),
+                    resume=(run_dir / LAST).is_file(), progress=False,
+                    single_modality=job.arm.single_modality)
+    started = time.perf_counter()
+    result = evaluate(run_dir / BEST, datalist, "test", job.modes, torch.device("cpu"))
+    record = {"name": job.name, "part": job.part, "study": job.study.name,
+              "ratio": job.study.ratio, "offset_mm": job.study.offset_mm, "arm": job.arm.key,
+              "single_modality": job.arm.single_modality, "seed": job.seed, "steps": steps,
+              "best_step": summary.best_step, "val_mean_fg_dice": summary.best_metric,
+              "train_seconds": summary.train_seconds,
+              "eval_seconds": time.perf_counter() - started, "test": result["modes"]}
+    metrics_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measured costs: seconds per step without / with the unlabelled batch, per scored case."""
+
+    step_labelled_s: float
+    step_unlabelled_s: float
+    eval_case_s: float
+
+
+def calibrate(datalist: Path, calib_steps: int = 4) -> Timing:
+    """Time a few steps of `fusion` and `cmc` (the first, which loads the data, left out)
+    and one validation-split evaluation."""
+    per_step = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in (BASELINE, CMC):
+            cfg = run_config(ARMS[key][0], steps=1000, seed=0)
+            train(datalist, Path(tmp) / key, cfg, progress=False, stop_after=calib_steps)
+            seconds = [r["seconds"] for r in iter_metrics(Path(tmp) / key) if r["kind"] == "train"]
+            per_step.append((seconds[-1] - seconds[0]) / (len(seconds) - 1))
+        started = time.perf_counter()
+        result = evaluate(Path(tmp) / CMC / LAST, datalist, "validation", ("a", "b", "fused"),
+                          torch.device("cpu"))
+        cases = sum(mode["num_cases"] for mode in result["modes"].values())
+        eval_case = (time.perf_counter() - started) / max(1, cases)
+    return Timing(per_step[0], per_step[1], eval_case)
+
+
+def estimate_seconds(jobs: Sequence[Job], steps: int, timing: Timing, scale: Scale) -> float:
+    """Training plus the 4 validations and the test evaluation of every job."""
+    total = 0.0
+    for job in jobs:
+        per_step = timing.step_unlabelled_s if job.arm.uses_unlabelled else timing.step_labelled_s
+        eval_cases = 4 * scale.val_cases * len(job.modes[:2]) + scale.test_cases * len(job.modes)
+        total += steps * per_step + eval_cases * timing.eval_case_s
+    return total
+
+
+def steps_for_budget(jobs: Sequence[Job], timing: Timing, scale: Scale,
+                     budget_s: float) -> int:
+    """The most steps (a multiple of 10, at least 20) whose estimate fits `budget_s`."""
+    fixed = estimate_seconds(jobs, 0, timing, scale)
+    per_step = estimate_seconds(jobs, 1, timing, scale) - fixed
+    return max(20, int((budget_s - fixed) / per_step) // 10 * 10)
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float, int]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0, int(arr.size)
+
+
+def _fmt(stat: tuple[float, float, int]) -> str:
+    mean, std, n = stat
+    return f"{mean:.3f} +- {std:.3f}" if n > 1 else f"{mean:.3f}"
+
+
+def _mode_of(modality: str) -> str:
+    return {MODALITIES[0]: "a", MODALITIES[1]: "b"}.get(modality, "fused")
+
+
+def summarise(records: Sequence[dict[str, Any]], part: str,
+              modalities: Sequence[str]) -> dict[tuple[float, str, str], dict[str, Any]]:
+    """(ratio or offset, arm, modality) -> per-class and mean Dice stats over seeds."""
+    key_field = "ratio" if part == "ratio" else "offset_mm"
+    groups: dict[tuple[float, str, str], list[dict[str, Any]]] = {}
+    for rec in records:
+        if rec["part"] != part:
+            continue
+        for modality in modalities:
+            scored = rec["test"].get(_mode_of(modality))
+            if scored and scored.get("num_cases"):
+                groups.setdefault((rec[key_field], rec["arm"], modality), []).append(scored)
+    classes = list(CLASSES[1:])
+    return {key: {"classes": {c: _stats([s["dice"][c] for s in scored]) for c in classes},
+                  "mean": _stats([s["mean_fg_dice"] for s in scored])}
+            for key, scored in sorted(groups.items())}
+
+
+def markdown_table(summary: dict[tuple[float, str, str], dict[str, Any]], first: str) -> str:
+    """One row per (ratio or offset, arm, modality): Dice per class and the foreground mean."""
+    classes = list(CLASSES[1:])
+    lines = [f"| {first} | arm | modality | n | " + " | ".join(classes) + " | mean |",
+             "|" + "---|" * (len(classes) + 5)]
+    for (point, arm, modality), stats in summary.items():
+        cells = [_fmt(stats["classes"][c]) for c in classes]
+        lines.append(f"| {point:g} | {arm} | {modality} | {stats['mean'][2]} | "
+                     + " | ".join(cells) + f" | **{_fmt(stats['mean'])}** |")
+    return "\n".join(lines)
+
+
+def cmc_shortfalls(summary: dict[tuple[float, str, str], dict[str, Any]], what: str) -> list[str]:
+    """Every (point, modality) where CMC's mean Dice is not above the fusion baseline's."""
+    lines = []
+    for (point, arm, modality), stats in summary.items():
+        base = summary.get((point, BASELINE, modality))
+        if arm != CMC or base is None:
+            continue
+        cmc_mean, base_mean = stats["mean"][0], base["mean"][0]
+        if not cmc_mean > base_mean:
+            lines.append(f"CMC does NOT beat supervised fusion at {what} {point:g} on {modality}: "
+                         f"{cmc_mean:.3f} vs {base_mean:.3f}")
+    return lines
+
+
+def plot(ratio_sum: dict[tuple[float, str, str], dict[str, Any]],
+         sweep_sum: dict[tuple[float, str, str], dict[str, Any]], path: Path) -> None:
+    """Labelled-ratio curves per modality and the misalignment sweep; error bars = std."""
+    panels = [(m, ratio_sum, "labelled ratio (%)") for m in MODALITIES]
+    panels.append(("+".join(MODALITIES), sweep_sum, "CT-MR rigid offset (mm)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (modality, summary, xlabel) in zip(axes[0], panels, strict=True):
+        for arm in dict.fromkeys(a for _, a, _ in summary):
+            pts = sorted((p, s["mean"]) for (p, a, m), s in summary.items()
+                         if a == arm and m == modality)
+            if pts:
+                ax.errorbar([p for p, _ in pts], [s[0] for _, s in pts],
+                            yerr=[s[1] for _, s in pts], marker="o", capsize=3, label=arm)
+        ax.set(title=f"test Dice, {modality}", xlabel=xlabel, ylabel="mean foreground Dice")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(records: Sequence[dict[str, Any]], out: Path, header: str) -> tuple[str, list[str]]:
+    """Write results.md and quality.png; return the markdown and the CMC shortfall lines."""
+    ratio_sum = summarise(records, "ratio", MODALITIES)
+    sweep_sum = summarise(records, "sweep", (*MODALITIES, "+".join(MODALITIES)))
+    shortfalls = cmc_shortfalls(ratio_sum, "labelled ratio (%)") \
+        + cmc_shortfalls(sweep_sum, "offset (mm)")
+    verdict = shortfalls or ["CMC beats supervised fusion at every point measured."]
+    text = "\n\n".join([
+        header,
+        "## Labelled ratio (unpaired CT / MR, test split, Dice)", markdown_table(ratio_sum, "%"),
+        "## Misalignment sweep (paired, lowest ratio, test split, Dice)",
+        markdown_table(sweep_sum, "offset mm"),
+        "## Where CMC does not beat supervised fusion", "\n".join(f"- {v}" for v in verdict),
+    ]) + "\n"
+    (out / "results.md").write_text(text)
+    plot(ratio_sum, sweep_sum, out / "quality.png")
+    return text, shortfalls
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
+    parser.add_argument("--quick", action="store_true",
+                        help="small variant (< 15 min on 2 cores): 10%% and 100%%, 1 seed")
+    parser.add_argument("--steps", type=int, help="training steps per run (default: from budget)")
+    parser.add_argument("--seeds", type=int, help="seeds of the lowest ratio and the sweep")
+    parser.add_argument("--ratios", type=_int_list, help="labelled ratios in %%, e.g. 10,100")
+    parser.add_argument("--offsets", type=_float_list, help="sweep offsets in mm, e.g. 0,20")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
+    parser.add_argument("--cases", type=int, help="training cases (smoke tests)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 is faster while other jobs share the cores)")
+    parser.add_argument("--resume-from", type=Path, metavar="FOLDER",
+                        help="continue an earlier output folder: scored runs are skipped")
+    return parser.parse_args(argv)
+
+
+def scale_from(args: argparse.Namespace) -> Scale:
+    """The preset, narrowed by the command-line options."""
+    scale = QUICK if args.quick else FULL
+    overrides = {"seeds": args.seeds, "ratios": args.ratios, "offsets": args.offsets,
+                 "cases": args.cases}
+    scale = dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
+    if scale.seeds < 1 or not scale.ratios or scale.cases < 1:
+        raise BenchmarkError("need --seeds >= 1, at least one ratio and --cases >= 1")
+    if any(not 0 < r <= 100 for r in scale.ratios):
+        raise BenchmarkError(f"--ratios must lie in (0, 100], got {list(scale.ratios)}")
+    return scale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Generate the studies, time the machine, train and score every run, write the report."""
+    started = time.perf_counter()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    scale = scale_from(args)
+    arm_keys = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arm_keys if a not in ARMS]
+    if unknown or BASELINE not in arm_keys or CMC not in arm_keys:
+        raise BenchmarkError(f"--arms {args.arms}: unknown {unknown}; must include "
+                             f"{BASELINE} and {CMC}; choose from {','.join(ARMS)}")
+    out = args.resume_from or args.out
+    if args.resume_from is None and (out / "runs").exists():
+        raise BenchmarkError(f"{out / 'runs'}: earlier results exist; pass --resume-from {out} "
+                             "to continue them or choose another --out")
+    jobs = plan(scale, arm_keys)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"generating {len({j.study for j in jobs})} studies of {scale.cases}+"
+          f"{scale.val_cases}+{scale.test_cases} cases in {out / 'data'}", flush=True)
+    datalists = {study: write_study(study, scale, out / "data") for study in
+                 dict.fromkeys(j.study for j in jobs)}
+    timing = calibrate(datalists[jobs[0].study])
+    remaining = scale.budget_s - (time.perf_counter() - started)
+    steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining)
+    estimate = estimate_seconds(jobs, steps, timing, scale)
+    print(f"{len(jobs)} runs x {steps} steps; measured {timing.step_labelled_s:.2f} s/step "
+          f"(labelled only), {timing.step_unlabelled_s:.2f} s/step (with unlabelled), "
+          f"{timing.eval_case_s:.2f} s per scored case; estimated {estimate / 60:.1f} min",
+          flush=True)
+    if estimate > scale.budget_s:
+        print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
+              "steps, or a busy machine); use --resume-from to continue if interrupted",
+              flush=True)
+    records = []
+    for i, job in enumerate(jobs, 1):
+        t0 = time.perf_counter()
+        records.append(run_job(job, datalists[job.study], out / "runs", steps))
+        print(f"[{i}/{len(jobs)}] {job.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    wall = time.perf_counter() - started
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "
+              f"{len(jobs)} runs x {steps} steps (tiny preset, {torch.get_num_threads()} "
+              f"threads); {scale.cases} training, {scale.val_cases} validation, "
+              f"{scale.test_cases} test cases of {scale.size}^3 voxels")
+    text, shortfalls = report(records, out, header)
+    (out / "results.json").write_text(json.dumps(
+        {"command": command, "wall_seconds": wall, "steps": steps,
+         "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),
+         "scale": dataclasses.asdict(scale), "arms": arm_keys, "cmc_shortfalls": shortfalls,
+         "runs": records}, indent=1, allow_nan=False, default=_nan_free))
+    print(text)
+    return 0
+
+
+def _nan_free(value: Any) -> Any:
+    """json.dumps fallback for numpy scalars (NaN is already None in evaluate's output)."""
+    if isinstance(value, np.generic):
+        item = value.item()
+        return None if isinstance(item, float) and math.isnan(item) else item
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchmarkError as exc:
+        sys.exit(f"error: {exc}")
