@@ -26,40 +26,36 @@ GRAPH_INPUTS: dict[str, tuple[str, ...]] = {
 GRAPH_OUTPUT = "probs"
 
 
-class FusedPatchGraph(nn.Module):
-    """(image_a, image_b) -> probs: mean of the two branch softmaxes."""
+class _PatchGraph(nn.Module):
+    """Holds the network; subclasses fix forward()'s arguments, which name the graph inputs."""
 
     def __init__(self, net: CMCNet) -> None:
         super().__init__()
         self.net = net
+
+
+class FusedPatchGraph(_PatchGraph):
+    """(image_a, image_b) -> probs: mean of the two branch softmaxes."""
 
     def forward(self, image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
         return self.net.predict(image_a, image_b, "fused")
 
 
-class ModalityAPatchGraph(nn.Module):
+class ModalityAPatchGraph(_PatchGraph):
     """image_a -> probs of branch a (the network feeds the image to both branches)."""
-
-    def __init__(self, net: CMCNet) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, image_a: torch.Tensor) -> torch.Tensor:
         return self.net.predict(image_a, None, "a")
 
 
-class ModalityBPatchGraph(nn.Module):
+class ModalityBPatchGraph(_PatchGraph):
     """image_b -> probs of branch b (the network feeds the image to both branches)."""
-
-    def __init__(self, net: CMCNet) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, image_b: torch.Tensor) -> torch.Tensor:
         return self.net.predict(None, image_b, "b")
 
 
-_WRAPPERS: dict[str, type[FusedPatchGraph | ModalityAPatchGraph | ModalityBPatchGraph]] = {
+_WRAPPERS: dict[str, type[_PatchGraph]] = {
     "fused": FusedPatchGraph,
     "a": ModalityAPatchGraph,
     "b": ModalityBPatchGraph,
