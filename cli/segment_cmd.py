@@ -1,6 +1,8 @@
 """`cmc segment`: NIfTI files or DICOM series in, label maps (and DICOM SEG) out.
 
-Heavy imports live inside `command` so `cmc --help` stays fast.
+This module only parses the command line: the run itself is
+`cmc_serve.pipeline.api.segment` (CLI -> library -> files), whose exceptions and counts
+map to the exit codes here. Heavy imports live inside `command` so `cmc --help` stays fast.
 """
 
 from __future__ import annotations
@@ -16,33 +18,13 @@ overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names),
 (DICOM input), statistics.json, preview.png, and `done`, written last: a folder without it is
 incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases)."""
 
-MODES = ("auto", "fused", "a", "b")
-RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
-OUTPUT_TYPES = ("nifti", "dicom-seg")
-
 EXIT_CASE_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
-    if value not in choices:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}",
-                                 param_hint=option)
-    return value
-
-
-def _output_types(text: str) -> tuple[str, ...]:
-    """'auto' -> () (NIfTI, plus DICOM SEG for DICOM input); else a validated list."""
-    if text.strip() == "auto":
-        return ()
-    types = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in types if t not in OUTPUT_TYPES]
-    if bad or not types:
-        raise typer.BadParameter(f"{text!r}: use auto or a comma list of "
-                                 f"{', '.join(OUTPUT_TYPES)}", param_hint="--output-type")
-    return types
+def _flag(option: str) -> str:
+    """The command-line flag of a SegmentOptions field."""
+    return "--output-type" if option == "output_types" else f"--{option}"
 
 
 def command(
@@ -87,71 +69,34 @@ def command(
     """Segment NIfTI files or DICOM series (single case or whole folders) with an exported model."""
     from rich.console import Console
 
-    from cmc_serve import __version__
-    from cmc_serve.model_dir import ModelDirError, ModelInfo
-    from cmc_serve.pipeline import cases as case_mod
-    from cmc_serve.pipeline import outputs
-    from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
-    from cmc_serve.pipeline.engine_factory import make_segmenter
-    from cmc_serve.pipeline.pairing import PairingError, PairingRules
-    from cmc_serve.pipeline.report import RunReport
-    from cmc_serve.runtimes import RuntimeUnavailable
+    from cmc_serve.pipeline.api import (
+        SegmentError,
+        SegmentOptionError,
+        SegmentOptions,
+        parse_output_types,
+        parse_shard,
+        segment,
+    )
 
-    _choice(mode, MODES, "--mode")
-    _choice(runtime, RUNTIMES, "--runtime")
-    _choice(device, DEVICES, "--device")
-    _choice(precision, PRECISIONS, "--precision")
-    types = _output_types(output_type)
     console = Console(stderr=True)
 
-    def fail(message: str) -> typer.Exit:
-        console.print(f"cmc segment: error: {message}", highlight=False, markup=False,
+    try:
+        options = SegmentOptions(
+            mode=mode, runtime=runtime, server=server, device=device, precision=precision,
+            overlap=overlap, tta=tta, output_types=parse_output_types(output_type),
+            statistics=statistics, preview=preview, resume=resume,
+            shard=parse_shard(shard) if shard else None, jobs=jobs, pairing=pairing)
+        result = segment(input, out, model, input_b, options, console)
+    except SegmentOptionError as exc:
+        raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
+    except SegmentError as exc:
+        console.print(f"cmc segment: error: {exc}", highlight=False, markup=False,
                       soft_wrap=True)
-        return typer.Exit(EXIT_USAGE)
-
-    try:
-        info = ModelInfo.load(model)
-        rules = (PairingRules.from_yaml(pairing, info.modalities) if pairing
-                 else PairingRules.default(info.modalities))
-        if input.is_dir() and out.resolve().is_relative_to(input.resolve()):
-            raise outputs.OutputError(f"{out}: the output folder must not be inside the input "
-                                      f"folder {input} (results would become inputs)")
-        found = case_mod.discover_cases(input, input_b, single_role="b" if mode == "b" else "a")
-        if shard:
-            index, count = case_mod.parse_shard(shard)
-            found = case_mod.select_shard(found, index, count)
-        if "dicom-seg" in types and not any(c.is_dicom for c in found):
-            raise case_mod.CaseDiscoveryError(f"{input}: --output-type dicom-seg needs DICOM "
-                                              "input")
-        segmenter = make_segmenter(model, runtime, device, precision, overlap, tta, server)
-        outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
-    except (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUnavailable,
-            outputs.OutputError) as exc:
-        raise fail(str(exc)) from None
-
-    options = BatchOptions(mode=mode, output_types=types, statistics=statistics,
-                           preview=preview, resume=resume, jobs=jobs)
-    report = RunReport(
-        options={"input": str(input), "input_b": str(input_b) if input_b else None,
-                 "mode": mode, "runtime": runtime, "server": server, "device": device,
-                 "precision": precision, "overlap": overlap, "tta": tta,
-                 "output_types": list(types) or "auto", "statistics": statistics,
-                 "preview": preview, "continue": resume, "shard": shard, "jobs": jobs,
-                 "pairing": str(pairing) if pairing else None},
-        model={"dir": str(model.resolve()), "name": info.name, "cmc_version": info.cmc_version,
-               "modalities": list(info.modalities), "classes": list(info.classes),
-               "checkpoint_sha256": info.checkpoint_sha256})
-    console.print(f"cmc segment: {len(found)} case(s) -> {out}", highlight=False, markup=False)
-    try:
-        with segmenter:
-            BatchRunner(out, info, segmenter, rules, options, report, console).run(found)
-    except RuntimeUnavailable as exc:
-        raise fail(str(exc)) from None
-    counts = report.counts()
-    console.print(f"cmc segment: {counts['done']} done, {counts['failed']} failed, "
-                  f"{counts['skipped']} skipped; report: {out / outputs.REPORT}", highlight=False,
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(f"cmc segment: {result.done} done, {result.failed} failed, "
+                  f"{result.skipped} skipped; report: {result.report}", highlight=False,
                   markup=False)
-    if counts["failed"]:
-        console.print(f"cmc segment: failed cases are listed in {out / outputs.FAILURES}",
+    if result.failures is not None:
+        console.print(f"cmc segment: failed cases are listed in {result.failures}",
                       highlight=False, markup=False)
         raise typer.Exit(EXIT_CASE_FAILED)

@@ -1,0 +1,223 @@
+"""`cmc segment` as one Python call: `segment(input, out, model, options=...)`.
+
+Data flows one way, CLI -> this function -> files: `cli/segment_cmd.py` only parses the
+command line, calls `segment` and maps the result to an exit code, so a script, a notebook
+or a service gets exactly what the command does (same checks, same messages, same files).
+
+Order of a run, and why:
+1. Everything that can refuse the run is checked first (model dir, pairing rules, OUT not
+   inside INPUT, cases found, shard, dicom-seg needs DICOM input, runtime usable) and fails
+   with one `SegmentError` carrying the one-line message; nothing has been written then.
+2. OUT is prepared last of all checks (`outputs.prepare_output_root`), so a refused run
+   creates nothing.
+3. The batch runs with one loaded model (`BatchRunner`). A failing case does not stop it:
+   it is counted in `SegmentRunResult.failed` and listed in OUT/failures.csv. A runtime that
+   turns out unusable at the first case (no GPU, unreachable Triton server) stops the run
+   with `SegmentError`; OUT then holds only .cmc-output and report.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cmc_serve import __version__
+from cmc_serve.model_dir import ModelDirError, ModelInfo
+from cmc_serve.pipeline import cases as case_mod
+from cmc_serve.pipeline import outputs
+from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
+from cmc_serve.pipeline.engine_factory import make_segmenter
+from cmc_serve.pipeline.pairing import PairingError, PairingRules
+from cmc_serve.pipeline.report import CaseRecord, RunReport
+from cmc_serve.runtimes import RuntimeUnavailable
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+MODES = ("auto", "fused", "a", "b")
+RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "bf16")
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+MAX_OVERLAP = 0.95
+MAX_JOBS = 16
+
+# The errors of the steps below that refuse a run; each already holds its one-line message.
+_REFUSALS = (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUnavailable,
+             outputs.OutputError)
+
+
+class SegmentError(Exception):
+    """The run was refused (nothing written) or its runtime proved unusable; str() is the
+    one-line message naming the file or option and the problem."""
+
+
+class SegmentOptionError(SegmentError, ValueError):
+    """A `SegmentOptions` value is not accepted; `option` names the field, `problem` says why
+    (so a command line can report it against its own flag)."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"{option}: {problem}")
+        self.option, self.problem = option, problem
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SegmentOptionError(option, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def parse_output_types(text: str) -> tuple[str, ...]:
+    """`--output-type` text -> `SegmentOptions.output_types`: 'auto' -> () (NIfTI, plus DICOM
+    SEG for DICOM input), else a comma list of OUTPUT_TYPES."""
+    if text.strip() == "auto":
+        return ()
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not types or any(t not in OUTPUT_TYPES for t in types):
+        raise SegmentOptionError("output_types", f"{text!r}: use auto or a comma list of "
+                                                 f"{', '.join(OUTPUT_TYPES)}")
+    return types
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard I/N` text -> (I, N) for `SegmentOptions.shard`; SegmentError when malformed."""
+    try:
+        return case_mod.parse_shard(text)
+    except case_mod.CaseDiscoveryError as exc:
+        raise SegmentError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to segment: the options of `cmc segment` (same names, same defaults).
+
+    `output_types` () means NIfTI, plus DICOM SEG for DICOM input. `shard` (I, N) runs only
+    the I-th of N deterministic shares of the cases. `resume` is `--continue`: cases whose
+    `done` file exists in OUT are skipped. `pairing` is a YAML rules file mapping DICOM
+    series to modalities a/b. Invalid values raise SegmentOptionError at construction.
+    """
+
+    mode: str = "auto"
+    runtime: str = "auto"
+    server: str | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    overlap: float = 0.5
+    tta: bool = False
+    output_types: tuple[str, ...] = ()
+    statistics: bool = False
+    preview: bool = False
+    resume: bool = False
+    shard: tuple[int, int] | None = None
+    jobs: int = 1
+    pairing: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("runtime", self.runtime, RUNTIMES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if isinstance(self.output_types, str):
+            raise SegmentOptionError("output_types", f"{self.output_types!r}: give a tuple of "
+                                                     f"{', '.join(OUTPUT_TYPES)}, not a string")
+        for t in self.output_types:
+            _check_choice("output_types", t, OUTPUT_TYPES)
+        if not 0.0 <= self.overlap <= MAX_OVERLAP:
+            raise SegmentOptionError("overlap", f"{self.overlap} is not in the range 0 to "
+                                                f"{MAX_OVERLAP}")
+        if not 1 <= self.jobs <= MAX_JOBS:
+            raise SegmentOptionError("jobs", f"{self.jobs} is not in the range 1 to {MAX_JOBS}")
+        if self.shard is not None:
+            index, count = self.shard
+            if not 1 <= index <= count:
+                raise SegmentOptionError("shard", f"{self.shard}: expected (I, N) with "
+                                                  "1 <= I <= N, e.g. (2, 4)")
+
+    def report_options(self, input: Path, input_b: Path | None) -> dict[str, Any]:
+        """The options as report.json records them (the command line's names)."""
+        return {"input": str(input), "input_b": str(input_b) if input_b else None,
+                "mode": self.mode, "runtime": self.runtime, "server": self.server,
+                "device": self.device, "precision": self.precision, "overlap": self.overlap,
+                "tta": self.tta, "output_types": list(self.output_types) or "auto",
+                "statistics": self.statistics, "preview": self.preview,
+                "continue": self.resume,
+                "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
+                "jobs": self.jobs, "pairing": str(self.pairing) if self.pairing else None}
+
+
+@dataclass(frozen=True)
+class SegmentRunResult:
+    """What a run did: counts, where its files are, and every case's record."""
+
+    out: Path
+    report: Path  # OUT/report.json
+    failures: Path | None  # OUT/failures.csv, None when no case failed
+    done: int
+    failed: int
+    skipped: int
+    cases: tuple[CaseRecord, ...]  # per case: status, outputs written, stage and error
+
+
+def _model_summary(model: Path, info: ModelInfo) -> dict[str, Any]:
+    return {"dir": str(model.resolve()), "name": info.name, "cmc_version": info.cmc_version,
+            "modalities": list(info.modalities), "classes": list(info.classes),
+            "checkpoint_sha256": info.checkpoint_sha256}
+
+
+def _find_cases(input: Path, input_b: Path | None, out: Path,
+                options: SegmentOptions) -> list[case_mod.Case]:
+    """The cases of this run (after the shard); refuses OUT inside INPUT and unusable inputs."""
+    if input.is_dir() and out.resolve().is_relative_to(input.resolve()):
+        raise outputs.OutputError(f"{out}: the output folder must not be inside the input "
+                                  f"folder {input} (results would become inputs)")
+    found = case_mod.discover_cases(input, input_b,
+                                    single_role="b" if options.mode == "b" else "a")
+    if options.shard:
+        found = case_mod.select_shard(found, *options.shard)
+    if "dicom-seg" in options.output_types and not any(c.is_dicom for c in found):
+        raise case_mod.CaseDiscoveryError(f"{input}: --output-type dicom-seg needs DICOM "
+                                          "input")
+    return found
+
+
+def segment(input: Path | str, out: Path | str, model: Path | str,
+            input_b: Path | str | None = None, options: SegmentOptions | None = None,
+            console: Console | None = None) -> SegmentRunResult:
+    """Segment every case in INPUT (and INPUT_B) with the exported model into OUT.
+
+    Raises SegmentError with a one-line message when the run is refused (nothing written) or
+    its runtime is unusable; failing cases are counted, not raised. `console` (rich) gets
+    progress and per-case lines; None runs silently.
+    """
+    input, out, model = Path(input), Path(out), Path(model)
+    input_b = Path(input_b) if input_b is not None else None
+    options = SegmentOptions() if options is None else options
+    try:
+        info = ModelInfo.load(model)
+        rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
+                 else PairingRules.default(info.modalities))
+        found = _find_cases(input, input_b, out, options)
+        segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
+                                   options.overlap, options.tta, options.server)
+        outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
+    except _REFUSALS as exc:
+        raise SegmentError(str(exc)) from exc
+
+    report = RunReport(options=options.report_options(input, input_b),
+                       model=_model_summary(model, info))
+    batch = BatchOptions(mode=options.mode, output_types=options.output_types,
+                         statistics=options.statistics, preview=options.preview,
+                         resume=options.resume, jobs=options.jobs)
+    if console is not None:
+        console.print(f"cmc segment: {len(found)} case(s) -> {out}", highlight=False,
+                      markup=False)
+    try:
+        with segmenter:
+            BatchRunner(out, info, segmenter, rules, batch, report, console).run(found)
+    except RuntimeUnavailable as exc:
+        raise SegmentError(str(exc)) from exc
+    counts = report.counts()
+    return SegmentRunResult(out=out, report=out / outputs.REPORT,
+                            failures=out / outputs.FAILURES if counts["failed"] else None,
+                            done=counts["done"], failed=counts["failed"],
+                            skipped=counts["skipped"], cases=tuple(report.cases))
