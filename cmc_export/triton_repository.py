@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import model_repository
 from cmc_export.errors import ExportError
 from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT
 
@@ -26,7 +27,8 @@ BACKENDS = ("python", "onnxruntime", "openvino", "tensorrt")
 _NATIVE = {"onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
            "openvino": ('backend: "openvino"', "model.xml"),
            "tensorrt": ('platform: "tensorrt_plan"', "model.plan")}
-MODEL_CODE_DIR = Path(__file__).resolve().parents[1] / "model_repository"
+# The top-level `model_repository` package (package data in a wheel, the checkout otherwise).
+MODEL_CODE_DIR = Path(model_repository.__file__).resolve().parent
 
 
 @dataclass(frozen=True)
