@@ -14,6 +14,7 @@ both a blocked and a converted node. `prepare_for_fp16` removes both before conv
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import onnx
@@ -81,5 +82,9 @@ def prepare_for_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 def convert_fp16(model: onnx.ModelProto, fp32_ops: Sequence[str] = FP32_OPS) -> onnx.ModelProto:
     """FP16 copy of an fp32 graph: float32 inputs/outputs, `fp32_ops` computed in float32."""
     block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(fp32_ops))
-    return float16.convert_float_to_float16(
-        prepare_for_fp16(model), keep_io_types=True, op_block_list=block)
+    with warnings.catch_warnings():
+        # The converter warns once per weight below 1e-7 that it clamps to +-1e-7 (fp16's
+        # subnormal range); harmless, and what matters is measured by the fp16 parity gate.
+        warnings.filterwarnings("ignore", message="the float32 number .* will be truncated")
+        return float16.convert_float_to_float16(
+            prepare_for_fp16(model), keep_io_types=True, op_block_list=block)

@@ -7,7 +7,10 @@ PreprocessConfig, and `cmc_serve.preprocess` re-implements exactly these steps i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,25 @@ from cmc_train.config import PreprocessConfig
 
 # Axis code meaning of Orientationd (nibabel's: "RAS" = axes point to Right, Anterior, Superior).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+@contextmanager
+def _quiet_reader_probe() -> Iterator[None]:
+    """Silence MONAI's nvImageCodec probe while `LoadImaged` builds its readers.
+
+    LoadImage instantiates every registered reader, whichever one is asked for; the DICOM
+    one then logs and warns that the (GPU-only) nvImageCodec plugin is missing on every
+    CPU machine, although we read NIfTI with nibabel. Scoped here so no other warning is lost.
+    """
+    probe = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = probe.level
+    probe.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            yield
+    finally:
+        probe.setLevel(level)
 
 
 def normalisation_transform(norm: dict[str, Any]) -> MapTransform:
@@ -78,8 +100,10 @@ def deterministic_transforms(preprocess: PreprocessConfig, modality: str,
         raise ValueError(f"no normalisation configured for modality {modality!r}")
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+    with _quiet_reader_probe():
+        load = LoadImaged(keys=keys, reader="NibabelReader", dtype=np.float32, image_only=True)
     return Compose([
-        LoadImaged(keys=keys, reader="NibabelReader", dtype=np.float32, image_only=True),
+        load,
         EnsureChannelFirstd(keys=keys),
         Orientationd(keys=keys, axcodes=preprocess.orientation, labels=RAS_LABELS),
         Spacingd(keys=keys, pixdim=tuple(preprocess.spacing), mode=modes,
