@@ -20,6 +20,7 @@ from cmc_train.data.loaders import (
 from cmc_train.data.transforms import (
     add_crop_indices,
     augmentation_transforms,
+    crop_ratios,
     deterministic_transforms,
 )
 from cmc_train.synth import write_synthetic_study
@@ -90,7 +91,7 @@ def _sample(shape: tuple[int, int, int], fg: tuple[slice, ...]) -> dict[str, tor
 
 
 def test_augmentation_pads_crops_and_keeps_label_aligned() -> None:
-    aug = augmentation_transforms(16, with_label=True, fg_ratio=0.5)
+    aug = augmentation_transforms(16, with_label=True, num_classes=3, fg_ratio=0.5)
     for seed in range(8):
         aug.set_random_state(seed=seed)
         out = aug(_sample((12, 20, 24), (slice(2, 8), slice(3, 9), slice(4, 12))))[0]
@@ -106,9 +107,9 @@ def test_augmentation_pads_crops_and_keeps_label_aligned() -> None:
 
 @pytest.mark.parametrize("fg_ratio", [0.0, 0.5, 1.0])
 def test_labelled_crops_contain_foreground_at_the_requested_ratio(fg_ratio: float) -> None:
-    aug = augmentation_transforms(8, with_label=True, fg_ratio=fg_ratio)
+    aug = augmentation_transforms(8, with_label=True, num_classes=3, fg_ratio=fg_ratio)
     # A small organ in a corner; indices precomputed once, as the sampler does.
-    sample = add_crop_indices(_sample((32, 32, 32), (slice(28, 31),) * 3), 8)
+    sample = add_crop_indices(_sample((32, 32, 32), (slice(28, 31),) * 3), 8, 3)
     hits = 0
     draws = 80
     for seed in range(draws):
@@ -116,6 +117,28 @@ def test_labelled_crops_contain_foreground_at_the_requested_ratio(fg_ratio: floa
         hits += int((aug(dict(sample))[0]["label"] > 0).any())
     # Background-centred crops reach the 4^3 organ only rarely.
     assert abs(hits / draws - fg_ratio) < 0.15, hits / draws
+
+
+def test_crops_share_the_foreground_equally_between_classes() -> None:
+    # A large class-1 organ and a tiny class-2 one (1/64 of its size): a plain foreground crop
+    # would centre on the tiny one in ~1.5% of the draws, the class-balanced one in half.
+    label = torch.zeros((1, 48, 48, 48))
+    label[:, 4:20, 4:20, 4:20] = 1
+    label[:, 40:44, 40:44, 40:44] = 2
+    sample = add_crop_indices({"image": label.clone(), "label": label}, 8, 3)
+    aug = augmentation_transforms(8, with_label=True, num_classes=3, fg_ratio=1.0)
+    draws, small = 80, 0
+    for seed in range(draws):
+        aug.set_random_state(seed=seed)
+        small += int((aug(dict(sample))[0]["label"] == 2).any())
+    assert abs(small / draws - 0.5) < 0.15, small / draws
+
+
+def test_crop_ratios() -> None:
+    assert crop_ratios(5, 0.5) == [0.5, 0.125, 0.125, 0.125, 0.125]
+    assert crop_ratios(2, 1.0) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="fg_ratio"):
+        crop_ratios(3, 1.5)
 
 
 @pytest.fixture(scope="module")

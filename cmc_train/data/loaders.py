@@ -115,9 +115,12 @@ class SemiSupervisedSampler:
             unlabelled += [load(e, modality, with_label=False)
                            for e in datalist.labelled
                            if modality in e.image and modality not in e.label]
-            labelled_cache = [add_crop_indices(s, self.patch) for s in self._tensors(labelled)]
+            classes = run_cfg.model.num_classes
+            labelled_cache = [add_crop_indices(s, self.patch, classes)
+                              for s in self._tensors(labelled)]
             pools.append(_Pool(f"labelled_{suffix}", tuple(labelled_cache),
-                               augmentation_transforms(self.patch, True, run_cfg.train.fg_ratio)))
+                               augmentation_transforms(self.patch, True, classes,
+                                                       run_cfg.train.fg_ratio)))
             pools.append(_Pool(f"unlabelled_{suffix}", self._tensors(unlabelled),
                                augmentation_transforms(self.patch, False)))
         self._pools = {p.name: p for p in pools}
