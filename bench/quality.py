@@ -48,7 +48,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from cmc_train.config import PreprocessConfig, RunConfig, TrainConfig, model_config
+from cmc_train.config import RunConfig, preset_run_config
 from cmc_train.evaluate import evaluate
 from cmc_train.synth import CLASSES, MODALITIES, write_synthetic_study
 from cmc_train.trainer import LAST, iter_metrics, train
@@ -196,13 +196,13 @@ def write_study(study: Study, scale: Scale, data_dir: Path) -> Path:
 
 
 def run_config(arm: Arm, steps: int, seed: int) -> RunConfig:
-    """Tiny preset on 2 mm voxels; same schedule and batch sizes for every arm."""
+    """Tiny preset (its training settings, 2 mm voxels); same schedule and batch sizes for
+    every arm."""
+    preset = preset_run_config("tiny", len(CLASSES), MODALITIES)
     train_cfg = dataclasses.replace(
-        TrainConfig(), steps=steps, seed=seed, use_csc=arm.use_csc, use_cac=arm.use_cac,
+        preset.train, steps=steps, seed=seed, use_csc=arm.use_csc, use_cac=arm.use_cac,
         val_every=max(1, steps // 4), warmup_steps=max(1, min(30, steps // 10)))
-    return RunConfig(model=model_config("tiny", len(CLASSES)),
-                     preprocess=PreprocessConfig(modalities=MODALITIES), train=train_cfg,
-                     preset="tiny")
+    return dataclasses.replace(preset, train=train_cfg)
 
 
 def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, Any]:
