@@ -186,13 +186,20 @@ def speed(size: int) -> tuple[list[tuple[str, str, str, str, str]], dict[str, ob
 
 def rss_worker(kind: str, shape: tuple[int, int, int], classes: int, patch: int,
                model_dir: Path) -> None:
-    """Runs in its own process: segment one volume, print the peak RSS in MiB."""
+    """Runs in its own process: segment one volume, print the peak RSS in MiB.
+
+    The peak is reset once the input exists: generating it needs several volumes of
+    temporaries, which would otherwise set every row's peak.
+    """
     a, b = synthetic_case(shape, seed=1)
+    reset_peak_rss()
     t0 = time.perf_counter()
-    if kind == "engine":
+    if kind.startswith("engine"):
         from cmc_serve.engine import Segmenter
 
-        with Segmenter(model_dir, runtime="onnxruntime", batch_size=1) as seg:
+        accumulator = "float16" if kind == "engine-fp16-acc" else "float32"
+        with Segmenter(model_dir, runtime="onnxruntime", batch_size=1,
+                       accumulator_dtype=accumulator) as seg:
             seg.segment(a, b, mode="fused")
     else:
         import torch
@@ -209,6 +216,11 @@ def rss_worker(kind: str, shape: tuple[int, int, int], classes: int, patch: int,
     print(json.dumps({"peak_rss_mib": peak_rss_mib(), "seconds": time.perf_counter() - t0}))
 
 
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh at the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_rss_mib() -> float:
     """This process's peak RSS. Not getrusage: Linux carries ru_maxrss across execve, so a
     child of a big parent would report the parent's peak; VmHWM starts afresh at exec."""
@@ -221,6 +233,8 @@ def peak_rss_mib() -> float:
 def conv_model(classes: int) -> object:
     import torch
 
+    from cmc_train.network.cmc_net import class_softmax
+
     class Pointwise(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -228,7 +242,8 @@ def conv_model(classes: int) -> object:
             self.conv = torch.nn.Conv3d(2, classes, 1)
 
         def forward(self, image_a: torch.Tensor, image_b: torch.Tensor) -> torch.Tensor:
-            return self.conv(torch.cat([image_a, image_b], 1)).softmax(1)
+            # As in the exported CMC graphs (see `class_softmax`).
+            return class_softmax(self.conv(torch.cat([image_a, image_b], 1)))
 
     return Pointwise().eval()
 
@@ -243,7 +258,7 @@ def peak_rss(shape: tuple[int, int, int], classes: int,
                                 classes, patch, openvino=False)
     input_mib = 2 * np.prod(shape) * 4 / 2**20
     rows = []
-    for kind in ("engine", "monai"):
+    for kind in ("engine", "engine-fp16-acc", "monai"):
         done = subprocess.run([sys.executable, __file__, "--rss-worker", kind, "--rss-shape",
                                *map(str, shape), "--rss-classes", str(classes),
                                "--rss-patch", str(patch),
@@ -282,7 +297,8 @@ def main() -> None:
     parser.add_argument("--rss-patch", type=int, default=128)
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--rss-worker", choices=("engine", "monai"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss-worker", choices=("engine", "engine-fp16-acc", "monai"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = tuple(args.rss_shape)

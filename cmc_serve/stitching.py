@@ -21,6 +21,8 @@ import numpy as np
 
 from cmc_serve.tiling import TileGrid, clip_box
 
+FINALISE_SLICES = 4  # slices of a slab normalised at once (bounds the temporaries)
+
 
 @dataclass
 class _Slab:
@@ -101,12 +103,17 @@ class SlabStitcher:
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def _finalise(self, slab: _Slab) -> None:
+        """Normalise and argmax the slab a few slices at a time: a whole-slab float32 copy
+        (float16 accumulators) and int64 argmax would double the slab's memory at its peak."""
         assert slab.acc is not None and slab.weight is not None
-        probs = slab.acc.astype(np.float32, copy=False)
-        probs /= slab.weight
-        self.labels[slab.start:slab.stop] = np.argmax(probs, axis=0)
-        if self.probs is not None:
-            self.probs[:, slab.start:slab.stop] = probs
+        for lo in range(0, slab.stop - slab.start, FINALISE_SLICES):
+            hi = min(lo + FINALISE_SLICES, slab.stop - slab.start)
+            probs = slab.acc[:, lo:hi].astype(np.float32)
+            probs /= slab.weight[lo:hi]
+            out = slice(slab.start + lo, slab.start + hi)
+            self.labels[out] = np.argmax(probs, axis=0)
+            if self.probs is not None:
+                self.probs[:, out] = probs
         self.live_bytes -= slab.acc.nbytes + slab.weight.nbytes
         slab.acc = slab.weight = None
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cmc_train.config import ModelConfig, model_config
 from cmc_train.network import CMCNet, build_cmc
-from cmc_train.network.cmc_net import MIA, patch_levels, skip_block_indices
+from cmc_train.network.cmc_net import MIA, class_softmax, patch_levels, skip_block_indices
 from cmc_train.network.vit3d import Attention, Block3D, window_partition, window_unpartition
 
 
@@ -232,3 +232,11 @@ def test_onnx_export_dynamic_batch_matches_torch(micro: CMCNet, tmp_path) -> Non
         expected = micro.predict(a, b, "fused").numpy()
     assert got.shape == (2, 3, 16, 16, 16)
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_class_softmax_equals_softmax_and_survives_large_logits() -> None:
+    logits = torch.randn(2, 5, 3, 4, 4) * 30.0
+    logits[0, 2] += 1e4  # exp would overflow without the max subtraction
+    probs = class_softmax(logits)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, logits.softmax(dim=1), rtol=1e-6, atol=1e-6)

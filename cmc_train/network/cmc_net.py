@@ -227,14 +227,26 @@ class CMCNet(nn.Module):
             if image_a is None or image_b is None:
                 raise ValueError("fused prediction needs both image_a and image_b")
             out = self.forward(image_a, image_b)
-            return 0.5 * (out.logits_a.softmax(dim=1) + out.logits_b.softmax(dim=1))
+            return 0.5 * (class_softmax(out.logits_a) + class_softmax(out.logits_b))
         image = image_a if mode == "a" else image_b
         if image is None:
             raise ValueError(f"prediction mode {mode!r} needs image_{mode}")
         enc = self._encode(image, image)
         if mode == "a":
-            return self.decoder_a(image, enc.hidden_a, enc.z_a).softmax(dim=1)
-        return self.decoder_b(image, enc.hidden_b, enc.z_b).softmax(dim=1)
+            return class_softmax(self.decoder_a(image, enc.hidden_a, enc.z_a))
+        return class_softmax(self.decoder_b(image, enc.hidden_b, enc.z_b))
+
+
+def class_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis (1), written out as max / exp / sum / divide.
+
+    Same values as `logits.softmax(dim=1)` (to float32 rounding), but the exported graphs
+    then carry ReduceMax, Exp, ReduceSum and Div instead of a Softmax on a non-last axis,
+    which ONNX Runtime's CPU kernel runs 10x slower (measured on [1, 8, 128^3]: 1.16 s vs
+    0.12 s); the prediction head is every tile's last and largest activation.
+    """
+    exp = (logits - logits.amax(dim=1, keepdim=True)).exp()
+    return exp / exp.sum(dim=1, keepdim=True)
 
 
 def build_cmc(cfg: ModelConfig) -> CMCNet:
