@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cmc_train.config import MODEL_PRESETS, SCHEDULES
+
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig
 
-PRESETS = ("tiny", "small", "sam-med3d")
-SCHEDULES = ("authors", "sigmoid")
+PRESETS = tuple(MODEL_PRESETS)
 EXIT_USAGE = 2
 
 HELP_CONFIG = ("Model preset (tiny | small | sam-med3d; classes and modalities come from the "

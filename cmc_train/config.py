@@ -157,6 +157,9 @@ class PreprocessConfig:
                    normalisation={k: dict(v) for k, v in d.get("normalisation", {}).items()})
 
 
+SCHEDULES = ("authors", "sigmoid")  # consistency-weight schedules (method.md, 'Losses')
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and semi-supervised schedule (method.md, 'Training protocol')."""
@@ -180,7 +183,7 @@ class TrainConfig:
     fg_ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("authors", "sigmoid"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r} (authors | sigmoid)")
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,8 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cmc_train.config import SCHEDULES
+
 DICE_SMOOTH = 1e-5  # added to numerator and denominator (MONAI's smooth_nr / smooth_dr)
-SCHEDULES = ("authors", "sigmoid")
 
 
 def soft_dice(p: torch.Tensor, q: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:

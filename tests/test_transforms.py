@@ -134,6 +134,11 @@ def test_crops_share_the_foreground_equally_between_classes() -> None:
     assert abs(small / draws - 0.5) < 0.15, small / draws
 
 
+def test_labelled_augmentation_needs_the_class_count() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        augmentation_transforms(8, with_label=True)
+
+
 def test_crop_ratios() -> None:
     assert crop_ratios(5, 0.5) == [0.5, 0.125, 0.125, 0.125, 0.125]
     assert crop_ratios(2, 1.0) == [0.0, 1.0]

@@ -149,7 +149,7 @@ def crop_ratios(num_classes: int, fg_ratio: float) -> list[float]:
 
 
 def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
-                            num_classes: int = 2, fg_ratio: float = 0.5) -> Compose:
+                            num_classes: int | None = None, fg_ratio: float = 0.5) -> Compose:
     """Random patch and augmentation of a pre-processed sample (one patch per call).
 
     Labelled samples: `RandCropByLabelClassesd` centres the patch on a foreground voxel with
@@ -169,11 +169,13 @@ def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
     Label patches go through the same spatial transforms, so they stay aligned.
     Precomputed `add_crop_indices` keys are used when present.
     """
-    ratios = crop_ratios(num_classes, fg_ratio)
     size = _patch(patch_size)
     keys = ["image", "label"] if with_label else ["image"]
     crop: MapTransform
     if with_label:
+        if num_classes is None:
+            raise ValueError("labelled crops need num_classes (background included)")
+        ratios = crop_ratios(num_classes, fg_ratio)
         crop = RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=size,
                                        ratios=ratios, num_classes=num_classes, num_samples=1,
                                        indices_key=CLASS_INDICES, warn=False)
