@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cmc_train.config import MODEL_PRESETS, SCHEDULES
-
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig
 
-PRESETS = tuple(MODEL_PRESETS)
+# Spelled out, not imported from cmc_train.config: `cli.main` registers every command, and on
+# a serving host (no cmc_train) `cmc segment` must still start. A test keeps them in step.
+PRESETS = ("tiny", "small", "sam-med3d")
+SCHEDULES = ("authors", "sigmoid")
 EXIT_USAGE = 2
 
 HELP_CONFIG = ("Model preset (tiny | small | sam-med3d; classes and modalities come from the "

@@ -169,3 +169,13 @@ def test_cli_refuses_bad_options(study: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2, result.output
         assert message in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_lists_match_the_config() -> None:
+    """cli/train_cmd.py spells out the preset and schedule names (it must import without
+    cmc_train on a serving host); they must stay the ones cmc_train.config knows."""
+    from cli import train_cmd
+    from cmc_train.config import MODEL_PRESETS, SCHEDULES, TRAIN_PRESETS
+
+    assert train_cmd.PRESETS == tuple(MODEL_PRESETS) == tuple(TRAIN_PRESETS)
+    assert train_cmd.SCHEDULES == SCHEDULES
