@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quality.py [--quick] [--out bench/results/quality] [--steps N]
         [--seeds N] [--ratios 10,20,50,100] [--arms single,fusion,cmc,cmc-no-csc,cmc-no-cac]
-        [--offsets 0,5,10,20] [--threads 2] [--resume-from FOLDER]
+        [--offsets 0,5,10,20] [--jobs 2] [--threads 1] [--resume-from FOLDER]
 
 Data (generated with `write_synthetic_study`, one study per labelled ratio, same seed so the
 images are identical and only the labelled split changes): CT and MR of *different* subjects
@@ -35,11 +35,13 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,29 @@ def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, A
     return record
 
 
+def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, steps: int,
+            parallel: int, threads: int) -> list[dict[str, Any]]:
+    """Every job's record, in plan order; `parallel` worker processes of `threads` torch
+    threads each (spawned: a forked torch runtime is not safe to reuse)."""
+    context = multiprocessing.get_context("spawn")
+    started = time.perf_counter()
+    records: dict[Job, dict[str, Any]] = {}
+    with ProcessPoolExecutor(parallel, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(run_job, job, datalists[job.study], runs_dir, steps): job
+                   for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                records[job] = future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # scored runs stay for --resume-from
+                raise
+            print(f"[{len(records)}/{len(jobs)}] {job.name} done at "
+                  f"{(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return [records[job] for job in jobs]
+
+
 @dataclass(frozen=True)
 class Timing:
     """Measured costs: seconds per step without / with the unlabelled batch, per scored case."""
@@ -257,21 +282,23 @@ def calibrate(datalist: Path, calib_steps: int = 4) -> Timing:
     return Timing(per_step[0], per_step[1], eval_case)
 
 
-def estimate_seconds(jobs: Sequence[Job], steps: int, timing: Timing, scale: Scale) -> float:
-    """Training plus the 4 validations and the test evaluation of every job."""
+def estimate_seconds(jobs: Sequence[Job], steps: int, timing: Timing, scale: Scale,
+                     parallel: int = 1) -> float:
+    """Training plus the 4 validations and the test evaluation of every job, `parallel` of
+    them at a time (`timing` measured at the threads each one gets)."""
     total = 0.0
     for job in jobs:
         per_step = timing.step_unlabelled_s if job.arm.uses_unlabelled else timing.step_labelled_s
         eval_cases = 4 * scale.val_cases * len(job.modes[:2]) + scale.test_cases * len(job.modes)
         total += steps * per_step + eval_cases * timing.eval_case_s
-    return total
+    return total / parallel
 
 
-def steps_for_budget(jobs: Sequence[Job], timing: Timing, scale: Scale,
-                     budget_s: float) -> int:
+def steps_for_budget(jobs: Sequence[Job], timing: Timing, scale: Scale, budget_s: float,
+                     parallel: int = 1) -> int:
     """The most steps (a multiple of 10, at least 20) whose estimate fits `budget_s`."""
-    fixed = estimate_seconds(jobs, 0, timing, scale)
-    per_step = estimate_seconds(jobs, 1, timing, scale) - fixed
+    fixed = estimate_seconds(jobs, 0, timing, scale, parallel)
+    per_step = estimate_seconds(jobs, 1, timing, scale, parallel) - fixed
     return max(20, int((budget_s - fixed) / per_step) // 10 * 10)
 
 
@@ -394,8 +421,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--offsets", type=_float_list, help="sweep offsets in mm, e.g. 0,20")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
     parser.add_argument("--cases", type=int, help="training cases (smoke tests)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (1 is faster while other jobs share the cores)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings run side by side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--resume-from", type=Path, metavar="FOLDER",
                         help="continue an earlier output folder: scored runs are skipped")
     return parser.parse_args(argv)
@@ -407,8 +434,10 @@ def scale_from(args: argparse.Namespace) -> Scale:
     overrides = {"seeds": args.seeds, "ratios": args.ratios, "offsets": args.offsets,
                  "cases": args.cases}
     scale = dataclasses.replace(scale, **{k: v for k, v in overrides.items() if v is not None})
-    if scale.seeds < 1 or not scale.ratios or scale.cases < 1:
-        raise BenchmarkError("need --seeds >= 1, at least one ratio and --cases >= 1")
+    if scale.seeds < 1 or not scale.ratios or scale.cases < 1 or args.jobs < 1 \
+            or args.threads < 1:
+        raise BenchmarkError("need --seeds, --cases, --jobs and --threads >= 1 and at least "
+                             "one ratio")
     if any(not 0 < r <= 100 for r in scale.ratios):
         raise BenchmarkError(f"--ratios must lie in (0, 100], got {list(scale.ratios)}")
     return scale
@@ -437,9 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  dict.fromkeys(j.study for j in jobs)}
     timing = calibrate(datalists[jobs[0].study])
     remaining = scale.budget_s - (time.perf_counter() - started)
-    steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining)
-    estimate = estimate_seconds(jobs, steps, timing, scale)
-    print(f"{len(jobs)} runs x {steps} steps; measured {timing.step_labelled_s:.2f} s/step "
+    steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining, args.jobs)
+    estimate = estimate_seconds(jobs, steps, timing, scale, args.jobs)
+    print(f"{len(jobs)} runs x {steps} steps, {args.jobs} at a time; measured "
+          f"{timing.step_labelled_s:.2f} s/step "
           f"(labelled only), {timing.step_unlabelled_s:.2f} s/step (with unlabelled), "
           f"{timing.eval_case_s:.2f} s per scored case; estimated {estimate / 60:.1f} min",
           flush=True)
@@ -447,17 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
               "steps, or a busy machine); use --resume-from to continue if interrupted",
               flush=True)
-    records = []
-    for i, job in enumerate(jobs, 1):
-        t0 = time.perf_counter()
-        records.append(run_job(job, datalists[job.study], out / "runs", steps))
-        print(f"[{i}/{len(jobs)}] {job.name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    records = run_all(jobs, datalists, out / "runs", steps, args.jobs, args.threads)
     wall = time.perf_counter() - started
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "
-              f"{len(jobs)} runs x {steps} steps (tiny preset, {torch.get_num_threads()} "
-              f"threads); {scale.cases} training, {scale.val_cases} validation, "
-              f"{scale.test_cases} test cases of {scale.size}^3 voxels")
+              f"{len(jobs)} runs x {steps} steps (tiny preset, {args.jobs} side by side, "
+              f"{args.threads} thread(s) each); {scale.cases} training, {scale.val_cases} "
+              f"validation, {scale.test_cases} test cases of {scale.size}^3 voxels")
     text, shortfalls = report(records, out, header)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "wall_seconds": wall, "steps": steps,
