@@ -61,6 +61,23 @@ def test_stitching_equals_naive_accumulation(shape: tuple[int, int, int],
     assert stitcher.live_bytes == 0  # everything finalised and freed
 
 
+@pytest.mark.parametrize(("shape", "patch", "k"), CASES)
+def test_labels_only_stitching_keeps_no_weight_sum(shape: tuple[int, int, int],
+                                                   patch: tuple[int, int, int], k: int) -> None:
+    grid = TileGrid.build(shape, patch, 0.5)
+    weights = gaussian_importance(patch)
+    tiles = random_tiles(grid, k, seed=sum(shape) + k)
+    stitchers = [SlabStitcher(grid, k, weights, keep_probs=keep) for keep in (False, True)]
+    for stitcher in stitchers:
+        for origin, tile in zip(grid.origins(), tiles, strict=True):
+            stitcher.add(origin, tile)
+    labels, probs = stitchers[0].result()
+    assert probs is None
+    np.testing.assert_array_equal(labels, naive_stitch(grid, tiles, weights, k).argmax(0))
+    # the weight sum is 1 of the K + 1 float32 values per live voxel
+    assert stitchers[0].peak_bytes * (k + 1) == stitchers[1].peak_bytes * k
+
+
 def test_float16_accumulators_agree_closely() -> None:
     grid = TileGrid.build((40, 30, 20), (16, 16, 16), 0.5)
     weights = gaussian_importance(grid.patch)
@@ -86,8 +103,8 @@ def peak_bytes(depth: int) -> int:
 def test_accumulator_memory_does_not_grow_with_depth() -> None:
     shallow, deep = peak_bytes(64), peak_bytes(512)
     assert deep == shallow
-    # about one patch depth of K-class float32 accumulators plus the weight sum
-    assert deep <= 16 * 40 * 40 * (4 + 1) * 4 * 1.5
+    # about one patch depth of K-class float32 accumulators (labels only: no weight sum)
+    assert deep <= 16 * 40 * 40 * 4 * 4 * 1.5
 
 
 def test_incomplete_or_repeated_tiles_are_errors() -> None:
