@@ -10,7 +10,8 @@ images are identical and only the labelled split changes): CT and MR of *differe
 
 Arms, all with the same steps and batch sizes (the budget), trained by
 `cmc_train.trainer.train` and scored on the test split by `cmc_train.evaluate.evaluate` with
-the checkpoint selected on the validation split:
+the final checkpoint (the LR decays to 0; the validation split is scored once, at the end, and
+recorded: four validations per run cost as much as 60 training steps, 20 % of the budget):
   single      supervised, one modality (one branch, no fusion): two runs, one per modality
   fusion      supervised, both branches + fusion, no consistency losses
   cmc         CMC: CSC + CAC on the unlabelled data
@@ -203,7 +204,7 @@ def run_config(arm: Arm, steps: int, seed: int) -> RunConfig:
     preset = preset_run_config("tiny", len(CLASSES), MODALITIES)
     train_cfg = dataclasses.replace(
         preset.train, steps=steps, seed=seed, use_csc=arm.use_csc, use_cac=arm.use_cac,
-        val_every=max(1, steps // 4), warmup_steps=max(1, min(30, steps // 10)))
+        val_every=steps, warmup_steps=max(1, min(30, steps // 10)))
     return dataclasses.replace(preset, train=train_cfg)
 
 
@@ -284,12 +285,12 @@ def calibrate(datalist: Path, calib_steps: int = 4) -> Timing:
 
 def estimate_seconds(jobs: Sequence[Job], steps: int, timing: Timing, scale: Scale,
                      parallel: int = 1) -> float:
-    """Training plus the 4 validations and the test evaluation of every job, `parallel` of
+    """Training plus the final validation and the test evaluation of every job, `parallel` of
     them at a time (`timing` measured at the threads each one gets)."""
     total = 0.0
     for job in jobs:
         per_step = timing.step_unlabelled_s if job.arm.uses_unlabelled else timing.step_labelled_s
-        eval_cases = 4 * scale.val_cases * len(job.modes[:2]) + scale.test_cases * len(job.modes)
+        eval_cases = scale.val_cases * len(job.modes[:2]) + scale.test_cases * len(job.modes)
         total += steps * per_step + eval_cases * timing.eval_case_s
     return total / parallel
 
