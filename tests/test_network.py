@@ -138,7 +138,7 @@ def test_mia_identity_at_gamma_zero_and_formula() -> None:
 
 def test_attention_relative_positions_match_sam_med3d_arithmetic() -> None:
     """Explicit loop over query/key pairs of the bias SAM-Med3D's `add_decomposed_rel_pos`
-    adds (its `rel_d[:, :, :, :, None, None]`-style broadcasting, see Attention._add_rel_pos):
+    adds (its `rel_d[:, :, :, :, None, None]`-style broadcasting, see Attention._logits):
     (qd,qh,qw)->(kd,kh,kw) gets q(qd,qh,qw).Rd[qd-kw] + q(qd,qh,kd).Rh[qh-kw]
     + q(qd,qh,kh).Rw[kh-kw] (offsets + s - 1)."""
     torch.manual_seed(0)
