@@ -33,11 +33,14 @@ run, holding test_metrics.json once scored, which `--resume-from` uses to skip i
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -64,6 +67,7 @@ BEST = "checkpoint_best.pt"
 BASELINE, CMC = "fusion", "cmc"
 ROTATION_PER_MM = 0.75  # sweep: 20 mm comes with 15 degrees
 DATA_SEED = 0
+PR_SET_PDEATHSIG = 1  # prctl(2) option: signal this process when its parent dies
 
 
 class BenchmarkError(Exception):
@@ -240,7 +244,7 @@ def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, s
     context = multiprocessing.get_context("spawn")
     started = time.perf_counter()
     records: dict[Job, dict[str, Any]] = {}
-    with ProcessPoolExecutor(parallel, mp_context=context, initializer=torch.set_num_threads,
+    with ProcessPoolExecutor(parallel, mp_context=context, initializer=_start_worker,
                              initargs=(threads,)) as pool:
         futures = {pool.submit(run_job, job, datalists[job.study], runs_dir, steps): job
                    for job in jobs}
@@ -254,6 +258,17 @@ def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, s
             print(f"[{len(records)}/{len(jobs)}] {job.name} done at "
                   f"{(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return [records[job] for job in jobs]
+
+
+def _start_worker(threads: int) -> None:
+    """Set the worker's torch threads and, on Linux, have the kernel stop it when the
+    benchmark process dies: an orphaned worker would go on training its queued runs into the
+    same runs folder as a restarted benchmark."""
+    torch.set_num_threads(threads)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            sys.exit(1)
 
 
 @dataclass(frozen=True)
