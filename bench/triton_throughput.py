@@ -20,7 +20,9 @@ Every configuration segments the same number of cases (`--cases`, split evenly o
 clients), each client process in its own interpreter, started and connected before a
 barrier so only segmentation is timed. Throughput is cases / wall time from the barrier to
 the last client's end. Every client's labels are compared with the local ONNX Runtime
-labels. Prints the CPU, thread counts, load average, a markdown table with the ratios
+labels. CPU busy is the fraction of all cores' time spent busy (by any process, from
+/proc/stat) while a configuration ran: near 100 % with one client means more clients have
+no cores left to fill. Prints the CPU, thread counts, load average, a markdown table with the ratios
 (N clients vs 1, Triton vs local ONNX Runtime) and the command. The server listens on
 127.0.0.1 only and is stopped on exit, error or Ctrl-C.
 """
@@ -74,6 +76,7 @@ class Measurement:
     wall_s: float
     tiles_per_case: int
     agreement: float | None  # fraction of voxels equal to the local ONNX Runtime labels
+    cpu_busy: float  # fraction of all cores' time spent busy (any process) while timed
 
     @property
     def cases_per_min(self) -> float:
@@ -82,6 +85,21 @@ class Measurement:
     @property
     def tiles_per_s(self) -> float:
         return self.cases * self.tiles_per_case / self.wall_s
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat's `cpu` line.
+
+    System-wide on purpose: the server, its python-backend stubs and the clients are
+    separate processes, and the question is whether any core was left idle."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_since(start: tuple[int, int]) -> float:
+    busy, total = cpu_jiffies()
+    return (busy - start[0]) / max(1, total - start[1])
 
 
 # --- the model ---------------------------------------------------------------------------
@@ -184,8 +202,9 @@ def client_process(kind: str, url: str, model_dir: str, size: int, cases: int,
 
 
 def run_clients(kind: str, url: str, model_dir: Path, size: int, clients: int,
-                cases: int) -> tuple[float, list[np.ndarray]]:
-    """Wall time of `clients` processes segmenting `cases` cases in all, and their labels."""
+                cases: int) -> tuple[float, list[np.ndarray], float]:
+    """Wall time of `clients` processes segmenting `cases` cases in all, their labels and the
+    machine's CPU busy fraction meanwhile."""
     context = mp.get_context("spawn")  # fresh interpreters: no forked gRPC state
     barrier = context.Barrier(clients + 1)
     results = context.Queue()
@@ -202,6 +221,7 @@ def run_clients(kind: str, url: str, model_dir: Path, size: int, clients: int,
             barrier.wait(CONNECT_TIMEOUT_S)
         except threading.BrokenBarrierError:
             raise BenchError(f"{where}: {first_error(results, clients)}") from None
+        cpu_start = cpu_jiffies()
         outcomes = []
         for _ in processes:
             try:
@@ -209,6 +229,7 @@ def run_clients(kind: str, url: str, model_dir: Path, size: int, clients: int,
             except queue.Empty:
                 raise BenchError(f"{where}: no result within {CASE_TIMEOUT_S * cases:.0f} s")\
                     from None
+        cpu_busy = busy_since(cpu_start)
         errors = [o for o in outcomes if isinstance(o, str)]
         if errors:
             raise BenchError(f"{where}: {errors[0]}")
@@ -219,7 +240,7 @@ def run_clients(kind: str, url: str, model_dir: Path, size: int, clients: int,
                 process.terminate()
                 process.join()
     wall = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
-    return wall, [o[2] for o in outcomes]
+    return wall, [o[2] for o in outcomes], cpu_busy
 
 
 def abort_on_death(processes: list[Any], barrier: Barrier) -> None:
@@ -262,14 +283,14 @@ def measure_local(model_dir: Path, image_a: np.ndarray, image_b: np.ndarray, cas
             patch_runtime = segmenter.runtime_for(MODE)  # load / compile outside the timing
             zeros = np.zeros((patch_runtime.max_batch, 1, *segmenter.model.patch_size), np.float32)
             patch_runtime.run({"image_a": zeros, "image_b": zeros})  # as warm_up() does for Triton
-            start = time.monotonic()
+            start, cpu_start = time.monotonic(), cpu_jiffies()
             for _ in range(cases):
                 labels = segmenter.segment(image_a, image_b, mode=MODE).labels
-            wall = time.monotonic() - start
+            wall, cpu_busy = time.monotonic() - start, busy_since(cpu_start)
         reference = labels if reference is None else reference
         print(f"  local {runtime}: {cases} cases in {wall:.1f} s", file=sys.stderr, flush=True)
         rows.append(Measurement("local Segmenter", runtime, "-", 1, cases, wall, tiles,
-                                agreement([labels], reference)))
+                                agreement([labels], reference), cpu_busy))
     assert reference is not None
     return rows, reference
 
@@ -311,12 +332,12 @@ def measure_triton(repository: Path, model_dir: Path, size: int, cases: int,
         for kind, clients in plan:
             print(f"  {kind} tiling, {runtime}, batching {batching}, {clients} client(s) ...",
                   file=sys.stderr, flush=True)
-            wall, labels = run_clients(kind, url, model_dir, size, clients, cases)
+            wall, labels, cpu_busy = run_clients(kind, url, model_dir, size, clients, cases)
             print(f"    {cases} cases in {wall:.1f} s", file=sys.stderr, flush=True)
             path = "Triton, client-side tiling" if kind == "client" else \
                 "Triton, server-side tiling (volume model)"
             rows.append(Measurement(path, runtime, batching, clients, cases, wall, tiles,
-                                    agreement(labels, reference)))
+                                    agreement(labels, reference), cpu_busy))
     except TritonServerError as exc:
         raise BenchError(str(exc)) from exc
     finally:
@@ -331,15 +352,16 @@ def table(rows: list[Measurement]) -> list[str]:
     local = next(r for r in rows if r.path.startswith("local") and r.runtime == "onnxruntime")
     single = {(r.path, r.runtime, r.batching): r for r in rows if r.clients == 1}
     lines = ["| path | runtime | dyn. batching | clients | cases | wall s | cases/min | tiles/s "
-             "| x vs 1 client | x vs local ORT | labels = local ORT |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| x vs 1 client | x vs local ORT | labels = local ORT | CPU busy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = single.get((r.path, r.runtime, r.batching))
         vs_one = f"{r.tiles_per_s / base.tiles_per_s:.2f}" if base and base is not r else "1.00"
         same = "-" if r.agreement is None else f"{100 * r.agreement:.3f}%"
         lines.append(f"| {r.path} | {r.runtime} | {r.batching} | {r.clients} | {r.cases} | "
                      f"{r.wall_s:.1f} | {r.cases_per_min:.2f} | {r.tiles_per_s:.1f} | {vs_one} | "
-                     f"{r.tiles_per_s / local.tiles_per_s:.2f} | {same} |")
+                     f"{r.tiles_per_s / local.tiles_per_s:.2f} | {same} | "
+                     f"{100 * r.cpu_busy:.0f}% |")
     return lines
 
 
