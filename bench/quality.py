@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/quality.py [--quick] [--out bench/results/quality] [--steps N]
         [--seeds N] [--ratios 10,20,50,100] [--arms single,fusion,cmc,cmc-no-csc,cmc-no-cac]
-        [--offsets 0,5,10,20] [--jobs 2] [--threads 1] [--resume-from FOLDER]
+        [--offsets 0,5,10,20] [--jobs 2] [--threads 1] [--train KEY=VALUE ...]
+        [--resume-from FOLDER]
 
 Data (generated with `write_synthetic_study`, one study per labelled ratio, same seed so the
 images are identical and only the labelled split changes): CT and MR of *different* subjects
@@ -28,6 +29,11 @@ estimate is printed before training starts. Writes to the output folder: results
 and the plain list of where CMC does not beat `fusion`), quality.png, results.json (every raw
 number, the command and the wall time), data/ (studies) and runs/ (one folder per training
 run, holding test_metrics.json once scored, which `--resume-from` uses to skip it).
+
+`--train KEY=VALUE` changes one training setting of the tiny preset (a loss weight, the
+consistency schedule, the CSC temperature) for every arm: the investigations behind the
+defaults of `cmc train` run through this same benchmark. The settings are recorded with
+every run and a resumed run must use the same ones.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from cmc_train.config import RunConfig, preset_run_config
+from cmc_train.config import RunConfig, TrainConfig, preset_run_config
 from cmc_train.evaluate import evaluate
 from cmc_train.synth import CLASSES, MODALITIES, write_synthetic_study
 from cmc_train.trainer import LAST, iter_metrics, train
@@ -68,6 +74,8 @@ BASELINE, CMC = "fusion", "cmc"
 ROTATION_PER_MM = 0.75  # sweep: 20 mm comes with 15 degrees
 DATA_SEED = 0
 PR_SET_PDEATHSIG = 1  # prctl(2) option: signal this process when its parent dies
+# TrainConfig fields the benchmark sets itself (the arms and the budget); --train may not.
+SET_BY_BENCHMARK = ("steps", "seed", "use_csc", "use_cac", "val_every", "warmup_steps")
 
 
 class BenchmarkError(Exception):
@@ -202,17 +210,41 @@ def write_study(study: Study, scale: Scale, data_dir: Path) -> Path:
     return datalist
 
 
-def run_config(arm: Arm, steps: int, seed: int) -> RunConfig:
-    """Tiny preset (its training settings, 2 mm voxels); same schedule and batch sizes for
-    every arm."""
+def run_config(arm: Arm, steps: int, seed: int, train_options: dict[str, Any]) -> RunConfig:
+    """Tiny preset (its training settings, 2 mm voxels, then `train_options`); same schedule
+    and batch sizes for every arm."""
     preset = preset_run_config("tiny", len(CLASSES), MODALITIES)
     train_cfg = dataclasses.replace(
-        preset.train, steps=steps, seed=seed, use_csc=arm.use_csc, use_cac=arm.use_cac,
-        val_every=steps, warmup_steps=max(1, min(30, steps // 10)))
+        preset.train, **train_options, steps=steps, seed=seed, use_csc=arm.use_csc,
+        use_cac=arm.use_cac, val_every=steps, warmup_steps=max(1, min(30, steps // 10)))
     return dataclasses.replace(preset, train=train_cfg)
 
 
-def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, Any]:
+def parse_train_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """--train KEY=VALUE pairs -> TrainConfig fields, typed like the field's default: the
+    settings an investigation varies (loss weights, schedule, temperature) for every arm."""
+    defaults = TrainConfig()
+    allowed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_BENCHMARK]
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in allowed:
+            raise BenchmarkError(f"--train {pair}: expected KEY=VALUE with KEY one of "
+                                 f"{', '.join(allowed)}")
+        kind = type(getattr(defaults, key))
+        try:
+            options[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+        except ValueError:
+            raise BenchmarkError(f"--train {pair}: {text!r} is not a {kind.__name__}") from None
+    try:
+        dataclasses.replace(defaults, **options)  # TrainConfig's own checks (e.g. schedule)
+    except ValueError as exc:
+        raise BenchmarkError(f"--train: {exc}") from None
+    return options
+
+
+def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int,
+            train_options: dict[str, Any]) -> dict[str, Any]:
     """Train (or finish an interrupted run), score the best checkpoint on the test split."""
     run_dir = runs_dir / job.name
     metrics_path = run_dir / TEST_METRICS
@@ -221,8 +253,12 @@ def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, A
         if record["steps"] != steps:
             raise BenchmarkError(f"{metrics_path}: run was trained for {record['steps']} steps, "
                                  f"this benchmark uses {steps}; pass --steps {record['steps']}")
+        if record.get("train_options", {}) != train_options:
+            raise BenchmarkError(f"{metrics_path}: run was trained with --train "
+                                 f"{record.get('train_options', {})}, this benchmark uses "
+                                 f"{train_options}")
         return record
-    summary = train(datalist, run_dir, run_config(job.arm, steps, job.seed),
+    summary = train(datalist, run_dir, run_config(job.arm, steps, job.seed, train_options),
                     resume=(run_dir / LAST).is_file(), progress=False,
                     single_modality=job.arm.single_modality)
     started = time.perf_counter()
@@ -230,6 +266,7 @@ def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, A
     record = {"name": job.name, "part": job.part, "study": job.study.name,
               "ratio": job.study.ratio, "offset_mm": job.study.offset_mm, "arm": job.arm.key,
               "single_modality": job.arm.single_modality, "seed": job.seed, "steps": steps,
+              "train_options": train_options,
               "best_step": summary.best_step, "val_mean_fg_dice": summary.best_metric,
               "train_seconds": summary.train_seconds,
               "eval_seconds": time.perf_counter() - started, "test": result["modes"]}
@@ -238,7 +275,7 @@ def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int) -> dict[str, A
 
 
 def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, steps: int,
-            parallel: int, threads: int) -> list[dict[str, Any]]:
+            train_options: dict[str, Any], parallel: int, threads: int) -> list[dict[str, Any]]:
     """Every job's record, in plan order; `parallel` worker processes of `threads` torch
     threads each (spawned: a forked torch runtime is not safe to reuse)."""
     context = multiprocessing.get_context("spawn")
@@ -246,8 +283,8 @@ def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, s
     records: dict[Job, dict[str, Any]] = {}
     with ProcessPoolExecutor(parallel, mp_context=context, initializer=_start_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run_job, job, datalists[job.study], runs_dir, steps): job
-                   for job in jobs}
+        futures = {pool.submit(run_job, job, datalists[job.study], runs_dir, steps,
+                               train_options): job for job in jobs}
         for future in as_completed(futures):
             job = futures[future]
             try:
@@ -280,13 +317,13 @@ class Timing:
     eval_case_s: float
 
 
-def calibrate(datalist: Path, calib_steps: int = 4) -> Timing:
+def calibrate(datalist: Path, train_options: dict[str, Any], calib_steps: int = 4) -> Timing:
     """Time a few steps of `fusion` and `cmc` (the first, which loads the data, left out)
     and one validation-split evaluation."""
     per_step = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in (BASELINE, CMC):
-            cfg = run_config(ARMS[key][0], steps=1000, seed=0)
+            cfg = run_config(ARMS[key][0], steps=1000, seed=0, train_options=train_options)
             train(datalist, Path(tmp) / key, cfg, progress=False, stop_after=calib_steps)
             seconds = [r["seconds"] for r in iter_metrics(Path(tmp) / key) if r["kind"] == "train"]
             per_step.append((seconds[-1] - seconds[0]) / (len(seconds) - 1))
@@ -439,6 +476,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", type=int, help="training cases (smoke tests)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                        help="a TrainConfig setting for every arm (repeatable), e.g. w_cac=0.1")
     parser.add_argument("--resume-from", type=Path, metavar="FOLDER",
                         help="continue an earlier output folder: scored runs are skipped")
     return parser.parse_args(argv)
@@ -465,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     scale = scale_from(args)
+    train_options = parse_train_options(args.train)
     arm_keys = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arm_keys if a not in ARMS]
     if unknown or BASELINE not in arm_keys or CMC not in arm_keys:
@@ -480,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{scale.val_cases}+{scale.test_cases} cases in {out / 'data'}", flush=True)
     datalists = {study: write_study(study, scale, out / "data") for study in
                  dict.fromkeys(j.study for j in jobs)}
-    timing = calibrate(datalists[jobs[0].study])
+    timing = calibrate(datalists[jobs[0].study], train_options)
     remaining = scale.budget_s - (time.perf_counter() - started)
     steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining, args.jobs)
     estimate = estimate_seconds(jobs, steps, timing, scale, args.jobs)
@@ -493,16 +533,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
               "steps, or a busy machine); use --resume-from to continue if interrupted",
               flush=True)
-    records = run_all(jobs, datalists, out / "runs", steps, args.jobs, args.threads)
+    records = run_all(jobs, datalists, out / "runs", steps, train_options, args.jobs,
+                      args.threads)
     wall = time.perf_counter() - started
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "
               f"{len(jobs)} runs x {steps} steps (tiny preset, {args.jobs} side by side, "
               f"{args.threads} thread(s) each); {scale.cases} training, {scale.val_cases} "
-              f"validation, {scale.test_cases} test cases of {scale.size}^3 voxels")
+              f"validation, {scale.test_cases} test cases of {scale.size}^3 voxels; "
+              f"training settings changed from the tiny preset: {train_options or 'none'}")
     text, shortfalls = report(records, out, header)
     (out / "results.json").write_text(json.dumps(
-        {"command": command, "wall_seconds": wall, "steps": steps,
+        {"command": command, "wall_seconds": wall, "steps": steps, "train_options": train_options,
          "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),
          "scale": dataclasses.asdict(scale), "arms": arm_keys, "cmc_shortfalls": shortfalls,
          "runs": records}, indent=1, allow_nan=False, default=_nan_free))
