@@ -253,10 +253,10 @@ def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int,
         if record["steps"] != steps:
             raise BenchmarkError(f"{metrics_path}: run was trained for {record['steps']} steps, "
                                  f"this benchmark uses {steps}; pass --steps {record['steps']}")
-        if record.get("train_options", {}) != train_options:
-            raise BenchmarkError(f"{metrics_path}: run was trained with --train "
-                                 f"{record.get('train_options', {})}, this benchmark uses "
-                                 f"{train_options}")
+        trained_with = record.get("train_options", {})  # absent in records before --train
+        if trained_with != train_options:
+            raise BenchmarkError(f"{metrics_path}: run was trained with --train {trained_with}, "
+                                 f"this benchmark uses {train_options}")
         return record
     summary = train(datalist, run_dir, run_config(job.arm, steps, job.seed, train_options),
                     resume=(run_dir / LAST).is_file(), progress=False,

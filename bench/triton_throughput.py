@@ -22,8 +22,8 @@ barrier so only segmentation is timed. Throughput is cases / wall time from the 
 the last client's end. Every client's labels are compared with the local ONNX Runtime
 labels. CPU busy is the fraction of all cores' time spent busy (by any process, from
 /proc/stat) while a configuration ran: near 100 % with one client means more clients have
-no cores left to fill. Prints the CPU, thread counts, load average, a markdown table with the ratios
-(N clients vs 1, Triton vs local ONNX Runtime) and the command. The server listens on
+no cores left to fill. Prints the CPU, thread counts, load average, a markdown table with
+the ratios (N clients vs 1, Triton vs local ONNX Runtime) and the command. The server listens on
 127.0.0.1 only and is stopped on exit, error or Ctrl-C.
 """
 
