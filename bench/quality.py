@@ -3,7 +3,9 @@
     .venv/bin/python bench/quality.py [--quick] [--out bench/results/quality] [--steps N]
         [--seeds N] [--ratios 10,20,50,100] [--arms single,fusion,cmc,cmc-no-csc,cmc-no-cac]
         [--offsets 0,5,10,20] [--jobs 2] [--threads 1] [--train KEY=VALUE ...]
-        [--resume-from FOLDER]
+        [--resume-from FOLDER] [--config tiny|small|sam-med3d|RUN.yaml]
+    .venv/bin/python bench/quality.py --datalist 10=amos10.json --datalist 100=amos100.json
+        [--config small] [--seeds N] [--steps N] ...
 
 Data (generated with `write_synthetic_study`, one study per labelled ratio, same seed so the
 images are identical and only the labelled split changes): CT and MR of *different* subjects
@@ -30,10 +32,18 @@ and the plain list of where CMC does not beat `fusion`), quality.png, results.js
 number, the command and the wall time), data/ (studies) and runs/ (one folder per training
 run, holding test_metrics.json once scored, which `--resume-from` uses to skip it).
 
-`--train KEY=VALUE` changes one training setting of the tiny preset (a loss weight, the
+`--train KEY=VALUE` changes one training setting of `--config` (a loss weight, the
 consistency schedule, the CSC temperature) for every arm: the investigations behind the
-defaults of `cmc train` run through this same benchmark. The settings are recorded with
-every run and a resumed run must use the same ones.
+defaults of `cmc train` run through this same benchmark. Each run's config.yaml records the
+settings, and a resumed run must use the same ones.
+
+Real data: `--datalist RATIO=PATH`, once per labelled ratio, replaces the generated studies
+with yours, e.g. AMOS imported at 10 % and 100 % with one seed (`cmc import amos ROOT
+--labelled-ratio 0.1 --out amos10.json`), so every ratio has the same training, validation
+and test cases (checked by id) and only the labels differ. Classes and modalities come from
+the datalists. The sweep is skipped: real pairs carry no known offset to vary.
+`--config` picks the model preset (sized to the data) or a run config YAML, as for `cmc
+train`.
 """
 
 from __future__ import annotations
@@ -60,10 +70,11 @@ import matplotlib
 import numpy as np
 import torch
 
-from cmc_train.config import RunConfig, TrainConfig, preset_run_config
+from cmc_train.config import RunConfig, TrainConfig, named_or_yaml_run_config
+from cmc_train.data.datalist import Datalist, DatalistError
 from cmc_train.evaluate import evaluate
-from cmc_train.synth import CLASSES, MODALITIES, write_synthetic_study
-from cmc_train.trainer import LAST, iter_metrics, train
+from cmc_train.synth import write_synthetic_study
+from cmc_train.trainer import CONFIG, LAST, file_sha256, iter_metrics, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -128,7 +139,7 @@ QUICK = Scale(cases=20, val_cases=2, test_cases=4, size=40, ratios=(10, 100),
 
 
 @dataclass(frozen=True)
-class Study:
+class SyntheticStudy:
     """One generated data set: a labelled ratio of the AMOS-like study, or a sweep point."""
 
     name: str
@@ -145,6 +156,40 @@ class Study:
                 "test_cases": scale.test_cases, "unpaired": self.unpaired,
                 "offset_mm": self.offset_mm, "rotation_deg": self.rotation_deg,
                 "elastic_mm": self.elastic_mm}
+
+    def datalist(self, scale: Scale, data_dir: Path) -> Path:
+        """Generate the study once; reuse an existing one only if made with the same spec."""
+        folder = data_dir / self.name
+        spec_path = folder / "study.json"
+        spec = self.spec(scale)
+        if spec_path.is_file():
+            if json.loads(spec_path.read_text()) != spec:
+                raise BenchmarkError(f"{spec_path}: existing study was generated with other "
+                                     "settings; use a fresh --out folder")
+            return folder / "datalist.json"
+        datalist = write_synthetic_study(folder, **spec)
+        spec_path.write_text(json.dumps(spec, indent=1))
+        return datalist
+
+
+@dataclass(frozen=True)
+class DatalistStudy:
+    """A user's datalist at one labelled ratio (e.g. `cmc import amos --labelled-ratio`),
+    used as it is: no misalignment is known, so it joins the ratio table only."""
+
+    ratio: int
+    path: Path
+    offset_mm: None = None
+
+    @property
+    def name(self) -> str:
+        return f"ratio{self.ratio}"
+
+    def datalist(self, scale: Scale, data_dir: Path) -> Path:
+        return self.path
+
+
+Study = SyntheticStudy | DatalistStudy
 
 
 @dataclass(frozen=True)
@@ -168,56 +213,127 @@ class Job:
         return ("a", "b", "fused") if self.part == "sweep" else ("a", "b")
 
 
-def ratio_study(ratio: int) -> Study:
+def ratio_study(ratio: int) -> SyntheticStudy:
     """AMOS-like: CT and MR of different subjects, the synthetic study's default motion."""
-    return Study(f"ratio{ratio}", ratio, unpaired=True, offset_mm=10.0, rotation_deg=5.0,
-                 elastic_mm=2.0)
+    return SyntheticStudy(f"ratio{ratio}", ratio, unpaired=True, offset_mm=10.0,
+                          rotation_deg=5.0, elastic_mm=2.0)
 
 
-def sweep_study(ratio: int, offset_mm: float) -> Study:
+def sweep_study(ratio: int, offset_mm: float) -> SyntheticStudy:
     """Paired subjects; only the rigid CT-MR offset (and its rotation) varies."""
-    return Study(f"offset{offset_mm:g}mm", ratio, unpaired=False, offset_mm=offset_mm,
-                 rotation_deg=ROTATION_PER_MM * offset_mm, elastic_mm=0.0)
+    return SyntheticStudy(f"offset{offset_mm:g}mm", ratio, unpaired=False, offset_mm=offset_mm,
+                          rotation_deg=ROTATION_PER_MM * offset_mm, elastic_mm=0.0)
 
 
-def plan(scale: Scale, arm_keys: Sequence[str]) -> list[Job]:
-    """All runs: every arm at every ratio, then the sweep (CMC vs fusion) at the lowest ratio."""
-    low = min(scale.ratios)
+def plan(ratio_studies: Sequence[Study], sweep_studies: Sequence[Study], seeds: int,
+         arm_keys: Sequence[str]) -> list[Job]:
+    """All runs: every arm at every ratio, then the sweep (CMC vs fusion); the lowest ratio
+    and the sweep repeat over `seeds`."""
+    low = min(study.ratio for study in ratio_studies)
     jobs = []
-    for ratio in scale.ratios:
-        for seed in range(scale.seeds if ratio == low else 1):
+    for study in ratio_studies:
+        for seed in range(seeds if study.ratio == low else 1):
             for key in arm_keys:
-                jobs += [Job(ratio_study(ratio), arm, seed, "ratio") for arm in ARMS[key]]
-    for offset in scale.offsets:
-        for seed in range(scale.seeds):
+                jobs += [Job(study, arm, seed, "ratio") for arm in ARMS[key]]
+    for study in sweep_studies:
+        for seed in range(seeds):
             for key in (BASELINE, CMC):
-                jobs += [Job(sweep_study(low, offset), arm, seed, "sweep") for arm in ARMS[key]]
+                jobs += [Job(study, arm, seed, "sweep") for arm in ARMS[key]]
     return jobs
 
 
-def write_study(study: Study, scale: Scale, data_dir: Path) -> Path:
-    """Generate the study once; reuse an existing one only if it was made with the same spec."""
-    folder = data_dir / study.name
-    spec_path = folder / "study.json"
-    spec = study.spec(scale)
-    if spec_path.is_file():
-        if json.loads(spec_path.read_text()) != spec:
-            raise BenchmarkError(f"{spec_path}: existing study was generated with other "
-                                 "settings; use a fresh --out folder")
-        return folder / "datalist.json"
-    datalist = write_synthetic_study(folder, **spec)
-    spec_path.write_text(json.dumps(spec, indent=1))
-    return datalist
+@dataclass(frozen=True)
+class Recipe:
+    """What every run shares: the base run configuration (a preset sized to the data, or a
+    YAML), the --train changes to it and the number of steps."""
+
+    base: RunConfig
+    train_options: dict[str, Any]
+    steps: int
+
+    def run_config(self, arm: Arm, seed: int) -> RunConfig:
+        """The base with the --train changes, the arm's losses and the budget's schedule."""
+        train_cfg = dataclasses.replace(
+            self.base.train, **self.train_options, steps=self.steps, seed=seed,
+            use_csc=arm.use_csc, use_cac=arm.use_cac, val_every=self.steps,
+            warmup_steps=max(1, min(30, self.steps // 10)))
+        return dataclasses.replace(self.base, train=train_cfg)
 
 
-def run_config(arm: Arm, steps: int, seed: int, train_options: dict[str, Any]) -> RunConfig:
-    """Tiny preset (its training settings, 2 mm voxels, then `train_options`); same schedule
-    and batch sizes for every arm."""
-    preset = preset_run_config("tiny", len(CLASSES), MODALITIES)
-    train_cfg = dataclasses.replace(
-        preset.train, **train_options, steps=steps, seed=seed, use_csc=arm.use_csc,
-        use_cac=arm.use_cac, val_every=steps, warmup_steps=max(1, min(30, steps // 10)))
-    return dataclasses.replace(preset, train=train_cfg)
+@dataclass(frozen=True)
+class DataInfo:
+    """What the runs share: the data's classes and modalities and the run configuration
+    (preset or YAML) that every arm starts from."""
+
+    classes: tuple[str, ...]
+    modalities: tuple[str, str]
+    base: RunConfig
+
+
+def parse_datalists(pairs: Sequence[str]) -> list[DatalistStudy]:
+    """--datalist RATIO=PATH pairs -> studies, checked to be comparable: the same classes,
+    modalities, validation and test cases in every one (only the labelled split may differ),
+    so that the ratio curve varies the labels alone."""
+    studies: dict[int, DatalistStudy] = {}
+    reference: tuple[Path, Datalist] | None = None
+    for pair in pairs:
+        text, sep, path = pair.partition("=")
+        try:
+            ratio = int(text)
+        except ValueError:
+            ratio = 0
+        if not sep or not path or not 0 < ratio <= 100:
+            raise BenchmarkError(f"--datalist {pair}: expected RATIO=PATH with RATIO a whole "
+                                 "percentage in (0, 100]")
+        if ratio in studies:
+            raise BenchmarkError(f"--datalist {pair}: ratio {ratio} given twice")
+        try:
+            datalist = Datalist.load(path)
+        except DatalistError as exc:
+            raise BenchmarkError(str(exc)) from None
+        if not datalist.labelled or not datalist.test:
+            raise BenchmarkError(f"{path}: needs labelled and test cases")
+        share = 100 * len(datalist.labelled) / (len(datalist.labelled) + len(datalist.unlabelled))
+        if abs(share - ratio) > 5:
+            print(f"warning: {path}: {share:.0f} % of the training cases are labelled, given "
+                  f"as {ratio} %", flush=True)
+        if reference is not None:
+            _check_comparable(reference, (Path(path), datalist))
+        reference = reference or (Path(path), datalist)
+        studies[ratio] = DatalistStudy(ratio, Path(path).resolve())
+    return [studies[ratio] for ratio in sorted(studies)]
+
+
+def _check_comparable(first: tuple[Path, Datalist], other: tuple[Path, Datalist]) -> None:
+    """Refuse datalists that differ in more than their labelled / unlabelled split."""
+    (path_a, a), (path_b, b) = first, other
+    for what in ("modalities", "classes"):
+        if getattr(a, what) != getattr(b, what):
+            raise BenchmarkError(f"{path_b}: {what} {list(getattr(b, what))} differ from "
+                                 f"{path_a}'s {list(getattr(a, what))}")
+    for split in ("validation", "test"):
+        if {e.id for e in a.split(split)} != {e.id for e in b.split(split)}:
+            raise BenchmarkError(f"{path_b}: {split} cases differ from {path_a}'s; the ratios "
+                                 "must be scored on the same cases (cmc import with one --seed)")
+    if {e.id for e in (*a.labelled, *a.unlabelled)} != {e.id for e in (*b.labelled,
+                                                                       *b.unlabelled)}:
+        raise BenchmarkError(f"{path_b}: training cases differ from {path_a}'s; only the "
+                             "labelled split may change between ratios")
+
+
+def data_info(datalist: Path, config: str) -> DataInfo:
+    """Classes and modalities of `datalist` and the run configuration `config` sizes to them."""
+    loaded = Datalist.load(datalist)
+    try:
+        base = named_or_yaml_run_config(config, len(loaded.classes), loaded.modalities)
+    except ValueError as exc:
+        raise BenchmarkError(str(exc)) from None
+    if base.model.num_classes != len(loaded.classes) \
+            or tuple(base.preprocess.modalities) != loaded.modalities:
+        raise BenchmarkError(f"--config {config}: {base.model.num_classes} classes and "
+                             f"modalities {list(base.preprocess.modalities)}, but {datalist} "
+                             f"has {len(loaded.classes)} and {list(loaded.modalities)}")
+    return DataInfo(loaded.classes, loaded.modalities, base)
 
 
 def parse_train_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -243,30 +359,25 @@ def parse_train_options(pairs: Sequence[str]) -> dict[str, Any]:
     return options
 
 
-def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int,
-            train_options: dict[str, Any]) -> dict[str, Any]:
+def run_job(job: Job, datalist: Path, runs_dir: Path, recipe: Recipe) -> dict[str, Any]:
     """Train (or finish an interrupted run), score the best checkpoint on the test split."""
     run_dir = runs_dir / job.name
     metrics_path = run_dir / TEST_METRICS
+    data_sha256 = file_sha256(datalist)
+    run_cfg = recipe.run_config(job.arm, job.seed)
     if metrics_path.is_file():
         record = json.loads(metrics_path.read_text())
-        if record["steps"] != steps:
-            raise BenchmarkError(f"{metrics_path}: run was trained for {record['steps']} steps, "
-                                 f"this benchmark uses {steps}; pass --steps {record['steps']}")
-        trained_with = record.get("train_options", {})  # absent in records before --train
-        if trained_with != train_options:
-            raise BenchmarkError(f"{metrics_path}: run was trained with --train {trained_with}, "
-                                 f"this benchmark uses {train_options}")
+        _check_same_run(record, run_dir, run_cfg, data_sha256)
         return record
-    summary = train(datalist, run_dir, run_config(job.arm, steps, job.seed, train_options),
-                    resume=(run_dir / LAST).is_file(), progress=False,
-                    single_modality=job.arm.single_modality)
+    summary = train(datalist, run_dir, run_cfg, resume=(run_dir / LAST).is_file(),
+                    progress=False, single_modality=job.arm.single_modality)
     started = time.perf_counter()
     result = evaluate(run_dir / BEST, datalist, "test", job.modes, torch.device("cpu"))
     record = {"name": job.name, "part": job.part, "study": job.study.name,
               "ratio": job.study.ratio, "offset_mm": job.study.offset_mm, "arm": job.arm.key,
-              "single_modality": job.arm.single_modality, "seed": job.seed, "steps": steps,
-              "train_options": train_options,
+              "single_modality": job.arm.single_modality, "seed": job.seed,
+              "steps": recipe.steps, "train_options": recipe.train_options,
+              "datalist_sha256": data_sha256,
               "best_step": summary.best_step, "val_mean_fg_dice": summary.best_metric,
               "train_seconds": summary.train_seconds,
               "eval_seconds": time.perf_counter() - started, "test": result["modes"]}
@@ -274,8 +385,32 @@ def run_job(job: Job, datalist: Path, runs_dir: Path, steps: int,
     return record
 
 
-def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, steps: int,
-            train_options: dict[str, Any], parallel: int, threads: int) -> list[dict[str, Any]]:
+def _check_same_run(record: dict[str, Any], run_dir: Path, run_cfg: RunConfig,
+                    data_sha256: str) -> None:
+    """A scored run is reused only if it was trained as this benchmark would train it: the
+    same steps, the same run configuration (preset, --config, --train) and the same datalist
+    (records from before --datalist carry no hash; their generated studies are checked by
+    study.json)."""
+    path = run_dir / TEST_METRICS
+    if record["steps"] != run_cfg.train.steps:
+        raise BenchmarkError(f"{path}: run was trained for {record['steps']} steps, this "
+                             f"benchmark uses {run_cfg.train.steps}; pass --steps "
+                             f"{record['steps']}")
+    trained = RunConfig.load_yaml(run_dir / CONFIG)
+    differing = [f"{section}.{key}" for section in ("model", "preprocess", "train")
+                 for key, value in getattr(run_cfg, section).to_dict().items()
+                 if getattr(trained, section).to_dict().get(key) != value]
+    if differing or trained.preset != run_cfg.preset:
+        raise BenchmarkError(f"{run_dir / CONFIG}: run was trained with other settings "
+                             f"({', '.join(differing) or 'preset'}); use the same --config "
+                             "and --train, or a fresh --out folder")
+    if record.get("datalist_sha256", data_sha256) != data_sha256:
+        raise BenchmarkError(f"{path}: run was trained on another version of its datalist; "
+                             "use a fresh --out folder")
+
+
+def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, recipe: Recipe,
+            parallel: int, threads: int) -> list[dict[str, Any]]:
     """Every job's record, in plan order; `parallel` worker processes of `threads` torch
     threads each (spawned: a forked torch runtime is not safe to reuse)."""
     context = multiprocessing.get_context("spawn")
@@ -283,8 +418,8 @@ def run_all(jobs: Sequence[Job], datalists: dict[Study, Path], runs_dir: Path, s
     records: dict[Job, dict[str, Any]] = {}
     with ProcessPoolExecutor(parallel, mp_context=context, initializer=_start_worker,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run_job, job, datalists[job.study], runs_dir, steps,
-                               train_options): job for job in jobs}
+        futures = {pool.submit(run_job, job, datalists[job.study], runs_dir, recipe): job
+                   for job in jobs}
         for future in as_completed(futures):
             job = futures[future]
             try:
@@ -317,14 +452,16 @@ class Timing:
     eval_case_s: float
 
 
-def calibrate(datalist: Path, train_options: dict[str, Any], calib_steps: int = 4) -> Timing:
+def calibrate(datalist: Path, base: RunConfig, train_options: dict[str, Any],
+              calib_steps: int = 4) -> Timing:
     """Time a few steps of `fusion` and `cmc` (the first, which loads the data, left out)
     and one validation-split evaluation."""
     per_step = []
+    recipe = Recipe(base, train_options, steps=1000)  # the schedule of a long run
     with tempfile.TemporaryDirectory() as tmp:
         for key in (BASELINE, CMC):
-            cfg = run_config(ARMS[key][0], steps=1000, seed=0, train_options=train_options)
-            train(datalist, Path(tmp) / key, cfg, progress=False, stop_after=calib_steps)
+            train(datalist, Path(tmp) / key, recipe.run_config(ARMS[key][0], seed=0),
+                  progress=False, stop_after=calib_steps)
             seconds = [r["seconds"] for r in iter_metrics(Path(tmp) / key) if r["kind"] == "train"]
             per_step.append((seconds[-1] - seconds[0]) / (len(seconds) - 1))
         started = time.perf_counter()
@@ -365,31 +502,32 @@ def _fmt(stat: tuple[float, float, int]) -> str:
     return f"{mean:.3f} +- {std:.3f}" if n > 1 else f"{mean:.3f}"
 
 
-def _mode_of(modality: str) -> str:
-    return {MODALITIES[0]: "a", MODALITIES[1]: "b"}.get(modality, "fused")
-
-
 def summarise(records: Sequence[dict[str, Any]], part: str,
-              modalities: Sequence[str]) -> dict[tuple[float, str, str], dict[str, Any]]:
-    """(ratio or offset, arm, modality) -> per-class and mean Dice stats over seeds."""
+              info: DataInfo) -> dict[tuple[float, str, str], dict[str, Any]]:
+    """(ratio or offset, arm, modality or "a+b" for the fused prediction) -> per-class and
+    mean Dice stats over seeds."""
+    mode_names = {"a": info.modalities[0], "b": info.modalities[1],
+                  "fused": "+".join(info.modalities)}
     key_field = "ratio" if part == "ratio" else "offset_mm"
     groups: dict[tuple[float, str, str], list[dict[str, Any]]] = {}
     for rec in records:
         if rec["part"] != part:
             continue
-        for modality in modalities:
-            scored = rec["test"].get(_mode_of(modality))
-            if scored and scored.get("num_cases"):
-                groups.setdefault((rec[key_field], rec["arm"], modality), []).append(scored)
-    classes = list(CLASSES[1:])
+        for mode, scored in rec["test"].items():
+            if scored.get("num_cases"):
+                groups.setdefault((rec[key_field], rec["arm"], mode_names[mode]),
+                                  []).append(scored)
+    classes = info.classes[1:]
     return {key: {"classes": {c: _stats([s["dice"][c] for s in scored]) for c in classes},
                   "mean": _stats([s["mean_fg_dice"] for s in scored])}
             for key, scored in sorted(groups.items())}
 
 
-def markdown_table(summary: dict[tuple[float, str, str], dict[str, Any]], first: str) -> str:
-    """One row per (ratio or offset, arm, modality): Dice per class and the foreground mean."""
-    classes = list(CLASSES[1:])
+def markdown_table(summary: dict[tuple[float, str, str], dict[str, Any]], first: str,
+                   classes: Sequence[str]) -> str:
+    """One row per (ratio or offset, arm, modality): Dice per class (background excluded)
+    and the foreground mean."""
+    classes = classes[1:]
     lines = [f"| {first} | arm | modality | n | " + " | ".join(classes) + " | mean |",
              "|" + "---|" * (len(classes) + 5)]
     for (point, arm, modality), stats in summary.items():
@@ -414,10 +552,14 @@ def cmc_shortfalls(summary: dict[tuple[float, str, str], dict[str, Any]], what: 
 
 
 def plot(ratio_sum: dict[tuple[float, str, str], dict[str, Any]],
-         sweep_sum: dict[tuple[float, str, str], dict[str, Any]], path: Path) -> None:
-    """Labelled-ratio curves per modality and the misalignment sweep; error bars = std."""
-    panels = [(m, ratio_sum, "labelled ratio (%)") for m in MODALITIES]
-    panels.append(("+".join(MODALITIES), sweep_sum, "CT-MR rigid offset (mm)"))
+         sweep_sum: dict[tuple[float, str, str], dict[str, Any]], modalities: Sequence[str],
+         path: Path) -> None:
+    """Labelled-ratio curves per modality and, when measured, the misalignment sweep;
+    error bars = std."""
+    panels = [(m, ratio_sum, "labelled ratio (%)") for m in modalities]
+    if sweep_sum:
+        fused = "+".join(modalities)
+        panels.append((fused, sweep_sum, f"{fused} rigid offset (mm)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (modality, summary, xlabel) in zip(axes[0], panels, strict=True):
         for arm in dict.fromkeys(a for _, a, _ in summary):
@@ -435,22 +577,24 @@ def plot(ratio_sum: dict[tuple[float, str, str], dict[str, Any]],
     plt.close(fig)
 
 
-def report(records: Sequence[dict[str, Any]], out: Path, header: str) -> tuple[str, list[str]]:
+def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: DataInfo,
+           data_kind: str) -> tuple[str, list[str]]:
     """Write results.md and quality.png; return the markdown and the CMC shortfall lines."""
-    ratio_sum = summarise(records, "ratio", MODALITIES)
-    sweep_sum = summarise(records, "sweep", (*MODALITIES, "+".join(MODALITIES)))
+    ratio_sum = summarise(records, "ratio", info)
+    sweep_sum = summarise(records, "sweep", info)
     shortfalls = cmc_shortfalls(ratio_sum, "labelled ratio (%)") \
         + cmc_shortfalls(sweep_sum, "offset (mm)")
     verdict = shortfalls or ["CMC beats supervised fusion at every point measured."]
-    text = "\n\n".join([
-        header,
-        "## Labelled ratio (unpaired CT / MR, test split, Dice)", markdown_table(ratio_sum, "%"),
-        "## Misalignment sweep (paired, lowest ratio, test split, Dice)",
-        markdown_table(sweep_sum, "offset mm"),
-        "## Where CMC does not beat supervised fusion", "\n".join(f"- {v}" for v in verdict),
-    ]) + "\n"
+    sections = [header, f"## Labelled ratio ({data_kind}, test split, Dice)",
+                markdown_table(ratio_sum, "%", info.classes)]
+    if sweep_sum:
+        sections += ["## Misalignment sweep (paired, lowest ratio, test split, Dice)",
+                     markdown_table(sweep_sum, "offset mm", info.classes)]
+    sections += ["## Where CMC does not beat supervised fusion",
+                 "\n".join(f"- {v}" for v in verdict)]
+    text = "\n\n".join(sections) + "\n"
     (out / "results.md").write_text(text)
-    plot(ratio_sum, sweep_sum, out / "quality.png")
+    plot(ratio_sum, sweep_sum, info.modalities, out / "quality.png")
     return text, shortfalls
 
 
@@ -480,6 +624,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="a TrainConfig setting for every arm (repeatable), e.g. w_cac=0.1")
     parser.add_argument("--resume-from", type=Path, metavar="FOLDER",
                         help="continue an earlier output folder: scored runs are skipped")
+    parser.add_argument("--datalist", action="append", default=[], metavar="RATIO=PATH",
+                        help="your datalist at a labelled ratio in %% (repeatable), e.g. "
+                             "10=amos10.json, instead of generated studies; no sweep")
+    parser.add_argument("--config", default="tiny",
+                        help="model preset (tiny | small | sam-med3d) or run config YAML, as "
+                             "for cmc train")
     return parser.parse_args(argv)
 
 
@@ -498,12 +648,49 @@ def scale_from(args: argparse.Namespace) -> Scale:
     return scale
 
 
+def studies_from(args: argparse.Namespace) -> tuple[Scale, list[Study], list[Study]]:
+    """The scale and the ratio and sweep studies: generated ones (the preset narrowed by the
+    options) or the user's datalists, whose split sizes replace the scale's."""
+    scale = scale_from(args)
+    if not args.datalist:
+        low = min(scale.ratios)
+        return (scale, [ratio_study(r) for r in scale.ratios],
+                [sweep_study(low, offset) for offset in scale.offsets])
+    generated_only = [f"--{name}" for name in ("ratios", "offsets", "cases")
+                      if getattr(args, name) is not None]
+    if generated_only:
+        raise BenchmarkError(f"{', '.join(generated_only)}: apply to generated studies only; "
+                             "with --datalist the datalists fix the ratios and cases")
+    studies = parse_datalists(args.datalist)
+    first = Datalist.load(studies[0].path)
+    scale = dataclasses.replace(
+        scale, ratios=tuple(study.ratio for study in studies), offsets=(), size=0,
+        cases=len(first.labelled) + len(first.unlabelled), val_cases=len(first.validation),
+        test_cases=len(first.test))
+    return scale, list(studies), []
+
+
+def describe_data(scale: Scale, ratio_studies: Sequence[Study]) -> str:
+    """The data in one line for the report's header."""
+    given = []
+    for study in ratio_studies:
+        if isinstance(study, DatalistStudy):
+            loaded = Datalist.load(study.path)
+            given.append(f"{study.ratio} % = {study.path} ({len(loaded.labelled)} labelled, "
+                         f"{len(loaded.unlabelled)} unlabelled)")
+    if not given:
+        return (f"generated: {scale.cases} training, {scale.val_cases} validation, "
+                f"{scale.test_cases} test cases of {scale.size}^3 voxels")
+    return (f"datalists {'; '.join(given)}; {scale.val_cases} validation, "
+            f"{scale.test_cases} test cases")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Generate the studies, time the machine, train and score every run, write the report."""
     started = time.perf_counter()
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    scale = scale_from(args)
+    scale, ratio_studies, sweep_studies = studies_from(args)
     train_options = parse_train_options(args.train)
     arm_keys = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arm_keys if a not in ARMS]
@@ -514,13 +701,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.resume_from is None and (out / "runs").exists():
         raise BenchmarkError(f"{out / 'runs'}: earlier results exist; pass --resume-from {out} "
                              "to continue them or choose another --out")
-    jobs = plan(scale, arm_keys)
+    jobs = plan(ratio_studies, sweep_studies, scale.seeds, arm_keys)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"generating {len({j.study for j in jobs})} studies of {scale.cases}+"
-          f"{scale.val_cases}+{scale.test_cases} cases in {out / 'data'}", flush=True)
-    datalists = {study: write_study(study, scale, out / "data") for study in
+    if args.datalist:
+        print(f"using {len(ratio_studies)} datalists; no misalignment sweep", flush=True)
+    else:
+        print(f"generating {len({j.study for j in jobs})} studies of {scale.cases}+"
+              f"{scale.val_cases}+{scale.test_cases} cases in {out / 'data'}", flush=True)
+    datalists = {study: study.datalist(scale, out / "data") for study in
                  dict.fromkeys(j.study for j in jobs)}
-    timing = calibrate(datalists[jobs[0].study], train_options)
+    info = data_info(datalists[jobs[0].study], args.config)
+    timing = calibrate(datalists[jobs[0].study], info.base, train_options)
     remaining = scale.budget_s - (time.perf_counter() - started)
     steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining, args.jobs)
     estimate = estimate_seconds(jobs, steps, timing, scale, args.jobs)
@@ -533,16 +724,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
               "steps, or a busy machine); use --resume-from to continue if interrupted",
               flush=True)
-    records = run_all(jobs, datalists, out / "runs", steps, train_options, args.jobs,
-                      args.threads)
+    records = run_all(jobs, datalists, out / "runs", Recipe(info.base, train_options, steps),
+                      args.jobs, args.threads)
     wall = time.perf_counter() - started
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "
-              f"{len(jobs)} runs x {steps} steps (tiny preset, {args.jobs} side by side, "
-              f"{args.threads} thread(s) each); {scale.cases} training, {scale.val_cases} "
-              f"validation, {scale.test_cases} test cases of {scale.size}^3 voxels; "
-              f"training settings changed from the tiny preset: {train_options or 'none'}")
-    text, shortfalls = report(records, out, header)
+              f"{len(jobs)} runs x {steps} steps (--config {args.config}, {args.jobs} side by "
+              f"side, {args.threads} thread(s) each); {describe_data(scale, ratio_studies)}; "
+              f"training settings changed from --config: {train_options or 'none'}")
+    data_kind = "the given datalists" if args.datalist else "unpaired CT / MR"
+    text, shortfalls = report(records, out, header, info, data_kind)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "wall_seconds": wall, "steps": steps, "train_options": train_options,
          "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),

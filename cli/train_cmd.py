@@ -108,14 +108,8 @@ def command(
 
 def _base_config(config: str, data: Path) -> RunConfig:
     """A preset sized to the datalist's classes and modalities, or a run config YAML."""
-    from cmc_train.config import RunConfig, preset_run_config
+    from cmc_train.config import named_or_yaml_run_config
     from cmc_train.data.datalist import Datalist
 
-    if config in PRESETS:
-        datalist = Datalist.load(data)
-        return preset_run_config(config, len(datalist.classes), datalist.modalities)
-    path = Path(config)
-    if path.suffix not in (".yaml", ".yml"):
-        raise ValueError(f"--config {config!r}: use a preset ({', '.join(PRESETS)}) or a "
-                         ".yaml run config")
-    return RunConfig.load_yaml(path)
+    datalist = Datalist.load(data)
+    return named_or_yaml_run_config(config, len(datalist.classes), datalist.modalities)

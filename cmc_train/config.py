@@ -107,6 +107,19 @@ def preset_run_config(name: str, num_classes: int, modalities: tuple[str, str]) 
                      train=TrainConfig(**TRAIN_PRESETS[name]), preset=name)
 
 
+def named_or_yaml_run_config(config: str, num_classes: int,
+                             modalities: tuple[str, str]) -> RunConfig:
+    """`config` as `cmc train --config` takes it: a preset name, sized to the data's classes
+    and modalities, or the path of a run config YAML (e.g. an earlier run's config.yaml)."""
+    if config in MODEL_PRESETS:
+        return preset_run_config(config, num_classes, modalities)
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"--config {config!r}: use a preset ({', '.join(MODEL_PRESETS)}) or a "
+                         ".yaml run config")
+    return RunConfig.load_yaml(path)
+
+
 CT_WINDOW = {"kind": "ct_window", "low": -175.0, "high": 250.0}
 ZSCORE_NONZERO = {"kind": "zscore_nonzero"}
 
