@@ -52,6 +52,11 @@ class OnnxRuntimeRuntime:
             providers[0] = (primary, {"trt_fp16_enable": precision == "fp16"})
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if execution_provider == "cpu":
+            # The memory pattern pre-plans one block for every intermediate of a run and keeps
+            # it: one 8-class 128^3 tile held 301 MiB with it and 149 MiB without, at the same
+            # speed on the tiny model (0.4 %), measured 2026-11-29 (BENCHMARKS.md, peak RSS).
+            opts.enable_mem_pattern = False
         try:
             self._session: Any = ort.InferenceSession(str(path), sess_options=opts,
                                                  providers=providers)
