@@ -4,17 +4,22 @@ OpenVINO reads the exported IR (.xml/.bin) or the ONNX graph directly; on our AV
 it segments 1.7x faster than ONNX Runtime end to end (BENCHMARKS.md, tiny network). bf16
 is an inference-precision hint on the fp32 graph; OpenVINO accepts the hint on CPUs
 without native bf16 and quietly runs fp32, so we check the CPU's capabilities and refuse
-instead. A batch is split over the plugin's
-optimal number of infer requests (one per CPU stream), started together so the streams
-run tiles concurrently. Plain requests, not an `AsyncInferQueue` with a Python callback:
-destroying such a queue can deadlock on the GIL with the thread that ran the callback
-(seen in our tests under load).
+instead.
+
+The graph is compiled for one tile at a time: OpenVINO's CPU plugin picks its kernels
+for a static shape once, where a dynamic batch axis costs it a fifth of its speed
+(tiny network, 2 cores: 31 vs 25 tiles/s, BENCHMARKS.md). The tiles of a batch are
+queued over the plugin's optimal number of infer requests (one per CPU stream), so the
+streams run tiles concurrently. Plain requests, not an `AsyncInferQueue` with a Python
+callback: destroying such a queue can deadlock on the GIL with the thread that ran the
+callback (seen in our tests under load).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,8 @@ class OpenVinoRuntime:
         if not set(inputs) <= names or output not in outs:
             raise RuntimeUnavailable(f"{path}: graph I/O {sorted(names)} -> {sorted(outs)} does "
                                      f"not match cmc.json ({list(inputs)} -> {output})")
+        model.reshape({port.get_any_name(): one_tile_shape(port.get_partial_shape())
+                       for port in model.inputs})
         threads = num_threads or os.cpu_count() or 1
         config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
                   "INFERENCE_NUM_THREADS": threads,
@@ -66,7 +73,6 @@ class OpenVinoRuntime:
         self.output = output
         self.precision = precision
         self.max_batch = max_batch
-        self.jobs = jobs
         log.info("openvino %s: %s on CPU, %s, %d threads, %d infer requests", ov.__version__,
                  path.name, OV_PRECISION[precision], threads, jobs)
 
@@ -74,18 +80,33 @@ class OpenVinoRuntime:
         if self._compiled is None:
             raise RuntimeError("openvino: run() after close()")
         n = check_batch(inputs, self.inputs, self.max_batch, self.name)
-        chunks = np.array_split(np.arange(n), min(self.jobs, n))
-        busy = self._requests[:len(chunks)]
-        for request, rows in zip(busy, chunks, strict=True):
-            feed = {k: np.ascontiguousarray(v[rows[0]:rows[-1] + 1], dtype=np.float32)
-                    for k, v in inputs.items()}
-            request.start_async(feed)
-        outputs = []
-        for request in busy:
-            request.wait()
-            outputs.append(np.array(request.get_tensor(self.output).data, dtype=np.float32))
+        outputs: list[np.ndarray] = []
+        idle = list(self._requests)
+        running: deque[Any] = deque()
+        for row in range(n):
+            if not idle:
+                idle.append(self._collect(running.popleft(), outputs))
+            request = idle.pop()
+            request.start_async({k: np.ascontiguousarray(v[row:row + 1], dtype=np.float32)
+                                 for k, v in inputs.items()})
+            running.append(request)
+        while running:
+            self._collect(running.popleft(), outputs)
         return np.concatenate(outputs, axis=0)
+
+    def _collect(self, request: Any, outputs: list[np.ndarray]) -> Any:
+        """Wait for `request`, append a copy of its output and hand the request back."""
+        request.wait()
+        outputs.append(np.array(request.get_tensor(self.output).data, dtype=np.float32))
+        return request
 
     def close(self) -> None:
         self._requests = []
         self._compiled = None
+
+
+def one_tile_shape(shape: Any) -> Any:
+    """`shape` (an OpenVINO PartialShape) with its batch axis fixed to one tile."""
+    fixed = shape.__class__(shape)
+    fixed[0] = 1
+    return fixed
