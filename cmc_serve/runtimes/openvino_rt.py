@@ -1,7 +1,7 @@
 """OpenVINO patch runtime (CPU, fp32 or bf16).
 
 OpenVINO reads the exported IR (.xml/.bin) or the ONNX graph directly; on our AVX-512 CPU
-it segments 1.7x faster than ONNX Runtime end to end (BENCHMARKS.md, tiny network). bf16
+it segments 2.1x faster than ONNX Runtime end to end (BENCHMARKS.md, tiny network). bf16
 is an inference-precision hint on the fp32 graph; OpenVINO accepts the hint on CPUs
 without native bf16 and quietly runs fp32, so we check the CPU's capabilities and refuse
 instead.

@@ -1,6 +1,6 @@
 """Choose and open the patch runtime for a model, mode, device and precision.
 
-"auto" picks the fastest runtime that can actually run here: OpenVINO on CPU (1.7x faster
+"auto" picks the fastest runtime that can actually run here: OpenVINO on CPU (2.1x faster
 than ONNX Runtime end to end on our AVX-512 CPU, BENCHMARKS.md) and a TensorRT engine,
 then ONNX Runtime's CUDA provider, on a GPU. Falling back is only ever done for "auto": a
 runtime or device the caller named explicitly either runs or fails with RuntimeUnavailable
