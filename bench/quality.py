@@ -62,7 +62,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +175,12 @@ class SyntheticStudy:
 @dataclass(frozen=True)
 class DatalistStudy:
     """A user's datalist at one labelled ratio (e.g. `cmc import amos --labelled-ratio`),
-    used as it is: no misalignment is known, so it joins the ratio table only."""
+    used as it is: no misalignment is known, so it joins the ratio table only. `loaded` is
+    the datalist as validated once by `parse_datalists` (loading re-checks every file)."""
 
     ratio: int
     path: Path
+    loaded: Datalist = field(compare=False, repr=False)
     offset_mm: None = None
 
     @property
@@ -300,7 +302,7 @@ def parse_datalists(pairs: Sequence[str]) -> list[DatalistStudy]:
         if reference is not None:
             _check_comparable(reference, (Path(path), datalist))
         reference = reference or (Path(path), datalist)
-        studies[ratio] = DatalistStudy(ratio, Path(path).resolve())
+        studies[ratio] = DatalistStudy(ratio, Path(path).resolve(), datalist)
     return [studies[ratio] for ratio in sorted(studies)]
 
 
@@ -321,9 +323,9 @@ def _check_comparable(first: tuple[Path, Datalist], other: tuple[Path, Datalist]
                              "labelled split may change between ratios")
 
 
-def data_info(datalist: Path, config: str) -> DataInfo:
-    """Classes and modalities of `datalist` and the run configuration `config` sizes to them."""
-    loaded = Datalist.load(datalist)
+def data_info(loaded: Datalist, datalist: Path, config: str) -> DataInfo:
+    """Classes and modalities of `loaded` (read from `datalist`) and the run configuration
+    `config` sizes to them."""
     try:
         base = named_or_yaml_run_config(config, len(loaded.classes), loaded.modalities)
     except ValueError as exc:
@@ -662,7 +664,7 @@ def studies_from(args: argparse.Namespace) -> tuple[Scale, list[Study], list[Stu
         raise BenchmarkError(f"{', '.join(generated_only)}: apply to generated studies only; "
                              "with --datalist the datalists fix the ratios and cases")
     studies = parse_datalists(args.datalist)
-    first = Datalist.load(studies[0].path)
+    first = studies[0].loaded
     scale = dataclasses.replace(
         scale, ratios=tuple(study.ratio for study in studies), offsets=(), size=0,
         cases=len(first.labelled) + len(first.unlabelled), val_cases=len(first.validation),
@@ -675,9 +677,8 @@ def describe_data(scale: Scale, ratio_studies: Sequence[Study]) -> str:
     given = []
     for study in ratio_studies:
         if isinstance(study, DatalistStudy):
-            loaded = Datalist.load(study.path)
-            given.append(f"{study.ratio} % = {study.path} ({len(loaded.labelled)} labelled, "
-                         f"{len(loaded.unlabelled)} unlabelled)")
+            given.append(f"{study.ratio} % = {study.path} ({len(study.loaded.labelled)} "
+                         f"labelled, {len(study.loaded.unlabelled)} unlabelled)")
     if not given:
         return (f"generated: {scale.cases} training, {scale.val_cases} validation, "
                 f"{scale.test_cases} test cases of {scale.size}^3 voxels")
@@ -710,7 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{scale.val_cases}+{scale.test_cases} cases in {out / 'data'}", flush=True)
     datalists = {study: study.datalist(scale, out / "data") for study in
                  dict.fromkeys(j.study for j in jobs)}
-    info = data_info(datalists[jobs[0].study], args.config)
+    first = jobs[0].study
+    info = data_info(first.loaded if isinstance(first, DatalistStudy)
+                     else Datalist.load(datalists[first]), datalists[first], args.config)
     timing = calibrate(datalists[jobs[0].study], info.base, train_options)
     remaining = scale.budget_s - (time.perf_counter() - started)
     steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining, args.jobs)
