@@ -24,7 +24,7 @@ from cmc_export.fp16 import convert_fp16
 from cmc_export.gate_inputs import random_patches
 from cmc_export.onnx_export import onnxruntime_runner, trace_to_onnx
 from cmc_export.openvino_export import export_openvino, openvino_runner, unsupported_reason
-from cmc_export.patch_graph import patch_graph, torch_runner
+from cmc_export.patch_graph import GRAPH_INPUTS, patch_graph, torch_runner
 from cmc_train.config import model_config
 from cmc_train.network import build_cmc
 
@@ -50,7 +50,8 @@ def seconds_per_batch(run: Runner, batch: Mapping[str, np.ndarray], repeats: int
     return statistics.median(times)
 
 
-def runners(preset: str, folder: Path, threads: int) -> dict[tuple[str, str], Runner | str]:
+def runners(preset: str, folder: Path, threads: int,
+            batch: int) -> dict[tuple[str, str], Runner | str]:
     """(runtime, precision) -> runner, or the reason it cannot run here."""
     torch.manual_seed(0)
     net = build_cmc(model_config(preset, num_classes=5)).eval()
@@ -68,7 +69,8 @@ def runners(preset: str, folder: Path, threads: int) -> dict[tuple[str, str], Ru
     }
     for precision in ("fp32", "bf16"):
         reason = unsupported_reason(precision)
-        table[("openvino", precision)] = reason or openvino_runner(xml, precision, threads)
+        table[("openvino", precision)] = reason or openvino_runner(
+            xml, precision, GRAPH_INPUTS[MODE], batch, threads)
     return table
 
 
@@ -85,7 +87,8 @@ def main() -> None:
             size = model_config(preset, num_classes=5).img_size
             batch = random_patches(MODE, size, args.batch)
             baseline = None
-            for (runtime, precision), run in runners(preset, Path(tmp), threads).items():
+            for (runtime, precision), run in runners(preset, Path(tmp), threads,
+                                                           args.batch).items():
                 if isinstance(run, str):
                     rows.append(f"| {preset} ({size}^3) | {runtime} | {precision} | - | - | "
                                 f"skipped: {run.split(': ', 1)[-1]} |")

@@ -248,7 +248,8 @@ class _Exporter:
         export_openvino(onnx_path, xml, self.props(mode, "fp32"))
         for precision in wanted:
             gate = self.candidate_gate(f"{xml.name} (openvino {precision})",
-                                       openvino_runner(xml, precision), mode, reference)
+                                       openvino_runner(xml, precision, GRAPH_INPUTS[mode],
+                                                       self.max_batch), mode, reference)
             self.add(mode, "openvino", precision, xml, gate)
 
     def export_tensorrt(self, mode: str, onnx_path: Path, precisions: Sequence[str],

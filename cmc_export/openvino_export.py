@@ -1,48 +1,25 @@
-"""OpenVINO IR (.xml/.bin) from the fp32 ONNX graph, and its compiled CPU runner.
+"""OpenVINO IR (.xml/.bin) from the fp32 ONNX graph, and its runner for the parity gates.
 
 The IR is always stored in fp32 (`compress_to_fp16=False`): bf16 / fp16 are inference
 precision hints applied at compile time on CPUs that support them natively. Without native
 support OpenVINO accepts the hint and quietly runs fp32, so the exporter asks the CPU's
-OPTIMIZATION_CAPABILITIES first and skips the precision with a message instead.
-fp32 is requested explicitly: on CPUs with bf16, OpenVINO's default is bf16.
+OPTIMIZATION_CAPABILITIES first (`unsupported_reason`, shared with the serving runtime) and
+skips the precision with a message instead. fp32 is requested explicitly: on CPUs with
+bf16, OpenVINO's default is bf16.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from cmc_export.errors import ExportError
 from cmc_export.patch_graph import GRAPH_OUTPUT
+from cmc_serve.runtimes.openvino_rt import unsupported_reason
 
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
-
-
-def _core() -> Any:
-    import openvino as ov
-
-    return ov.Core()
-
-
-def cpu_name() -> str:
-    """The CPU as OpenVINO names it."""
-    return str(_core().get_property("CPU", "FULL_DEVICE_NAME"))
-
-
-def unsupported_reason(precision: str) -> str | None:
-    """Why this CPU cannot run `precision` natively in OpenVINO, or None if it can."""
-    if precision not in OV_PRECISION:
-        return f"OpenVINO has no {precision} inference precision"
-    core = _core()
-    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    if CAPABILITY[precision] not in capabilities:
-        return (f"OpenVINO {precision}: this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) "
-                f"has no native {precision} (capabilities {', '.join(capabilities)})")
-    return None
+__all__ = ["export_openvino", "openvino_runner", "unsupported_reason"]
 
 
 def export_openvino(onnx_path: Path, xml_path: Path, props: Mapping[str, str]) -> None:
@@ -59,20 +36,22 @@ def export_openvino(onnx_path: Path, xml_path: Path, props: Mapping[str, str]) -
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
 
 
-def openvino_runner(xml_path: Path, precision: str, threads: int = 0
-                    ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-    """The IR compiled for CPU with `precision` as the inference-precision hint."""
-    reason = unsupported_reason(precision)
-    if reason:
-        raise ExportError(reason)
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision]}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = _core().compile_model(str(xml_path), "CPU", config)
-    request = compiled.create_infer_request()
+def openvino_runner(xml_path: Path, precision: str, inputs: Sequence[str], max_batch: int,
+                    threads: int = 0) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """The IR compiled as `cmc segment` and the Triton patch model run it (cmc_serve's
+    OpenVinoRuntime: one-tile static shape, `precision` as the inference-precision hint),
+    so that the parity gate checks the kernels that will serve."""
+    from cmc_serve.runtimes.base import RuntimeUnavailable
+    from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
 
-    def run(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        result = request.infer(dict(inputs))
-        return np.array(result[compiled.output(GRAPH_OUTPUT)], dtype=np.float32)
+    try:
+        runtime = OpenVinoRuntime(xml_path, inputs=tuple(inputs), output=GRAPH_OUTPUT,
+                                  precision=precision, max_batch=max_batch,
+                                  num_threads=threads or None)
+    except RuntimeUnavailable as exc:
+        raise ExportError(str(exc)) from exc
+
+    def run(feed: Mapping[str, np.ndarray]) -> np.ndarray:
+        return runtime.run(dict(feed))
 
     return run

@@ -124,13 +124,14 @@ def test_openvino_bf16_is_gated_where_the_cpu_has_it_and_refused_elsewhere(
     if reason:
         assert "no native bf16" in reason
         with pytest.raises(ExportError, match="no native bf16"):
-            openvino_runner(tmp_path / "never_read.xml", "bf16")
+            openvino_runner(tmp_path / "never_read.xml", "bf16", ("image_a", "image_b"), 8)
         return
     onnx_path = tmp_path / "fused_fp32.onnx"
     onnx.save_model(fp32_model, str(onnx_path))
     xml = tmp_path / "fused_fp32.xml"
     export_openvino(onnx_path, xml, {"precision": "fp32"})
     reference = _probs(fp32_model, gate_sets["synthetic"])
-    bf16 = run_batched(openvino_runner(xml, "bf16"), gate_sets["synthetic"], 8)
+    bf16 = run_batched(openvino_runner(xml, "bf16", ("image_a", "image_b"), 8),
+                       gate_sets["synthetic"], 8)
     numbers = segmentation_parity("ov bf16", reference, bf16, CLASSES)
     assert numbers["min_dice"] >= 0.99 and numbers["max_abs_diff"] > 0

@@ -1,10 +1,10 @@
-"""OpenVINO patch runtime (CPU, fp32 or bf16).
+"""OpenVINO patch runtime (CPU, fp32, or bf16 / fp16 where the CPU has them natively).
 
 OpenVINO reads the exported IR (.xml/.bin) or the ONNX graph directly; on our AVX-512 CPU
 it segments 2.1x faster than ONNX Runtime end to end (BENCHMARKS.md, tiny network). bf16
-is an inference-precision hint on the fp32 graph; OpenVINO accepts the hint on CPUs
-without native bf16 and quietly runs fp32, so we check the CPU's capabilities and refuse
-instead.
+and fp16 are inference-precision hints on the fp32 graph; OpenVINO accepts a hint on CPUs
+without native support and quietly runs fp32, so we check the CPU's capabilities and
+refuse instead (`unsupported_reason`, also what `cmc export` skips a precision for).
 
 The graph is compiled for one tile at a time: OpenVINO's CPU plugin picks its kernels
 for a static shape once, where a dynamic batch axis costs it a fifth of its speed
@@ -29,7 +29,25 @@ from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
 
 log = logging.getLogger(__name__)
 
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
+
+
+def unsupported_reason(precision: str) -> str | None:
+    """Why OpenVINO cannot run `precision` natively on this CPU, or None if it can."""
+    try:
+        import openvino as ov  # type: ignore[import-untyped,unused-ignore]
+    except ImportError as exc:
+        return f"openvino is not installed ({exc})"
+    if precision not in OV_PRECISION:
+        return f"OpenVINO has no {precision} inference precision on CPU"
+    core = ov.Core()
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if CAPABILITY[precision] not in capabilities:
+        return (f"OpenVINO {precision}: this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) "
+                f"has no native {precision} (capabilities {', '.join(capabilities)}); it would "
+                "silently run fp32")
+    return None
 
 
 class OpenVinoRuntime:
@@ -40,17 +58,12 @@ class OpenVinoRuntime:
 
     def __init__(self, path: Path, *, inputs: tuple[str, ...], output: str, precision: str,
                  max_batch: int, num_threads: int | None = None) -> None:
-        try:
-            import openvino as ov  # type: ignore[import-untyped,unused-ignore]
-        except ImportError as exc:
-            raise RuntimeUnavailable(f"openvino is not installed ({exc})") from exc
-        if precision not in OV_PRECISION:
-            raise RuntimeUnavailable(f"openvino on CPU runs fp32 or bf16, not {precision}")
+        reason = unsupported_reason(precision)
+        if reason:
+            raise RuntimeUnavailable(reason)
+        import openvino as ov  # type: ignore[import-untyped,unused-ignore]
+
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise RuntimeUnavailable(
-                f"this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) has no native bf16; "
-                "OpenVINO would silently run fp32: use precision fp32")
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises plain RuntimeError subclasses
