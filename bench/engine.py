@@ -1,9 +1,11 @@
 """Benchmark: the torch-free engine against MONAI sliding-window inference, end to end.
 
-    .venv/bin/python bench/engine.py [--size 96] [--rss-shape 400 512 512] [--rss-classes 8]
+    .venv/bin/python bench/engine.py [--size 96] [--preset tiny|small] [--rounds 1]
+        [--rss-shape 400 512 512] [--rss-classes 8]
 
-1. Speed on one pre-processed two-modality volume (size^3) with the tiny CMC network
-   (random init, seeded): MONAI `sliding_window_inference` + torch eager fp32 versus
+1. Speed on one pre-processed two-modality volume (size^3) with the tiny (patch 32^3) or
+   small (patch 64^3) CMC network (random init, seeded), every pipeline warmed up on a
+   volume of two patches' edge first: MONAI `sliding_window_inference` + torch eager fp32 versus
    `Segmenter` on ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16 (where the CPU has
    native bf16), all in this one run, with the ratios, the label agreement (Dice of bf16
    vs fp32 labels) and the achieved FLOP/s of the patch network next to numpy's fp32 GEMM
@@ -22,16 +24,18 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ROI = 32
 
 
 def cpu_model() -> str:
@@ -117,7 +121,8 @@ def fused_graph(net: object) -> object:
     return FusedGraph()
 
 
-def speed(size: int) -> tuple[list[tuple[str, str, str, str, str]], dict[str, object]]:
+def speed(size: int, preset: str,
+          rounds: int) -> tuple[list[tuple[str, str, str, str, str]], dict[str, object]]:
     import torch
     from monai.data.utils import dense_patch_slices
     from monai.inferers import sliding_window_inference
@@ -131,63 +136,77 @@ def speed(size: int) -> tuple[list[tuple[str, str, str, str, str]], dict[str, ob
 
     classes = 5
     torch.manual_seed(0)
-    net = build_cmc(model_config("tiny", classes)).eval()
+    net = build_cmc(model_config(preset, classes)).eval()
+    roi = net.cfg.img_size
     graph = fused_graph(net)
-    x = torch.randn(1, 1, ROI, ROI, ROI)
+    x = torch.randn(1, 1, roi, roi, roi)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         graph(x, x)  # type: ignore[operator]
     tile_flops = counter.get_total_flops()
     tmp = Path(tempfile.mkdtemp(prefix="cmc_bench_"))
-    model_dir = write_model_dir(tmp / "tiny", {"fused": graph}, (x.repeat(2, 1, 1, 1, 1),) * 2,
-                                classes, ROI, openvino=True)
+    model_dir = write_model_dir(tmp / preset, {"fused": graph}, (x.repeat(2, 1, 1, 1, 1),) * 2,
+                                classes, roi, openvino=True)
     a, b = synthetic_case((size,) * 3)
     shape = a.shape
     gemm = gemm_flops()
-    info: dict[str, object] = {"gemm_gflops": gemm / 1e9, "tile_gflop": tile_flops / 1e9}
+    info: dict[str, object] = {"gemm_gflops": gemm / 1e9, "tile_gflop": tile_flops / 1e9,
+                               "patch": roi}
 
-    monai_tiles = len(dense_patch_slices(shape, (ROI,) * 3, (ROI // 2,) * 3))
-    # Every pipeline first segments a small volume untimed: torch's first batches of a shape
-    # run ~1.4x slower (oneDNN primitive creation), as OpenVINO's compilation would.
-    warm_a, warm_b = synthetic_case((2 * ROI,) * 3, seed=1)
+    monai_tiles = len(dense_patch_slices(shape, (roi,) * 3, (roi // 2,) * 3))
+    engine_tiles = len(TileGrid.build(shape, (roi,) * 3, 0.5))
 
-    def monai(a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-        return sliding_window_inference(
-            torch.from_numpy(np.stack([a, b])[None]), roi_size=(ROI,) * 3, sw_batch_size=4,
+    def monai(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        probs = sliding_window_inference(
+            torch.from_numpy(np.stack([a, b])[None]), roi_size=(roi,) * 3, sw_batch_size=4,
             overlap=0.5, mode="gaussian", sigma_scale=0.125,
             predictor=lambda t: net.predict(t[:, :1], t[:, 1:], "fused"))
+        return probs[0].argmax(0).numpy().astype(np.uint8)
 
-    with torch.no_grad():
-        monai(warm_a, warm_b)
-        t0 = time.perf_counter()
-        ref = monai(a, b)
-        monai_s = time.perf_counter() - t0
-    ref_labels = ref[0].argmax(0).numpy().astype(np.uint8)
-    del ref
-    rows = [("MONAI sliding_window + torch eager", "fp32", f"{monai_s:.1f}", "1.00",
-             f"{monai_tiles * tile_flops / monai_s / 1e9:.1f}")]
-    engine_tiles = len(TileGrid.build(shape, (ROI,) * 3, 0.5))
-    labels: dict[str, np.ndarray] = {}
-    for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"),
-                               ("openvino", "bf16")):
-        name = f"engine {runtime}"
-        try:
-            with Segmenter(model_dir, runtime=runtime, precision=precision) as seg:
-                seg.segment(warm_a, warm_b, mode="fused")
+    anchor = ("MONAI sliding_window + torch eager", "fp32")
+    pipelines: dict[tuple[str, str], Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+        anchor: monai}
+    unavailable: dict[tuple[str, str], str] = {}
+    times: dict[tuple[str, str], list[float]] = {}
+    labels: dict[tuple[str, str], np.ndarray] = {}
+    with ExitStack() as stack, torch.no_grad():
+        for runtime, precision in (("onnxruntime", "fp32"), ("openvino", "fp32"),
+                                   ("openvino", "bf16")):
+            key = (f"engine {runtime}", precision)
+            seg = stack.enter_context(Segmenter(model_dir, runtime=runtime, precision=precision))
+            try:
+                seg.runtime_for("fused")
+            except RuntimeUnavailable as exc:
+                unavailable[key] = str(exc)
+                continue
+            pipelines[key] = lambda a, b, seg=seg: seg.segment(a, b, mode="fused").labels
+        # Every pipeline first segments a small volume untimed: torch's first batches of a
+        # shape run ~1.4x slower (oneDNN primitive creation), as OpenVINO's compilation would.
+        warm_a, warm_b = synthetic_case((2 * roi,) * 3, seed=1)
+        for run in pipelines.values():
+            run(warm_a, warm_b)
+        # Rounds take the pipelines in turn, so that a drift of the machine's speed (shared
+        # hosts move by 1.5x within minutes) hits them all alike; the median is reported.
+        for _ in range(rounds):
+            for key, run in pipelines.items():
                 t0 = time.perf_counter()
-                result = seg.segment(a, b, mode="fused")
-                took = time.perf_counter() - t0
-        except RuntimeUnavailable as exc:
-            rows.append((name, precision, "unavailable", "-", "-"))
-            info[f"{name} {precision} unavailable"] = str(exc)
+                labels[key] = run(a, b)
+                times.setdefault(key, []).append(time.perf_counter() - t0)
+    seconds = {key: statistics.median(values) for key, values in times.items()}
+    rows = []
+    for key in (*pipelines, *unavailable):
+        if key in unavailable:
+            rows.append((*key, "unavailable", "-", "-"))
+            info[f"{key[0]} {key[1]} unavailable"] = unavailable[key]
             continue
-        labels[f"{runtime}/{precision}"] = result.labels
-        rows.append((name, precision, f"{took:.1f}", f"{monai_s / took:.2f}",
-                     f"{engine_tiles * tile_flops / took / 1e9:.1f}"))
+        tiles = monai_tiles if key == anchor else engine_tiles
+        rows.append((*key, f"{seconds[key]:.1f}", f"{seconds[anchor] / seconds[key]:.2f}",
+                     f"{tiles * tile_flops / seconds[key] / 1e9:.1f}"))
     info["argmax agreement engine ORT vs MONAI"] = float(
-        (labels["onnxruntime/fp32"] == ref_labels).mean())
-    if "openvino/bf16" in labels:
-        info["Dice bf16 vs fp32 labels (OpenVINO)"] = dice(labels["openvino/bf16"],
-                                                           labels["openvino/fp32"], classes)
+        (labels[("engine onnxruntime", "fp32")] == labels[anchor]).mean())
+    if ("engine openvino", "bf16") in labels:
+        info["Dice bf16 vs fp32 labels (OpenVINO)"] = dice(
+            labels[("engine openvino", "bf16")], labels[("engine openvino", "fp32")], classes)
+    info["rounds"] = rounds
     info["tiles"] = {"monai": monai_tiles, "engine": engine_tiles}
     return rows, info
 
@@ -281,10 +300,11 @@ def peak_rss(shape: tuple[int, int, int], classes: int,
     return rows
 
 
-def print_speed(size: int) -> None:
-    rows, info = speed(size)
-    print(f"## Speed: tiny CMC (K=5, patch {ROI}^3), two-modality {size}^3 volume, "
-          "overlap 0.5, gaussian blending\n")
+def print_speed(size: int, preset: str, rounds: int) -> None:
+    rows, info = speed(size, preset, rounds)
+    print(f"## Speed: {preset} CMC (K=5, patch {info['patch']}^3), two-modality {size}^3 volume, "
+          f"overlap 0.5, gaussian blending, labels out; median of {info['rounds']} round(s), "
+          "pipelines in turn\n")
     print("| pipeline | precision | seconds | speed-up vs MONAI | patch-net GFLOP/s |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -292,7 +312,7 @@ def print_speed(size: int) -> None:
     print(f"\nnumpy fp32 GEMM (2048^2): {info['gemm_gflops']:.0f} GFLOP/s; patch network "
           f"{info['tile_gflop']:.2f} GFLOP per tile; tiles {info['tiles']}")
     for key, value in info.items():
-        if key not in ("gemm_gflops", "tile_gflop", "tiles"):
+        if key not in ("gemm_gflops", "tile_gflop", "tiles", "patch", "rounds"):
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
@@ -300,6 +320,10 @@ def print_speed(size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=96, help="edge of the speed-test volume")
+    parser.add_argument("--preset", choices=("tiny", "small"), default="tiny",
+                        help="network of the speed test (patch 32^3 or 64^3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="speed-test rounds, pipelines in turn; the median is reported")
     parser.add_argument("--rss-shape", type=int, nargs=3, default=(400, 512, 512))
     parser.add_argument("--rss-classes", type=int, default=8)
     parser.add_argument("--rss-patch", type=int, default=128)
@@ -319,7 +343,7 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
           f"{torch.get_num_threads()}, python {platform.python_version()}\n")
     if not args.skip_speed:
-        print_speed(args.size)
+        print_speed(args.size, args.preset, args.rounds)
     if args.skip_rss:
         return
     print(f"\n## Peak RSS: 2 x {' x '.join(map(str, shape))} float32 input, K={args.rss_classes}, "

@@ -1,10 +1,12 @@
 """Patch throughput of the exported graphs against PyTorch eager, on the same batch.
 
-    .venv/bin/python bench/export_throughput.py [--presets tiny,small] [--batch 2] [--repeats 3]
+    .venv/bin/python bench/export_throughput.py [--presets tiny,small] [--batch 2] [--repeats 5]
 
 Random-initialised networks of the named presets (speed does not depend on the weights),
-fused mode (two encoders: the heaviest graph). Prints a markdown table: seconds per batch,
-patches per second and the speed-up over torch eager, with the CPU model and thread count.
+fused mode (two encoders: the heaviest graph). The runtimes take turns, one batch each per
+round, so that a change in the machine's speed (shared hosts drift by 1.5x within minutes)
+hits them all alike. Prints a markdown table: median seconds per batch, patches per second
+and the speed-up over torch eager, with the CPU model and thread count.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -29,6 +32,7 @@ from cmc_train.config import model_config
 from cmc_train.network import build_cmc
 
 Runner = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+K = TypeVar("K")
 MODE = "fused"
 
 
@@ -39,15 +43,19 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-def seconds_per_batch(run: Runner, batch: Mapping[str, np.ndarray], repeats: int) -> float:
-    """Median wall time of `repeats` runs after one warm-up run."""
-    run(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def seconds_per_batch(runs: Mapping[K, Runner], batch: Mapping[str, np.ndarray],
+                      repeats: int) -> dict[K, float]:
+    """Median wall time per runner over `repeats` rounds (each runner once per round), after
+    one warm-up run each."""
+    for run in runs.values():
         run(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[K, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            start = time.perf_counter()
+            run(batch)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def runners(preset: str, folder: Path, threads: int,
@@ -78,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     threads = torch.get_num_threads()
     rows = []
@@ -86,19 +94,20 @@ def main() -> None:
         for preset in args.presets.split(","):
             size = model_config(preset, num_classes=5).img_size
             batch = random_patches(MODE, size, args.batch)
-            baseline = None
-            for (runtime, precision), run in runners(preset, Path(tmp), threads,
-                                                           args.batch).items():
+            table = runners(preset, Path(tmp), threads, args.batch)
+            seconds = seconds_per_batch({k: r for k, r in table.items() if not isinstance(r, str)},
+                                        batch, args.repeats)
+            baseline = seconds[("torch eager", "fp32")]
+            for (runtime, precision), run in table.items():
                 if isinstance(run, str):
                     rows.append(f"| {preset} ({size}^3) | {runtime} | {precision} | - | - | "
                                 f"skipped: {run.split(': ', 1)[-1]} |")
                     continue
-                seconds = seconds_per_batch(run, batch, args.repeats)
-                baseline = baseline or seconds
-                rows.append(f"| {preset} ({size}^3) | {runtime} | {precision} | {seconds:.3f} | "
-                            f"{args.batch / seconds:.2f} | {baseline / seconds:.2f}x |")
-    print(f"Patch throughput, {MODE} mode, batch {args.batch}, median of {args.repeats} "
-          f"after 1 warm-up; {cpu_model()}, {threads} threads\n")
+                took = seconds[(runtime, precision)]
+                rows.append(f"| {preset} ({size}^3) | {runtime} | {precision} | {took:.3f} | "
+                            f"{args.batch / took:.2f} | {baseline / took:.2f}x |")
+    print(f"Patch throughput, {MODE} mode, batch {args.batch}, median of {args.repeats} rounds "
+          f"(runtimes in turn) after 1 warm-up each; {cpu_model()}, {threads} threads\n")
     print("| config | runtime | precision | s / batch | patches / s | vs torch eager |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
