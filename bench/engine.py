@@ -194,14 +194,13 @@ def speed(size: int, preset: str,
                 times.setdefault(key, []).append(time.perf_counter() - t0)
     seconds = {key: statistics.median(values) for key, values in times.items()}
     rows = []
-    for key in (*pipelines, *unavailable):
-        if key in unavailable:
-            rows.append((*key, "unavailable", "-", "-"))
-            info[f"{key[0]} {key[1]} unavailable"] = unavailable[key]
-            continue
+    for key in pipelines:
         tiles = monai_tiles if key == anchor else engine_tiles
         rows.append((*key, f"{seconds[key]:.1f}", f"{seconds[anchor] / seconds[key]:.2f}",
                      f"{tiles * tile_flops / seconds[key] / 1e9:.1f}"))
+    for key, reason in unavailable.items():
+        rows.append((*key, "unavailable", "-", "-"))
+        info[f"{key[0]} {key[1]} unavailable"] = reason
     info["argmax agreement engine ORT vs MONAI"] = float(
         (labels[("engine onnxruntime", "fp32")] == labels[anchor]).mean())
     if ("engine openvino", "bf16") in labels:
@@ -335,6 +334,8 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     shape = tuple(args.rss_shape)
     if args.rss_worker:
         rss_worker(args.rss_worker, shape, args.rss_classes, args.rss_patch, args.model_dir)
