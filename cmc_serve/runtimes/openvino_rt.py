@@ -8,7 +8,7 @@ refuse instead (`unsupported_reason`, also what `cmc export` skips a precision f
 
 The graph is compiled for one tile at a time: OpenVINO's CPU plugin picks its kernels
 for a static shape once, where a dynamic batch axis costs it a fifth of its speed
-(tiny network, 2 cores: 31 vs 25 tiles/s, BENCHMARKS.md). The tiles of a batch are
+(tiny network, 2 cores: 1.21-1.24x interleaved, BENCHMARKS.md). The tiles of a batch are
 queued over the plugin's optimal number of infer requests (one per CPU stream), so the
 streams run tiles concurrently. Plain requests, not an `AsyncInferQueue` with a Python
 callback: destroying such a queue can deadlock on the GIL with the thread that ran the
