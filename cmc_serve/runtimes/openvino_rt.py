@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -93,25 +92,24 @@ class OpenVinoRuntime:
         if self._compiled is None:
             raise RuntimeError("openvino: run() after close()")
         n = check_batch(inputs, self.inputs, self.max_batch, self.name)
+        # Tile `row` goes to request `row % jobs`; that request last ran tile `row - jobs`,
+        # the oldest one still running, so collecting before reuse keeps the tiles in order.
+        jobs = len(self._requests)
         outputs: list[np.ndarray] = []
-        idle = list(self._requests)
-        running: deque[Any] = deque()
         for row in range(n):
-            if not idle:
-                idle.append(self._collect(running.popleft(), outputs))
-            request = idle.pop()
+            request = self._requests[row % jobs]
+            if row >= jobs:
+                outputs.append(self._output(request))
             request.start_async({k: np.ascontiguousarray(v[row:row + 1], dtype=np.float32)
                                  for k, v in inputs.items()})
-            running.append(request)
-        while running:
-            self._collect(running.popleft(), outputs)
+        outputs += [self._output(self._requests[row % jobs])
+                    for row in range(max(0, n - jobs), n)]
         return np.concatenate(outputs, axis=0)
 
-    def _collect(self, request: Any, outputs: list[np.ndarray]) -> Any:
-        """Wait for `request`, append a copy of its output and hand the request back."""
+    def _output(self, request: Any) -> np.ndarray:
+        """Wait for `request` and copy its output out of the request's buffer."""
         request.wait()
-        outputs.append(np.array(request.get_tensor(self.output).data, dtype=np.float32))
-        return request
+        return np.array(request.get_tensor(self.output).data, dtype=np.float32)
 
     def close(self) -> None:
         self._requests = []
