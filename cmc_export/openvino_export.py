@@ -17,7 +17,8 @@ import numpy as np
 
 from cmc_export.errors import ExportError
 from cmc_export.patch_graph import GRAPH_OUTPUT
-from cmc_serve.runtimes.openvino_rt import unsupported_reason
+from cmc_serve.runtimes.base import RuntimeUnavailable
+from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime, unsupported_reason
 
 __all__ = ["export_openvino", "openvino_runner", "unsupported_reason"]
 
@@ -41,9 +42,6 @@ def openvino_runner(xml_path: Path, precision: str, inputs: Sequence[str], max_b
     """The IR compiled as `cmc segment` and the Triton patch model run it (cmc_serve's
     OpenVinoRuntime: one-tile static shape, `precision` as the inference-precision hint),
     so that the parity gate checks the kernels that will serve."""
-    from cmc_serve.runtimes.base import RuntimeUnavailable
-    from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
-
     try:
         runtime = OpenVinoRuntime(xml_path, inputs=tuple(inputs), output=GRAPH_OUTPUT,
                                   precision=precision, max_batch=max_batch,
