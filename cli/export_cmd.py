@@ -26,8 +26,12 @@ def command(
     formats: Annotated[str, typer.Option(
         "--format", help="Comma-separated: onnx, openvino, tensorrt.")] = "onnx,openvino",
     precisions: Annotated[str, typer.Option(
-        "--precision", help="Comma-separated: fp32, fp16, bf16 (each one gated; combinations "
-                            "this host cannot run are skipped with a message).")] = "fp32,fp16,bf16",
+        "--precision", help="auto, or comma-separated fp32, fp16, bf16. auto: fp32 (must pass "
+                            "its gate) and every half precision this host can produce, each "
+                            "written if it passes its gate, else left out with a line and "
+                            "listed under `refused` in cmc.json. Named precisions must all "
+                            "pass, or nothing is written. Combinations this host cannot run "
+                            "are skipped with a message.")] = "auto",
     modes: Annotated[str, typer.Option(
         "--modes", help="Comma-separated inference modes: fused, a, b.")] = "fused,a,b",
     max_batch: Annotated[int, typer.Option(
@@ -52,3 +56,6 @@ def command(
         raise typer.Exit(EXIT_ERROR) from None
     typer.echo(f"{report.out_dir / 'cmc.json'}: {len(report.graphs)} graphs; Triton models "
                f"{', '.join(sorted(report.triton_models.values()))} and {name}")
+    for refused in report.refused:
+        typer.echo(f"refused {refused['mode']}/{refused['runtime']}/{refused['precision']}: "
+                   f"{refused['reason']}")

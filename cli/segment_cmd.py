@@ -42,7 +42,10 @@ def command(
     server: Annotated[str | None, typer.Option(
         help="Triton URL for --runtime triton, e.g. grpc://127.0.0.1:8001.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32 | fp16 | bf16.")] = "fp32",
+    precision: Annotated[str, typer.Option(
+        help="auto | fp32 | fp16 | bf16. auto: the fastest precision the model has a gated "
+             "graph for and this host runs natively (OpenVINO bf16 on CPUs with AMX / "
+             "AVX512-BF16, else fp32); the report says which ran and why.")] = "auto",
     overlap: Annotated[float, typer.Option(min=0.0, max=0.95,
                                            help="Sliding-window tile overlap.")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation "

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ExportError(Exception):
     """The export cannot proceed (bad checkpoint, unwritable output, missing runtime...)."""
 
 
 class GateFailed(ExportError):
-    """A parity gate rejected a graph; the message holds the measured numbers."""
+    """A parity gate rejected a graph; the message names each limit missed.
+
+    `numbers` holds everything the gate measured, so a refusal can be recorded in cmc.json.
+    """
+
+    def __init__(self, message: str, numbers: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.numbers = numbers or {}

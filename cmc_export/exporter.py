@@ -6,9 +6,15 @@ and `force` replaces an existing one without ever mixing old and new files.
 
 Per mode, the fp32 ONNX graph is gated against PyTorch (max abs diff); every other graph
 (ONNX fp16, OpenVINO fp32/bf16/fp16, TensorRT) is gated against that fp32 ONNX graph on a
-pre-processed synthetic volume (argmax agreement and per-class Dice). Combinations this
+pre-processed synthetic volume (`cmc_export.gates.segmentation_parity`). Combinations this
 host cannot produce or that make no sense (bf16 in ONNX Runtime, a precision the CPU lacks,
 TensorRT without a GPU) are skipped with a one-line message.
+
+Precisions: `auto` (the default) exports fp32, whose failure stays fatal, and every half
+precision this host can produce; a half-precision graph that fails its gate is then left
+out with one line and recorded in cmc.json's `refused` list with its numbers, so one noisy
+precision never costs the user the whole export. Precisions named explicitly are all
+required: any failure fails the export and nothing is written.
 """
 
 from __future__ import annotations
@@ -19,15 +25,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmc_export.errors import ExportError
+from cmc_export.errors import ExportError, GateFailed
 from cmc_export.gates import (
     THRESHOLDS,
+    RoundingNoise,
     Runner,
     Thresholds,
     describe_gate,
@@ -40,12 +47,12 @@ from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
+AUTO = "auto"
 MODEL_FORMAT = "cmc-model"
 MODEL_FORMAT_VERSION = 1
 RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
-# The graph a python-backend Triton patch model serves, best first (CPU server).
-PYTHON_BACKEND_PREFERENCE = (("openvino", "bf16"), ("openvino", "fp32"),
-                             ("onnxruntime", "fp32"), ("onnxruntime", "fp16"))
+# Without an OpenVINO graph, the ONNX graph a python-backend Triton patch model serves.
+PYTHON_BACKEND_PREFERENCE = (("onnxruntime", "fp32"), ("onnxruntime", "fp16"))
 NATIVE_BACKEND_PREFERENCE = {"onnxruntime": (("onnxruntime", "fp32"), ("onnxruntime", "fp16")),
                              "openvino": (("openvino", "fp32"),),
                              "tensorrt": (("tensorrt", "fp16"), ("tensorrt", "fp32"))}
@@ -59,6 +66,7 @@ class ExportReport:
     graphs: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     triton_models: dict[str, str] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _check_choices(kind: str, values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
@@ -67,6 +75,16 @@ def _check_choices(kind: str, values: Sequence[str], allowed: Sequence[str]) -> 
     if not values or unknown:
         raise ExportError(f"invalid {kind} {list(unknown or values)}; choose from {list(allowed)}")
     return values
+
+
+def _check_precisions(values: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """(precisions to export, whether each is required); `auto` alone: all, fp32 required."""
+    if AUTO in values:
+        if tuple(values) != (AUTO,):
+            raise ExportError(f"invalid precision {list(values)}: auto cannot be combined with "
+                              "named precisions")
+        return PRECISIONS, False
+    return _check_choices("precision", values, PRECISIONS), True
 
 
 def _check_backend(backend: str, formats: Sequence[str]) -> None:
@@ -141,11 +159,16 @@ class _Exporter:
     """One export run inside the temporary folder `root` (see `export`)."""
 
     def __init__(self, root: Path, net: Any, metadata: dict[str, Any], sha256: str,
-                 max_batch: int, thresholds: Thresholds, log: Callable[[str], None]) -> None:
+                 max_batch: int, thresholds: Thresholds, log: Callable[[str], None],
+                 half_required: bool) -> None:
         from cmc_train.config import PreprocessConfig
 
         self.root, self.net, self.metadata, self.sha256 = root, net, metadata, sha256
         self.max_batch, self.thresholds, self.log = max_batch, thresholds, log
+        self.half_required = half_required
+        self.refused: list[dict[str, Any]] = []
+        self.fp32_graphs: dict[str, Any] = {}  # mode -> fp32 ONNX ModelProto
+        self.noise: dict[tuple[str, str], RoundingNoise] = {}
         self.patch = int(net.cfg.img_size)
         self.classes = list(metadata["classes"])
         self.work = root / ".work"
@@ -179,13 +202,31 @@ class _Exporter:
             "file": path.relative_to(self.root).as_posix(),
             "inputs": list(GRAPH_INPUTS[mode]), "output": GRAPH_OUTPUT, "gate": gate})
 
-    def candidate_gate(self, label: str, runner: Runner, mode: str,
-                       reference: np.ndarray) -> dict[str, Any]:
+    def gate_candidate(self, mode: str, runtime: str, precision: str, path: Path, label: str,
+                       runner: Runner, reference: np.ndarray) -> bool:
+        """Gate a candidate graph and add it; False if it was refused (and recorded) instead.
+
+        A failure raises GateFailed when the precision is required (named by the user, or
+        fp32); otherwise the graph is left out and listed in cmc.json's `refused`.
+        """
         from cmc_export.gate_inputs import mode_inputs
 
         probs = run_batched(runner, mode_inputs(self.tiles(), mode), self.max_batch)
-        gate = segmentation_parity(label, reference, probs, self.classes, self.thresholds)
-        return {"kind": "segmentation_parity", "reference": "onnxruntime fp32", **gate}
+        noise = self.rounding_noise(mode, precision, reference)
+        try:
+            gate = segmentation_parity(label, reference, probs, self.classes, noise,
+                                       self.thresholds)
+        except GateFailed as exc:
+            if self.half_required or precision == "fp32":
+                raise
+            self.log(f"refused: {exc} (left out; `--precision auto` keeps the other graphs)")
+            self.refused.append({"mode": mode, "runtime": runtime, "precision": precision,
+                                 "reason": str(exc),
+                                 "gate": {"kind": "segmentation_parity", **exc.numbers}})
+            return False
+        self.add(mode, runtime, precision, path,
+                 {"kind": "segmentation_parity", "reference": "onnxruntime fp32", **gate})
+        return True
 
     def export_mode(self, mode: str, formats: Sequence[str], precisions: Sequence[str]) -> None:
         from cmc_export.fp16 import convert_fp16
@@ -216,20 +257,41 @@ class _Exporter:
         else:
             self.log(f"gate {mode}/onnxruntime/fp32 (reference only): {describe_gate(gate)}")
         reference = candidate["synthetic"]
+        self.fp32_graphs[mode] = model
 
         if "onnx" in formats and "fp16" in precisions:
             path = self.root / "onnx" / f"{mode}_fp16.onnx"
             fp16 = convert_fp16(model)
             set_metadata_props(fp16, self.props(mode, "fp16"))
             check_and_save(fp16, path)
-            self.add(mode, "onnxruntime", "fp16", path, self.candidate_gate(
-                f"{path.name} (onnxruntime fp16)", onnxruntime_runner(path), mode, reference))
+            if not self.gate_candidate(mode, "onnxruntime", "fp16", path,
+                                       f"{path.name} (onnxruntime fp16)",
+                                       onnxruntime_runner(path), reference):
+                path.unlink()
         if "onnx" in formats and "bf16" in precisions:
             self.skip("onnx bf16: ONNX Runtime has no bf16 CPU kernels; bf16 is served by OpenVINO")
         if "openvino" in formats:
             self.export_openvino(mode, fp32_path, precisions, reference)
         if "tensorrt" in formats:
             self.export_tensorrt(mode, fp32_path, precisions, reference)
+
+    def rounding_noise(self, mode: str, precision: str, reference: np.ndarray) -> RoundingNoise:
+        """The rounding noise of `precision` on the mode's fp32 graph, emulated in ONNX
+        Runtime (measured once per mode and precision; none for fp32)."""
+        from cmc_export.emulated_precision import emulate
+        from cmc_export.gate_inputs import mode_inputs
+        from cmc_export.onnx_export import onnxruntime_runner
+
+        if precision == "fp32":
+            return RoundingNoise(precision, 0.0, 0.0)
+        if (mode, precision) not in self.noise:
+            emulated = run_batched(onnxruntime_runner(emulate(self.fp32_graphs[mode], precision)),
+                                   mode_inputs(self.tiles(), mode), self.max_batch)
+            noise = RoundingNoise.measure(precision, reference, emulated)
+            self.log(f"rounding noise {mode}/{precision} (emulated): probability error p99.9 "
+                     f"{noise.prob_error_p999:.4f}, max {noise.prob_error_max:.4f}")
+            self.noise[mode, precision] = noise
+        return self.noise[mode, precision]
 
     def export_openvino(self, mode: str, onnx_path: Path, precisions: Sequence[str],
                         reference: np.ndarray) -> None:
@@ -247,10 +309,10 @@ class _Exporter:
         xml = self.root / "openvino" / f"{mode}_fp32.xml"
         export_openvino(onnx_path, xml, self.props(mode, "fp32"))
         for precision in wanted:
-            gate = self.candidate_gate(f"{xml.name} (openvino {precision})",
-                                       openvino_runner(xml, precision, GRAPH_INPUTS[mode],
-                                                       self.max_batch), mode, reference)
-            self.add(mode, "openvino", precision, xml, gate)
+            self.gate_candidate(mode, "openvino", precision, xml,
+                                f"{xml.name} (openvino {precision})",
+                                openvino_runner(xml, precision, GRAPH_INPUTS[mode],
+                                                self.max_batch), reference)
 
     def export_tensorrt(self, mode: str, onnx_path: Path, precisions: Sequence[str],
                         reference: np.ndarray) -> None:
@@ -263,24 +325,35 @@ class _Exporter:
             plan = self.root / "tensorrt" / f"{mode}_{precision}.plan"
             build_engine(onnx_path, plan, GRAPH_INPUTS[mode], self.patch, self.max_batch,
                          precision, timing_cache=self.root / "tensorrt" / "timing.cache")
-            gate = self.candidate_gate(f"{plan.name} (tensorrt {precision})",
-                                       tensorrt_runner(plan, GRAPH_OUTPUT), mode, reference)
-            self.add(mode, "tensorrt", precision, plan, gate)
+            if not self.gate_candidate(mode, "tensorrt", precision, plan,
+                                       f"{plan.name} (tensorrt {precision})",
+                                       tensorrt_runner(plan, GRAPH_OUTPUT), reference):
+                plan.unlink()
 
     def write_triton(self, name: str, backend: str, modes: Sequence[str]) -> dict[str, str]:
-        preference = (PYTHON_BACKEND_PREFERENCE if backend == "python"
-                      else NATIVE_BACKEND_PREFERENCE[backend])
-        chosen = []
-        for mode in modes:
-            entries = {(g["runtime"], g["precision"]): g for g in self.report_graphs
-                       if g["mode"] == mode}
-            key = next((k for k in preference if k in entries), None)
-            if key is None:
-                raise ExportError(f"Triton backend {backend}: no exported graph for mode {mode} "
-                                  f"can be served (exported: {sorted(entries)})")
-            chosen.append(PatchGraph(mode, key[0], key[1], self.root / entries[key]["file"]))
+        chosen = [self.triton_graph(backend, mode) for mode in modes]
         return write_repository(self.root / "repository", name, backend, chosen, self.patch,
                                 len(self.classes), self.max_batch)
+
+    def triton_graph(self, backend: str, mode: str) -> PatchGraph:
+        """The graph the Triton patch model of `mode` serves.
+
+        The python backend serves OpenVINO's IR at precision "auto" (the server picks the
+        fastest of its gated precisions that its CPU runs natively), else ONNX Runtime.
+        """
+        entries = {(g["runtime"], g["precision"]): g for g in self.report_graphs
+                   if g["mode"] == mode}
+        openvino = tuple(p for p in PRECISIONS if ("openvino", p) in entries)
+        if backend == "python" and openvino:
+            file = self.root / entries["openvino", openvino[0]]["file"]
+            return PatchGraph(mode, "openvino", AUTO, file, openvino)
+        preference = (PYTHON_BACKEND_PREFERENCE if backend == "python"
+                      else NATIVE_BACKEND_PREFERENCE[backend])
+        key = next((k for k in preference if k in entries), None)
+        if key is None:
+            raise ExportError(f"Triton backend {backend}: no exported graph for mode {mode} "
+                              f"can be served (exported: {sorted(entries)})")
+        return PatchGraph(mode, key[0], key[1], self.root / entries[key]["file"])
 
     def write_model_json(self, name: str, backend: str, triton_models: Mapping[str, str]) -> None:
         document = {
@@ -291,6 +364,8 @@ class _Exporter:
             "preprocessing": self.metadata["preprocessing"],
             "checkpoint_sha256": self.sha256,
             "graphs": self.report_graphs,
+            "refused": self.refused,
+            "gate_thresholds": asdict(self.thresholds),
             "triton": {"backend": backend, "patch_models": dict(triton_models),
                        "volume_model": name},
         }
@@ -311,14 +386,17 @@ def _cmc_version() -> str:
 
 def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
            formats: Sequence[str] = ("onnx", "openvino"),
-           precisions: Sequence[str] = ("fp32", "fp16", "bf16"),
+           precisions: Sequence[str] = (AUTO,),
            modes: Sequence[str] = MODES, max_batch: int = 8, triton_backend: str = "python",
            force: bool = False, thresholds: Thresholds = THRESHOLDS,
            log: Callable[[str], None] = print) -> ExportReport:
-    """Export a checkpoint to MODEL_DIR (docs/DESIGN.md layout); all or nothing."""
+    """Export a checkpoint to MODEL_DIR (docs/DESIGN.md layout); all or nothing.
+
+    `precisions` ("auto", or a list of fp32/fp16/bf16): see the module docstring.
+    """
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir).absolute()
     formats = _check_choices("format", formats, FORMATS)
-    precisions = _check_choices("precision", precisions, PRECISIONS)
+    precisions, half_required = _check_precisions(precisions)
     modes = _check_choices("mode", modes, MODES)
     if max_batch < 1:
         raise ExportError(f"max_batch must be >= 1, got {max_batch}")
@@ -343,7 +421,8 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     except OSError as exc:
         raise ExportError(f"{out_dir}: cannot write the output ({exc.strerror or exc})") from exc
     try:
-        job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log)
+        job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log,
+                        half_required)
         for message in skipped:
             job.skip(message)
         for mode in modes:
@@ -358,5 +437,6 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"exported {len(job.report_graphs)} graphs to {out_dir}")
-    return ExportReport(out_dir, job.report_graphs, job.skipped, triton_models)
+    log(f"exported {len(job.report_graphs)} graphs to {out_dir}"
+        + (f"; refused {len(job.refused)} (listed in cmc.json)" if job.refused else ""))
+    return ExportReport(out_dir, job.report_graphs, job.skipped, triton_models, job.refused)

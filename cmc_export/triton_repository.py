@@ -37,8 +37,9 @@ class PatchGraph:
 
     mode: str
     runtime: str  # onnxruntime | openvino | tensorrt
-    precision: str
+    precision: str  # or "auto" (python backend): the server picks among `gated`
     file: Path
+    gated: tuple[str, ...] = ()
 
 
 def patch_model_name(name: str, mode: str) -> str:
@@ -91,8 +92,10 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
         f'model_warmup [\n  {{\n    name: "zero_batch"\n    batch_size: 1\n{warmup_inputs}\n  }}\n]',
     ]
     if backend == "python":
-        sections.append(_parameters({"graph": graph_file, "runtime": graph.runtime,
-                                     "precision": graph.precision}))
+        parameters = {"graph": graph_file, "runtime": graph.runtime, "precision": graph.precision}
+        if graph.gated:
+            parameters["gated_precisions"] = ",".join(graph.gated)
+        sections.append(_parameters(parameters))
     else:
         sections.append(f'default_model_filename: "{graph_file.split("/")[-1]}"')
     return "\n".join(sections) + "\n"

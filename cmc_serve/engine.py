@@ -20,6 +20,7 @@ import numpy as np
 
 from cmc_serve.model_dir import MODE_INPUTS, MODES, ModelInfo
 from cmc_serve.runtimes import PatchRuntime, open_runtime
+from cmc_serve.runtimes.select import resolve_precision
 from cmc_serve.stitching import SlabStitcher
 from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
 
@@ -37,7 +38,8 @@ class SegmentError(ValueError):
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """Labels uint8 [D, H, W], probabilities float32 [K, D, H, W] if requested, and what ran."""
+    """Labels uint8 [D, H, W], probabilities float32 [K, D, H, W] if requested, and what ran
+    (`precision_reason`: "requested", or why `auto` chose the precision)."""
 
     labels: np.ndarray
     probs: np.ndarray | None
@@ -45,6 +47,7 @@ class SegmentResult:
     runtime: str
     device: str
     precision: str
+    precision_reason: str = "requested"
 
 
 class Segmenter:
@@ -55,7 +58,7 @@ class Segmenter:
     """
 
     def __init__(self, model_dir: str | Path, runtime: str = "auto", device: str = "cpu",
-                 precision: str = "fp32", overlap: float = 0.5, tta: bool = False,
+                 precision: str = "auto", overlap: float = 0.5, tta: bool = False,
                  batch_size: int | None = None, return_probs: bool = False,
                  accumulator_dtype: str = "float32") -> None:
         self.model = ModelInfo.load(model_dir)
@@ -74,6 +77,7 @@ class Segmenter:
         self.accumulator_dtype = np.dtype(accumulator_dtype)
         self.weights = gaussian_importance(self.model.patch_size)
         self._runtimes: dict[str, PatchRuntime] = {}
+        self._precision_reasons: dict[str, str] = {}
 
     def __enter__(self) -> Segmenter:
         return self
@@ -89,8 +93,11 @@ class Segmenter:
     def runtime_for(self, mode: str) -> PatchRuntime:
         """The (cached) runtime of `mode`, opened on first use."""
         if mode not in self._runtimes:
-            self._runtimes[mode] = open_runtime(self.model, mode, self.runtime, self.device,
-                                                self.precision, self.batch_size)
+            rt = open_runtime(self.model, mode, self.runtime, self.device, self.precision,
+                              self.batch_size)
+            self._runtimes[mode] = rt
+            self._precision_reasons[mode] = resolve_precision(
+                self.model, mode, rt.name, rt.device, self.precision).reason
         return self._runtimes[mode]
 
     def segment(self, image_a: np.ndarray | None = None, image_b: np.ndarray | None = None,
@@ -116,7 +123,8 @@ class Segmenter:
                 stitcher.add(origin, tile)
         labels, probs_out = stitcher.result()
         return SegmentResult(labels=labels, probs=probs_out, mode=mode, runtime=runtime.name,
-                             device=runtime.device, precision=runtime.precision)
+                             device=runtime.device, precision=runtime.precision,
+                             precision_reason=self._precision_reasons.get(mode, "requested"))
 
     def _resolve_mode(self, image_a: np.ndarray | None, image_b: np.ndarray | None,
                       mode: str) -> str:

@@ -17,10 +17,20 @@ CLASSES = ["background", "liver", "spleen", "kidney_r", "kidney_l"]
 PREPROCESS = PreprocessConfig(modalities=("ct", "mr"), spacing=(2.0, 2.0, 2.0))
 
 
-def micro_net(seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised micro network in eval mode."""
+def micro_net(seed: int = 0, logit_scale: float = 1.0) -> torch.nn.Module:
+    """A randomly initialised micro network in eval mode.
+
+    Random weights give near-uniform probabilities (a barely trained model); `logit_scale`
+    multiplies both heads' weights and biases, which makes the outputs as confident as a
+    trained network's (most voxels' top class far ahead of the second).
+    """
     torch.manual_seed(seed)
-    return build_cmc(MICRO).eval()
+    net = build_cmc(MICRO).eval()
+    with torch.no_grad():
+        for decoder in (net.decoder_a, net.decoder_b):
+            decoder.head.weight.mul_(logit_scale)
+            decoder.head.bias.mul_(logit_scale)
+    return net
 
 
 def write_micro_checkpoint(path: Path, seed: int = 0) -> Path:

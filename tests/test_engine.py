@@ -17,9 +17,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cmc_serve.runtimes.precision as precision_module
 from cmc_serve.engine import Segmenter, SegmentError
 from cmc_serve.model_dir import ModelDirError, ModelInfo
 from cmc_serve.runtimes import RuntimeUnavailable, open_runtime
+from cmc_serve.runtimes.openvino_rt import unsupported_reason
+from cmc_serve.runtimes.precision import choose_precision
 from cmc_serve.tiling import TileGrid, clip_box, extract_patch, gaussian_importance
 
 P = 16
@@ -62,7 +65,9 @@ def build_graph(mode: str, kernels: dict[str, np.ndarray]) -> onnx.ModelProto:
 
 
 def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = ("fused", "a", "b"),
-                    openvino: bool = True) -> Path:
+                    openvino: bool = True, gated_half: tuple[str, ...] = ()) -> Path:
+    """A model dir of a pointwise-softmax graph; `gated_half`: OpenVINO half precisions
+    listed as gated (on the fp32 IR, as `cmc export` lists them)."""
     import openvino as ov
 
     rng = np.random.default_rng(kernel_size)
@@ -81,8 +86,9 @@ def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = ("fus
             xml = f"openvino/{mode}_fp32.xml"
             ov.save_model(ov.convert_model(str(root / onnx_file)), str(root / xml),
                           compress_to_fp16=False)
-            graphs.append({"mode": mode, "runtime": "openvino", "precision": "fp32",
-                           "file": xml, "inputs": inputs, "output": "probs"})
+            graphs += [{"mode": mode, "runtime": "openvino", "precision": precision,
+                        "file": xml, "inputs": inputs, "output": "probs"}
+                       for precision in ("fp32", *gated_half)]
     meta = {"format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": "test",
             "modalities": ["ct", "mr"], "classes": ["background", "liver", "kidney"],
             "patch_size": [P, P, P], "max_batch": MAX_BATCH,
@@ -376,6 +382,38 @@ def test_openvino_half_precision_runs_only_when_native(model_dir: Path, precisio
         return
     with seg, Segmenter(model_dir, runtime="openvino", return_probs=True) as fp32:
         np.testing.assert_allclose(seg.segment(a, b).probs, fp32.segment(a, b).probs, atol=3e-2)
+
+
+def test_auto_precision_runs_the_gated_bf16_graph_where_the_cpu_has_it(
+        tmp_path: Path, model_dir: Path, images: tuple[np.ndarray, np.ndarray]) -> None:
+    a, b = images
+    gated = write_model_dir(tmp_path / "gated", kernel_size=3, gated_half=("bf16",))
+    native = unsupported_reason("bf16") is None
+    with Segmenter(gated) as seg:  # runtime and precision auto, as `cmc segment` defaults
+        result = seg.segment(a, b)
+    assert (result.runtime, result.precision) == ("openvino", "bf16" if native else "fp32")
+    assert result.precision_reason.startswith("auto: bf16, the fastest gated graph" if native
+                                              else "auto: fp32 (bf16: not native here")
+    # Without a gated bf16 graph, auto stays on fp32 even on a CPU that has bf16.
+    with Segmenter(model_dir) as seg:
+        result = seg.segment(a, b)
+    assert result.precision == "fp32" and "no gated bf16 graph" in result.precision_reason
+
+
+@pytest.mark.parametrize(("native", "expected"), [({"bf16", "fp16"}, "bf16"), ({"fp16"}, "fp16"),
+                                                  (set(), "fp32")],
+                         ids=["amx_fp16_host", "fp16_only_host", "plain_avx512_host"])
+def test_auto_precision_logic_on_every_kind_of_host(monkeypatch: pytest.MonkeyPatch,
+                                                    native: set[str], expected: str) -> None:
+    # The CPU's capability is the only input replaced: the choice itself runs as shipped.
+    monkeypatch.setattr(precision_module, "native_reason",
+                        lambda runtime, p: None if runtime != "openvino" or p in native
+                        else f"{p} not native")
+    assert choose_precision("openvino", "cpu", {"fp32", "bf16", "fp16"}).precision == expected
+    assert choose_precision("openvino", "cpu", {"fp32"}).precision == "fp32"
+    # ONNX Runtime's fp16 CPU kernels are slower than fp32: never chosen on a CPU.
+    assert choose_precision("onnxruntime", "cpu", {"fp32", "fp16"}).precision == "fp32"
+    assert choose_precision("tensorrt", "cuda", {"fp32", "fp16"}).precision == "fp16"
 
 
 def test_unknown_choices_are_value_errors(model_dir: Path) -> None:

@@ -38,8 +38,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def exported(ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
     lines: list[str] = []
     out = tmp_path_factory.mktemp("export") / "model"
-    report = export(ckpt, out, formats=("onnx", "openvino"), precisions=("fp32", "fp16", "bf16"),
-                    modes=MODES, max_batch=4, log=lines.append)
+    report = export(ckpt, out, formats=("onnx", "openvino"), modes=MODES, max_batch=4,
+                    log=lines.append)  # precision auto: fp32 + every half precision gated here
     return out, report, lines
 
 
@@ -54,11 +54,10 @@ def test_layout_and_cmc_json_load_in_cmc_serve(exported, ckpt: Path) -> None:
     assert info.classes == tuple(CLASSES) and info.modalities == ("ct", "mr")
     assert info.patch_size == (S, S, S) and info.max_batch == 4
     assert info.checkpoint_sha256 == sha256_file(ckpt)
-    bf16 = unsupported_reason("bf16") is None
+    native = [p for p in ("bf16", "fp16") if unsupported_reason(p) is None]
     expected = {(m, "onnxruntime", "fp32") for m in MODES} | {
         (m, "onnxruntime", "fp16") for m in MODES} | {(m, "openvino", "fp32") for m in MODES}
-    if bf16:
-        expected |= {(m, "openvino", "bf16") for m in MODES}
+    expected |= {(m, "openvino", p) for m in MODES for p in native}
     assert {(g.mode, g.runtime, g.precision) for g in info.graphs} == expected
     for graph in info.graphs:
         assert graph.path.is_file()
@@ -66,7 +65,8 @@ def test_layout_and_cmc_json_load_in_cmc_serve(exported, ckpt: Path) -> None:
     assert (out / "onnx" / "fused_fp16.onnx").is_file()
     assert (out / "openvino" / "a_fp32.xml").is_file() and (out / "openvino" / "a_fp32.bin").is_file()
     assert any("onnx bf16" in s for s in report.skipped)
-    assert bf16 or any("OpenVINO bf16" in s for s in report.skipped)
+    for precision in {"bf16", "fp16"} - set(native):
+        assert any(f"OpenVINO {precision}" in s for s in report.skipped)
     assert _leftovers(out.parent) == []
 
 
@@ -81,8 +81,12 @@ def test_every_graph_carries_its_gate_numbers(exported) -> None:
             assert gate["max_abs_diff_random"] <= 1e-4 and gate["max_abs_diff_synthetic"] <= 1e-4
         else:
             assert gate["kind"] == "segmentation_parity"
-            assert gate["argmax_agreement"] >= 0.995 and gate["min_dice"] >= 0.99
+            limits = gate["limits"]
+            assert gate["decided_agreement"] >= limits["min_decided_agreement"]
+            assert gate["prob_error_p999"] <= limits["max_prob_error_p999"]
+            assert min(gate["dice"].values()) >= limits["min_dice"]
             assert set(gate["dice"]) <= set(CLASSES)
+            assert gate["noise"]["emulated"] == graph["precision"]
         # ... and the export printed them.
         assert any(line.startswith(f"gate {graph['mode']}/{graph['runtime']}/"
                                    f"{graph['precision']}: ") for line in lines)
@@ -130,8 +134,14 @@ def test_triton_repository_of_the_export(exported) -> None:
         if model != "cmc":
             graph = repo / model / config.parameters["graph"].string_value
             assert graph.is_file() and config.max_batch_size == 4
-            # The python backend serves the best CPU graph: OpenVINO (bf16 where gated).
+            # The python backend serves OpenVINO's graph; the server picks the fastest of its
+            # gated precisions that its own CPU runs natively.
             assert config.parameters["runtime"].string_value == "openvino"
+            assert config.parameters["precision"].string_value == "auto"
+            gated = {g["precision"] for g in json.loads((out / "cmc.json").read_text())["graphs"]
+                     if g["runtime"] == "openvino" and g["mode"] == ("a" if model.endswith("_a")
+                                                                     else "fused")}
+            assert set(config.parameters["gated_precisions"].string_value.split(",")) == gated
     assert report.triton_models == {"fused": "cmc_patch", "a": "cmc_patch_a"}
 
 
@@ -163,11 +173,32 @@ def test_force_replaces_atomically_and_failed_gate_writes_nothing(ckpt: Path, tm
     assert _leftovers(tmp_path) == []
 
 
-def test_failed_gate_on_new_output_leaves_no_folder(ckpt: Path, tmp_path: Path) -> None:
+def test_failed_gate_of_a_named_precision_leaves_no_folder(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    with pytest.raises(GateFailed, match="precision gate failed"):
+    with pytest.raises(GateFailed, match="precision gate failed: decided_agreement"):
         export(ckpt, out, formats=("onnx",), precisions=("fp32", "fp16"), modes=("b",),
-               thresholds=Thresholds(min_argmax_agreement=1.01), log=lambda _: None)
+               thresholds=Thresholds(min_decided_agreement=1.01), log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_precision_leaves_out_a_refused_half_precision(ckpt: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    out = tmp_path / "model"
+    report = export(ckpt, out, formats=("onnx",), modes=("b",), log=lines.append,
+                    thresholds=Thresholds(min_decided_agreement=1.01))  # no half precision passes
+    assert [(g["runtime"], g["precision"]) for g in report.graphs] == [("onnxruntime", "fp32")]
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["b_fp32.onnx"]
+    (refused,) = json.loads((out / "cmc.json").read_text())["refused"]
+    assert (refused["mode"], refused["runtime"], refused["precision"]) == ("b", "onnxruntime", "fp16")
+    assert refused["gate"]["decided_agreement"] < refused["gate"]["limits"]["min_decided_agreement"]
+    assert "b_fp16.onnx (onnxruntime fp16): precision gate failed" in refused["reason"]
+    assert any(line.startswith("refused: b_fp16.onnx") for line in lines)
+    assert ModelInfo.load(out).modes == ("b",)
+
+
+def test_auto_cannot_be_combined_with_named_precisions(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="auto cannot be combined"):
+        export(ckpt, tmp_path / "m", precisions=("auto", "fp16"), log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
 
 

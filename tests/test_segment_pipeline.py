@@ -114,7 +114,9 @@ def test_nifti_pair_fused_exact_labels_statistics_preview_report(tmp_path: Path,
     assert any(len(set(c)) > 1 for c in colours)  # coloured overlay on the grey image
 
     rep = _report(out)
-    assert rep["engine"] == {"runtime": "onnxruntime", "device": "cpu", "precision": "fp32"}
+    assert rep["engine"] == {"runtime": "onnxruntime", "device": "cpu", "precision": "fp32",
+                             "precision_reason": "auto: fp32 (onnxruntime on cpu runs fp32 "
+                                                 "fastest)"}
     assert {"numpy", "onnxruntime", "pydicom", "highdicom", "nibabel"} <= set(rep["versions"])
     (entry,) = rep["cases"]
     assert entry["status"] == "done" and entry["mode"] == "fused"

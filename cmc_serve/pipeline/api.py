@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 MODES = ("auto", "fused", "a", "b")
 RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_TYPES = ("nifti", "dicom-seg")
 MAX_OVERLAP = 0.95
 MAX_JOBS = 16
@@ -101,7 +101,7 @@ class SegmentOptions:
     runtime: str = "auto"
     server: str | None = None
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = "auto"
     overlap: float = 0.5
     tta: bool = False
     output_types: tuple[str, ...] = ()

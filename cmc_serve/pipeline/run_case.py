@@ -228,7 +228,8 @@ def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
         if labels.shape != ref.volume.shape:
             raise CaseError("postprocess", f"{loaded.case.case_id}: labels {labels.shape} do "
                                            f"not match the input shape {ref.volume.shape}")
-    engine = {k: str(getattr(result, k)) for k in ("runtime", "device", "precision")
+    engine = {k: str(getattr(result, k))
+              for k in ("runtime", "device", "precision", "precision_reason")
               if getattr(result, k, None) is not None}
     return CaseResult(loaded, labels, engine)
 

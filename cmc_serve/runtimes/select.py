@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 from cmc_serve.model_dir import GraphInfo, ModelDirError, ModelInfo
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
+from cmc_serve.runtimes.precision import AUTO, PrecisionChoice, choose_precision
 
 log = logging.getLogger(__name__)
 
 RUNTIME_CHOICES = ("auto", "openvino", "onnxruntime", "tensorrt")
 DEVICE_CHOICES = ("cpu", "cuda")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+PRECISION_CHOICES = (AUTO, "fp32", "fp16", "bf16")
 AUTO_ORDER = {"cpu": ("openvino", "onnxruntime"), "cuda": ("tensorrt", "onnxruntime")}
 
 
@@ -65,6 +66,21 @@ OPENERS: dict[str, Callable[[ModelInfo, str, str, str, int], PatchRuntime]] = {
 }
 
 
+def gated_precisions(model: ModelInfo, mode: str, runtime: str) -> set[str]:
+    """Precisions with a gated graph of `mode` for `runtime` (OpenVINO can always read the
+    fp32 ONNX graph)."""
+    gated = {g.precision for g in model.graphs if g.mode == mode and g.runtime == runtime}
+    return gated | {"fp32"} if runtime == "openvino" else gated
+
+
+def resolve_precision(model: ModelInfo, mode: str, runtime: str, device: str,
+                      precision: str) -> PrecisionChoice:
+    """What `precision` means for `runtime` on `device`: auto chooses, anything else stays."""
+    if precision != AUTO:
+        return PrecisionChoice(precision, "requested")
+    return choose_precision(runtime, device, gated_precisions(model, mode, runtime))
+
+
 def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphInfo:
     try:
         return model.graph(mode, runtime, precision)
@@ -73,10 +89,12 @@ def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphIn
 
 
 def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str = "cpu",
-                 precision: str = "fp32", max_batch: int | None = None) -> PatchRuntime:
+                 precision: str = AUTO, max_batch: int | None = None) -> PatchRuntime:
     """Open the patch graph of `mode` on the requested runtime/device/precision.
 
-    `max_batch` (default: the model's) bounds the tiles per `run` call.
+    `precision` "auto" takes, per runtime tried, the fastest gated precision it runs
+    natively (`resolve_precision`). `max_batch` (default: the model's) bounds the tiles per
+    `run` call.
     """
     for value, choices, what in ((runtime, RUNTIME_CHOICES, "runtime"),
                                  (device, DEVICE_CHOICES, "device"),
@@ -92,16 +110,17 @@ def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str
     candidates = AUTO_ORDER[device] if runtime == "auto" else (runtime,)
     reasons = []
     for name in candidates:
+        choice = resolve_precision(model, mode, name, device, precision)
         try:
-            rt = OPENERS[name](model, mode, device, precision, batch)
+            rt = OPENERS[name](model, mode, device, choice.precision, batch)
         except RuntimeUnavailable as exc:
             if runtime != "auto":
                 raise
             log.info("runtime auto: %s unavailable (%s)", name, exc)
             reasons.append(f"{name}: {exc}")
             continue
-        log.info("mode %s runs on %s/%s/%s (batch %d)", mode, rt.name, rt.device, rt.precision,
-                 rt.max_batch)
+        log.info("mode %s runs on %s/%s/%s (batch %d; precision %s)", mode, rt.name, rt.device,
+                 rt.precision, rt.max_batch, choice.reason)
         return rt
     raise RuntimeUnavailable(f"no runtime can run mode {mode} on {device} at {precision}: "
                              + "; ".join(reasons))

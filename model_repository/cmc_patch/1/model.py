@@ -9,7 +9,9 @@ without dependencies (`python -m cmc_serve.triton.setup`).
 config.pbtxt `parameters` (string values):
   graph      path of the .onnx / .xml graph, relative to this model's folder or absolute
   runtime    onnxruntime (default) | openvino
-  precision  fp32 (default) | fp16 | bf16 (bf16: OpenVINO inference-precision hint)
+  precision  fp32 (default) | fp16 | bf16 (bf16: OpenVINO inference-precision hint) | auto
+             (the fastest of `gated_precisions`, comma-separated, that this server's CPU
+             runs natively: `cmc_serve.runtimes.precision`, as `cmc segment` chooses)
 The dynamic batcher hands us several requests at once: their tiles are concatenated, run in
 chunks of at most `max_batch_size`, and the probabilities are split back per request.
 """
@@ -25,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 
 from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
+from cmc_serve.runtimes.precision import AUTO, choose_precision
 
 RUNTIMES: dict[str, Any] = {"onnxruntime": OnnxRuntimeRuntime, "openvino": OpenVinoRuntime}
 
@@ -56,9 +59,14 @@ class TritonPythonModel:
         self.output = output["name"]
         self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
         self.max_batch = max(1, int(config.get("max_batch_size", 0)))
+        precision = parameter(config, "precision", "fp32")
+        if precision == AUTO:
+            gated = parameter(config, "gated_precisions", "fp32").split(",")
+            choice = choose_precision(runtime, "cpu", gated)
+            pb_utils.Logger.log_info(f"{self.name}: precision {choice.reason}")
+            precision = choice.precision
         self.runtime = RUNTIMES[runtime](graph, inputs=self.inputs, output=self.output,
-                                         precision=parameter(config, "precision", "fp32"),
-                                         max_batch=self.max_batch)
+                                         precision=precision, max_batch=self.max_batch)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
