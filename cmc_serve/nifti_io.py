@@ -37,6 +37,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from cmc_serve.compatibility import CompatibilityError, parse_axis_codes
 from cmc_serve.volume import Volume, axcodes
@@ -104,6 +105,7 @@ def load_nifti(path: str | Path, assume_orientation: str | None = None) -> Nifti
         shape = shape[:3]
     if len(shape) != 3:
         raise NiftiError(f"{path}: expected a 3D image, got shape {tuple(img.shape)}")
+    _check_voxel_sizes(img, path)
     affine, source, warnings = _header_affine(img.header, shape, path, assume_orientation)
     try:
         array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
@@ -116,13 +118,21 @@ def load_nifti(path: str | Path, assume_orientation: str | None = None) -> Nifti
     return NiftiImage(Volume(array, affine), source, warnings)
 
 
+def _check_voxel_sizes(img: Any, path: Path) -> None:
+    """Refuse zero, negative or non-finite pixdim[1:4] as stored: nibabel's loader silently
+    replaces them (abs, 1), which would hide a header that contradicts itself."""
+    with ImageOpener(str(path)) as f:
+        stored = type(img.header).from_fileobj(f, check=False)
+    zooms = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise NiftiError(f"{path}: header voxel sizes (pixdim) {zooms.tolist()} are zero, "
+                         "negative or not finite: its geometry cannot be trusted")
+
+
 def _header_affine(header: Any, shape: tuple[int, ...], path: Path,
                    assume_orientation: str | None) -> tuple[np.ndarray, str, tuple[str, ...]]:
     """(affine, "sform" | "qform" | "assumed", warnings) by the rules of the module docstring."""
     zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
-    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise NiftiError(f"{path}: header voxel sizes (pixdim) {zooms.tolist()} are zero, "
-                         "negative or not finite: its geometry cannot be trusted")
     stated = {}
     for name in ("sform", "qform"):
         code = int(header[f"{name}_code"])
