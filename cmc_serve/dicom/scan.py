@@ -28,6 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from cmc_serve.dicom.errors import DicomScanError
 
@@ -155,8 +156,10 @@ def _read_header(path: Path) -> _Header | _Skip:
                 return _Skip(path, "empty file (0 bytes)", SAME_NAME)
             ds = pydicom.dcmread(f, stop_before_pixels=True, force=False)
             # stop_before_pixels leaves the file at the pixel data; at the end of the file
-            # an image header was cut short (or it has no pixel data at all)
-            ends_early = f.tell() >= size
+            # an image header was cut short (or it has no pixel data at all). A deflated
+            # dataset is read whole and inflated in memory: its position says nothing.
+            ends_early = (f.tell() >= size and ds.file_meta.get("TransferSyntaxUID")
+                          != DeflatedExplicitVRLittleEndian)
     except InvalidDicomError:
         return _Skip(path, "not a DICOM file (no DICM preamble)", SAME_NAME)
     except Exception as exc:  # pydicom raises many types on corrupt headers
