@@ -168,11 +168,11 @@ def check_combination(a: ImageFacts, b: ImageFacts,
     """
     assumptions = assumptions or Assumptions()
     _same_patient(a, b)
-    notes = [f"{what} not checked: {x.source} does not state its {tag}"
-             for what, tag, field_name in (("patient", "PatientID", "patient_id"),
-                                           ("frame of reference", "FrameOfReferenceUID",
-                                            "frame_of_reference_uid"))
-             for x in (a, b) if getattr(x, field_name) is None]
+    notes = [f"not checked against the other image: {x.source} does not state its "
+             + " or ".join(tag for tag, value in (("PatientID", x.patient_id),
+                                                 ("FrameOfReferenceUID",
+                                                  x.frame_of_reference_uid)) if value is None)
+             for x in (a, b) if x.patient_id is None or x.frame_of_reference_uid is None]
     problem = _frame_problem(a, b)
     if problem is None:
         return Combination(tuple(notes), None)

@@ -175,8 +175,11 @@ def test_nifti_without_sidecar_is_noted_not_checked(tmp_path: Path, model_dir: P
     out = tmp_path / "out"
     r = _run(tmp_path / "in", "-o", out, "--model", model_dir)
     assert r.exit_code == 0, r.output
-    assert any("patient not checked: b (mr)" in p and "does not state its PatientID" in p
-               for p in _case(out)["pairing"])
+    notes = [p for p in _case(out)["pairing"] if p.startswith("not checked")]
+    assert len(notes) == 2  # a states no frame of reference, b nothing at all
+    assert "a (ct)" in notes[0] and notes[0].endswith("does not state its FrameOfReferenceUID")
+    assert "b (mr)" in notes[1] and notes[1].endswith(
+        "does not state its PatientID or FrameOfReferenceUID")
 
 
 def test_unreadable_sidecar_is_a_read_error(tmp_path: Path, model_dir: Path) -> None:
