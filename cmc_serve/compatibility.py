@@ -103,13 +103,12 @@ class ImageFacts:
     patient_id: str | None = None
     issuer_of_patient_id: str | None = None
     frame_of_reference_uid: str | None = None
-    study_instance_uid: str | None = None
     orientation: str = ORIENTATION_FROM_FILE
 
     @classmethod
     def from_tags(cls, source: str, tags: Mapping[str, Any] | Any) -> ImageFacts:
-        """From DICOM keywords on a pydicom Dataset, a scanned series or a JSON sidecar dict;
-        empty values count as not stated."""
+        """From DICOM keywords: attributes of a pydicom Dataset, or keys of a dict (a NIfTI's
+        JSON sidecar); empty values count as not stated."""
         def get(keyword: str) -> str | None:
             value = tags.get(keyword) if isinstance(tags, Mapping) else getattr(tags, keyword,
                                                                                  None)
@@ -117,9 +116,10 @@ class ImageFacts:
             return text or None
 
         return cls(source, get("PatientID"), get("IssuerOfPatientID"),
-                   get("FrameOfReferenceUID"), get("StudyInstanceUID"))
+                   get("FrameOfReferenceUID"))
 
     def with_orientation(self, orientation: str) -> ImageFacts:
+        """The same facts with the way the orientation is known replaced."""
         return replace(self, orientation=orientation)
 
 

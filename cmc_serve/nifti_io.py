@@ -47,7 +47,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # storage of the two forms differs by ~1e-4 mm on a 500 mm field of view.
 SFORM_QFORM_TOL_MM = 0.01
 # Keys of the identity sidecar (DICOM keywords), see the module docstring.
-IDENTITY_KEYS = ("PatientID", "IssuerOfPatientID", "FrameOfReferenceUID", "StudyInstanceUID")
+IDENTITY_KEYS = ("PatientID", "IssuerOfPatientID", "FrameOfReferenceUID")
 # World axis and sign of each axis code letter (RAS world).
 _CODE_AXES = {"L": (0, -1.0), "R": (0, 1.0), "P": (1, -1.0), "A": (1, 1.0), "I": (2, -1.0),
               "S": (2, 1.0)}
