@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 
 def _flag(option: str) -> str:
     """The command-line flag of a SegmentOptions field."""
-    return "--output-type" if option == "output_types" else f"--{option}"
+    return "--output-type" if option == "output_types" else f"--{option.replace('_', '-')}"
 
 
 def command(
@@ -68,6 +68,22 @@ def command(
     pairing: Annotated[Path | None, typer.Option(
         help="YAML rules mapping DICOM series to modalities a/b (Modality, description "
              "regex).")] = None,
+    assume_registered: Annotated[bool, typer.Option(
+        "--assume-registered", help="Combine a and b although their frames of reference "
+                                    "differ (or one's orientation was supplied): you assert "
+                                    "they are already aligned in world space. Recorded per "
+                                    "case in report.json. Different patients are always "
+                                    "refused.")] = False,
+    assume_orientation: Annotated[str | None, typer.Option(
+        "--assume-orientation", help="Axis codes (e.g. LPS, RAS) for NIfTI files whose header "
+                                     "states no orientation (qform_code = sform_code = 0), "
+                                     "which are refused otherwise. Recorded per case.")
+    ] = None,
+    skip_unreadable: Annotated[bool, typer.Option(
+        "--skip-unreadable", help="Segment a DICOM series without its unreadable files "
+                                  "(which fail the series otherwise); a skipped file inside "
+                                  "the stack still fails it as a gap. Recorded per case.")
+    ] = False,
 ) -> None:
     """Segment NIfTI files or DICOM series (single case or whole folders) with an exported model."""
     from rich.console import Console
@@ -88,7 +104,9 @@ def command(
             mode=mode, runtime=runtime, server=server, device=device, precision=precision,
             overlap=overlap, tta=tta, output_types=parse_output_types(output_type),
             statistics=statistics, preview=preview, resume=resume,
-            shard=parse_shard(shard) if shard else None, jobs=jobs, pairing=pairing)
+            shard=parse_shard(shard) if shard else None, jobs=jobs, pairing=pairing,
+            assume_registered=assume_registered, assume_orientation=assume_orientation,
+            skip_unreadable=skip_unreadable)
         result = segment(input, out, model, input_b, options, console)
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None

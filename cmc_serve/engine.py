@@ -6,6 +6,11 @@ uint8 labels (and the probabilities, if asked for) is allocated. While the runti
 one batch of tiles a background thread gathers the next batch, so reading and copying
 tiles overlaps with inference; the stitcher keeps only about one patch depth of
 accumulators (see `cmc_serve.stitching`).
+
+Arrays carry no identity: a caller that fuses two images passes what each states about
+itself (`identity_a`, `identity_b`: `cmc_serve.compatibility.ImageFacts`) and the fused
+call is refused, by the same rules as `cmc segment`, when they are different patients or
+unrelated frames of reference (unless `assumptions.registered`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cmc_serve.compatibility import Assumptions, ImageFacts, check_combination
 from cmc_serve.model_dir import MODE_INPUTS, MODES, ModelInfo
 from cmc_serve.runtimes import PatchRuntime, open_runtime
 from cmc_serve.runtimes.select import resolve_precision
@@ -101,9 +107,18 @@ class Segmenter:
         return self._runtimes[mode]
 
     def segment(self, image_a: np.ndarray | None = None, image_b: np.ndarray | None = None,
-                mode: str = "auto") -> SegmentResult:
-        """Segment one case; `mode` "auto" fuses when both images are given."""
+                mode: str = "auto", *, identity_a: ImageFacts | None = None,
+                identity_b: ImageFacts | None = None,
+                assumptions: Assumptions | None = None) -> SegmentResult:
+        """Segment one case; `mode` "auto" fuses when both images are given.
+
+        With `identity_a`/`identity_b`, a fused call first passes
+        `compatibility.check_combination` (CompatibilityError, a ValueError, if refused).
+        """
         mode = self._resolve_mode(image_a, image_b, mode)
+        if mode == "fused" and (identity_a is not None or identity_b is not None):
+            check_combination(identity_a or ImageFacts("image_a"),
+                              identity_b or ImageFacts("image_b"), assumptions)
         images = {"image_a": image_a, "image_b": image_b}
         volumes, shape = _check_volumes({name: images[name] for name in MODE_INPUTS[mode]})
         runtime = self.runtime_for(mode)

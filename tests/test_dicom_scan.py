@@ -106,3 +106,23 @@ def test_empty_and_missing_folders(tmp_path: Path) -> None:
         scan_folder(tmp_path)
     with pytest.raises(DicomScanError, match="nowhere: not a folder"):
         scan_folder(tmp_path / "nowhere")
+
+
+def test_damaged_files_are_attributed_to_the_series_beside_them(tmp_path: Path) -> None:
+    """Truncated, empty or same-named unreadable files belong to the series; a deflated image
+    (read whole, inflated in memory) and unrelated files do not."""
+    paths = write_series(tmp_path / "s", SeriesSpec(n_slices=5), shuffle=False)
+    uid = pydicom.dcmread(paths[0]).get_item("SeriesInstanceUID")
+    paths[0].write_bytes(paths[0].read_bytes()[:uid.value_tell + 6])  # cut inside the UID
+    paths[4].write_bytes(b"")
+    (tmp_path / "s" / "IM0009.dcm").write_bytes(b"garbage with the series' name")
+    (tmp_path / "s" / "notes.txt").write_text("not dicom")
+    shutil.copy(TEST_FILES / "image_dfl.dcm", tmp_path / "s" / "deflated.dcm")
+    result = scan_folder(tmp_path)
+    (series,) = [s for s in result.series if s.n_files == 3]
+    unreadable = {p.name: why for p, why in series.unreadable}
+    assert unreadable == {
+        "IM0000.dcm": "no pixel data: the file ends after its header (truncated?)",
+        "IM0004.dcm": "empty file (0 bytes)",
+        "IM0009.dcm": "not a DICOM file (no DICM preamble)"}
+    assert any(s.paths == (tmp_path / "s" / "deflated.dcm",) for s in result.series)

@@ -4,12 +4,22 @@ Real exports mix several series in one folder: scouts/localizers, derived reform
 objects, DICOMDIR indexes and stray non-DICOM files. We read headers only
 (`stop_before_pixels`), group by SeriesInstanceUID, and classify each series; nothing is
 silently dropped: unreadable files and every skipped series carry a reason the CLI can show.
+
+A file that looks like part of a series but cannot be read (a truncated or empty slice) is
+attributed to that series (`SeriesInfo.unreadable`), so that loading it fails by naming the
+file instead of giving a volume one slice short (the first or last slice) or speaking of a
+"missing slice". A file looks like part of a series when it lies in the same folder as the
+series' files and either is DICOM whose header is damaged (the DICM preamble, but a header
+that fails to parse, lacks SeriesInstanceUID, or ends before the pixel data) or carries a
+name of the same pattern as theirs (digits aside: IM0011.dcm beside IM0000.dcm), such as an
+empty file. Other files (notes, PDFs, hidden resource forks, DICOMDIR) are skipped as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from cmc_serve.dicom.errors import DicomScanError
 
@@ -28,6 +39,9 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD",
                                   "KO", "REG", "DOC", "RWV", "FID", "PLAN"})
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+# How a skipped file relates to the series beside it (see the module docstring).
+DAMAGED, SAME_NAME, UNRELATED = "damaged", "same-name", "unrelated"
 
 # Series kinds; only VOLUME series are candidates by default.
 VOLUME, LOCALIZER, DERIVED, NON_IMAGE, UNSUPPORTED = (
@@ -49,6 +63,10 @@ class SeriesInfo:
     plane: str  # axial | coronal | sagittal | mixed | none
     kind: str
     reason: str  # why this kind, e.g. "ImageType contains LOCALIZER"
+    issuer_of_patient_id: str = ""
+    frame_of_reference_uid: str = ""
+    # files beside the series that look like part of it but cannot be read: (path, why)
+    unreadable: tuple[tuple[Path, str], ...] = ()
 
     @property
     def n_files(self) -> int:
@@ -87,6 +105,8 @@ class _Header:
     modality: str
     description: str
     patient_id: str
+    issuer_of_patient_id: str
+    frame_of_reference_uid: str
     study_id: str
     series_number: int | None
     image_type: tuple[str, ...]
@@ -110,34 +130,84 @@ def _orientation(ds: Dataset) -> tuple[float, ...] | None:
     return values if values is not None and len(values) == 6 else None
 
 
-def _read_header(path: Path) -> _Header | str:
-    """The header of one file, or the reason it is skipped."""
+@dataclass(frozen=True)
+class _Skip:
+    """A file that is not a usable instance: why, and how it relates to series beside it."""
+
+    path: Path
+    reason: str
+    relation: str  # DAMAGED | SAME_NAME (part of a series if named like one) | UNRELATED
+
+
+def _has_preamble(path: Path) -> bool:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=False)
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_header(path: Path) -> _Header | _Skip:
+    """The header of one file, or why it is skipped."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return _Skip(path, "empty file (0 bytes)", SAME_NAME)
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=False)
+            # stop_before_pixels leaves the file at the pixel data; at the end of the file
+            # an image header was cut short (or it has no pixel data at all). A deflated
+            # dataset is read whole and inflated in memory: its position says nothing.
+            ends_early = (f.tell() >= size and ds.file_meta.get("TransferSyntaxUID")
+                          != DeflatedExplicitVRLittleEndian)
     except InvalidDicomError:
-        return "not a DICOM file (no DICM preamble)"
+        return _Skip(path, "not a DICOM file (no DICM preamble)", SAME_NAME)
     except Exception as exc:  # pydicom raises many types on corrupt headers
-        return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+        return _Skip(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})",
+                     DAMAGED if _has_preamble(path) else SAME_NAME)
     try:
         sop_class = _text(ds, "SOPClassUID") or _text(ds.file_meta, "MediaStorageSOPClassUID")
         if sop_class == MEDIA_STORAGE_DIRECTORY:
-            return "DICOMDIR index, not an instance"
+            return _Skip(path, "DICOMDIR index, not an instance", UNRELATED)
         series_uid = _text(ds, "SeriesInstanceUID")
         if not series_uid:
-            return "DICOM without SeriesInstanceUID (incomplete or truncated header)"
+            return _Skip(path, "DICOM without SeriesInstanceUID (incomplete or truncated "
+                               "header)", DAMAGED)
+        modality = _text(ds, "Modality").upper()
+        if ends_early and modality not in NON_IMAGE_MODALITIES:
+            return _Skip(path, "no pixel data: the file ends after its header (truncated?)",
+                         DAMAGED)
         number = ds.get("SeriesNumber")
         image_type = ds.get("ImageType") or ()
         image_type = (image_type,) if isinstance(image_type, str) else image_type
         return _Header(
             path=path, series_uid=series_uid, study_uid=_text(ds, "StudyInstanceUID"),
-            modality=_text(ds, "Modality").upper(), description=_text(ds, "SeriesDescription"),
-            patient_id=_text(ds, "PatientID"), study_id=_text(ds, "StudyID"),
+            modality=modality, description=_text(ds, "SeriesDescription"),
+            patient_id=_text(ds, "PatientID"),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+            frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"), study_id=_text(ds, "StudyID"),
             series_number=int(number) if number not in (None, "") else None,
             image_type=tuple(str(t).strip().upper() for t in image_type),
             sop_class=sop_class, has_image="Rows" in ds and "Columns" in ds,
             frames=int(ds.get("NumberOfFrames") or 1), orientation=_orientation(ds))
     except Exception as exc:  # garbled values (wrong VR, bad numbers) surface on access
-        return f"unreadable DICOM header ({type(exc).__name__}: {exc})"
+        return _Skip(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", DAMAGED)
+
+
+def _name_pattern(name: str) -> str:
+    """A file name with its digits masked: slices of one series share it."""
+    return re.sub(r"\d+", "#", name.lower())
+
+
+def _unreadable_members(headers: list[_Header], skipped: list[_Skip]
+                        ) -> tuple[tuple[Path, str], ...]:
+    """The skipped files that look like part of the series of `headers`."""
+    folders = {h.path.parent for h in headers}
+    patterns = {_name_pattern(h.path.name) for h in headers}
+    return tuple((s.path, s.reason) for s in skipped
+                 if s.path.parent in folders and not s.path.name.startswith(".")
+                 and (s.relation == DAMAGED
+                      or (s.relation == SAME_NAME and _name_pattern(s.path.name) in patterns)))
 
 
 def _plane(orientations: list[tuple[float, ...]]) -> str:
@@ -186,7 +256,7 @@ def _classify(headers: list[_Header]) -> tuple[str, str]:
     return VOLUME, f"{len(headers)} slices"
 
 
-def _series_info(headers: list[_Header]) -> SeriesInfo:
+def _series_info(headers: list[_Header], skipped: list[_Skip]) -> SeriesInfo:
     headers = sorted(headers, key=lambda h: str(h.path))
     first = headers[0]
     kind, reason = _classify(headers)
@@ -196,7 +266,9 @@ def _series_info(headers: list[_Header]) -> SeriesInfo:
         patient_id=first.patient_id, study_id=first.study_id,
         series_number=first.series_number,
         plane=_plane([h.orientation for h in headers if h.orientation is not None]),
-        kind=kind, reason=reason)
+        kind=kind, reason=reason, issuer_of_patient_id=first.issuer_of_patient_id,
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        unreadable=_unreadable_members(headers, skipped))
 
 
 def scan_folder(folder: str | Path) -> ScanResult:
@@ -210,21 +282,23 @@ def scan_folder(folder: str | Path) -> ScanResult:
         raise DicomScanError(f"{folder}: not a folder")
     result = ScanResult(folder)
     groups: dict[str, list[_Header]] = defaultdict(list)
+    skipped: list[_Skip] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
         for name in sorted(files):
             path = Path(root) / name
             header = _read_header(path)
-            if isinstance(header, str):
-                log.info("skipping %s: %s", path, header)
-                result.skipped_files.append((path, header))
+            if isinstance(header, _Skip):
+                log.info("skipping %s: %s", path, header.reason)
+                skipped.append(header)
+                result.skipped_files.append((path, header.reason))
             else:
                 groups[header.series_uid].append(header)
     if not groups:
         detail = (f"{len(result.skipped_files)} files, none a DICOM series" if result.skipped_files
                   else "the folder is empty")
         raise DicomScanError(f"{folder}: no DICOM series found ({detail})")
-    result.series = sorted((_series_info(h) for h in groups.values()),
+    result.series = sorted((_series_info(h, skipped) for h in groups.values()),
                            key=lambda s: (s.study_uid, s.series_number or 0, s.uid))
     for s in result.series:
         if s.kind != VOLUME:

@@ -6,6 +6,12 @@ wrong (a missing slice, duplicate positions, uneven spacing, gantry tilt, non-or
 orientation, mixed sizes, undecodable or truncated pixel data) raises a one-line
 `DicomSeriesError` naming the folder or file. `choose_series` picks one series among several
 candidates by explicit rules and says why.
+
+A file of the series that cannot be read (attributed by the scan, or failing here) fails the
+series by name, whichever slice it is: dropping the first or last slice would silently give a
+shorter volume. `skip_unreadable=True` (`--skip-unreadable`) segments the readable files
+instead and lists the skipped ones in `LoadedSeries.skipped`; a skipped file inside the stack
+still fails, as a gap naming it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class LoadedSeries:
     volume: Volume
     datasets: tuple[Dataset, ...]
     info: SeriesInfo
+    skipped: tuple[tuple[Path, str], ...] = ()  # unreadable files left out (skip_unreadable)
 
 
 def _floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
@@ -176,17 +183,57 @@ def _geometry(datasets: Sequence[Dataset], paths: Sequence[Path], folder: Path
     return order, affine
 
 
-def load_series(info: SeriesInfo) -> LoadedSeries:
+def _names(files: Sequence[tuple[Path, str]], folder: Path) -> str:
+    return ", ".join(f"{p.relative_to(folder) if p.is_relative_to(folder) else p} ({why})"
+                     for p, why in files)
+
+
+def _readable_slices(info: SeriesInfo, skip_unreadable: bool
+                     ) -> tuple[list[Dataset], list[Path], list[np.ndarray],
+                                list[tuple[Path, str]]]:
+    """Datasets, paths and pixels of the files that read, plus the unreadable ones; an
+    unreadable file raises unless `skip_unreadable`."""
+    unreadable = list(info.unreadable)
+    if unreadable and not skip_unreadable:
+        raise DicomSeriesError(
+            f"{info.folder}: {len(unreadable)} file(s) of series {info.series_number} "
+            f"'{info.description}' cannot be read: {_names(unreadable, info.folder)}; "
+            "--skip-unreadable segments the series without them")
+    datasets, paths, pixels = [], [], []
+    for path in info.paths:
+        try:
+            ds = _read(path)
+            values = _pixels(ds, path)
+        except DicomSeriesError as exc:
+            if not skip_unreadable:
+                raise
+            unreadable.append((path, str(exc).removeprefix(f"{path}: ")))
+            continue
+        datasets.append(ds)
+        paths.append(path)
+        pixels.append(values)
+    return datasets, paths, pixels, unreadable
+
+
+def load_series(info: SeriesInfo, skip_unreadable: bool = False) -> LoadedSeries:
     """Read, validate and stack a series: array[i=column, j=row, k=slice], RAS affine."""
     folder = info.folder
     if info.n_files < 2:
         raise DicomSeriesError(f"{folder}: series {info.uid} has {info.n_files} file; "
                                "a volume needs at least 2 slices")
-    paths = list(info.paths)
-    datasets = [_read(p) for p in paths]
-    order, affine_lps = _geometry(datasets, paths, folder)
-    slices = [_pixels(datasets[i], paths[i]) for i in order]
-    array = np.ascontiguousarray(np.stack(slices, axis=-1).transpose(1, 0, 2))
+    datasets, paths, pixels, skipped = _readable_slices(info, skip_unreadable)
+    if len(datasets) < 2:
+        raise DicomSeriesError(f"{folder}: {len(datasets)} readable file(s) in series "
+                               f"{info.uid}; a volume needs at least 2 slices (unreadable: "
+                               f"{_names(skipped, folder)})")
+    try:
+        order, affine_lps = _geometry(datasets, paths, folder)
+    except DicomSeriesError as exc:
+        if not skipped:
+            raise
+        raise DicomSeriesError(f"{exc} (unreadable files skipped: {_names(skipped, folder)})"
+                               ) from exc
+    array = np.ascontiguousarray(np.stack([pixels[i] for i in order], axis=-1).transpose(1, 0, 2))
     if any(str(datasets[i].get("PhotometricInterpretation", "")) == "MONOCHROME1" for i in order):
         # MONOCHROME1 displays low values bright; invert so that high means bright, as in CT/MR
         array = (array.max() + array.min()) - array
@@ -195,7 +242,8 @@ def load_series(info: SeriesInfo) -> LoadedSeries:
         ds = datasets[i]
         del ds.PixelData  # keep headers only: a SEG references, it does not copy, the images
         headers.append(ds)
-    return LoadedSeries(Volume(array, LPS_TO_RAS @ affine_lps), tuple(headers), info)
+    return LoadedSeries(Volume(array, LPS_TO_RAS @ affine_lps), tuple(headers), info,
+                        tuple(skipped))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmc_serve import __version__
+from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_codes
 from cmc_serve.model_dir import ModelDirError, ModelInfo
 from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import outputs
@@ -111,6 +112,9 @@ class SegmentOptions:
     shard: tuple[int, int] | None = None
     jobs: int = 1
     pairing: Path | None = None
+    assume_registered: bool = False
+    assume_orientation: str | None = None
+    skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -132,6 +136,17 @@ class SegmentOptions:
             if not 1 <= index <= count:
                 raise SegmentOptionError("shard", f"{self.shard}: expected (I, N) with "
                                                   "1 <= I <= N, e.g. (2, 4)")
+        if self.assume_orientation is not None:
+            try:
+                object.__setattr__(self, "assume_orientation",
+                                   parse_axis_codes(self.assume_orientation))
+            except CompatibilityError as exc:
+                raise SegmentOptionError("assume_orientation", str(exc)) from None
+
+    @property
+    def assumptions(self) -> Assumptions:
+        return Assumptions(self.assume_registered, self.assume_orientation,
+                           self.skip_unreadable)
 
     def report_options(self, input: Path, input_b: Path | None) -> dict[str, Any]:
         """The options as report.json records them (the command line's names)."""
@@ -142,7 +157,10 @@ class SegmentOptions:
                 "statistics": self.statistics, "preview": self.preview,
                 "continue": self.resume,
                 "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
-                "jobs": self.jobs, "pairing": str(self.pairing) if self.pairing else None}
+                "jobs": self.jobs, "pairing": str(self.pairing) if self.pairing else None,
+                "assume_registered": self.assume_registered,
+                "assume_orientation": self.assume_orientation,
+                "skip_unreadable": self.skip_unreadable}
 
 
 @dataclass(frozen=True)
@@ -207,7 +225,8 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
                        model=_model_summary(model, info))
     batch = BatchOptions(mode=options.mode, output_types=options.output_types,
                          statistics=options.statistics, preview=options.preview,
-                         resume=options.resume, jobs=options.jobs)
+                         resume=options.resume, jobs=options.jobs,
+                         assumptions=options.assumptions)
     if console is not None:
         console.print(f"cmc segment: {len(found)} case(s) -> {out}", highlight=False,
                       markup=False)

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from cmc_serve.compatibility import Assumptions
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.cases import Case
@@ -47,6 +48,7 @@ class BatchOptions:
     preview: bool = False
     resume: bool = False
     jobs: int = 1
+    assumptions: Assumptions = Assumptions()
 
     def outputs_for(self, result: CaseResult) -> tuple[str, ...]:
         """The explicit list, or NIfTI plus DICOM SEG when the labels' grid is a DICOM series."""
@@ -109,7 +111,8 @@ class BatchRunner:
             case = next(todo, None)
             if case is not None:
                 pending.append((case, pool.submit(load_case, case, self.info, self.rules,
-                                                  self.options.mode)))
+                                                  self.options.mode,
+                                                  self.options.assumptions)))
 
         for _ in range(self.options.jobs):
             submit()
@@ -148,6 +151,7 @@ class BatchRunner:
         try:
             loaded = future.result()
             record.mode, record.pairing = loaded.mode, loaded.pairing
+            record.assumptions, record.warnings = loaded.assumptions, loaded.warnings
             stage = "infer"
             result = segment_case(loaded, self.segmenter)
             stage = "write"
@@ -176,6 +180,10 @@ class BatchRunner:
                   f"{total:.2f} s  -> {escape(str(folder))}")
         for reason in record.pairing:
             self._say(f"  [dim]{escape(reason)}[/dim]")
+        for key, what in record.assumptions.items():
+            self._say(f"  [yellow]--{key.replace('_', '-')}[/yellow]: {escape(what)}")
+        for warning in record.warnings:
+            self._say(f"  [yellow]warning[/yellow]: {escape(warning)}")
         self._flush()
 
 

@@ -95,9 +95,11 @@ def clear_case(folder: Path) -> None:
         folder.rmdir()
 
 
-def check_nifti_geometry(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> None:
+def check_nifti_geometry(path: Path, shape: tuple[int, ...], affine: np.ndarray,
+                         orientation_stated: bool = True) -> None:
     """TotalSegmentator's post-run check: the written label map has the input's shape and
-    affine (read back from disk, so a writer that reorients or drops the sform is caught)."""
+    affine (read back from disk, so a writer that reorients or drops the sform is caught).
+    For an input that stated no orientation: no orientation either, and its voxel sizes."""
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -105,6 +107,14 @@ def check_nifti_geometry(path: Path, shape: tuple[int, ...], affine: np.ndarray)
     if tuple(img.shape) != tuple(shape):
         raise OutputError(f"{path}: written shape {tuple(img.shape)} differs from the input "
                           f"{tuple(shape)}")
+    if not orientation_stated:
+        codes = (int(img.header["qform_code"]), int(img.header["sform_code"]))
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        if codes != (0, 0) or not np.allclose(img.header.get_zooms()[:3], spacing, atol=1e-4):
+            raise OutputError(f"{path}: written header (codes {codes}, voxel sizes "
+                              f"{img.header.get_zooms()[:3]}) does not keep the input's "
+                              "unstated orientation")
+        return
     if not np.allclose(img.affine, affine, atol=1e-4):
         raise OutputError(f"{path}: written affine differs from the input's "
                           f"(max diff {np.abs(img.affine - affine).max():.3g} mm)")
@@ -137,8 +147,10 @@ def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[s
         if "nifti" in output_types:
             from cmc_serve.nifti_io import write_label_nifti
 
-            write_label_nifti(result.labels, volume.affine, folder / SEG_NIFTI, class_names)
-            check_nifti_geometry(folder / SEG_NIFTI, volume.shape, volume.affine)
+            write_label_nifti(result.labels, volume.affine, folder / SEG_NIFTI, class_names,
+                              ref.orientation_stated)
+            check_nifti_geometry(folder / SEG_NIFTI, volume.shape, volume.affine,
+                                 ref.orientation_stated)
             written += [SEG_NIFTI, SEG_SIDECAR]
         if "dicom-seg" in output_types:
             if ref.datasets is None:

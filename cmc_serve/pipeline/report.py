@@ -70,6 +70,10 @@ class CaseRecord:
     engine: dict[str, str] = field(default_factory=dict)
     stage: str | None = None
     error: str | None = None
+    # every assumption the user asked for (--assume-registered, --assume-orientation,
+    # --skip-unreadable) -> what it covered in this case; and the inputs' geometry warnings
+    assumptions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -5,6 +5,9 @@ to the source grid) -> `outputs.write_case_outputs`. Each stage raises `CaseErro
 the stage and the problem, so the batch can log it in failures.csv and go on.
 
 Geometry rules (orientation/flip errors are the most reported bug class of such tools):
+- two images are combined only when `cmc_serve.compatibility.check_combination` allows it
+  (same patient, same frame of reference or the user's `--assume-registered`); every
+  assumption the user asked for is recorded per case (`LoadedCase.assumptions`);
 - modality b is resampled into modality a's *world* grid before any pre-processing, so both
   channels see the same anatomy voxel for voxel; the two are never paired by array index;
 - labels come back to the reference image's own grid by nearest neighbour (uint8 labels,
@@ -19,6 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from cmc_serve.compatibility import (
+    ASSUME_ORIENTATION,
+    ASSUME_REGISTERED,
+    ORIENTATION_ASSUMED,
+    SKIP_UNREADABLE,
+    Assumptions,
+    CompatibilityError,
+    ImageFacts,
+    check_combination,
+)
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.pipeline.cases import Case, Source
 from cmc_serve.pipeline.pairing import ROLES, PairingError, PairingRules, pair_series
@@ -45,7 +58,12 @@ class Image:
     modality: str
     source: Source
     volume: Volume
+    facts: ImageFacts  # whose image and which world it states
     datasets: Sequence[Any] | None = None
+
+    @property
+    def orientation_stated(self) -> bool:
+        return self.facts.orientation != ORIENTATION_ASSUMED
 
 
 @dataclass
@@ -59,6 +77,8 @@ class LoadedCase:
     on_reference: dict[str, np.ndarray]  # modality name -> raw intensities on the reference
     pairing: list[str]
     timer: StageTimer = field(default_factory=StageTimer)
+    assumptions: dict[str, str] = field(default_factory=dict)  # Assumptions.record
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -138,15 +158,42 @@ def resolve_mode(requested: str, present: Sequence[str], info: ModelInfo, where:
 
 # --------------------------------------------------------------------------- read
 
-def _read(source: Source) -> tuple[Volume, Sequence[Any] | None]:
-    if source.kind == "nifti":
-        from cmc_serve.nifti_io import read_nifti
+@dataclass
+class _Provenance:
+    """What reading a case's images relied on: assumptions applied, geometry warnings."""
 
-        return read_nifti(source.path), None
+    applied: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def apply(self, key: str, what: str) -> None:
+        self.applied.setdefault(key, []).append(what)
+
+
+def _read(role: str, modality: str, source: Source, assumptions: Assumptions,
+          provenance: _Provenance) -> Image:
+    """Read one image with the facts it states about itself (identity, orientation)."""
+    label = f"{role} ({modality}) {source.describe()}"
+    if source.kind == "nifti":
+        from cmc_serve.nifti_io import load_nifti, read_identity
+
+        image = load_nifti(source.path, assumptions.orientation)
+        facts = ImageFacts.from_tags(label, read_identity(source.path))
+        provenance.warnings.extend(image.warnings)
+        if not image.orientation_stated:
+            facts = facts.with_orientation(ORIENTATION_ASSUMED)
+            provenance.apply(ASSUME_ORIENTATION, f"{source.path}: the header states no "
+                             f"orientation (qform_code = sform_code = 0); read as "
+                             f"{assumptions.orientation}, origin at the volume centre")
+        return Image(role, modality, source, image.volume, facts)
     from cmc_serve.dicom.series import load_series
 
-    loaded = load_series(source.series)
-    return loaded.volume, loaded.datasets
+    loaded = load_series(source.series, assumptions.skip_unreadable)
+    if loaded.skipped:
+        provenance.apply(SKIP_UNREADABLE, f"{loaded.info.folder}: segmented without "
+                         f"{len(loaded.skipped)} unreadable file(s): "
+                         + ", ".join(f"{p.name} ({why})" for p, why in loaded.skipped))
+    return Image(role, modality, source, loaded.volume,
+                 ImageFacts.from_tags(label, loaded.datasets[0]), loaded.datasets)
 
 
 def _check_image(volume: Volume, source: Source) -> None:
@@ -162,8 +209,9 @@ def _check_image(volume: Volume, source: Source) -> None:
 
 # --------------------------------------------------------------------------- stages
 
-def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: str) -> LoadedCase:
-    """Pair, read and pre-process a case (safe to run in a worker thread)."""
+def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: str,
+              assumptions: Assumptions | None = None) -> LoadedCase:
+    """Pair, read, check and pre-process a case (safe to run in a worker thread)."""
     from cmc_serve.preprocess import PreprocessError, preprocess, resample_to_reference
 
     timer = StageTimer()
@@ -177,16 +225,25 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
     mode = resolve_mode(requested_mode, [r for r in ROLES if r in chosen], info, case.case_id)
     roles = roles_for(mode)
     names = dict(zip(ROLES, info.modalities, strict=True))
+    assumptions = assumptions or Assumptions()
+    provenance = _Provenance()
     images: dict[str, Image] = {}
     with timer.stage("read"):
         for role in roles:
             src = chosen[role]
             try:
-                volume, datasets = _read(src)
+                images[role] = _read(role, names[role], src, assumptions, provenance)
             except Exception as exc:  # each reader raises its own one-line error class
                 raise CaseError("read", _one_line(exc)) from exc
-            _check_image(volume, src)
-            images[role] = Image(role, names[role], src, volume, datasets)
+            _check_image(images[role].volume, src)
+    if len(roles) == 2:
+        try:
+            combination = check_combination(images["a"].facts, images["b"].facts, assumptions)
+        except CompatibilityError as exc:
+            raise CaseError("pair", str(exc)) from exc
+        reasons.extend(combination.notes)
+        if combination.registered_by_assumption:
+            provenance.apply(ASSUME_REGISTERED, combination.registered_by_assumption)
     reference = images[roles[0]]
     on_reference = {reference.modality: reference.volume.array}
     prepared: dict[str, Any] = {}
@@ -204,7 +261,8 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
                 prepared[role] = preprocess(volume, names[role], info.preprocessing)
         except PreprocessError as exc:
             raise CaseError("preprocess", f"{case.case_id}: {exc}") from exc
-    return LoadedCase(case, mode, reference, prepared, on_reference, reasons, timer)
+    return LoadedCase(case, mode, reference, prepared, on_reference, reasons, timer,
+                      assumptions.record(provenance.applied), provenance.warnings)
 
 
 def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
