@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.files import current_umask
 from cmc_export.errors import ExportError
 from cmc_export.gates import (
     THRESHOLDS,
@@ -297,12 +298,6 @@ class _Exporter:
         (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _cmc_version() -> str:
     from cmc_train import __version__
 
@@ -339,7 +334,7 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     net, metadata = _load(ckpt_path)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; MODEL_DIR is a normal folder
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; MODEL_DIR is a normal folder
     except OSError as exc:
         raise ExportError(f"{out_dir}: cannot write the output ({exc.strerror or exc})") from exc
     try:

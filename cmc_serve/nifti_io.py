@@ -2,21 +2,20 @@
 
 Reading refuses anything that would give silently wrong output later (4D series, NaN/inf
 voxels, an all-zero image) with a one-line `NiftiError` naming the file. Writing is atomic
-(temporary name + rename) so a crashed or interrupted run never leaves a half-written file
+(`cmc_common.files.atomic_write`: temporary name + rename) so a crashed or interrupted run never leaves a half-written file
 that a batch restart would take for a finished case.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from cmc_common.files import atomic_write
 from cmc_serve.volume import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -59,20 +58,6 @@ def read_nifti(path: str | Path) -> Volume:
             or abs(np.linalg.det(affine[:3, :3])) < 1e-12):
         raise NiftiError(f"{path}: header has no usable voxel-to-world affine")
     return Volume(array, affine)
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)` on a temporary name in the target folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sidecar_path(path: Path) -> Path:

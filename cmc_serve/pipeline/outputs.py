@@ -8,7 +8,8 @@ Safety rules (documented in `cmc segment --help`):
 - OUT must be new, empty, or an earlier cmc output folder (it holds `.cmc-output`); any other
   existing folder is refused, so a typo cannot mix results into (or overwrite) a user's data.
 - Every file is written to a hidden temporary name ('.<name>.XXXX') in its final folder and
-  renamed when complete (`nifti_io.atomic_write`): a killed run never leaves a partial file
+  renamed when complete (`cmc_common.files.atomic_write`, with the mode a plain `open`
+  would give): a killed run never leaves a partial file
   under a final name, and `clear_case` removes such leftovers.
 - A case is finished only when its `done` file exists; it is written last, after the
   geometry check. Re-running a case first removes `done`, then replaces the files; a case
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cmc_serve.nifti_io import atomic_write
+from cmc_common.files import atomic_write
 
 if TYPE_CHECKING:
     from cmc_serve.pipeline.run_case import CaseResult
