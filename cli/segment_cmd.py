@@ -80,6 +80,10 @@ def command(
 
     console = Console(stderr=True)
 
+    def say(line: str) -> None:
+        """A message or summary line: printed whole, never wrapped (paths stay copyable)."""
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     try:
         options = SegmentOptions(
             mode=mode, runtime=runtime, server=server, device=device, precision=precision,
@@ -90,13 +94,10 @@ def command(
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
     except SegmentError as exc:
-        console.print(f"cmc segment: error: {exc}", highlight=False, markup=False,
-                      soft_wrap=True)
+        say(f"cmc segment: error: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
-    console.print(f"cmc segment: {result.done} done, {result.failed} failed, "
-                  f"{result.skipped} skipped; report: {result.report}", highlight=False,
-                  markup=False)
+    say(f"cmc segment: {result.done} done, {result.failed} failed, {result.skipped} skipped; "
+        f"report: {result.report}")
     if result.failures is not None:
-        console.print(f"cmc segment: failed cases are listed in {result.failures}",
-                      highlight=False, markup=False)
+        say(f"cmc segment: failed cases are listed in {result.failures}")
         raise typer.Exit(EXIT_CASE_FAILED)

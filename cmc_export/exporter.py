@@ -13,7 +13,6 @@ TensorRT without a GPU) are skipped with a one-line message.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from cmc_export.gates import (
 )
 from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT, MODES
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
+from cmc_serve.model_dir import file_digest
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -110,11 +110,7 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return str(file_digest(path)["sha256"])
 
 
 def _load(ckpt_path: Path) -> tuple[Any, dict[str, Any]]:
@@ -291,11 +287,25 @@ class _Exporter:
             "patch_size": [self.patch] * 3, "max_batch": self.max_batch,
             "preprocessing": self.metadata["preprocessing"],
             "checkpoint_sha256": self.sha256,
-            "graphs": self.report_graphs,
+            "graphs": [{**g, "files": graph_files(self.root, g["file"])}
+                       for g in self.report_graphs],
             "triton": {"backend": backend, "patch_models": dict(triton_models),
                        "volume_model": name},
         }
         (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
+# Files a graph file needs beside it (ONNX graphs are written self-contained: no external data).
+COMPANION_SUFFIXES = {".xml": (".bin",), ".plan": (".json",)}
+
+
+def graph_files(root: Path, rel: str) -> dict[str, dict[str, Any]]:
+    """cmc.json's `files` of one graph entry: size and sha256 of the graph file and of its
+    companions (OpenVINO weights, a TensorRT plan's metadata), which `cmc segment` checks
+    before running the graph (cmc_serve.model_dir)."""
+    graph = root / rel
+    paths = [graph] + [graph.with_suffix(s) for s in COMPANION_SUFFIXES.get(graph.suffix, ())]
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
 
 
 def _cmc_version() -> str:

@@ -4,14 +4,27 @@
 the engine relies on (class list, patch size, graph files and their I/O names) is checked
 here once, with errors that name the file and the problem: a model directory from another
 cmc version or a half-copied export must fail at load time, not halfway through a volume.
+
+Graph files are checked against the size and sha256 that `cmc export` recorded for each of
+them (graph entries' `files`): sizes at load (cheap: catches a truncated or half-copied
+file), the sha256 of a graph's files when that graph is opened (`verify_graph_files`, once
+per file and process). A mismatch is a `ModelFileError` naming the file: a damaged model is
+the user's problem to see, so it is never a reason for `--runtime auto` to quietly try
+another runtime. A cmc.json written before checksums existed (no `files`) is still read,
+with a logged warning that its files cannot be verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FORMAT = "cmc-model"
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -30,6 +43,68 @@ class ModelDirError(ValueError):
     """The model directory is missing, malformed or from an unsupported version."""
 
 
+class ModelFileError(ModelDirError):
+    """A file of the model directory is damaged: wrong size or checksum, or unreadable."""
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One file a graph needs (the graph itself, OpenVINO weights, a TensorRT plan's
+    metadata) with the size and sha256 `cmc export` recorded for it."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size", "sha256"} of a file, as cmc.json records it (written by `cmc export`)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+_VERIFIED: set[tuple[Path, int, int, str]] = set()  # (file, inode, mtime, sha256)
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _damaged(file: GraphFile, problem: str) -> ModelFileError:
+    return ModelFileError(f"{file.path}: {problem}; the model directory is damaged or "
+                          "incompletely copied: copy it again or re-export the checkpoint")
+
+
+def _check_size(file: GraphFile) -> None:
+    try:
+        size = file.path.stat().st_size
+    except OSError as exc:
+        raise _damaged(file, f"cannot be read ({exc.strerror or exc})") from exc
+    if size != file.size:
+        raise _damaged(file, f"{size} bytes, cmc.json records {file.size}")
+
+
+def verify_graph_files(graph: GraphInfo) -> None:
+    """Check the sha256 (and size) of every file of `graph`; ModelFileError naming the first
+    damaged one. Each file is hashed once per process (a batch opens a graph once)."""
+    for file in graph.files:
+        _check_size(file)
+        stat = file.path.stat()
+        key = (file.path.resolve(), stat.st_ino, stat.st_mtime_ns, file.sha256)
+        with _VERIFIED_LOCK:
+            if key in _VERIFIED:
+                continue
+        try:
+            actual = file_digest(file.path)["sha256"]
+        except OSError as exc:
+            raise _damaged(file, f"cannot be read ({exc.strerror or exc})") from exc
+        if actual != file.sha256:
+            raise _damaged(file, f"sha256 {actual[:12]}... differs from the "
+                                 f"{file.sha256[:12]}... cmc.json records")
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(key)
+
+
 @dataclass(frozen=True)
 class GraphInfo:
     """One exported patch graph: which mode/runtime/precision it serves and where it lives."""
@@ -41,6 +116,7 @@ class GraphInfo:
     inputs: tuple[str, ...]
     output: str
     gate: dict[str, Any] = field(default_factory=dict)
+    files: tuple[GraphFile, ...] = ()  # empty: exported before checksums were recorded
 
 
 @dataclass(frozen=True)
@@ -140,6 +216,14 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         raise fail("graphs must be a non-empty list")
 
     graphs = tuple(_parse_graph(root, fail, i, g) for i, g in enumerate(data["graphs"]))
+    unchecked = [i for i, g in enumerate(graphs) if not g.files]
+    if unchecked and len(unchecked) < len(graphs):
+        raise fail(f"graphs{unchecked} have no 'files' checksums while the others do: the "
+                   "file was edited; re-export the checkpoint")
+    if unchecked:
+        log.warning("%s: no checksums of the graph files (exported by cmc %s, before they "
+                    "were recorded): a damaged graph file cannot be detected; re-export the "
+                    "checkpoint to add them", path, data.get("cmc_version", "?"))
     keys = [(g.mode, g.runtime, g.precision) for g in graphs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
@@ -175,6 +259,28 @@ def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
     if file.suffix == ".xml" and not file.with_suffix(".bin").is_file():
         raise fail(f"{where}: OpenVINO weights {file.with_suffix('.bin')} do not exist")
     gate = g.get("gate", {})
+    files = _parse_files(root, fail, where, g.get("files"), str(g["file"]))
+    for checked in files:
+        _check_size(checked)
     return GraphInfo(mode=mode, runtime=runtime, precision=precision, path=file,
                      inputs=tuple(g["inputs"]), output=str(g["output"]),
-                     gate=gate if isinstance(gate, dict) else {})
+                     gate=gate if isinstance(gate, dict) else {}, files=files)
+
+
+def _parse_files(root: Path, fail: Any, where: str, files: Any,
+                 graph_file: str) -> tuple[GraphFile, ...]:
+    """A graph entry's `files` ({relative path: {"size", "sha256"}}); () when absent."""
+    if files is None:
+        return ()
+    if not isinstance(files, dict) or graph_file not in files:
+        raise fail(f"{where}: 'files' must map each file of the graph, {graph_file!r} "
+                   "included, to its size and sha256")
+    out = []
+    for rel, record in files.items():
+        size = record.get("size") if isinstance(record, dict) else None
+        sha = record.get("sha256") if isinstance(record, dict) else None
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or not isinstance(sha, str) or len(sha) != 64):
+            raise fail(f"{where}: files[{rel!r}] must be {{'size': bytes, 'sha256': hex}}")
+        out.append(GraphFile(root / rel, size, sha.lower()))
+    return tuple(out)
