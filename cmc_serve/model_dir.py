@@ -139,6 +139,11 @@ class ModelInfo:
         return len(self.classes)
 
     @property
+    def checksums(self) -> bool:
+        """Whether cmc.json records the size and sha256 of every graph file."""
+        return all(g.files for g in self.graphs)
+
+    @property
     def modes(self) -> tuple[str, ...]:
         """Modes with at least one graph, in canonical order."""
         present = {g.mode for g in self.graphs}
@@ -176,6 +181,13 @@ class ModelInfo:
         raise ModelDirError(
             f"{self.root / 'cmc.json'}: no graph for mode={mode} runtime={runtime} "
             f"precision={precision} (available: {have})")
+
+
+def unverified_message(path: Path, cmc_version: str) -> str:
+    """What a user is told about a cmc.json without checksums (exported before them)."""
+    return (f"{path}: no checksums of the graph files (exported by cmc {cmc_version}, "
+            "before they were recorded): a damaged graph file cannot be detected; "
+            "re-export the checkpoint to add them")
 
 
 def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
@@ -221,9 +233,7 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         raise fail(f"graphs{unchecked} have no 'files' checksums while the others do: the "
                    "file was edited; re-export the checkpoint")
     if unchecked:
-        log.warning("%s: no checksums of the graph files (exported by cmc %s, before they "
-                    "were recorded): a damaged graph file cannot be detected; re-export the "
-                    "checkpoint to add them", path, data.get("cmc_version", "?"))
+        log.info(unverified_message(path, str(data.get("cmc_version", "?"))))
     keys = [(g.mode, g.runtime, g.precision) for g in graphs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:

@@ -229,13 +229,18 @@ def mr_spec(study_uid: str, **overrides: object) -> SeriesSpec:
 
 # ---------------------------------------------------------------- running the command
 
-def segment(*args: object) -> Any:
-    """Run `cmc segment ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
+def run_cli(*args: object) -> Any:
+    """Run `cmc ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
     from typer.testing import CliRunner
 
     from cli.main import app
 
-    return CliRunner().invoke(app, ["segment", *(str(a) for a in args)])
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def segment(*args: object) -> Any:
+    """Run `cmc segment ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
+    return run_cli("segment", *args)
 
 
 def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:

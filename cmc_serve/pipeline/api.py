@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cmc_serve import __version__
 from cmc_serve.engine import Segmenter
-from cmc_serve.model_dir import ModelDirError, ModelInfo
+from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import library_warnings, outputs, shards
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
@@ -168,7 +168,7 @@ class SegmentRunResult:
 def _model_summary(model: Path, info: ModelInfo) -> dict[str, Any]:
     return {"dir": str(model.resolve()), "name": info.name, "cmc_version": info.cmc_version,
             "modalities": list(info.modalities), "classes": list(info.classes),
-            "checkpoint_sha256": info.checkpoint_sha256}
+            "checkpoint_sha256": info.checkpoint_sha256, "files_verified": info.checksums}
 
 
 def _find_cases(input: Path, input_b: Path | None, out: Path,
@@ -242,6 +242,10 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
             shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
             console.print(f"cmc segment: {len(found)} case(s){shard} -> {out}",
                           highlight=False, markup=False, soft_wrap=True)
+            if not info.checksums:
+                console.print("cmc segment: warning: " + unverified_message(
+                    model / "cmc.json", info.cmc_version), highlight=False, markup=False,
+                    soft_wrap=True)
         try:
             BatchRunner(out, info, segmenter, rules, batch, report, console,
                         records).run(found)
