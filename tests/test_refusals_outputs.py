@@ -119,7 +119,6 @@ def test_model_without_checksums_runs_with_a_warning(tmp_path: Path) -> None:
     assert f"{model / 'openvino' / 'a_fp32.xml'}: openvino cannot read the graph" in r.stderr
 
 
-@pytest.mark.slow  # exports a micro checkpoint (PyTorch -> ONNX -> OpenVINO, gated)
 def test_export_records_size_and_sha256_of_every_graph_file(tmp_path: Path) -> None:
     import hashlib
 
