@@ -16,7 +16,8 @@ HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
 overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm
 (DICOM input), statistics.json, preview.png, and `done`, written last: a folder without it is
-incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases)."""
+incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases);
+with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
 
 EXIT_CASE_FAILED = 1
 EXIT_USAGE = 2
@@ -58,7 +59,8 @@ def command(
     resume: Annotated[bool, typer.Option("--continue",
                                          help="Skip cases already done in OUT.")] = False,
     shard: Annotated[str | None, typer.Option(
-        help="I/N: run only the I-th of N shares of the cases (deterministic).")] = None,
+        help="I/N: run only the I-th of N shares of the cases (deterministic). The N shards "
+             "may run at once into one OUT; see cmc merge-shards.")] = None,
     jobs: Annotated[int, typer.Option(min=1, max=16, help="Reader threads (read + pre-process "
                                                           "the next cases during inference).")
                     ] = 1,
