@@ -9,6 +9,10 @@ while a case's images were being read (`collected`, in that reader's thread), it
 line of that case's record ("<image>: pydicom: <message> (N times)"), shown under the case and
 kept in report.json. Warnings raised while scanning the input tree's headers concern files
 that may never be used; they stay in the log. Other warnings are shown as usual.
+
+`routed` replaces the process-wide warning hook for the run's duration (as
+`warnings.catch_warnings` does), which is what lets the reader threads' warnings reach it;
+two runs in threads of one process therefore share one hook and should not overlap.
 """
 
 from __future__ import annotations
