@@ -290,7 +290,10 @@ class _Exporter:
             "graphs": [{**g, "files": graph_files(self.root, g["file"])}
                        for g in self.report_graphs],
             "triton": {"backend": backend, "patch_models": dict(triton_models),
-                       "volume_model": name},
+                       "volume_model": name,
+                       "files": {p.relative_to(self.root).as_posix(): file_digest(p)
+                                 for p in sorted((self.root / "repository").rglob("*"))
+                                 if p.is_file()}},
         }
         (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
 
@@ -302,7 +305,8 @@ COMPANION_SUFFIXES = {".xml": (".bin",), ".plan": (".json",)}
 def graph_files(root: Path, rel: str) -> dict[str, dict[str, Any]]:
     """cmc.json's `files` of one graph entry: size and sha256 of the graph file and of its
     companions (OpenVINO weights, a TensorRT plan's metadata), which `cmc segment` checks
-    before running the graph (cmc_serve.model_dir)."""
+    before running the graph (cmc_serve.model_dir); `triton.files` does the same for every
+    file of the Triton repository, checked by `cmc serve`."""
     graph = root / rel
     paths = [graph] + [graph.with_suffix(s) for s in COMPANION_SUFFIXES.get(graph.suffix, ())]
     return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}

@@ -7,8 +7,9 @@ cmc version or a half-copied export must fail at load time, not halfway through 
 
 Graph files are checked against the size and sha256 that `cmc export` recorded for each of
 them (graph entries' `files`): sizes at load (cheap: catches a truncated or half-copied
-file), the sha256 of a graph's files when that graph is opened (`verify_graph_files`, once
-per file and process). A mismatch is a `ModelFileError` naming the file: a damaged model is
+file), the sha256 of a graph's files when that graph is opened (`verify_files`, once
+per file and process). The Triton repository's copies are recorded too (`triton.files`) and
+`cmc serve` hashes them before starting the server. A mismatch is a `ModelFileError` naming the file: a damaged model is
 the user's problem to see, so it is never a reason for `--runtime auto` to quietly try
 another runtime. A cmc.json written before checksums existed (no `files`) is still read,
 with a logged warning that its files cannot be verified.
@@ -84,10 +85,10 @@ def _check_size(file: GraphFile) -> None:
         raise _damaged(file, f"{size} bytes, cmc.json records {file.size}")
 
 
-def verify_graph_files(graph: GraphInfo) -> None:
-    """Check the sha256 (and size) of every file of `graph`; ModelFileError naming the first
-    damaged one. Each file is hashed once per process (a batch opens a graph once)."""
-    for file in graph.files:
+def verify_files(files: tuple[GraphFile, ...]) -> None:
+    """Check the sha256 (and size) of every file; ModelFileError naming the first damaged
+    one. Each file is hashed once per process (a batch opens a graph once)."""
+    for file in files:
         _check_size(file)
         stat = file.path.stat()
         key = (file.path.resolve(), stat.st_ino, stat.st_mtime_ns, file.sha256)
@@ -133,6 +134,7 @@ class ModelInfo:
     preprocessing: dict[str, Any]
     checkpoint_sha256: str | None
     graphs: tuple[GraphInfo, ...]
+    repository_files: tuple[GraphFile, ...] = ()  # repository/ as exported (cmc serve)
 
     @property
     def num_classes(self) -> int:
@@ -234,6 +236,11 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
                    "file was edited; re-export the checkpoint")
     if unchecked:
         log.info(unverified_message(path, str(data.get("cmc_version", "?"))))
+    triton = data.get("triton")
+    repository = _parse_files(root, fail, "triton", triton.get("files"), None) if isinstance(
+        triton, dict) else ()
+    for checked in repository:
+        _check_size(checked)
     keys = [(g.mode, g.runtime, g.precision) for g in graphs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
@@ -243,7 +250,7 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         modalities=(modalities[0], modalities[1]), classes=tuple(classes),
         patch_size=(patch[0], patch[1], patch[2]), max_batch=max_batch,
         preprocessing=data["preprocessing"], checkpoint_sha256=data.get("checkpoint_sha256"),
-        graphs=graphs)
+        graphs=graphs, repository_files=repository)
 
 
 def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
@@ -278,13 +285,15 @@ def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
 
 
 def _parse_files(root: Path, fail: Any, where: str, files: Any,
-                 graph_file: str) -> tuple[GraphFile, ...]:
-    """A graph entry's `files` ({relative path: {"size", "sha256"}}); () when absent."""
+                 required: str | None) -> tuple[GraphFile, ...]:
+    """A `files` object ({relative path: {"size", "sha256"}}) that must list `required`
+    (a graph entry's own file); () when absent."""
     if files is None:
         return ()
-    if not isinstance(files, dict) or graph_file not in files:
-        raise fail(f"{where}: 'files' must map each file of the graph, {graph_file!r} "
-                   "included, to its size and sha256")
+    if not isinstance(files, dict) or (required is not None and required not in files):
+        raise fail(f"{where}: 'files' must map each file"
+                   + (f", {required!r} included," if required else "")
+                   + " to its size and sha256")
     out = []
     for rel, record in files.items():
         size = record.get("size") if isinstance(record, dict) else None

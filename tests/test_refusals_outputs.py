@@ -119,7 +119,7 @@ def test_model_without_checksums_runs_with_a_warning(tmp_path: Path) -> None:
     assert f"{model / 'openvino' / 'a_fp32.xml'}: openvino cannot read the graph" in r.stderr
 
 
-def test_export_records_size_and_sha256_of_every_graph_file(tmp_path: Path) -> None:
+def test_export_records_size_and_sha256_of_every_graph_file_and_copy(tmp_path: Path) -> None:
     import hashlib
 
     from export_fixtures import write_micro_checkpoint
@@ -134,9 +134,19 @@ def test_export_records_size_and_sha256_of_every_graph_file(tmp_path: Path) -> N
     assert set(listed) == {"onnx/a_fp32.onnx", "openvino/a_fp32.xml", "openvino/a_fp32.bin"}
     for g in graphs:
         assert g["file"] in g["files"]
-    for rel, rec in listed.items():
+    repository = json.loads((out / "cmc.json").read_text())["triton"]["files"]
+    assert set(repository) == {p.relative_to(out).as_posix()
+                               for p in (out / "repository").rglob("*") if p.is_file()}
+    for rel, rec in {**listed, **repository}.items():
         data = (out / rel).read_bytes()
         assert rec == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    # `cmc serve` names a damaged repository copy before it starts a server
+    (copy,) = (out / "repository").rglob("a_fp32.bin")
+    copy.write_bytes(bytes(copy.stat().st_size))
+    r = fx.run_cli("serve", out)
+    assert r.exit_code == 1
+    assert f"error: {copy}: sha256 " in r.stderr and "damaged" in r.stderr
 
 
 # ------------------------------------------------------------------ 5: file modes

@@ -19,7 +19,7 @@ from cmc_serve.model_dir import (
     ModelDirError,
     ModelFileError,
     ModelInfo,
-    verify_graph_files,
+    verify_files,
 )
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
 
@@ -82,7 +82,7 @@ def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphIn
         raise
     except ModelDirError as exc:
         raise RuntimeUnavailable(str(exc)) from exc
-    verify_graph_files(graph)
+    verify_files(graph.files)
     return graph
 
 
