@@ -7,12 +7,13 @@ cmc version or a half-copied export must fail at load time, not halfway through 
 
 Graph files are checked against the size and sha256 that `cmc export` recorded for each of
 them (graph entries' `files`): sizes at load (cheap: catches a truncated or half-copied
-file), the sha256 of a graph's files when that graph is opened (`verify_files`, once
-per file and process). The Triton repository's copies are recorded too (`triton.files`) and
-`cmc serve` hashes them before starting the server. A mismatch is a `ModelFileError` naming the file: a damaged model is
-the user's problem to see, so it is never a reason for `--runtime auto` to quietly try
-another runtime. A cmc.json written before checksums existed (no `files`) is still read,
-with a logged warning that its files cannot be verified.
+file), the sha256 of a graph's files when that graph is opened (`verify_files`, once per
+file and process). The Triton repository's copies are recorded too (`triton.files`);
+`cmc serve` hashes them before it starts the server. A mismatch is a `ModelFileError`
+naming the file: a damaged model is the user's problem to see, so it is never a reason for
+`--runtime auto` to quietly try another runtime. A cmc.json written before checksums
+existed (no `files`) is still read; `ModelInfo.checksums` is then False and `cmc segment`
+warns that its files cannot be verified (`unverified_message`).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class ModelFileError(ModelDirError):
 
 
 @dataclass(frozen=True)
-class GraphFile:
-    """One file a graph needs (the graph itself, OpenVINO weights, a TensorRT plan's
-    metadata) with the size and sha256 `cmc export` recorded for it."""
+class ModelFile:
+    """One file of the model directory (a graph, OpenVINO weights, a TensorRT plan's
+    metadata, a Triton repository copy) with the size and sha256 `cmc export` recorded."""
 
     path: Path
     size: int
@@ -71,12 +72,12 @@ _VERIFIED: set[tuple[Path, int, int, str]] = set()  # (file, inode, mtime, sha25
 _VERIFIED_LOCK = threading.Lock()
 
 
-def _damaged(file: GraphFile, problem: str) -> ModelFileError:
+def _damaged(file: ModelFile, problem: str) -> ModelFileError:
     return ModelFileError(f"{file.path}: {problem}; the model directory is damaged or "
                           "incompletely copied: copy it again or re-export the checkpoint")
 
 
-def _check_size(file: GraphFile) -> None:
+def _check_size(file: ModelFile) -> None:
     try:
         size = file.path.stat().st_size
     except OSError as exc:
@@ -85,7 +86,7 @@ def _check_size(file: GraphFile) -> None:
         raise _damaged(file, f"{size} bytes, cmc.json records {file.size}")
 
 
-def verify_files(files: tuple[GraphFile, ...]) -> None:
+def verify_files(files: tuple[ModelFile, ...]) -> None:
     """Check the sha256 (and size) of every file; ModelFileError naming the first damaged
     one. Each file is hashed once per process (a batch opens a graph once)."""
     for file in files:
@@ -117,7 +118,7 @@ class GraphInfo:
     inputs: tuple[str, ...]
     output: str
     gate: dict[str, Any] = field(default_factory=dict)
-    files: tuple[GraphFile, ...] = ()  # empty: exported before checksums were recorded
+    files: tuple[ModelFile, ...] = ()  # empty: exported before checksums were recorded
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class ModelInfo:
     preprocessing: dict[str, Any]
     checkpoint_sha256: str | None
     graphs: tuple[GraphInfo, ...]
-    repository_files: tuple[GraphFile, ...] = ()  # repository/ as exported (cmc serve)
+    repository_files: tuple[ModelFile, ...] = ()  # repository/ as exported (cmc serve)
 
     @property
     def num_classes(self) -> int:
@@ -285,7 +286,7 @@ def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
 
 
 def _parse_files(root: Path, fail: Any, where: str, files: Any,
-                 required: str | None) -> tuple[GraphFile, ...]:
+                 required: str | None) -> tuple[ModelFile, ...]:
     """A `files` object ({relative path: {"size", "sha256"}}) that must list `required`
     (a graph entry's own file); () when absent."""
     if files is None:
@@ -301,5 +302,5 @@ def _parse_files(root: Path, fail: Any, where: str, files: Any,
         if (not isinstance(size, int) or isinstance(size, bool) or size < 0
                 or not isinstance(sha, str) or len(sha) != 64):
             raise fail(f"{where}: files[{rel!r}] must be {{'size': bytes, 'sha256': hex}}")
-        out.append(GraphFile(root / rel, size, sha.lower()))
+        out.append(ModelFile(root / rel, size, sha.lower()))
     return tuple(out)
