@@ -64,4 +64,5 @@ def command(
                       f"{summary['mean_fg_dice']:.4f}", "n/a" if hd is None else f"{hd:.2f}",
                       *(f"{d:.3f}" for d in summary["dice"].values()))
     Console().print(table)
-    console.print(f"cmc evaluate: metrics written to {out}", highlight=False)
+    console.print(f"cmc evaluate: metrics written to {out}", highlight=False, markup=False,
+                  soft_wrap=True)

@@ -25,12 +25,13 @@ _COMMANDS = {
     "evaluate": "Dice and HD95 per class and modality of a checkpoint on a datalist split.",
     "export": "Export a checkpoint to ONNX / OpenVINO / TensorRT with parity gates and a Triton repository.",
     "segment": "Segment NIfTI files or DICOM series (single case or whole folders) with an exported model.",
+    "merge-shards": "Merge the records of `cmc segment --shard I/N` runs into one report.json.",
     "serve": "Serve an exported model repository with a local Triton server.",
 }
 
 
 def _register(name: str, help_text: str) -> None:
-    module = importlib.import_module(f"cli.{name}_cmd")
+    module = importlib.import_module(f"cli.{name.replace('-', '_')}_cmd")
     app.command(name, help=help_text)(module.command)
 
 

@@ -16,7 +16,8 @@ HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
 overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm
 (DICOM input), statistics.json, preview.png, and `done`, written last: a folder without it is
-incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases)."""
+incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases);
+with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
 
 EXIT_CASE_FAILED = 1
 EXIT_USAGE = 2
@@ -61,7 +62,8 @@ def command(
     resume: Annotated[bool, typer.Option("--continue",
                                          help="Skip cases already done in OUT.")] = False,
     shard: Annotated[str | None, typer.Option(
-        help="I/N: run only the I-th of N shares of the cases (deterministic).")] = None,
+        help="I/N: run only the I-th of N shares of the cases (deterministic). The N shards "
+             "may run at once into one OUT; see cmc merge-shards.")] = None,
     jobs: Annotated[int, typer.Option(min=1, max=16, help="Reader threads (read + pre-process "
                                                           "the next cases during inference).")
                     ] = 1,
@@ -99,6 +101,10 @@ def command(
 
     console = Console(stderr=True)
 
+    def say(line: str) -> None:
+        """A message or summary line: printed whole, never wrapped (paths stay copyable)."""
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     try:
         options = SegmentOptions(
             mode=mode, runtime=runtime, server=server, device=device, precision=precision,
@@ -111,13 +117,10 @@ def command(
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
     except SegmentError as exc:
-        console.print(f"cmc segment: error: {exc}", highlight=False, markup=False,
-                      soft_wrap=True)
+        say(f"cmc segment: error: {exc}")
         raise typer.Exit(EXIT_USAGE) from None
-    console.print(f"cmc segment: {result.done} done, {result.failed} failed, "
-                  f"{result.skipped} skipped; report: {result.report}", highlight=False,
-                  markup=False)
+    say(f"cmc segment: {result.done} done, {result.failed} failed, {result.skipped} skipped; "
+        f"report: {result.report}")
     if result.failures is not None:
-        console.print(f"cmc segment: failed cases are listed in {result.failures}",
-                      highlight=False, markup=False)
+        say(f"cmc segment: failed cases are listed in {result.failures}")
         raise typer.Exit(EXIT_CASE_FAILED)

@@ -26,7 +26,7 @@ def command(
         help="Seconds to wait for the models to load.")] = 180.0,
 ) -> None:
     """Serve MODEL_DIR/repository with a local Triton server until interrupted."""
-    from cmc_serve.model_dir import ModelDirError, ModelInfo
+    from cmc_serve.model_dir import ModelDirError, ModelInfo, verify_files
     from cmc_serve.triton.server import (
         TritonInstall,
         TritonServer,
@@ -40,6 +40,7 @@ def command(
 
     try:
         info = ModelInfo.load(model_dir)
+        verify_files(info.repository_files)  # a damaged copy is named here, not in a server log
         repository = model_dir / "repository"
         if not any(repository.glob("*/config.pbtxt")):
             raise ModelDirError(f"{repository}: no Triton models (config.pbtxt) there; "

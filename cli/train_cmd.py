@@ -103,7 +103,7 @@ def command(
             f"cmc train: {summary.steps_done}/{summary.steps_total} steps in "
             f"{summary.train_seconds:.0f} s ({summary.steps_per_second:.2f} steps/s); best "
             f"validation mean foreground Dice {summary.best_metric:.4f} at step "
-            f"{summary.best_step}; outputs in {out}", highlight=False)
+            f"{summary.best_step}; outputs in {out}", highlight=False, soft_wrap=True)
 
 
 def _base_config(config: str, data: Path) -> RunConfig:

@@ -19,7 +19,6 @@ required: any failure fails the export and nothing is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.files import current_umask
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.gates import (
     THRESHOLDS,
@@ -44,6 +44,7 @@ from cmc_export.gates import (
 )
 from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT, MODES
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
+from cmc_serve.model_dir import file_digest
 
 FORMATS = ("onnx", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -127,11 +128,7 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return str(file_digest(path)["sha256"])
 
 
 def _load(ckpt_path: Path) -> tuple[Any, dict[str, Any]]:
@@ -363,19 +360,31 @@ class _Exporter:
             "patch_size": [self.patch] * 3, "max_batch": self.max_batch,
             "preprocessing": self.metadata["preprocessing"],
             "checkpoint_sha256": self.sha256,
-            "graphs": self.report_graphs,
+            "graphs": [{**g, "files": graph_files(self.root, g["file"])}
+                       for g in self.report_graphs],
             "refused": self.refused,
             "gate_thresholds": asdict(self.thresholds),
             "triton": {"backend": backend, "patch_models": dict(triton_models),
-                       "volume_model": name},
+                       "volume_model": name,
+                       "files": {p.relative_to(self.root).as_posix(): file_digest(p)
+                                 for p in sorted((self.root / "repository").rglob("*"))
+                                 if p.is_file()}},
         }
         (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# Files a graph file needs beside it (ONNX graphs are written self-contained: no external data).
+COMPANION_SUFFIXES = {".xml": (".bin",), ".plan": (".json",)}
+
+
+def graph_files(root: Path, rel: str) -> dict[str, dict[str, Any]]:
+    """cmc.json's `files` of one graph entry: size and sha256 of the graph file and of its
+    companions (OpenVINO weights, a TensorRT plan's metadata), which `cmc segment` checks
+    before running the graph (cmc_serve.model_dir); `triton.files` does the same for every
+    file of the Triton repository, checked by `cmc serve`."""
+    graph = root / rel
+    paths = [graph] + [graph.with_suffix(s) for s in COMPANION_SUFFIXES.get(graph.suffix, ())]
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
 
 
 def _cmc_version() -> str:
@@ -417,7 +426,7 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     net, metadata = _load(ckpt_path)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; MODEL_DIR is a normal folder
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; MODEL_DIR is a normal folder
     except OSError as exc:
         raise ExportError(f"{out_dir}: cannot write the output ({exc.strerror or exc})") from exc
     try:

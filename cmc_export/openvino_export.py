@@ -17,6 +17,7 @@ import numpy as np
 
 from cmc_export.errors import ExportError
 from cmc_export.patch_graph import GRAPH_OUTPUT
+from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.base import RuntimeUnavailable
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime, unsupported_reason
 
@@ -46,7 +47,7 @@ def openvino_runner(xml_path: Path, precision: str, inputs: Sequence[str], max_b
         runtime = OpenVinoRuntime(xml_path, inputs=tuple(inputs), output=GRAPH_OUTPUT,
                                   precision=precision, max_batch=max_batch,
                                   num_threads=threads or None)
-    except RuntimeUnavailable as exc:
+    except (RuntimeUnavailable, ModelFileError) as exc:
         raise ExportError(str(exc)) from exc
 
     def run(feed: Mapping[str, np.ndarray]) -> np.ndarray:

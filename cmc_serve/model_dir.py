@@ -4,14 +4,29 @@
 the engine relies on (class list, patch size, graph files and their I/O names) is checked
 here once, with errors that name the file and the problem: a model directory from another
 cmc version or a half-copied export must fail at load time, not halfway through a volume.
+
+Graph files are checked against the size and sha256 that `cmc export` recorded for each of
+them (graph entries' `files`): sizes at load (cheap: catches a truncated or half-copied
+file), the sha256 of a graph's files when that graph is opened (`verify_files`, once per
+file and process). The Triton repository's copies are recorded too (`triton.files`);
+`cmc serve` hashes them before it starts the server. A mismatch is a `ModelFileError`
+naming the file: a damaged model is the user's problem to see, so it is never a reason for
+`--runtime auto` to quietly try another runtime. A cmc.json written before checksums
+existed (no `files`) is still read; `ModelInfo.checksums` is then False and `cmc segment`
+warns that its files cannot be verified (`unverified_message`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FORMAT = "cmc-model"
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -30,6 +45,68 @@ class ModelDirError(ValueError):
     """The model directory is missing, malformed or from an unsupported version."""
 
 
+class ModelFileError(ModelDirError):
+    """A file of the model directory is damaged: wrong size or checksum, or unreadable."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of the model directory (a graph, OpenVINO weights, a TensorRT plan's
+    metadata, a Triton repository copy) with the size and sha256 `cmc export` recorded."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size", "sha256"} of a file, as cmc.json records it (written by `cmc export`)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+_VERIFIED: set[tuple[Path, int, int, str]] = set()  # (file, inode, mtime, sha256)
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _damaged(file: ModelFile, problem: str) -> ModelFileError:
+    return ModelFileError(f"{file.path}: {problem}; the model directory is damaged or "
+                          "incompletely copied: copy it again or re-export the checkpoint")
+
+
+def _check_size(file: ModelFile) -> None:
+    try:
+        size = file.path.stat().st_size
+    except OSError as exc:
+        raise _damaged(file, f"cannot be read ({exc.strerror or exc})") from exc
+    if size != file.size:
+        raise _damaged(file, f"{size} bytes, cmc.json records {file.size}")
+
+
+def verify_files(files: tuple[ModelFile, ...]) -> None:
+    """Check the sha256 (and size) of every file; ModelFileError naming the first damaged
+    one. Each file is hashed once per process (a batch opens a graph once)."""
+    for file in files:
+        _check_size(file)
+        stat = file.path.stat()
+        key = (file.path.resolve(), stat.st_ino, stat.st_mtime_ns, file.sha256)
+        with _VERIFIED_LOCK:
+            if key in _VERIFIED:
+                continue
+        try:
+            actual = file_digest(file.path)["sha256"]
+        except OSError as exc:
+            raise _damaged(file, f"cannot be read ({exc.strerror or exc})") from exc
+        if actual != file.sha256:
+            raise _damaged(file, f"sha256 {actual[:12]}... differs from the "
+                                 f"{file.sha256[:12]}... cmc.json records")
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(key)
+
+
 @dataclass(frozen=True)
 class GraphInfo:
     """One exported patch graph: which mode/runtime/precision it serves and where it lives."""
@@ -41,6 +118,7 @@ class GraphInfo:
     inputs: tuple[str, ...]
     output: str
     gate: dict[str, Any] = field(default_factory=dict)
+    files: tuple[ModelFile, ...] = ()  # empty: exported before checksums were recorded
 
 
 @dataclass(frozen=True)
@@ -57,10 +135,16 @@ class ModelInfo:
     preprocessing: dict[str, Any]
     checkpoint_sha256: str | None
     graphs: tuple[GraphInfo, ...]
+    repository_files: tuple[ModelFile, ...] = ()  # repository/ as exported (cmc serve)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def checksums(self) -> bool:
+        """Whether cmc.json records the size and sha256 of every graph file."""
+        return all(g.files for g in self.graphs)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -102,6 +186,13 @@ class ModelInfo:
             f"precision={precision} (available: {have})")
 
 
+def unverified_message(path: Path, cmc_version: str) -> str:
+    """What a user is told about a cmc.json without checksums (exported before them)."""
+    return (f"{path}: no checksums of the graph files (exported by cmc {cmc_version}, "
+            "before they were recorded): a damaged graph file cannot be detected; "
+            "re-export the checkpoint to add them")
+
+
 def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
     def fail(problem: str) -> ModelDirError:
         return ModelDirError(f"{path}: {problem}")
@@ -140,6 +231,17 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         raise fail("graphs must be a non-empty list")
 
     graphs = tuple(_parse_graph(root, fail, i, g) for i, g in enumerate(data["graphs"]))
+    unchecked = [i for i, g in enumerate(graphs) if not g.files]
+    if unchecked and len(unchecked) < len(graphs):
+        raise fail(f"graphs{unchecked} have no 'files' checksums while the others do: the "
+                   "file was edited; re-export the checkpoint")
+    if unchecked:
+        log.info(unverified_message(path, str(data.get("cmc_version", "?"))))
+    triton = data.get("triton")
+    repository = _parse_files(root, fail, "triton", triton.get("files"), None) if isinstance(
+        triton, dict) else ()
+    for checked in repository:
+        _check_size(checked)
     keys = [(g.mode, g.runtime, g.precision) for g in graphs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
@@ -149,7 +251,7 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         modalities=(modalities[0], modalities[1]), classes=tuple(classes),
         patch_size=(patch[0], patch[1], patch[2]), max_batch=max_batch,
         preprocessing=data["preprocessing"], checkpoint_sha256=data.get("checkpoint_sha256"),
-        graphs=graphs)
+        graphs=graphs, repository_files=repository)
 
 
 def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
@@ -175,6 +277,30 @@ def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
     if file.suffix == ".xml" and not file.with_suffix(".bin").is_file():
         raise fail(f"{where}: OpenVINO weights {file.with_suffix('.bin')} do not exist")
     gate = g.get("gate", {})
+    files = _parse_files(root, fail, where, g.get("files"), str(g["file"]))
+    for checked in files:
+        _check_size(checked)
     return GraphInfo(mode=mode, runtime=runtime, precision=precision, path=file,
                      inputs=tuple(g["inputs"]), output=str(g["output"]),
-                     gate=gate if isinstance(gate, dict) else {})
+                     gate=gate if isinstance(gate, dict) else {}, files=files)
+
+
+def _parse_files(root: Path, fail: Any, where: str, files: Any,
+                 required: str | None) -> tuple[ModelFile, ...]:
+    """A `files` object ({relative path: {"size", "sha256"}}) that must list `required`
+    (a graph entry's own file); () when absent."""
+    if files is None:
+        return ()
+    if not isinstance(files, dict) or (required is not None and required not in files):
+        raise fail(f"{where}: 'files' must map each file"
+                   + (f", {required!r} included," if required else "")
+                   + " to its size and sha256")
+    out = []
+    for rel, record in files.items():
+        size = record.get("size") if isinstance(record, dict) else None
+        sha = record.get("sha256") if isinstance(record, dict) else None
+        if (not isinstance(size, int) or isinstance(size, bool) or size < 0
+                or not isinstance(sha, str) or len(sha) != 64):
+            raise fail(f"{where}: files[{rel!r}] must be {{'size': bytes, 'sha256': hex}}")
+        out.append(ModelFile(root / rel, size, sha.lower()))
+    return tuple(out)

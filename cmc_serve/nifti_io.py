@@ -2,8 +2,8 @@
 
 Reading refuses anything that would give silently wrong output later (4D series, NaN/inf
 voxels, an all-zero image) with a one-line `NiftiError` naming the file. Writing is atomic
-(temporary name + rename) so a crashed or interrupted run never leaves a half-written file
-that a batch restart would take for a finished case.
+(`cmc_common.files.atomic_write`: temporary name + rename) so a crashed or interrupted run
+never leaves a half-written file that a batch restart would take for a finished case.
 
 Geometry is taken from the header only when the header states it unambiguously:
 - the sform when sform_code > 0, else the qform when qform_code > 0;
@@ -28,9 +28,7 @@ reference.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
+from cmc_common.files import atomic_write
 from cmc_serve.compatibility import CompatibilityError, parse_axis_codes
 from cmc_serve.volume import Volume, axcodes
 
@@ -106,9 +105,13 @@ def load_nifti(path: str | Path, assume_orientation: str | None = None) -> Nifti
     if len(shape) != 3:
         raise NiftiError(f"{path}: expected a 3D image, got shape {tuple(img.shape)}")
     _check_voxel_sizes(img, path)
+    _check_declared_size(path, img, shape)
     affine, source, warnings = _header_affine(img.header, shape, path, assume_orientation)
     try:
         array = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    except MemoryError as exc:
+        raise NiftiError(f"{path}: {_declared(img, shape)}: not enough memory to read it "
+                         "as float32") from exc
     except Exception as exc:  # truncated or corrupt data block
         raise NiftiError(f"{path}: cannot read voxel data ({type(exc).__name__}: {exc})") from exc
     if not np.all(np.isfinite(array)):
@@ -204,18 +207,52 @@ def read_identity(path: Path) -> dict[str, str]:
     return identity
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)` on a temporary name in the target folder, then rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+def _gib(n_bytes: int) -> str:
+    """A byte count for a message: '1376 bytes', '12.5 MiB', '128 TiB'."""
+    if n_bytes < 2**20:
+        return f"{n_bytes} bytes"
+    unit, scale = next((u, s) for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20))
+                       if n_bytes >= s)
+    return f"{n_bytes / scale:.3g} {unit}"
+
+
+def _declared(img: nib.Nifti1Image, shape: tuple[int, ...]) -> str:
+    dtype = img.header.get_data_dtype()
+    n_bytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    return (f"header declares {'x'.join(str(s) for s in shape)} voxels of {dtype} "
+            f"({_gib(n_bytes)})")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get (Linux MemAvailable), None if unknown."""
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_declared_size(path: Path, img: nib.Nifti1Image, shape: tuple[int, ...]) -> None:
+    """Refuse a header whose declared voxel data cannot be in the file or in memory, before
+    reading it: a damaged `dim` field otherwise ends in a bare MemoryError (or a memmap
+    error) that names neither the header nor the size it claims."""
+    voxels = int(np.prod(shape, dtype=np.float64))
+    stored = voxels * img.header.get_data_dtype().itemsize
+    if not str(path).lower().endswith(".gz"):
+        offset = getattr(img.dataobj, "offset", None)  # the image's header copy says 0
+        in_file = path.stat().st_size - int(offset or img.header.get_data_offset())
+        if in_file < stored:
+            raise NiftiError(f"{path}: {_declared(img, shape)} but the file holds "
+                             f"{_gib(max(in_file, 0))} of voxel data (truncated file or "
+                             "damaged header)")
+    memory = available_memory()
+    if memory is not None and voxels * 4 > memory:
+        raise NiftiError(f"{path}: {_declared(img, shape)}, {_gib(voxels * 4)} as float32, "
+                         f"more than the {_gib(memory)} of memory available (damaged header, "
+                         "or an image too large for this machine)")
 
 
 def sidecar_path(path: Path) -> Path:

@@ -13,13 +13,12 @@ keeps the weights-only loader usable for resume too.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from cmc_common.files import atomic_write
 from cmc_train import __version__
 from cmc_train.config import ModelConfig, PreprocessConfig
 
@@ -79,17 +78,7 @@ def save_checkpoint(
     }
     if trainer_state is not None:
         payload["trainer_state"] = trainer_state
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), fsync=True)
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:

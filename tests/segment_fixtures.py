@@ -78,8 +78,12 @@ def patch_graph(mode: str) -> onnx.ModelProto:
 
 
 def make_model_dir(root: Path, modes: tuple[str, ...] = ("fused", "a", "b"),
-                   format_version: int = 1) -> Path:
-    """Write MODEL_DIR (cmc.json + onnx/<mode>_fp32.onnx) for the threshold model."""
+                   format_version: int = 1, checksums: bool = True) -> Path:
+    """Write MODEL_DIR (cmc.json + onnx/<mode>_fp32.onnx) for the threshold model; with
+    `checksums` each graph entry records its file's size and sha256 as `cmc export` does
+    (False: a cmc.json of an export made before checksums existed)."""
+    from cmc_serve.model_dir import file_digest
+
     (root / "onnx").mkdir(parents=True, exist_ok=True)
     graphs = []
     for mode in modes:
@@ -88,6 +92,8 @@ def make_model_dir(root: Path, modes: tuple[str, ...] = ("fused", "a", "b"),
         graphs.append({"mode": mode, "runtime": "onnxruntime", "precision": "fp32", "file": rel,
                        "inputs": ["image_a", "image_b"] if mode == "fused"
                        else [f"image_{mode}"], "output": "probs", "gate": {}})
+        if checksums:
+            graphs[-1]["files"] = {rel: file_digest(root / rel)}
     meta = {"format": "cmc-model", "format_version": format_version, "cmc_version": "0.1.0",
             "name": "cmc-test", "modalities": ["ct", "mr"], "classes": CLASSES,
             "patch_size": [PATCH] * 3, "max_batch": 4,
@@ -223,13 +229,18 @@ def mr_spec(study_uid: str, **overrides: object) -> SeriesSpec:
 
 # ---------------------------------------------------------------- running the command
 
-def segment(*args: object) -> Any:
-    """Run `cmc segment ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
+def run_cli(*args: object) -> Any:
+    """Run `cmc ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
     from typer.testing import CliRunner
 
     from cli.main import app
 
-    return CliRunner().invoke(app, ["segment", *(str(a) for a in args)])
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def segment(*args: object) -> Any:
+    """Run `cmc segment ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
+    return run_cli("segment", *args)
 
 
 def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -201,7 +201,7 @@ def test_unavailable_runtime_stops_the_run(tmp_path: Path, model_dir: Path) -> N
     assert r.exit_code == 2
     _error_line(r.stderr, "cmc segment: error: tensorrt runs on cuda only")
     assert "FAILED" not in r.stderr
-    assert fx.case_files(out) == [".cmc-output", "report.json"]
+    assert not out.exists()  # refused before OUT is created (issue 19, item 6)
 
 
 def test_unreachable_triton_server_stops_the_run(tmp_path: Path, model_dir: Path) -> None:
@@ -217,4 +217,4 @@ def test_unreachable_triton_server_stops_the_run(tmp_path: Path, model_dir: Path
     assert r.exit_code == 2
     model = patch_model_name("cmc-test", "a")
     _error_line(r.stderr, f"Triton at grpc://127.0.0.1:{port} (model {model}): server unreachable")
-    assert fx.case_files(out) == [".cmc-output", "report.json"]
+    assert not out.exists()  # refused before OUT is created (issue 19, item 6)

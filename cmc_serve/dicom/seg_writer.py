@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from cmc_common.files import atomic_write
 from cmc_serve import __version__
 from cmc_serve.dicom.errors import DicomSegError
-from cmc_serve.nifti_io import atomic_write
 
 # SNOMED CT codes of organs we expect class names for (normalised: lower case, "_" for " ").
 ORGAN_CODES: dict[str, Code] = {

@@ -5,15 +5,20 @@ command line, calls `segment` and maps the result to an exit code, so a script, 
 or a service gets exactly what the command does (same checks, same messages, same files).
 
 Order of a run, and why:
-1. Everything that can refuse the run is checked first (model dir, pairing rules, OUT not
-   inside INPUT, cases found, shard, dicom-seg needs DICOM input, runtime usable) and fails
-   with one `SegmentError` carrying the one-line message; nothing has been written then.
-2. OUT is prepared last of all checks (`outputs.prepare_output_root`), so a refused run
+1. Everything that can refuse the run is checked first (model dir and the sizes of its
+   graph files, pairing rules, OUT not inside INPUT, cases found, shard, dicom-seg needs
+   DICOM input) and fails with one `SegmentError` carrying the one-line message.
+2. The runtime of every mode the cases will run in is opened (`planned_modes`, from the
+   headers alone): its graph files are checked against cmc.json's sha256, and a runtime
+   that cannot run here (no GPU, not installed, unreachable Triton server) refuses the run
+   now, not at the first case. Nothing has been written and nothing announced yet.
+3. OUT is prepared last of all checks (`outputs.prepare_output_root`), so a refused run
    creates nothing.
-3. The batch runs with one loaded model (`BatchRunner`). A failing case does not stop it:
-   it is counted in `SegmentRunResult.failed` and listed in OUT/failures.csv. A runtime that
-   turns out unusable at the first case (no GPU, unreachable Triton server) stops the run
-   with `SegmentError`; OUT then holds only .cmc-output and report.json.
+4. The batch runs with one loaded model (`BatchRunner`). A failing case does not stop it:
+   it is counted in `SegmentRunResult.failed` and listed in OUT/failures.csv. With
+   `shard`, the run's records go to OUT/.cmc-shards/shard-I-of-N/ and are merged with the
+   other shards' into OUT/report.json when it ends (`shards`). Library warnings (pydicom)
+   go to the log and to the case they concern, never raw to stderr (`library_warnings`).
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 from cmc_serve import __version__
 from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_codes
-from cmc_serve.model_dir import ModelDirError, ModelInfo
+from cmc_serve.engine import Segmenter
+from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
-from cmc_serve.pipeline import outputs
+from cmc_serve.pipeline import library_warnings, outputs, shards
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
 from cmc_serve.pipeline.engine_factory import make_segmenter
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
+from cmc_serve.pipeline.run_case import planned_modes
 from cmc_serve.runtimes import RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -179,7 +186,7 @@ class SegmentRunResult:
 def _model_summary(model: Path, info: ModelInfo) -> dict[str, Any]:
     return {"dir": str(model.resolve()), "name": info.name, "cmc_version": info.cmc_version,
             "modalities": list(info.modalities), "classes": list(info.classes),
-            "checkpoint_sha256": info.checkpoint_sha256}
+            "checkpoint_sha256": info.checkpoint_sha256, "files_verified": info.checksums}
 
 
 def _find_cases(input: Path, input_b: Path | None, out: Path,
@@ -210,33 +217,64 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
     input, out, model = Path(input), Path(out), Path(model)
     input_b = Path(input_b) if input_b is not None else None
     options = SegmentOptions() if options is None else options
+    with library_warnings.routed():
+        return _run(input, out, model, input_b, options, console)
+
+
+def _open_checked(model: Path, info: ModelInfo, rules: PairingRules, found: list[case_mod.Case],
+                  options: SegmentOptions) -> Segmenter:
+    """The run's Segmenter with the runtime of every mode the cases need already open."""
+    segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
+                               options.overlap, options.tta, options.server)
+    try:
+        for mode in planned_modes(found, info, rules, options.mode):
+            segmenter.runtime_for(mode)
+    except BaseException:
+        segmenter.close()
+        raise
+    return segmenter
+
+
+def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: SegmentOptions,
+         console: Console | None) -> SegmentRunResult:
     try:
         info = ModelInfo.load(model)
         rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
                  else PairingRules.default(info.modalities))
         found = _find_cases(input, input_b, out, options)
-        segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
-                                   options.overlap, options.tta, options.server)
-        outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
+        segmenter = _open_checked(model, info, rules, found, options)
     except _REFUSALS as exc:
         raise SegmentError(str(exc)) from exc
-
-    report = RunReport(options=options.report_options(input, input_b),
-                       model=_model_summary(model, info))
-    batch = BatchOptions(mode=options.mode, output_types=options.output_types,
-                         statistics=options.statistics, preview=options.preview,
-                         resume=options.resume, jobs=options.jobs,
-                         assumptions=options.assumptions)
-    if console is not None:
-        console.print(f"cmc segment: {len(found)} case(s) -> {out}", highlight=False,
-                      markup=False)
-    try:
-        with segmenter:
-            BatchRunner(out, info, segmenter, rules, batch, report, console).run(found)
-    except RuntimeUnavailable as exc:
-        raise SegmentError(str(exc)) from exc
+    with segmenter:
+        try:
+            outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
+        except outputs.OutputError as exc:
+            raise SegmentError(str(exc)) from exc
+        records = shards.shard_dir(out, *options.shard) if options.shard else out
+        report = RunReport(options=options.report_options(input, input_b),
+                           model=_model_summary(model, info))
+        batch = BatchOptions(mode=options.mode, output_types=options.output_types,
+                             statistics=options.statistics, preview=options.preview,
+                             resume=options.resume, jobs=options.jobs,
+                             assumptions=options.assumptions)
+        if console is not None:
+            shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
+            console.print(f"cmc segment: {len(found)} case(s){shard} -> {out}",
+                          highlight=False, markup=False, soft_wrap=True)
+            if not info.checksums:
+                console.print("cmc segment: warning: " + unverified_message(
+                    model / "cmc.json", info.cmc_version), highlight=False, markup=False,
+                    soft_wrap=True)
+        try:
+            BatchRunner(out, info, segmenter, rules, batch, report, console,
+                        records).run(found)
+        except (RuntimeUnavailable, ModelDirError) as exc:
+            raise SegmentError(str(exc)) from exc
+        finally:
+            if options.shard:
+                shards.merge_shards(out, options.shard[1])
     counts = report.counts()
     return SegmentRunResult(out=out, report=out / outputs.REPORT,
-                            failures=out / outputs.FAILURES if counts["failed"] else None,
+                            failures=records / outputs.FAILURES if counts["failed"] else None,
                             done=counts["done"], failed=counts["failed"],
                             skipped=counts["skipped"], cases=tuple(report.cases))

@@ -4,8 +4,9 @@
   case: reloading per case is the top complaint about comparable tools.
 - `jobs` worker threads read and pre-process the next cases while the main thread runs
   inference on the current one; at most `jobs + 1` cases are in memory at once.
-- A case that fails is logged with its stage and reason in OUT/failures.csv (rewritten after
-  each failure, so it survives a killed run) and the batch goes on.
+- A case that fails is logged with its stage and reason in failures.csv (rewritten after
+  each failure, so it survives a killed run) and the batch goes on. report.json and
+  failures.csv go to `records` (OUT, or a shard's own folder, see `shards`).
 - `resume` (`--continue`) skips cases whose `done` file exists.
 - A runtime that cannot run here (RuntimeUnavailable: not installed, no GPU, engine built
   for another GPU) stops the run at the first case instead of failing every case alike.
@@ -23,7 +24,7 @@ from typing import Any
 from rich.markup import escape
 
 from cmc_serve.compatibility import Assumptions
-from cmc_serve.model_dir import ModelInfo
+from cmc_serve.model_dir import ModelFileError, ModelInfo
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.cases import Case
 from cmc_serve.pipeline.pairing import PairingRules
@@ -75,8 +76,10 @@ class BatchRunner:
     """Runs cases into OUT with one segmenter; see the module docstring for the rules."""
 
     def __init__(self, out: Path, info: ModelInfo, segmenter: Any, rules: PairingRules,
-                 options: BatchOptions, report: RunReport, console: Any = None) -> None:
+                 options: BatchOptions, report: RunReport, console: Any = None,
+                 records: Path | None = None) -> None:
         self.out, self.info, self.segmenter = out, info, segmenter
+        self.records = out if records is None else records
         self.rules, self.options, self.report = rules, options, report
         self.console = console
 
@@ -87,10 +90,11 @@ class BatchRunner:
 
     def _flush(self) -> None:
         """Rewrite report.json and failures.csv (atomic) so a killed run keeps them."""
-        outputs.write_json(self.out / outputs.REPORT, self.report.to_dict())
+        outputs.write_json(self.records / outputs.REPORT, self.report.to_dict())
         failed = self.report.failed()
         if failed:
-            outputs.write_text(self.out / outputs.FAILURES, failures_csv(failed))
+            outputs.write_text(self.records / outputs.FAILURES,
+                               failures_csv([r.to_dict() for r in failed]))
 
     def _fail(self, record: CaseRecord, exc: BaseException, stage: str) -> None:
         record.status = "failed"
@@ -123,7 +127,7 @@ class BatchRunner:
 
     def run(self, cases: Sequence[Case]) -> RunReport:
         """Segment `cases` (skipping finished ones under `resume`); returns the report."""
-        (self.out / outputs.FAILURES).unlink(missing_ok=True)
+        (self.records / outputs.FAILURES).unlink(missing_ok=True)
         todo = []
         for case in cases:
             if self.options.resume and outputs.is_done(self.out, case.case_id):
@@ -140,6 +144,7 @@ class BatchRunner:
                 for case, future in self._loads(todo, pool):
                     self._run_one(case, future)
                     advance(case.case_id)
+            self.report.finished = True
         finally:
             self._flush()
         return self.report
@@ -163,7 +168,7 @@ class BatchRunner:
             record.timings = dict(loaded.timer.seconds)
             record.engine = result.engine
             outputs.write_done(folder, record.to_dict())  # last: the case is now complete
-        except RuntimeUnavailable:
+        except (RuntimeUnavailable, ModelFileError):
             outputs.clear_case(folder)
             raise
         except Exception as exc:  # one bad case must not stop the batch

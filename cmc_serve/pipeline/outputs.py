@@ -1,14 +1,16 @@
 """The output folder: what is written where, and how a run never damages or fakes results.
 
 Layout: OUT/.cmc-output (marks a folder as written by cmc), OUT/report.json,
-OUT/failures.csv, and per case OUT/<case>/ with seg.nii.gz + seg.json (class names),
+OUT/failures.csv (a sharded run keeps its own in OUT/.cmc-shards/shard-I-of-N/ and merges
+them into these, see `shards`), and per case OUT/<case>/ with seg.nii.gz + seg.json (class names),
 seg.dcm (DICOM SEG, DICOM input), statistics.json, preview.png and `done`.
 
 Safety rules (documented in `cmc segment --help`):
 - OUT must be new, empty, or an earlier cmc output folder (it holds `.cmc-output`); any other
   existing folder is refused, so a typo cannot mix results into (or overwrite) a user's data.
 - Every file is written to a hidden temporary name ('.<name>.XXXX') in its final folder and
-  renamed when complete (`nifti_io.atomic_write`): a killed run never leaves a partial file
+  renamed when complete (`cmc_common.files.atomic_write`, with the mode a plain `open`
+  would give): a killed run never leaves a partial file
   under a final name, and `clear_case` removes such leftovers.
 - A case is finished only when its `done` file exists; it is written last, after the
   geometry check. Re-running a case first removes `done`, then replaces the files; a case
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cmc_serve.nifti_io import atomic_write
+from cmc_common.files import atomic_write
 
 if TYPE_CHECKING:
     from cmc_serve.pipeline.run_case import CaseResult
@@ -63,9 +65,23 @@ def prepare_output_root(out: Path, cmc_version: str) -> None:
                           "(no .cmc-output); choose a new or empty output folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / MARKER, {"format": "cmc-segment-output", "cmc_version": cmc_version})
+        _create_marker(out / MARKER, cmc_version)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write output folder ({exc.strerror or exc})") from exc
+
+
+def _create_marker(path: Path, cmc_version: str) -> None:
+    """Create `.cmc-output` in place, first thing in a new OUT, unless it is there already.
+
+    Not an atomic rename: shards starting together into one new OUT must never see it
+    non-empty (a temporary file) without its marker, and must never rewrite each other's.
+    """
+    try:
+        with open(path, "x") as handle:
+            handle.write(json.dumps({"format": "cmc-segment-output",
+                                     "cmc_version": cmc_version}) + "\n")
+    except FileExistsError:
+        pass
 
 
 def case_dir(out: Path, case_id: str) -> Path:

@@ -91,6 +91,7 @@ class RunReport:
         self.model = model
         self.engine: dict[str, Any] = {}
         self.cases: list[CaseRecord] = []
+        self.finished = False  # True once every case of the run has been handled
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
 
@@ -111,7 +112,7 @@ class RunReport:
                         for s in STAGES}
         return {
             "format": "cmc-segment-report", "format_version": 1,
-            "started": self.started.isoformat(timespec="seconds"),
+            "started": self.started.isoformat(timespec="seconds"), "finished": self.finished,
             "wall_seconds": round(time.perf_counter() - self._t0, 3),
             "command": sys.argv, "versions": package_versions(),
             "platform": {"machine": platform.machine(), "system": platform.system()},
@@ -124,11 +125,13 @@ class RunReport:
 FAILURE_COLUMNS = ("case_id", "stage", "error", "inputs")
 
 
-def failures_csv(records: list[CaseRecord]) -> str:
-    """failures.csv content: one row per failed case with the stage and the reason."""
+def failures_csv(records: list[dict[str, Any]]) -> str:
+    """failures.csv content: one row per failed case (its report.json record) with the stage
+    and the reason."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(FAILURE_COLUMNS)
     for r in records:
-        writer.writerow([r.case_id, r.stage or "", r.error or "", " | ".join(r.inputs)])
+        writer.writerow([r["case_id"], r.get("stage") or "", r.get("error") or "",
+                         " | ".join(r.get("inputs") or [])])
     return buf.getvalue()

@@ -32,7 +32,8 @@ from cmc_serve.compatibility import (
     ImageFacts,
     check_combination,
 )
-from cmc_serve.model_dir import ModelInfo
+from cmc_serve.model_dir import ModelFileError, ModelInfo
+from cmc_serve.pipeline import library_warnings
 from cmc_serve.pipeline.cases import Case, Source
 from cmc_serve.pipeline.pairing import ROLES, PairingError, PairingRules, pair_series
 from cmc_serve.pipeline.report import StageTimer
@@ -209,12 +210,10 @@ def _check_image(volume: Volume, source: Source) -> None:
 
 # --------------------------------------------------------------------------- stages
 
-def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: str,
-              assumptions: Assumptions | None = None) -> LoadedCase:
-    """Pair, read, check and pre-process a case (safe to run in a worker thread)."""
-    from cmc_serve.preprocess import PreprocessError, preprocess, resample_to_reference
-
-    timer = StageTimer()
+def pair_case(case: Case, info: ModelInfo, rules: PairingRules,
+              requested_mode: str) -> tuple[dict[str, Source], list[str], str]:
+    """(source per role, reasons, mode) of a case from its headers alone (no pixel data),
+    so a run can also learn up front which modes' graphs it will need."""
     if not case.sources:
         raise CaseError("pair", f"{case.case_id}: no series that can be segmented ("
                         + "; ".join(case.notes) + ")")
@@ -223,6 +222,29 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
     except PairingError as exc:
         raise CaseError("pair", str(exc)) from exc
     mode = resolve_mode(requested_mode, [r for r in ROLES if r in chosen], info, case.case_id)
+    return chosen, reasons, mode
+
+
+def planned_modes(cases: Sequence[Case], info: ModelInfo, rules: PairingRules,
+                  requested_mode: str) -> list[str]:
+    """The inference modes the cases will run in (canonical order); a case that cannot be
+    paired is left out here and fails on its own when it runs."""
+    modes = set()
+    for case in cases:
+        try:
+            modes.add(pair_case(case, info, rules, requested_mode)[2])
+        except CaseError:
+            continue
+    return [m for m in MODES if m in modes]
+
+
+def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: str,
+              assumptions: Assumptions | None = None) -> LoadedCase:
+    """Pair, read, check and pre-process a case (safe to run in a worker thread)."""
+    from cmc_serve.preprocess import PreprocessError, preprocess, resample_to_reference
+
+    timer = StageTimer()
+    chosen, reasons, mode = pair_case(case, info, rules, requested_mode)
     roles = roles_for(mode)
     names = dict(zip(ROLES, info.modalities, strict=True))
     assumptions = assumptions or Assumptions()
@@ -232,7 +254,8 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
         for role in roles:
             src = chosen[role]
             try:
-                images[role] = _read(role, names[role], src, assumptions, provenance)
+                with library_warnings.collected(src.describe(), reasons):
+                    images[role] = _read(role, names[role], src, assumptions, provenance)
             except Exception as exc:  # each reader raises its own one-line error class
                 raise CaseError("read", _one_line(exc)) from exc
             _check_image(images[role].volume, src)
@@ -276,8 +299,8 @@ def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
             result = segmenter.segment(
                 prep["a"].array if "a" in prep else None,
                 prep["b"].array if "b" in prep else None, loaded.mode)
-        except RuntimeUnavailable:
-            raise  # the runtime, not the case, is the problem: the run stops
+        except (RuntimeUnavailable, ModelFileError):
+            raise  # the runtime or the model, not the case, is the problem: the run stops
         except Exception as exc:
             raise CaseError("infer", f"{loaded.case.case_id}: {_one_line(exc)}") from exc
     with timer.stage("postprocess"):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ class OpenVinoRuntime:
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises plain RuntimeError subclasses
-            raise RuntimeUnavailable(f"{path}: openvino cannot read the graph ({exc})") from exc
+            # a file problem, not "cannot run here": never a reason for auto to fall back
+            raise ModelFileError(f"{path}: openvino cannot read the graph "
+                                 f"({' '.join(str(exc).split())})") from exc
         names = {n for port in model.inputs for n in port.get_names()}
         outs = {n for port in model.outputs for n in port.get_names()}
         if not set(inputs) <= names or output not in outs:

@@ -4,7 +4,9 @@
 than ONNX Runtime end to end on our AVX-512 CPU, BENCHMARKS.md) and a TensorRT engine,
 then ONNX Runtime's CUDA provider, on a GPU. Falling back is only ever done for "auto": a
 runtime or device the caller named explicitly either runs or fails with RuntimeUnavailable
-saying why.
+saying why. "auto" falls back only when a runtime cannot run here (RuntimeUnavailable: not
+installed, no GPU, no graph for it); a damaged graph file (ModelFileError, checked against
+cmc.json's sha256 before the graph is opened) stops the choice and reaches the user.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from cmc_serve.model_dir import GraphInfo, ModelDirError, ModelInfo
+from cmc_serve.model_dir import (
+    GraphInfo,
+    ModelDirError,
+    ModelFileError,
+    ModelInfo,
+    verify_files,
+)
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
 from cmc_serve.runtimes.precision import AUTO, PrecisionChoice, choose_precision
 
@@ -82,10 +90,16 @@ def resolve_precision(model: ModelInfo, mode: str, runtime: str, device: str,
 
 
 def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphInfo:
+    """The verified graph for the combination; RuntimeUnavailable when none was exported,
+    ModelFileError (never caught by "auto") when its files are damaged."""
     try:
-        return model.graph(mode, runtime, precision)
+        graph = model.graph(mode, runtime, precision)
+    except ModelFileError:
+        raise
     except ModelDirError as exc:
         raise RuntimeUnavailable(str(exc)) from exc
+    verify_files(graph.files)
+    return graph
 
 
 def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str = "cpu",

@@ -1,0 +1,66 @@
+"""Atomic file writes that leave the file with the mode a plain `open` would have given it.
+
+Every file cmc writes for a user (checkpoints, segmentations, reports) goes through
+`atomic_write`: the content is written under a hidden temporary name in the target folder
+and renamed over the final name when complete, so a killed run never leaves a partial file
+under a final name. `tempfile.mkstemp` creates that temporary file with mode 0600 (private,
+whatever the umask); the rename would carry 0600 onto the result, so a colleague or a PACS
+export job of the same group could not read it. The temporary file is therefore given
+0666 minus the process umask before the rename, exactly what `open(path, "w")` gives.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc);
+    elsewhere set and restored under a lock (the umask is process-wide)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def plain_file_mode() -> int:
+    """The permission bits `open(path, "w")` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], fsync: bool = False) -> None:
+    """Call `write(tmp_path)` on a hidden temporary name ('.<name>.XXXX<suffixes>') in the
+    target folder, give it the plain-`open` mode, then rename it over `path`.
+
+    `fsync` flushes the content to disk before the rename (checkpoints: a power cut must not
+    leave a renamed but empty file). On any failure the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, plain_file_mode())
+        if fsync:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
