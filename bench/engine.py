@@ -1,15 +1,17 @@
 """Benchmark: the torch-free engine against MONAI sliding-window inference, end to end.
 
-    .venv/bin/python bench/engine.py [--size 96] [--preset tiny|small] [--rounds 1]
-        [--rss-shape 400 512 512] [--rss-classes 8]
+    .venv/bin/python bench/engine.py [--size 96] [--preset tiny|small | --checkpoint CKPT]
+        [--rounds 1] [--rss-shape 400 512 512] [--rss-classes 8]
 
 1. Speed on one pre-processed two-modality volume (size^3) with the tiny (patch 32^3) or
-   small (patch 64^3) CMC network (random init, seeded), every pipeline warmed up on a
-   volume of two patches' edge first: MONAI `sliding_window_inference` + torch eager fp32 versus
-   `Segmenter` on ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16 (where the CPU has
-   native bf16), all in this one run, with the ratios, the label agreement (Dice of bf16
-   vs fp32 labels) and the achieved FLOP/s of the patch network next to numpy's fp32 GEMM
-   FLOP/s measured in the same run.
+   small (patch 64^3) CMC network (random init, seeded) or a trained checkpoint's, every
+   pipeline warmed up on a volume of two patches' edge first: MONAI
+   `sliding_window_inference` + torch eager fp32 (and under `torch.autocast` bf16, what a
+   user who knows their CPU would run, where the CPU has native bf16) versus `Segmenter` on
+   ONNX Runtime fp32, OpenVINO fp32 and OpenVINO bf16 (where the CPU has native bf16), all
+   in this one run, with the ratios, the label agreement (Dice of bf16 vs fp32 labels:
+   meaningful with --checkpoint, a random network's labels are noise) and the achieved
+   FLOP/s of the patch network next to numpy's fp32 GEMM FLOP/s measured in the same run.
 2. Peak RSS, each in its own process, of segmenting a K-class two-modality volume with a
    cheap 1x1x1 patch network (so that stitching, not the network, dominates): the engine's
    slab-wise stitching versus MONAI's full-volume accumulation.
@@ -121,8 +123,43 @@ def fused_graph(net: object) -> object:
     return FusedGraph()
 
 
-def speed(size: int, preset: str,
-          rounds: int) -> tuple[list[tuple[str, str, str, str, str]], dict[str, object]]:
+def cpu_features() -> str:
+    """The CPU flags that decide half precision (every benchmark row names them)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512_fp16", "avx512_vnni") if f in flags]
+    return ", ".join(found) or "none of amx_bf16/avx512_bf16/avx512_fp16/avx512_vnni"
+
+
+def load_network(preset: str, checkpoint: Path | None) -> tuple[object, int, object]:
+    """(network in eval mode, classes, its PreprocessConfig or None): a trained checkpoint's,
+    or the preset's seeded random init."""
+    import torch
+
+    from cmc_train.config import PreprocessConfig, model_config
+    from cmc_train.network import build_cmc
+
+    if checkpoint is not None:
+        from cmc_train.checkpoint import load_model
+
+        net, metadata = load_model(checkpoint)
+        return (net.eval(), len(metadata["classes"]),
+                PreprocessConfig.from_dict(metadata["preprocessing"]))
+    torch.manual_seed(0)
+    return build_cmc(model_config(preset, 5)).eval(), 5, None
+
+
+def phantom_case(preprocess: object, patch: int, shape: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic CT/MR pair pre-processed as the checkpoint was trained (anatomy a trained
+    network recognises), centred in `shape`."""
+    from cmc_export.gate_inputs import centre_fit, preprocessed_phantom
+
+    volumes = preprocessed_phantom(preprocess, patch)  # type: ignore[arg-type]
+    return centre_fit(volumes["image_a"], shape), centre_fit(volumes["image_b"], shape)
+
+
+def speed(size: int, preset: str, rounds: int, checkpoint: Path | None = None,
+          ) -> tuple[list[tuple[str, str, str, str, str]], dict[str, object]]:
     import torch
     from monai.data.utils import dense_patch_slices
     from monai.inferers import sliding_window_inference
@@ -130,14 +167,11 @@ def speed(size: int, preset: str,
 
     from cmc_serve.engine import Segmenter
     from cmc_serve.runtimes import RuntimeUnavailable
+    from cmc_serve.runtimes.openvino_rt import unsupported_reason
     from cmc_serve.tiling import TileGrid
-    from cmc_train.config import model_config
-    from cmc_train.network import build_cmc
 
-    classes = 5
-    torch.manual_seed(0)
-    net = build_cmc(model_config(preset, classes)).eval()
-    roi = net.cfg.img_size
+    net, classes, preprocess = load_network(preset, checkpoint)
+    roi = net.cfg.img_size  # type: ignore[attr-defined]
     graph = fused_graph(net)
     x = torch.randn(1, 1, roi, roi, roi)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -146,24 +180,32 @@ def speed(size: int, preset: str,
     tmp = Path(tempfile.mkdtemp(prefix="cmc_bench_"))
     model_dir = write_model_dir(tmp / preset, {"fused": graph}, (x.repeat(2, 1, 1, 1, 1),) * 2,
                                 classes, roi, openvino=True)
-    a, b = synthetic_case((size,) * 3)
+    a, b = (phantom_case(preprocess, roi, (size,) * 3) if preprocess is not None
+            else synthetic_case((size,) * 3))
     shape = a.shape
     info: dict[str, object] = {"tile_gflop": tile_flops / 1e9, "patch": roi}
 
     monai_tiles = len(dense_patch_slices(shape, (roi,) * 3, (roi // 2,) * 3))
     engine_tiles = len(TileGrid.build(shape, (roi,) * 3, 0.5))
 
-    def monai(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        probs = sliding_window_inference(
-            torch.from_numpy(np.stack([a, b])[None]), roi_size=(roi,) * 3, sw_batch_size=4,
-            overlap=0.5, mode="gaussian", sigma_scale=0.125,
-            predictor=lambda t: net.predict(t[:, :1], t[:, 1:], "fused"))
-        return probs[0].argmax(0).numpy().astype(np.uint8)
+    def monai(a: np.ndarray, b: np.ndarray, autocast: bool = False) -> np.ndarray:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            probs = sliding_window_inference(
+                torch.from_numpy(np.stack([a, b])[None]), roi_size=(roi,) * 3, sw_batch_size=4,
+                overlap=0.5, mode="gaussian", sigma_scale=0.125,
+                predictor=lambda t: net.predict(t[:, :1], t[:, 1:], "fused"))
+        return probs[0].float().argmax(0).numpy().astype(np.uint8)
 
     anchor = ("MONAI sliding_window + torch eager", "fp32")
+    autocast_key = ("MONAI sliding_window + torch eager", "bf16 autocast")
     pipelines: dict[tuple[str, str], Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
         anchor: monai}
     unavailable: dict[tuple[str, str], str] = {}
+    bf16_reason = unsupported_reason("bf16")
+    if bf16_reason is None:
+        pipelines[autocast_key] = lambda a, b: monai(a, b, autocast=True)
+    else:
+        unavailable[autocast_key] = bf16_reason
     times: dict[tuple[str, str], list[float]] = {}
     labels: dict[tuple[str, str], np.ndarray] = {}
     with ExitStack() as stack, torch.no_grad():
@@ -195,7 +237,7 @@ def speed(size: int, preset: str,
     seconds = {key: statistics.median(values) for key, values in times.items()}
     rows = []
     for key in pipelines:
-        tiles = monai_tiles if key == anchor else engine_tiles
+        tiles = monai_tiles if key[0] == anchor[0] else engine_tiles
         rows.append((*key, f"{seconds[key]:.1f}", f"{seconds[anchor] / seconds[key]:.2f}",
                      f"{tiles * tile_flops / seconds[key] / 1e9:.1f}"))
     for key, reason in unavailable.items():
@@ -206,6 +248,10 @@ def speed(size: int, preset: str,
     if ("engine openvino", "bf16") in labels:
         info["Dice bf16 vs fp32 labels (OpenVINO)"] = dice(
             labels[("engine openvino", "bf16")], labels[("engine openvino", "fp32")], classes)
+    if autocast_key in labels:
+        info["Dice bf16 autocast vs fp32 labels (torch)"] = dice(
+            labels[autocast_key], labels[anchor], classes)
+    info["network"] = str(checkpoint) if checkpoint else f"{preset} preset, random init"
     info["rounds"] = rounds
     info["gemm_gflops"] = statistics.median(gemms) / 1e9
     info["tiles"] = {"monai": monai_tiles, "engine": engine_tiles}
@@ -301,9 +347,9 @@ def peak_rss(shape: tuple[int, int, int], classes: int,
     return rows
 
 
-def print_speed(size: int, preset: str, rounds: int) -> None:
-    rows, info = speed(size, preset, rounds)
-    print(f"## Speed: {preset} CMC (K=5, patch {info['patch']}^3), two-modality {size}^3 volume, "
+def print_speed(size: int, preset: str, rounds: int, checkpoint: Path | None) -> None:
+    rows, info = speed(size, preset, rounds, checkpoint)
+    print(f"## Speed: {info['network']} (patch {info['patch']}^3), two-modality {size}^3 volume, "
           f"overlap 0.5, gaussian blending, labels out; median of {info['rounds']} round(s), "
           "pipelines in turn\n")
     print("| pipeline | precision | seconds | speed-up vs MONAI | patch-net GFLOP/s |")
@@ -313,7 +359,7 @@ def print_speed(size: int, preset: str, rounds: int) -> None:
     print(f"\nnumpy fp32 GEMM (2048^2): {info['gemm_gflops']:.0f} GFLOP/s; patch network "
           f"{info['tile_gflop']:.2f} GFLOP per tile; tiles {info['tiles']}")
     for key, value in info.items():
-        if key not in ("gemm_gflops", "tile_gflop", "tiles", "patch", "rounds"):
+        if key not in ("gemm_gflops", "tile_gflop", "tiles", "patch", "rounds", "network"):
             print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
@@ -323,6 +369,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96, help="edge of the speed-test volume")
     parser.add_argument("--preset", choices=("tiny", "small"), default="tiny",
                         help="network of the speed test (patch 32^3 or 64^3)")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a trained checkpoint's network instead of the preset's random "
+                             "init (for the bf16 vs fp32 label Dice)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="speed-test rounds, pipelines in turn; the median is reported")
     parser.add_argument("--rss-shape", type=int, nargs=3, default=(400, 512, 512))
@@ -343,10 +392,10 @@ def main() -> None:
 
     import torch
 
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads "
-          f"{torch.get_num_threads()}, python {platform.python_version()}\n")
+    print(f"CPU: {cpu_model()} ({cpu_features()}), {os.cpu_count()} logical CPUs, torch "
+          f"threads {torch.get_num_threads()}, python {platform.python_version()}\n")
     if not args.skip_speed:
-        print_speed(args.size, args.preset, args.rounds)
+        print_speed(args.size, args.preset, args.rounds, args.checkpoint)
     if args.skip_rss:
         return
     print(f"\n## Peak RSS: 2 x {' x '.join(map(str, shape))} float32 input, K={args.rss_classes}, "

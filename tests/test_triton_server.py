@@ -26,6 +26,8 @@ from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.pipeline.engine_factory import TritonSegmenter
 from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
+from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
+from cmc_serve.runtimes.precision import choose_precision
 from cmc_serve.triton.client import (
     Endpoint,
     TritonConnection,
@@ -48,6 +50,7 @@ from cmc_serve.triton.server import (
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENVINO_PATCH = "cmc_patch_openvino"  # triton_fixture.OPENVINO_PATCH
+OPENVINO_AUTO_PATCH = "cmc_patch_openvino_auto"  # triton_fixture.OPENVINO_AUTO_PATCH
 pytest_plugins = ["triton_fixture"]  # triton_install, tiny_model_dir, triton_server
 
 
@@ -190,6 +193,26 @@ def test_openvino_patch_model_matches_onnxruntime(triton_server: TritonServer,
     openvino.close()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert (got.argmax(1) == want.argmax(1)).mean() > 0.999
+
+
+@pytest.mark.triton
+def test_openvino_patch_model_at_auto_precision_runs_what_this_cpu_runs_natively(
+        triton_server: TritonServer, tiny_model_dir: Path) -> None:
+    info = ModelInfo.load(tiny_model_dir)
+    graph = info.graph("fused", "onnxruntime", "fp32")
+    rng = np.random.default_rng(4)
+    tiles = {k: fp16_exact(rng, (4, 1, 16, 16, 16)) for k in ("image_a", "image_b")}
+    served = TritonPatchRuntime(f"http://{triton_server.http_url}", info,
+                                model_name=OPENVINO_AUTO_PATCH)
+    got = served.run(tiles)
+    served.close()
+    chosen = choose_precision("openvino", "cpu", {"fp32", "bf16"}).precision
+    local = {p: OpenVinoRuntime(graph.path, inputs=graph.inputs, output=graph.output,
+                                precision=p, max_batch=4).run(tiles)
+             for p in {"fp32", chosen}}
+    np.testing.assert_allclose(got, local[chosen], atol=1e-5)
+    if chosen == "bf16":  # and not fp32: the server really ran bf16
+        assert np.abs(got - local["fp32"]).max() > 1e-4
 
 
 @pytest.mark.triton

@@ -29,6 +29,9 @@ CLASSES = ("background", "liver", "spleen")
 NAME = "cmc"
 MAX_BATCH = 4
 OPENVINO_PATCH = f"{NAME}_patch_openvino"  # the same graph on OpenVINO, FP16 on the wire
+# ... and at precision auto, as `cmc export` writes OpenVINO patch models: the server picks
+# bf16 where its CPU runs it natively (the graph is listed as gated in bf16), else fp32.
+OPENVINO_AUTO_PATCH = f"{NAME}_patch_openvino_auto"
 
 
 def write_tiny_onnx(path: Path, seed: int = 0) -> None:
@@ -77,12 +80,16 @@ def write_model_dir(root: Path) -> Path:
     write_repository(root / "repository", NAME, "python", [graph], PATCH, len(CLASSES),
                      MAX_BATCH)
     add_runtime_variant(root / "repository", f"{NAME}_patch", OPENVINO_PATCH, "openvino")
+    add_runtime_variant(root / "repository", f"{NAME}_patch", OPENVINO_AUTO_PATCH, "openvino",
+                        {"precision": "auto", "gated_precisions": "fp32,bf16"})
     return root
 
 
-def add_runtime_variant(repository: Path, model: str, variant: str, runtime: str) -> None:
+def add_runtime_variant(repository: Path, model: str, variant: str, runtime: str,
+                        parameters: dict[str, str] | None = None) -> None:
     """Copy patch model `model` as `variant` running on `runtime` with FP16 inputs (half the
-    bytes on the wire); the config is edited as a protobuf, not as text."""
+    bytes on the wire), with `parameters` changed; the config is edited as a protobuf, not
+    as text."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -91,6 +98,8 @@ def add_runtime_variant(repository: Path, model: str, variant: str, runtime: str
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     config.name = variant
     config.parameters["runtime"].string_value = runtime
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = value
     fp16 = model_config_pb2.DataType.TYPE_FP16
     for tensor in config.input:
         tensor.data_type = fp16
