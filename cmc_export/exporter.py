@@ -280,7 +280,8 @@ class _Exporter:
                                   f"can be served (exported: {sorted(entries)})")
             chosen.append(PatchGraph(mode, key[0], key[1], self.root / entries[key]["file"]))
         return write_repository(self.root / "repository", name, backend, chosen, self.patch,
-                                len(self.classes), self.max_batch)
+                                len(self.classes), self.max_batch,
+                                postprocessing=self.metadata.get("postprocessing"))
 
     def write_model_json(self, name: str, backend: str, triton_models: Mapping[str, str]) -> None:
         document = {
@@ -294,6 +295,8 @@ class _Exporter:
             "triton": {"backend": backend, "patch_models": dict(triton_models),
                        "volume_model": name},
         }
+        if self.metadata.get("postprocessing"):  # chosen by cmc evaluate; cmc_serve applies it
+            document["postprocessing"] = self.metadata["postprocessing"]
         (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
 
 

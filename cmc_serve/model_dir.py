@@ -57,6 +57,8 @@ class ModelInfo:
     preprocessing: dict[str, Any]
     checkpoint_sha256: str | None
     graphs: tuple[GraphInfo, ...]
+    # Chosen by `cmc evaluate --choose-postprocessing` (cmc_serve.postprocess); None: none.
+    postprocessing: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -139,6 +141,14 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
     if not isinstance(data["graphs"], list) or not data["graphs"]:
         raise fail("graphs must be a non-empty list")
 
+    postprocessing = data.get("postprocessing")
+    if postprocessing is not None:
+        from cmc_serve.postprocess import PostprocessError, check_record
+
+        try:
+            check_record(postprocessing, len(classes))
+        except PostprocessError as exc:
+            raise fail(str(exc)) from None
     graphs = tuple(_parse_graph(root, fail, i, g) for i, g in enumerate(data["graphs"]))
     keys = [(g.mode, g.runtime, g.precision) for g in graphs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
@@ -149,7 +159,7 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         modalities=(modalities[0], modalities[1]), classes=tuple(classes),
         patch_size=(patch[0], patch[1], patch[2]), max_batch=max_batch,
         preprocessing=data["preprocessing"], checkpoint_sha256=data.get("checkpoint_sha256"),
-        graphs=graphs)
+        graphs=graphs, postprocessing=postprocessing)
 
 
 def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
