@@ -248,3 +248,27 @@ def test_evaluate_shows_undefined_hd95_fused_scoring_and_progress_lines(
     assert f"{fused['hd95_undefined_total']} of 4" in result.output
     assert "fused: both modalities predicted on ct's grid, scored against ct's labels" \
         in result.output.replace("\n", " ").replace("  ", " ")
+
+
+def test_progress_bars_on_a_terminal(study: Path, micro_yaml: Path, random_checkpoint: Path,
+                                     tmp_path: Path) -> None:
+    """FORCE_COLOR makes rich treat the output as a terminal: the bars appear, and the
+    milestone lines are still printed above them."""
+    terminal = {**WIDE, "FORCE_COLOR": "1"}
+    result = CliRunner().invoke(app, ["evaluate", str(random_checkpoint), "--data", str(study),
+                                      "--out", str(tmp_path / "m.json"), "--modes", "a"],
+                                env=terminal)
+    assert result.exit_code == 0, result.output
+    assert "evaluate a" in result.output and "━" in result.output
+    assert "cmc evaluate: a (ct): 1 cases" in result.output
+
+    threads = torch.get_num_threads()
+    try:
+        trained = CliRunner().invoke(app, [
+            "train", "--data", str(study), "--out", str(tmp_path / "run"), "--config",
+            str(micro_yaml), "--set", "steps=2", "--threads", "1"], env=terminal)
+    finally:
+        torch.set_num_threads(threads)
+    assert trained.exit_code == 0, trained.output
+    assert "train" in trained.output and "━" in trained.output and "loss" in trained.output
+    assert "step 2/2: validation mean foreground Dice" in trained.output
