@@ -30,10 +30,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 OPS = ("largest_component", "remove_small")
-_FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
 
 class PostprocessError(ValueError):
@@ -42,8 +40,13 @@ class PostprocessError(ValueError):
 
 def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """26-connected components of a boolean mask: (component index per voxel, voxel counts,
-    index 0 = outside the mask)."""
-    components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    index 0 = outside the mask).
+
+    scipy is imported here, not with the module: the Triton volume model imports this
+    module, and a server Python without scipy must still load a model with no record."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     return components, np.bincount(components.ravel(), minlength=count + 1)
 
 

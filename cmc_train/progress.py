@@ -59,11 +59,12 @@ class Reporter:
 
     def update(self, task: TaskID, completed: int | None = None, advance: int = 0,
                info: str | None = None) -> None:
-        fields = {} if info is None else {"info": info}
+        if info is not None:
+            self._progress.update(task, info=info)
         if completed is not None:
-            self._progress.update(task, completed=completed, **fields)
+            self._progress.update(task, completed=completed)
         else:
-            self._progress.update(task, advance=advance, **fields)
+            self._progress.update(task, advance=advance)
 
     def finish(self, task: TaskID) -> None:
         """Remove a finished stage's bar (validation passes come and go)."""

@@ -5,7 +5,10 @@ exported cmc.json, and `cmc segment` applying it."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -202,3 +205,47 @@ def test_segment_applies_the_model_dirs_postprocessing(tmp_path: Path) -> None:
     (model / "cmc.json").write_text(json.dumps(meta))
     with pytest.raises(ModelDirError, match="foreground class 1..2"):
         ModelInfo.load(model)
+
+
+pytest_plugins = ["triton_fixture"]  # triton_install: a local tritonserver (marker triton)
+
+
+@pytest.mark.triton
+def test_triton_volume_model_applies_the_recorded_postprocessing(
+        triton_install: Any, tmp_path: Path) -> None:
+    """Server-side tiling returns what the local engine plus `cmc_serve.postprocess` give."""
+    import triton_fixture as tf
+
+    from cmc_export.triton_repository import PatchGraph, write_repository
+    from cmc_serve.engine import Segmenter
+    from cmc_serve.triton.client import TritonVolumeClient
+    from cmc_serve.triton.server import TritonServer
+
+    probe = subprocess.run([str(triton_install.venv / "bin" / "python"), "-c",
+                            "import scipy.ndimage"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"{triton_install.venv} has no scipy (installed before post-processing "
+                    "needed it): re-run `make triton-server`")
+    model = tf.write_model_dir(tmp_path / "model")
+    record = {"spacing_mm": [1.5, 1.5, 1.5], "modes": {"fused": [
+        {"class": 1, "name": "liver", "op": "largest_component"},
+        {"class": 2, "name": "spleen", "op": "remove_small", "min_mm3": 20.0}]}}
+    shutil.rmtree(model / "repository")
+    write_repository(model / "repository", tf.NAME, "python",
+                     [PatchGraph("fused", "onnxruntime", "fp32", model / "onnx" / "fused_fp32.onnx")],
+                     tf.PATCH, len(tf.CLASSES), tf.MAX_BATCH, postprocessing=record)
+    rng = np.random.default_rng(3)
+    image_a = rng.normal(size=(24, 20, 18)).astype(np.float32)
+    image_b = rng.normal(size=(24, 20, 18)).astype(np.float32)
+    with Segmenter(model, runtime="onnxruntime") as local:
+        raw = local.segment(image_a, image_b).labels
+    expected = apply(raw, record, "fused")
+    assert not np.array_equal(expected, raw)  # random weights: islands to remove
+    with TritonServer(model / "repository", install=triton_install,
+                      ready_timeout_s=90) as server:
+        client = TritonVolumeClient(f"http://{server.http_url}", tf.NAME)
+        try:
+            served = client.segment(image_a, image_b).labels
+        finally:
+            client.close()
+    np.testing.assert_array_equal(served, expected)

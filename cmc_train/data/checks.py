@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -66,7 +67,7 @@ def check_data(datalist: Datalist, path: Path, splits: Sequence[str] = SPLITS,
     `need_labelled` / `need_validation`: modality names that must have at least one labelled
     volume in the labelled / validation split (what training is about to use).
     """
-    report = DataReport(Path(path), tuple(datalist.classes), tuple(datalist.modalities))
+    report = DataReport(Path(path), tuple(datalist.classes), datalist.modalities)
     for split in splits:
         for modality in datalist.modalities:
             report.volumes[(split, modality)] = [0, 0]
@@ -100,7 +101,8 @@ def _check_entry(entry: Entry, split: str, report: DataReport) -> None:
                 report.class_counts[(split, modality)].update(present)
 
 
-def _load(path: Path, what: str, report: DataReport) -> nib.spatialimages.SpatialImage | None:
+def _load(path: Path, what: str, report: DataReport) -> Any:
+    """The nibabel image of `path`, or None (problem recorded) when it cannot be read."""
     try:
         return nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for foreign or truncated files
@@ -108,7 +110,7 @@ def _load(path: Path, what: str, report: DataReport) -> nib.spatialimages.Spatia
         return None
 
 
-def _array(img: nib.spatialimages.SpatialImage, path: Path, report: DataReport) -> np.ndarray | None:
+def _array(img: Any, path: Path, report: DataReport) -> np.ndarray | None:
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
@@ -118,7 +120,7 @@ def _array(img: nib.spatialimages.SpatialImage, path: Path, report: DataReport) 
         s == 1 for s in data.shape[3:]) else data
 
 
-def _check_image(img: nib.spatialimages.SpatialImage, path: Path, modality: str,
+def _check_image(img: Any, path: Path, modality: str,
                  report: DataReport) -> None:
     data = _array(img, path, report)
     if data is None:
@@ -134,8 +136,8 @@ def _check_image(img: nib.spatialimages.SpatialImage, path: Path, modality: str,
                                f"({float(data.min()):g})")
 
 
-def _check_label(label: nib.spatialimages.SpatialImage, path: Path,
-                 image: nib.spatialimages.SpatialImage, modality: str,
+def _check_label(label: Any, path: Path,
+                 image: Any, modality: str,
                  report: DataReport) -> set[int]:
     """Problems of one label volume; returns the class indices it contains."""
     data = _array(label, path, report)

@@ -65,6 +65,16 @@ async def _blend_oldest(stitcher: SlabStitcher, pending: deque[Any]) -> None:
         stitcher.add(origin, tile)
 
 
+def _require_scipy(name: str) -> None:
+    """Post-processing labels connected components with scipy; say so at load time."""
+    try:
+        import scipy.ndimage  # noqa: F401
+    except ImportError:
+        raise pb_utils.TritonModelException(
+            f"{name}: the recorded post-processing needs scipy in the server's Python "
+            "(`make triton-server` installs it; in a container: pip install scipy)") from None
+
+
 class TritonPythonModel:
     """Tiles, dispatches (BLS, bounded in flight) and stitches one volume per request."""
 
@@ -85,6 +95,7 @@ class TritonPythonModel:
             self.postprocessing = json.loads(params.get("postprocessing") or "null")
             if self.postprocessing is not None:
                 postprocess.check_record(self.postprocessing, self.num_classes)
+                _require_scipy(self.name)
         except (KeyError, ValueError, TypeError) as exc:  # PostprocessError is a ValueError
             raise pb_utils.TritonModelException(
                 f"{self.name}: bad or missing config.pbtxt parameter ({exc!r})") from exc
