@@ -92,16 +92,21 @@ def check_record(record: Mapping[str, Any], num_classes: int) -> None:
                 raise PostprocessError(f"postprocessing[{mode}]: {op!r} needs min_mm3 >= 0")
 
 
+def apply_operations(labels: np.ndarray, ops: Sequence[Mapping[str, Any]],
+                     spacing_mm: Sequence[float]) -> np.ndarray:
+    """`ops` (one mode's list) applied in turn to labels on a grid of `spacing_mm`."""
+    voxel_mm3 = float(np.prod(spacing_mm))
+    for op in ops:
+        labels = clean_class(labels, int(op["class"]), op, voxel_mm3)
+    return labels
+
+
 def apply(labels: np.ndarray, record: Mapping[str, Any] | None, mode: str) -> np.ndarray:
     """The recorded operations of `mode` applied to uint8 labels on the checkpoint's grid
     (no record or no operation for the mode: the labels as they are)."""
     if not record:
         return labels
-    ops = record.get("modes", {}).get(mode, [])
-    voxel_mm3 = float(np.prod(record["spacing_mm"]))
-    for op in ops:
-        labels = clean_class(labels, int(op["class"]), op, voxel_mm3)
-    return labels
+    return apply_operations(labels, record.get("modes", {}).get(mode, []), record["spacing_mm"])
 
 
 def describe(ops: Sequence[Mapping[str, Any]]) -> str:

@@ -191,10 +191,9 @@ def _summarise(cases: dict[str, dict[str, list[float]]], fg_classes: Sequence[st
 def _scored(predictions: Sequence[CasePrediction], ops: Sequence[dict[str, Any]],
             classes: Sequence[str]) -> dict[str, Any]:
     """`_summarise` of the predictions after the post-processing operations `ops`."""
-    record = {"spacing_mm": list(predictions[0].spacing), "modes": {"m": list(ops)}}
     cases = {}
     for case in predictions:
-        pred = postprocess.apply(case.pred, record, "m")
+        pred = postprocess.apply_operations(case.pred, ops, case.spacing)
         cases[case.case_id] = per_class_metrics(pred, case.ref, len(classes), case.spacing)
     return _summarise(cases, list(classes[1:]))
 
