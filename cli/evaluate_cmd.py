@@ -103,10 +103,12 @@ def _table(result: dict[str, Any], name: str) -> Any:
         hd = summary["mean_fg_hd95_mm"]
         raw = summary.get("without_postprocessing")
         dice = f"{summary['mean_fg_dice']:.4f}"
-        if raw:
+        hd95 = "n/a" if hd is None else f"{hd:.2f}"
+        if raw:  # post-processed: the raw prediction's numbers beside
             dice += f" (raw {raw['mean_fg_dice']:.4f})"
-        table.add_row(label, str(summary["num_cases"]), dice,
-                      "n/a" if hd is None else f"{hd:.2f}",
+            raw_hd = raw["mean_fg_hd95_mm"]
+            hd95 += f" (raw {'n/a' if raw_hd is None else f'{raw_hd:.2f}'})"
+        table.add_row(label, str(summary["num_cases"]), dice, hd95,
                       f"{summary['hd95_undefined_total']} of {summary['hd95_pairs']}",
                       *(f"{d:.3f}" for d in summary["dice"].values()),
                       summary["postprocessing"])
