@@ -32,8 +32,8 @@ and the plain list of where CMC does not beat `fusion`), quality.png, results.js
 number, the command and the wall time), data/ (studies) and runs/ (one folder per training
 run, holding test_metrics.json once scored, which `--resume-from` uses to skip it).
 
-`--train KEY=VALUE` changes one training setting of `--config` (a loss weight, the
-consistency schedule, the CSC temperature) for every arm: the investigations behind the
+`--train KEY=VALUE` changes one setting of `--config` (a loss weight, the consistency
+schedule, the CSC temperature, the spacing; the keys of `cmc train --set`) for every arm: the investigations behind the
 defaults of `cmc train` run through this same benchmark. Each run's config.yaml records the
 settings, and a resumed run must use the same ones.
 
@@ -70,9 +70,10 @@ import matplotlib
 import numpy as np
 import torch
 
-from cmc_train.config import RunConfig, TrainConfig, named_or_yaml_run_config
+from cmc_train.config import RunConfig, named_or_yaml_run_config
 from cmc_train.data.datalist import Datalist, DatalistError
 from cmc_train.evaluate import evaluate
+from cmc_train.settings import SettingError, apply_settings, parse_settings
 from cmc_train.synth import write_synthetic_study
 from cmc_train.trainer import CONFIG, LAST, file_sha256, iter_metrics, train
 
@@ -85,7 +86,7 @@ BASELINE, CMC = "fusion", "cmc"
 ROTATION_PER_MM = 0.75  # sweep: 20 mm comes with 15 degrees
 DATA_SEED = 0
 PR_SET_PDEATHSIG = 1  # prctl(2) option: signal this process when its parent dies
-# TrainConfig fields the benchmark sets itself (the arms and the budget); --train may not.
+# Run-config fields the benchmark sets itself (the arms and the budget); --train may not.
 SET_BY_BENCHMARK = ("steps", "seed", "use_csc", "use_cac", "val_every", "warmup_steps")
 
 
@@ -255,11 +256,12 @@ class Recipe:
 
     def run_config(self, arm: Arm, seed: int) -> RunConfig:
         """The base with the --train changes, the arm's losses and the budget's schedule."""
+        changed = apply_settings(self.base, self.train_options)
         train_cfg = dataclasses.replace(
-            self.base.train, **self.train_options, steps=self.steps, seed=seed,
+            changed.train, steps=self.steps, seed=seed,
             use_csc=arm.use_csc, use_cac=arm.use_cac, val_every=self.steps,
             warmup_steps=max(1, min(30, self.steps // 10)))
-        return dataclasses.replace(self.base, train=train_cfg)
+        return dataclasses.replace(changed, train=train_cfg)
 
 
 @dataclass(frozen=True)
@@ -339,26 +341,12 @@ def data_info(loaded: Datalist, datalist: Path, config: str) -> DataInfo:
 
 
 def parse_train_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """--train KEY=VALUE pairs -> TrainConfig fields, typed like the field's default: the
-    settings an investigation varies (loss weights, schedule, temperature) for every arm."""
-    defaults = TrainConfig()
-    allowed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in SET_BY_BENCHMARK]
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or key not in allowed:
-            raise BenchmarkError(f"--train {pair}: expected KEY=VALUE with KEY one of "
-                                 f"{', '.join(allowed)}")
-        kind = type(getattr(defaults, key))
-        try:
-            options[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
-        except ValueError:
-            raise BenchmarkError(f"--train {pair}: {text!r} is not a {kind.__name__}") from None
+    """--train KEY=VALUE pairs (`cmc train --set`'s keys and parser, less the fields the
+    benchmark sets itself) -> {"section.field": value} for every arm."""
     try:
-        dataclasses.replace(defaults, **options)  # TrainConfig's own checks (e.g. schedule)
-    except ValueError as exc:
-        raise BenchmarkError(f"--train: {exc}") from None
-    return options
+        return parse_settings(pairs, fixed=SET_BY_BENCHMARK)
+    except SettingError as exc:
+        raise BenchmarkError(f"--train {exc}") from None
 
 
 def run_job(job: Job, datalist: Path, runs_dir: Path, recipe: Recipe) -> dict[str, Any]:
@@ -623,7 +611,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="trainings run side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
-                        help="a TrainConfig setting for every arm (repeatable), e.g. w_cac=0.1")
+                        help="a run-config setting for every arm (repeatable; cmc train --set's "
+                             "keys), e.g. w_cac=0.1 or spacing=1.5")
     parser.add_argument("--resume-from", type=Path, metavar="FOLDER",
                         help="continue an earlier output folder: scored runs are skipped")
     parser.add_argument("--datalist", action="append", default=[], metavar="RATIO=PATH",
@@ -714,6 +703,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = jobs[0].study
     info = data_info(first.loaded if isinstance(first, DatalistStudy)
                      else Datalist.load(datalists[first]), datalists[first], args.config)
+    try:  # settings that do not fit this data (e.g. another modality) fail before training
+        apply_settings(info.base, train_options)
+    except SettingError as exc:
+        raise BenchmarkError(f"--train {exc}") from None
     timing = calibrate(datalists[jobs[0].study], info.base, train_options)
     remaining = scale.budget_s - (time.perf_counter() - started)
     steps = args.steps or steps_for_budget(jobs, timing, scale, 0.9 * remaining, args.jobs)

@@ -1,6 +1,6 @@
 """`cmc`: train, export and serve CMC segmentation models.
 
-Each sub-command lives in its own module (cli/<name>.py) and imports the heavy libraries
+Each sub-command lives in its own module (cli/<name>_cmd.py, dashes as underscores) and imports the heavy libraries
 inside its function, so `cmc --help` answers without loading PyTorch.
 """
 
@@ -21,6 +21,7 @@ app = typer.Typer(
 _COMMANDS = {
     "synth": "Write a synthetic two-modality phantom study (NIfTI, optional DICOM) and its datalist.",
     "import": "Write a datalist for a public dataset layout (AMOS 2022, MS-CMRSeg 2019).",
+    "check-data": "Check a datalist's images and labels as `cmc train` does before its first step.",
     "train": "Train a CMC model from a datalist; writes checkpoints and metrics.",
     "evaluate": "Dice and HD95 per class and modality of a checkpoint on a datalist split.",
     "export": "Export a checkpoint to ONNX / OpenVINO / TensorRT with parity gates and a Triton repository.",

@@ -18,11 +18,29 @@ if TYPE_CHECKING:
 # a serving host (no cmc_train) `cmc segment` must still start. A test keeps them in step.
 PRESETS = ("tiny", "small", "sam-med3d")
 SCHEDULES = ("authors", "sigmoid")
+SETTING_KEYS = (
+    "steps", "batch_labelled", "batch_unlabelled", "lr", "weight_decay", "warmup_steps",
+    "schedule", "rampup_fraction", "w_csc", "w_cac", "csc_temperature", "use_csc", "use_cac",
+    "val_every", "seed", "fg_ratio", "spacing", "normalisation.MODALITY", "img_size",
+    "vit_patch", "embed_dim", "depth", "num_heads", "mlp_ratio", "window_size",
+    "global_attn_indexes", "neck_channels", "adapter_dim", "adapter_scale", "decoder_channels")
+NORMALISATIONS = ("ct-abdomen (window -175..250 HU), ct-brain (0..80 HU), zscore (non-zero "
+                  "voxels), percentile (0.5-99.5 clip, then z-score), window:LOW:HIGH, "
+                  "percentile:LOWER:UPPER")
 EXIT_USAGE = 2
 
 HELP_CONFIG = ("Model preset (tiny | small | sam-med3d; classes and modalities come from the "
                "datalist, training settings from the defaults) or a run config YAML (e.g. "
                "an earlier RUN_DIR/config.yaml). With --resume the run's own config.yaml is used.")
+HELP_SET = ("Change one setting of the run config, KEY=VALUE (repeatable; `train.`, "
+            "`preprocess.`, `model.` prefixes optional; lists comma-separated). Keys: "
+            + ", ".join(SETTING_KEYS) + ". Normalisation per modality name (printed at the "
+            "start; default: ct-abdomen for a modality named ct, zscore for any other): "
+            + NORMALISATIONS + ". E.g. --set spacing=1.5,1.5,3 --set normalisation.t1=percentile"
+            " --set lr=1e-3.")
+HELP_THREADS = ("CPU threads for PyTorch (default: all usable cores but one, shared by the "
+                "processes of a torchrun run: PyTorch's own default, one per core, lets other "
+                "work on the machine slow each step several times over).")
 
 
 def command(
@@ -47,7 +65,15 @@ def command(
         "--single-modality", help="Ablation: a | b, supervised training of that modality "
                                   "alone (its image feeds both branches; no unlabelled data, "
                                   "no CSC/CAC).")] = None,
-    progress: Annotated[bool, typer.Option(help="Progress bar (only on a terminal).")] = True,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help=HELP_SET)] = None,
+    val_every: Annotated[int | None, typer.Option(
+        "--val-every", min=1, help="Validate (and keep the best checkpoint) every N steps; "
+                                   "same as --set val_every=N.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help=HELP_THREADS)] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bars (only on a terminal); one line "
+                                           "per validation with its Dice is printed either "
+                                           "way.")] = True,
 ) -> None:
     """Train a CMC model from a datalist; writes checkpoints and metrics."""
     import os
@@ -61,6 +87,8 @@ def command(
     from cmc_train.data.loaders import SamplerError
     from cmc_train.evaluate import EvaluationError
     from cmc_train.network import SamMed3DError
+    from cmc_train.settings import SettingError, apply_settings, parse_settings
+    from cmc_train.threads import set_threads
     from cmc_train.trainer import CONFIG, TrainError, train
 
     console = Console(stderr=True)
@@ -77,10 +105,14 @@ def command(
         raise typer.BadParameter(f"{single_modality!r} is not a or b",
                                  param_hint="--single-modality")
     try:
+        changes = parse_settings([*(settings or ()),
+                                  *([f"val_every={val_every}"] if val_every else [])])
+        set_threads(threads)
         if resume:
             run_cfg = RunConfig.load_yaml(out / CONFIG)
         else:
             run_cfg = _base_config(config, data)
+        run_cfg = apply_settings(run_cfg, changes)
         overrides: dict[str, Any] = {}
         if steps is not None:
             overrides["steps"] = steps
@@ -96,7 +128,7 @@ def command(
         summary = train(data, out, run_cfg, resume=resume, init_sam_med3d=init_sam_med3d,
                         progress=progress, single_modality=single_modality)
     except (TrainError, CheckpointError, DatalistError, SamplerError, SamMed3DError,
-            EvaluationError, ValueError) as exc:
+            EvaluationError, SettingError, ValueError) as exc:
         raise fail(str(exc)) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         console.print(

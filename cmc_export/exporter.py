@@ -330,7 +330,8 @@ class _Exporter:
     def write_triton(self, name: str, backend: str, modes: Sequence[str]) -> dict[str, str]:
         chosen = [self.triton_graph(backend, mode) for mode in modes]
         return write_repository(self.root / "repository", name, backend, chosen, self.patch,
-                                len(self.classes), self.max_batch)
+                                len(self.classes), self.max_batch,
+                                postprocessing=self.metadata.get("postprocessing"))
 
     def triton_graph(self, backend: str, mode: str) -> PatchGraph:
         """The graph the Triton patch model of `mode` serves.
@@ -370,6 +371,8 @@ class _Exporter:
                                  for p in sorted((self.root / "repository").rglob("*"))
                                  if p.is_file()}},
         }
+        if self.metadata.get("postprocessing"):  # chosen by cmc evaluate; cmc_serve applies it
+            document["postprocessing"] = self.metadata["postprocessing"]
         (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
 
 

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import model_repository
 from cmc_export.errors import ExportError
@@ -102,7 +103,8 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
 
 
 def volume_model_config(name: str, patch_models: Mapping[str, str], patch_size: int,
-                        num_classes: int, tile_batch: int) -> str:
+                        num_classes: int, tile_batch: int,
+                        postprocessing: Mapping[str, Any] | None = None) -> str:
     """config.pbtxt of the python BLS volume model `<name>` (pre-processed volumes in, labels out)."""
     volume = [1, -1, -1, -1]
     sections = [
@@ -118,7 +120,8 @@ def volume_model_config(name: str, patch_models: Mapping[str, str], patch_size: 
                      "patch_size": ",".join([str(patch_size)] * 3),
                      "num_classes": str(num_classes),
                      "patch_input_type": "TYPE_FP32",
-                     "tile_batch": str(tile_batch)}),
+                     "tile_batch": str(tile_batch),
+                     **({"postprocessing": json.dumps(postprocessing)} if postprocessing else {})}),
     ]
     return "\n".join(sections) + "\n"
 
@@ -140,8 +143,10 @@ def _copy_graph(graph: PatchGraph, version_dir: Path, backend: str) -> str:
 
 
 def write_repository(repo_dir: Path, name: str, backend: str, graphs: Sequence[PatchGraph],
-                     patch_size: int, num_classes: int, max_batch: int) -> dict[str, str]:
-    """Write the repository; `graphs` holds one graph per mode. Returns mode -> patch model name."""
+                     patch_size: int, num_classes: int, max_batch: int,
+                     postprocessing: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Write the repository; `graphs` holds one graph per mode. Returns mode -> patch model
+    name. `postprocessing` (the checkpoint's choice) goes to the volume model's parameters."""
     if backend not in BACKENDS:
         raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
     patch_models = {}
@@ -159,5 +164,6 @@ def write_repository(repo_dir: Path, name: str, backend: str, graphs: Sequence[P
     volume_dir.mkdir(parents=True)
     shutil.copy2(_model_code("cmc/1/model.py"), volume_dir / "model.py")
     (repo_dir / name / "config.pbtxt").write_text(volume_model_config(
-        name, patch_models, patch_size, num_classes, tile_batch=min(4, max_batch)))
+        name, patch_models, patch_size, num_classes, tile_batch=min(4, max_batch),
+        postprocessing=postprocessing))
     return patch_models

@@ -136,6 +136,8 @@ class ModelInfo:
     checkpoint_sha256: str | None
     graphs: tuple[GraphInfo, ...]
     repository_files: tuple[ModelFile, ...] = ()  # repository/ as exported (cmc serve)
+    # Chosen by `cmc evaluate --choose-postprocessing` (cmc_serve.postprocess); None: none.
+    postprocessing: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -230,6 +232,14 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
     if not isinstance(data["graphs"], list) or not data["graphs"]:
         raise fail("graphs must be a non-empty list")
 
+    postprocessing = data.get("postprocessing")
+    if postprocessing is not None:
+        from cmc_serve.postprocess import PostprocessError, check_record
+
+        try:
+            check_record(postprocessing, len(classes))
+        except PostprocessError as exc:
+            raise fail(str(exc)) from None
     graphs = tuple(_parse_graph(root, fail, i, g) for i, g in enumerate(data["graphs"]))
     unchecked = [i for i, g in enumerate(graphs) if not g.files]
     if unchecked and len(unchecked) < len(graphs):
@@ -251,7 +261,7 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         modalities=(modalities[0], modalities[1]), classes=tuple(classes),
         patch_size=(patch[0], patch[1], patch[2]), max_batch=max_batch,
         preprocessing=data["preprocessing"], checkpoint_sha256=data.get("checkpoint_sha256"),
-        graphs=graphs, repository_files=repository)
+        graphs=graphs, repository_files=repository, postprocessing=postprocessing)
 
 
 def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:

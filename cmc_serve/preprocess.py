@@ -2,7 +2,8 @@
 
 Training runs `Orientationd("RAS")`, `Spacingd(pixdim=spacing, mode="bilinear")` (border
 padding, align_corners=False) and then `ScaleIntensityRanged(low, high, 0, 1, clip=True)`
-(kind `ct_window`) or `NormalizeIntensityd(nonzero=True)` (kind `zscore_nonzero`). Serving
+(kind `ct_window`), `NormalizeIntensityd(nonzero=True)` (kind `zscore_nonzero`) or
+cmc_train's `PercentileZScored` (kind `percentile_zscore`). Serving
 must reproduce them exactly without torch, so this module ports MONAI's grid arithmetic
 (`zoom_affine`, `compute_shape_offset`, the 1e-3 "unchanged" tolerances) and performs the
 resampling itself; `tests/test_preprocess.py` compares both on random permuted/flipped grids.
@@ -70,9 +71,12 @@ def _settings(prep: Mapping[str, Any], modality: str) -> tuple[np.ndarray, dict[
         raise PreprocessError(f"no normalisation for modality {modality!r} "
                               f"(checkpoint has {sorted(norms)})")
     norm = dict(norms[modality])
-    if norm.get("kind") == "ct_window":
-        if not float(norm["high"]) > float(norm["low"]):
-            raise PreprocessError(f"ct_window for {modality!r} needs high > low, got {norm}")
+    bounds = {"ct_window": ("low", "high"), "percentile_zscore": ("lower", "upper")}
+    if norm.get("kind") in bounds:
+        low, high = bounds[norm["kind"]]
+        if not float(norm[high]) > float(norm[low]):
+            raise PreprocessError(f"{norm['kind']} for {modality!r} needs {high} > {low}, "
+                                  f"got {norm}")
     elif norm.get("kind") != "zscore_nonzero":
         raise PreprocessError(f"unknown normalisation {norm!r} for modality {modality!r}")
     return spacing, norm
@@ -230,7 +234,9 @@ def _resample_general(array: np.ndarray, xform: np.ndarray, shape: tuple[int, in
 
 def normalise(array: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
     """`ct_window`: clip to [low, high] scaled to [0, 1]; `zscore_nonzero`: z-score of the
-    non-zero voxels, zeros stay 0 (MONAI `NormalizeIntensity(nonzero=True)`)."""
+    non-zero voxels, zeros stay 0 (MONAI `NormalizeIntensity(nonzero=True)`);
+    `percentile_zscore`: the non-zero voxels clipped to their `lower`/`upper` percentiles
+    first (cmc_train's `PercentileZScored`)."""
     x = np.asarray(array, dtype=np.float32)
     if norm["kind"] == "ct_window":
         low, high = float(norm["low"]), float(norm["high"])
@@ -240,6 +246,9 @@ def normalise(array: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
     if not nonzero.any():
         return out
     values = x[nonzero].astype(np.float64)
+    if norm["kind"] == "percentile_zscore":
+        low, high = np.percentile(values, [float(norm["lower"]), float(norm["upper"])])
+        values = np.clip(values, low, high)
     std = float(values.std())
     out[nonzero] = ((values - values.mean()) / (std if std != 0.0 else 1.0)).astype(np.float32)
     return out

@@ -113,6 +113,21 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(state_dict, metadata, payload.get("trainer_state"))
 
 
+def record_postprocessing(path: Path, record: dict[str, Any]) -> None:
+    """Store the post-processing `cmc evaluate --choose-postprocessing` chose in the
+    checkpoint's metadata ("postprocessing"), replacing an earlier choice. The weights and
+    any trainer state are written back unchanged, atomically (`save_checkpoint`)."""
+    from cmc_serve.postprocess import PostprocessError, check_record
+
+    ckpt = load_checkpoint(path)
+    try:
+        check_record(record, len(ckpt.metadata["classes"]))
+    except PostprocessError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    save_checkpoint(path, ckpt.state_dict, {**ckpt.metadata, "postprocessing": record},
+                    ckpt.trainer_state)
+
+
 def load_model(path: Path) -> tuple[CMCNet, dict[str, Any]]:
     """Rebuild the network a checkpoint describes, load its weights strictly, set eval mode."""
     from cmc_train.network import build_cmc

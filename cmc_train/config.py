@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from cmc_train.normalisation import checked, default_normalisation
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -120,18 +122,12 @@ def named_or_yaml_run_config(config: str, num_classes: int,
     return RunConfig.load_yaml(path)
 
 
-CT_WINDOW = {"kind": "ct_window", "low": -175.0, "high": 250.0}
-ZSCORE_NONZERO = {"kind": "zscore_nonzero"}
-
-
-def default_normalisation(modality: str) -> dict[str, Any]:
-    """CT gets the abdominal window of the paper; every other modality a non-zero z-score."""
-    return dict(CT_WINDOW) if modality.lower() == "ct" else dict(ZSCORE_NONZERO)
-
-
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Deterministic pre-processing; recorded in checkpoints so inference reproduces it."""
+    """Deterministic pre-processing; recorded in checkpoints so inference reproduces it.
+
+    `normalisation` maps each modality to its settings (`cmc_train.normalisation`); left
+    empty, every modality gets `default_normalisation` (ct-abdomen for "ct", else zscore)."""
 
     modalities: tuple[str, str] = ("ct", "mr")
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -149,9 +145,13 @@ class PreprocessConfig:
         missing = [m for m in self.modalities if m not in self.normalisation]
         if missing:
             raise ValueError(f"no normalisation for modalities {missing}")
+        valid = {}
         for m, norm in self.normalisation.items():
-            if norm.get("kind") not in ("ct_window", "zscore_nonzero"):
-                raise ValueError(f"unknown normalisation {norm!r} for modality {m}")
+            try:
+                valid[m] = checked(norm)
+            except ValueError as exc:
+                raise ValueError(f"normalisation of modality {m}: {exc}") from None
+        object.__setattr__(self, "normalisation", valid)
 
     def to_dict(self) -> dict[str, Any]:
         return {"modalities": list(self.modalities), "spacing": list(self.spacing),

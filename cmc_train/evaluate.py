@@ -7,17 +7,23 @@ Modes:
 - "a" / "b" (single modality): every labelled volume of that modality, its image fed to both
   branches, compared with its own label.
 - "fused": every case with both modalities. The prediction is made on modality a's grid and
-  compared with a's label; b's pre-processed image is resampled onto a's grid by world (RAS)
+  compared with a's label (so fused scores are against modality a's reference); b's pre-processed image is resampled onto a's grid by world (RAS)
   position, trilinear, border values beyond b's field of view (as `cmc segment` does). No
   registration is attempted: where the two scans are not aligned (different sessions, the
   synthetic study's "patient moved"), fused Dice measures how the model copes with that.
+
+Post-processing (`cmc_serve.postprocess`): the checkpoint's recorded choice is applied
+before scoring unless asked not to, so the numbers are those `cmc segment` will give;
+`choose_postprocessing=True` chooses it here instead (`cmc_train.postprocess_choice`), on
+this split, and reports the scores with and without it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmc_serve import postprocess
 from cmc_train.checkpoint import load_model
 from cmc_train.config import PreprocessConfig
+from cmc_train.data.checks import check_data
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import EvalVolume, validation_volumes
 from cmc_train.metrics import per_class_metrics
 from cmc_train.network import CMCNet
+from cmc_train.postprocess_choice import CasePrediction, choose_operations
+from cmc_train.progress import Reporter
 from cmc_train.sliding_window import MODES, predict_labels
 
 _AFFINE_TOL = 1e-3
@@ -57,6 +67,12 @@ class ValidationSet:
 
     def of_modality(self, modality: str) -> list[EvalVolume]:
         return [v for v in self.volumes if v.modality == modality]
+
+    def count(self, modes: Sequence[str]) -> int:
+        """How many whole-volume predictions scoring `modes` takes."""
+        return sum(len(self.pairs()) if mode == "fused" else
+                   len(self.of_modality(self.modalities[0 if mode == "a" else 1]))
+                   for mode in modes)
 
     def pairs(self) -> list[tuple[EvalVolume, EvalVolume]]:
         """(a, b) volumes of every case that has both modalities."""
@@ -100,19 +116,26 @@ def _fg_mean(values: Sequence[float]) -> float:
 
 
 def validate(net: CMCNet, val_set: ValidationSet, modes: Sequence[str], patch_size: int,
-             device: torch.device) -> dict[str, Any]:
+             device: torch.device, on_volume: Callable[[], None] | None = None
+             ) -> dict[str, Any]:
     """Mean foreground Dice per class of single-modality modes (the training's model
-    selection): {"dice": {modality: [per foreground class]}, "mean_fg_dice": float}."""
+    selection): {"dice": {modality: [per foreground class]}, "mean_fg_dice": float}.
+    `on_volume` is called after each volume (progress)."""
     per_modality: dict[str, list[float]] = {}
     for mode in modes:
         modality = val_set.modalities[0 if mode == "a" else 1]
-        scores = [_case_metrics(net, vol, mode, patch_size, device, val_set.num_classes)["dice"]
-                  for vol in val_set.of_modality(modality)]
+        scores = []
+        for vol in val_set.of_modality(modality):
+            scores.append(_case_metrics(net, vol, mode, patch_size, device,
+                                        val_set.num_classes)["dice"])
+            if on_volume is not None:
+                on_volume()
         if scores:
             per_modality[modality] = [float(x) for x in np.mean(scores, axis=0)]
     if not per_modality:
-        raise EvaluationError("the validation split has no labelled volume of the modalities "
-                              f"being trained ({list(modes)})")
+        names = [val_set.modalities[0 if mode == "a" else 1] for mode in modes]
+        raise EvaluationError(f"the validation split has no labelled volume of {names}, the "
+                              "modalities being trained")
     mean_fg = float(np.mean([np.mean(v) for v in per_modality.values()]))
     return {"dice": per_modality, "mean_fg_dice": mean_fg}
 
@@ -120,6 +143,12 @@ def validate(net: CMCNet, val_set: ValidationSet, modes: Sequence[str], patch_si
 def _case_metrics(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,
                   device: torch.device, num_classes: int,
                   other: EvalVolume | None = None) -> dict[str, list[float]]:
+    case = _case_prediction(net, vol, mode, patch_size, device, other)
+    return per_class_metrics(case.pred, case.ref, num_classes, case.spacing)
+
+
+def _case_prediction(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,
+                     device: torch.device, other: EvalVolume | None = None) -> CasePrediction:
     image = vol.image[0]
     if mode == "fused":
         assert other is not None
@@ -130,11 +159,15 @@ def _case_metrics(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,
     else:
         pred = predict_labels(net, None, image, "b", patch_size, device)
     ref = vol.label[0].numpy().astype(np.uint8)
-    return per_class_metrics(pred, ref, num_classes, spacing_of(vol.affine))
+    return CasePrediction(vol.case_id, np.asarray(pred, dtype=np.uint8), ref,
+                          spacing_of(vol.affine))
 
 
 def _summarise(cases: dict[str, dict[str, list[float]]], fg_classes: Sequence[str]) -> dict[str, Any]:
-    """Per-case values and per-class means (HD95 means skip undefined, NaN, cases)."""
+    """Per-case values and per-class means. HD95 is undefined (NaN) where exactly one of
+    prediction and reference has the class; class means skip those cases, and the mean
+    over classes skips classes with no defined case, so `hd95_undefined` (per class) and
+    `hd95_undefined_total` (case-class pairs) say what the mean leaves out."""
     dice = np.array([c["dice"] for c in cases.values()], dtype=np.float64)
     hd = np.array([c["hd95"] for c in cases.values()], dtype=np.float64)
     mean_dice = [float(x) for x in dice.mean(axis=0)]
@@ -147,16 +180,37 @@ def _summarise(cases: dict[str, dict[str, list[float]]], fg_classes: Sequence[st
         "mean_fg_hd95_mm": _fg_mean(mean_hd),
         "hd95_undefined": {name: int(np.isnan(hd[:, k]).sum())
                            for k, name in enumerate(fg_classes)},
+        "hd95_undefined_total": int(np.isnan(hd).sum()),
+        "hd95_pairs": int(hd.size),
         "cases": {cid: {"dice": dict(zip(fg_classes, c["dice"], strict=True)),
                         "hd95_mm": dict(zip(fg_classes, c["hd95"], strict=True))}
                   for cid, c in cases.items()},
     }
 
 
+def _scored(predictions: Sequence[CasePrediction], ops: Sequence[dict[str, Any]],
+            classes: Sequence[str]) -> dict[str, Any]:
+    """`_summarise` of the predictions after the post-processing operations `ops`."""
+    cases = {}
+    for case in predictions:
+        pred = postprocess.apply_operations(case.pred, ops, case.spacing)
+        cases[case.case_id] = per_class_metrics(pred, case.ref, len(classes), case.spacing)
+    return _summarise(cases, list(classes[1:]))
+
+
 def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
-             modes: Sequence[str] = MODES, device: torch.device | None = None) -> dict[str, Any]:
-    """Dice and HD95 (mm) per foreground class for each mode; JSON-ready (NaN -> None)."""
+             modes: Sequence[str] = MODES, device: torch.device | None = None,
+             reporter: Reporter | None = None, apply_postprocessing: bool = True,
+             choose_postprocessing: bool = False) -> dict[str, Any]:
+    """Dice and HD95 (mm) per foreground class for each mode; JSON-ready (NaN -> None).
+
+    The checkpoint's recorded post-processing is applied unless `apply_postprocessing` is
+    False; `choose_postprocessing` chooses it on this split instead and returns the choice
+    as "postprocessing" (record it with `cmc_train.checkpoint.record_postprocessing`).
+    `reporter` shows progress and one line per mode.
+    """
     ckpt_path, datalist_path = Path(ckpt_path), Path(datalist_path)
+    reporter = reporter or Reporter(bar=False, enabled=False)
     net, metadata = load_model(ckpt_path)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
@@ -170,36 +224,72 @@ def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise EvaluationError(f"unknown modes {unknown}; choose from {list(MODES)}")
+    if choose_postprocessing and split == "test":
+        raise EvaluationError("choose the post-processing on the validation split (or the "
+                              "labelled one), not on the test split it is to be judged on")
+    check_data(datalist, datalist_path, (split,)).raise_first()
     preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
+    reporter.say(f"cmc evaluate: pre-processing the {split} split")
     val_set = ValidationSet.from_datalist(datalist, preprocess, split)
     if not val_set.volumes:
         raise EvaluationError(f"{datalist_path}: split {split!r} has no labelled volumes")
+    recorded = metadata.get("postprocessing") if apply_postprocessing else None
     patch = int(metadata["model"]["img_size"])
-    k = len(datalist.classes)
-    fg_classes = list(datalist.classes[1:])
+    classes = list(datalist.classes)
+    a_name = val_set.modalities[0]
     results: dict[str, Any] = {}
+    chosen: dict[str, list[dict[str, Any]]] = {}
     for mode in modes:
-        cases: dict[str, dict[str, list[float]]] = {}
-        if mode == "fused":
-            for vol_a, vol_b in val_set.pairs():
-                cases[vol_a.case_id] = _case_metrics(net, vol_a, "fused", patch, device, k, vol_b)
-        else:
-            for vol in val_set.of_modality(val_set.modalities[0 if mode == "a" else 1]):
-                cases[vol.case_id] = _case_metrics(net, vol, mode, patch, device, k)
+        started = time.perf_counter()
+        jobs: list[tuple[EvalVolume, EvalVolume | None]] = (
+            [(a, b) for a, b in val_set.pairs()] if mode == "fused" else
+            [(v, None) for v in val_set.of_modality(val_set.modalities[0 if mode == "a" else 1])])
         modality = "+".join(val_set.modalities) if mode == "fused" else \
             val_set.modalities[0 if mode == "a" else 1]
-        if cases:
-            results[mode] = {"modality": modality, **_summarise(cases, fg_classes)}
-        else:
+        task = reporter.stage(f"evaluate {mode}", total=len(jobs))
+        predictions = []
+        for vol, other in jobs:
+            predictions.append(_case_prediction(net, vol, mode, patch, device, other))
+            reporter.update(task, advance=1)
+        reporter.finish(task)
+        if not predictions:
             results[mode] = {"modality": modality, "num_cases": 0,
                              "skipped": f"no labelled {modality} case in split {split!r}"}
-    return _json_ready({
+            reporter.say(f"cmc evaluate: {mode} ({modality}): skipped, no labelled case")
+            continue
+        if choose_postprocessing:
+            ops = choose_operations(predictions, classes)
+            chosen[mode] = ops
+        else:
+            ops = list((recorded or {}).get("modes", {}).get(mode, []))
+        summary = {"modality": modality,
+                   "scored_against": f"{a_name} labels" if mode == "fused" else
+                   f"{modality} labels", **_scored(predictions, ops, classes),
+                   "postprocessing": postprocess.describe(ops)}
+        if ops:
+            raw = _scored(predictions, [], classes)
+            summary["without_postprocessing"] = {
+                k: raw[k] for k in ("dice", "hd95_mm", "mean_fg_dice", "mean_fg_hd95_mm",
+                                    "hd95_undefined_total")}
+        results[mode] = summary
+        reporter.say(f"cmc evaluate: {mode} ({modality}): {len(predictions)} cases, mean Dice "
+                     f"{summary['mean_fg_dice']:.4f}, {time.perf_counter() - started:.0f} s")
+    out: dict[str, Any] = {
         "checkpoint": str(ckpt_path), "datalist": str(datalist_path), "split": split,
-        "classes": list(datalist.classes), "modalities": list(datalist.modalities),
+        "classes": classes, "modalities": list(datalist.modalities),
         "spacing_mm": list(preprocess.spacing),
-        "space": "pre-processed grid (RAS, checkpoint spacing); fused on modality a's grid",
+        "space": "pre-processed grid (RAS, checkpoint spacing); fused on modality a's grid, "
+                 "scored against modality a's labels",
         "modes": results,
-    })
+    }
+    if choose_postprocessing:
+        out["postprocessing"] = {"chosen_on": f"{split} split of {datalist_path.name} "
+                                              f"({len({v.case_id for v in val_set.volumes})} "
+                                              "cases)",
+                                 "spacing_mm": list(preprocess.spacing), "modes": chosen}
+    elif recorded:
+        out["postprocessing"] = recorded
+    return _json_ready(out)
 
 
 def _json_ready(value: Any) -> Any:

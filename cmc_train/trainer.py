@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -27,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,6 +37,7 @@ from cmc_train.checkpoint import (
     save_checkpoint,
 )
 from cmc_train.config import RunConfig
+from cmc_train.data.checks import check_data
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import SemiSupervisedSampler
 from cmc_train.distributed import (
@@ -52,6 +50,8 @@ from cmc_train.distributed import (
 from cmc_train.evaluate import ValidationSet, validate
 from cmc_train.losses import cac_loss, consistency_weights, csc_loss, supervised_loss
 from cmc_train.network import build_cmc, load_sam_med3d_encoder
+from cmc_train.normalisation import default_normalisation, describe
+from cmc_train.progress import Reporter
 
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
@@ -195,14 +195,6 @@ class _MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
-        disable=not enabled, transient=False,
-    )
-
-
 class _Run:
     """State of one training process (one rank)."""
 
@@ -227,6 +219,7 @@ class _Run:
         self.optimizer: torch.optim.Optimizer | None = None
 
     def _check_data(self) -> None:
+        """The datalist fits the config, and its files pass `check_data`, before any step."""
         modalities = tuple(self.datalist.modalities)
         if modalities != tuple(self.cfg.preprocess.modalities):
             raise TrainError(f"{self.datalist_path}: modalities {list(modalities)} differ from "
@@ -234,6 +227,24 @@ class _Run:
         if len(self.datalist.classes) != self.cfg.model.num_classes:
             raise TrainError(f"{self.datalist_path}: {len(self.datalist.classes)} classes, but "
                              f"the model config has num_classes={self.cfg.model.num_classes}")
+        trained = [modalities[0 if mode == "a" else 1] for mode in _validation_modes(self.ablation)]
+        check_data(self.datalist, self.datalist_path, ("labelled", "unlabelled", "validation"),
+                   need_labelled=trained, need_validation=trained).raise_first()
+
+    def describe(self) -> list[str]:
+        """What this run is about to do, printed before the first step."""
+        tc, prep = self.cfg.train, self.cfg.preprocess
+        lines = [f"cmc train: {len(self.datalist.labelled)} labelled, "
+                 f"{len(self.datalist.unlabelled)} unlabelled, "
+                 f"{len(self.datalist.validation)} validation cases; preset {self.cfg.preset}, "
+                 f"{tc.steps} steps, validation every {tc.val_every} steps, spacing "
+                 f"{'x'.join(f'{s:g}' for s in prep.spacing)} mm, device {self.ctx.device}"]
+        for modality in prep.modalities:
+            norm = prep.normalisation[modality]
+            default = (f" [default for {modality!r}; --set normalisation.{modality}=PRESET "
+                       "chooses another]" if norm == default_normalisation(modality) else "")
+            lines.append(f"cmc train: normalisation of {modality}: {describe(norm)}{default}")
+        return lines
 
     def build_optimiser(self) -> None:
         params = [p for p in self.net.parameters() if p.requires_grad]
@@ -405,10 +416,10 @@ def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> T
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     assert run.optimizer is not None
     model.train()
-    console = Console(stderr=True)
-    show_bar = progress and ctx.is_main and console.is_terminal
-    with _progress(show_bar) as bar:
-        task = bar.add_task("train", total=tc.steps, completed=run.step, losses="")
+    with Reporter(progress, enabled=ctx.is_main) as reporter:
+        for line in run.describe():
+            reporter.say(line)
+        task = reporter.stage("train", total=tc.steps, completed=run.step)
         for step in range(run.step, end):
             started = time.perf_counter()
             batch = sampler.batch(step)
@@ -430,9 +441,9 @@ def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> T
                       "seconds": round(run.elapsed, 3)}
             if log is not None:
                 log.write(record)
-            bar.update(task, completed=run.step, losses=_loss_text(record))
+            reporter.update(task, completed=run.step, info=_loss_text(record))
             if run.step % tc.val_every == 0 or run.step == tc.steps:
-                _validate_and_save(run, val_set, log, progress and not show_bar)
+                _validate_and_save(run, val_set, log, reporter)
             elif run.step == end:  # stopped early: keep a resumable checkpoint
                 if ctx.is_main:
                     run.save(LAST, with_trainer_state=True)
@@ -443,12 +454,16 @@ def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> T
 
 
 def _validate_and_save(run: _Run, val_set: ValidationSet | None, log: _MetricsLog | None,
-                       echo: bool) -> None:
+                       reporter: Reporter) -> None:
     """Rank 0 validates and writes checkpoints; the other ranks wait."""
     if run.ctx.is_main:
         assert val_set is not None and log is not None
-        result = validate(run.net, val_set, _validation_modes(run.ablation), run.cfg.model.img_size,
-                          run.ctx.device)
+        modes = _validation_modes(run.ablation)
+        started = time.perf_counter()
+        task = reporter.stage("validate", total=val_set.count(modes))
+        result = validate(run.net, val_set, modes, run.cfg.model.img_size, run.ctx.device,
+                          on_volume=lambda: reporter.update(task, advance=1))
+        reporter.finish(task)
         run.last_validation = {"step": run.step, **result}
         log.write({"kind": "val", **run.last_validation})
         improved = result["mean_fg_dice"] > run.best_metric
@@ -457,10 +472,11 @@ def _validate_and_save(run: _Run, val_set: ValidationSet | None, log: _MetricsLo
         run.save(LAST, with_trainer_state=True)
         if improved:
             run.save(BEST, with_trainer_state=False)
-        if echo:
-            print(f"step {run.step}/{run.cfg.train.steps}: validation mean foreground Dice "
-                  f"{result['mean_fg_dice']:.4f} (best {run.best_metric:.4f} at step "
-                  f"{run.best_step})", file=sys.stderr, flush=True)
+        per_modality = ", ".join(f"{m} {sum(d) / len(d):.4f}" for m, d in result["dice"].items())
+        reporter.say(f"step {run.step}/{run.cfg.train.steps}: validation mean foreground Dice "
+                     f"{result['mean_fg_dice']:.4f} ({per_modality}; best "
+                     f"{run.best_metric:.4f} at step {run.best_step}; "
+                     f"{time.perf_counter() - started:.0f} s)")
     barrier(run.ctx)
 
 

@@ -260,3 +260,33 @@ def test_labels_shape_mismatch() -> None:
     p = preprocess(vol, "ct", PREP)
     with pytest.raises(PreprocessError, match="labels shape"):
         labels_to_source(np.zeros((2, 2, 2), np.uint8), p, vol)
+
+
+@pytest.mark.parametrize("name, modality", [("percentile", "mr"), ("percentile:2:98", "ct"),
+                                            ("ct-brain", "ct")])
+def test_normalisation_presets_match_training_transforms(tmp_path, name: str,
+                                                         modality: str) -> None:
+    """Every normalisation `--set normalisation.M=...` can choose is served as trained."""
+    import nibabel as nib
+
+    from cmc_serve.nifti_io import read_nifti
+    from cmc_train.config import PreprocessConfig
+    from cmc_train.data.transforms import deterministic_transforms
+    from cmc_train.normalisation import parse_normalisation
+
+    rng = np.random.default_rng(7)
+    array = rng.normal(40, 300, size=(14, 12, 10)).astype(np.float32)
+    array[3, 4, 5] = 5000.0  # an outlier the percentile clip must tame
+    if modality == "mr":
+        array = np.abs(array) + 1.0
+        array[2:-2, 2:-2, 3:-3] = 0.0
+    path = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(array, random_grid_affine(rng)), str(path))
+    norms = {"ct": {"kind": "ct_window", "low": -175.0, "high": 250.0},
+             "mr": {"kind": "zscore_nonzero"}, modality: parse_normalisation(name)}
+    config = PreprocessConfig.from_dict({**PREP, "normalisation": norms})
+    ref = deterministic_transforms(config, modality, with_label=False)({"image": str(path)})
+    ours = preprocess(read_nifti(path), modality, config.to_dict())
+    assert np.max(np.abs(ours.array - ref["image"].numpy()[0])) <= 1e-4
+    if name.startswith("percentile"):  # clipped: the outlier is no longer 10 sigma out
+        assert float(ours.array.max()) < 4.0

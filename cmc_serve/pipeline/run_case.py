@@ -290,6 +290,7 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
 
 def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
     """Infer on the prepared grid, then return uint8 labels to the reference's source grid."""
+    from cmc_serve import postprocess
     from cmc_serve.preprocess import labels_to_source
 
     timer = loaded.timer
@@ -305,7 +306,8 @@ def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
             raise CaseError("infer", f"{loaded.case.case_id}: {_one_line(exc)}") from exc
     with timer.stage("postprocess"):
         ref = loaded.reference
-        labels = labels_to_source(result.labels, prep[ref.role], ref.volume)
+        cleaned = postprocess.apply(result.labels, segmenter.model.postprocessing, loaded.mode)
+        labels = labels_to_source(cleaned, prep[ref.role], ref.volume)
         if labels.shape != ref.volume.shape:
             raise CaseError("postprocess", f"{loaded.case.case_id}: labels {labels.shape} do "
                                            f"not match the input shape {ref.volume.shape}")

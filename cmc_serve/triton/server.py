@@ -140,13 +140,13 @@ def docker_command(repository: str | Path, *, http_port: int = 8000, grpc_port: 
 
     The repository's parent (the model directory) is mounted, since patch models may name
     graphs outside the repository (`../../onnx/...`). The python models need cmc
-    (`--no-deps`), numpy<2, onnxruntime and openvino inside the container, so the cmc source
-    tree is mounted read-only and installed before the server starts. Ports are published
-    on the host's loopback only, like the local server.
+    (`--no-deps`), numpy<2, scipy (post-processing), onnxruntime and openvino inside the
+    container, so the cmc source tree is mounted read-only and installed before the server
+    starts. Ports are published on the host's loopback only, like the local server.
     """
     repo = Path(repository).absolute()
     src = Path(source).absolute() if source else Path(__file__).resolve().parents[2]
-    script = ('pip install -q "numpy<2" onnxruntime openvino && '
+    script = ('pip install -q "numpy<2" scipy onnxruntime openvino && '
               "pip install -q --no-deps /opt/cmc && "
               f"exec tritonserver --model-repository=/model/{repo.name} --allow-metrics=false")
     return ["docker", "run", "--rm", "--gpus=all", "--shm-size=1g",

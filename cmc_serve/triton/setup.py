@@ -23,7 +23,7 @@ from pathlib import Path
 from cmc_serve.triton.server import DEFAULT_PREFIX, READY_FILE, TritonInstall, TritonSetupError
 
 # onnxruntime and openvino releases that still support numpy 1.x are picked by pip.
-SERVER_PACKAGES = ("numpy>=1.24,<2", "nvidia-pytriton>=0.5", "onnxruntime>=1.18",
+SERVER_PACKAGES = ("numpy>=1.24,<2", "scipy>=1.10", "nvidia-pytriton>=0.5", "onnxruntime>=1.18",
                    "openvino>=2025.0")
 
 _PROBE = """

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import torch
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -57,6 +58,39 @@ def _quiet_reader_probe() -> Iterator[None]:
         probe.setLevel(level)
 
 
+class PercentileZScored(MapTransform):
+    """Clip the non-zero voxels to their own `lower`/`upper` percentiles (numpy's linear
+    interpolation), then z-score them (population std; 0 -> 1); zeros stay 0.
+
+    MONAI's `ClipIntensityPercentiles` takes its percentiles over every voxel, so on an MR
+    volume that is mostly zero background the lower one is 0 and clips nothing; hence this
+    transform, which `cmc_serve.preprocess.normalise` mirrors in numpy."""
+
+    def __init__(self, keys: str, lower: float, upper: float) -> None:
+        super().__init__(keys)
+        self.lower, self.upper = lower, upper
+
+    def __call__(self, data: Any) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            values = np.asarray(image, dtype=np.float32)
+            mask = values != 0
+            out = values.copy()
+            if mask.any():
+                inside = values[mask].astype(np.float64)
+                low, high = np.percentile(inside, [self.lower, self.upper])
+                inside = np.clip(inside, low, high)
+                std = float(inside.std())
+                out[mask] = ((inside - inside.mean()) / (std if std != 0.0 else 1.0))
+            if isinstance(image, torch.Tensor):  # a MetaTensor keeps its affine
+                d[key] = image.clone().float()
+                d[key][...] = torch.from_numpy(out)
+            else:
+                d[key] = out
+        return d
+
+
 def normalisation_transform(norm: dict[str, Any]) -> MapTransform:
     """The intensity normalisation of one modality, applied to key "image" only."""
     if norm["kind"] == "ct_window":
@@ -66,6 +100,9 @@ def normalisation_transform(norm: dict[str, Any]) -> MapTransform:
     if norm["kind"] == "zscore_nonzero":
         return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=False,
                                    dtype=np.float32)
+    if norm["kind"] == "percentile_zscore":
+        return PercentileZScored(keys="image", lower=float(norm["lower"]),
+                                 upper=float(norm["upper"]))
     raise ValueError(f"unknown normalisation kind {norm['kind']!r}")
 
 
@@ -92,7 +129,9 @@ def deterministic_transforms(preprocess: PreprocessConfig, modality: str,
          clip=True)`: clip to [low, high], scale linearly to [0, 1];
        - `zscore_nonzero`: `NormalizeIntensityd(nonzero=True, channel_wise=False)`:
          (x - mean) / std over the non-zero voxels (population std, ddof 0), zeros stay 0
-         (std 0 -> divisor 1).
+         (std 0 -> divisor 1);
+       - `percentile_zscore`: `PercentileZScored(lower, upper)`: the non-zero voxels
+         clipped to their percentiles, then z-scored as above.
 
     Returns MetaTensors whose `.affine` is the pre-processed RAS voxel-to-world matrix.
     """

@@ -18,6 +18,8 @@ Which patch model runs follows from the images given: both -> "fused", only imag
   max_in_flight     patch requests in flight per volume (default 4)
   overlap           tile overlap fraction (default 0.5)
   sigma_scale       gaussian sigma as a fraction of the patch (default 0.125)
+  postprocessing    JSON, the checkpoint's post-processing choice (`cmc_serve.postprocess`),
+                    applied to `labels` as `cmc segment` applies it (absent: none)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cmc_serve import postprocess
 from cmc_serve.model_dir import MODE_INPUTS
 from cmc_serve.stitching import SlabStitcher
 from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
@@ -62,6 +65,16 @@ async def _blend_oldest(stitcher: SlabStitcher, pending: deque[Any]) -> None:
         stitcher.add(origin, tile)
 
 
+def _require_scipy(name: str) -> None:
+    """Post-processing labels connected components with scipy; say so at load time."""
+    try:
+        import scipy.ndimage  # noqa: F401
+    except ImportError:
+        raise pb_utils.TritonModelException(
+            f"{name}: the recorded post-processing needs scipy in the server's Python "
+            "(`make triton-server` installs it; in a container: pip install scipy)") from None
+
+
 class TritonPythonModel:
     """Tiles, dispatches (BLS, bounded in flight) and stitches one volume per request."""
 
@@ -79,7 +92,11 @@ class TritonPythonModel:
             self.max_in_flight = int(params.get("max_in_flight", 4))
             self.overlap = float(params.get("overlap", 0.5))
             sigma_scale = float(params.get("sigma_scale", 0.125))
-        except (KeyError, ValueError, TypeError) as exc:
+            self.postprocessing = json.loads(params.get("postprocessing") or "null")
+            if self.postprocessing is not None:
+                postprocess.check_record(self.postprocessing, self.num_classes)
+                _require_scipy(self.name)
+        except (KeyError, ValueError, TypeError) as exc:  # PostprocessError is a ValueError
             raise pb_utils.TritonModelException(
                 f"{self.name}: bad or missing config.pbtxt parameter ({exc!r})") from exc
         unknown = set(self.patch_models) - set(MODE_INPUTS)
@@ -100,6 +117,7 @@ class TritonPythonModel:
             images, mode = self._images(request)
             wanted = set(request.requested_output_names()) or {"labels"}
             labels, probs = await self._segment(images, mode, keep_probs="probs" in wanted)
+            labels = postprocess.apply(labels, self.postprocessing, mode)
         except VolumeError as exc:
             return pb_utils.InferenceResponse(output_tensors=[],
                                               error=pb_utils.TritonError(f"{self.name}: {exc}"))
