@@ -26,6 +26,7 @@ _COMMANDS = {
     "export": "Export a checkpoint to ONNX / OpenVINO / TensorRT with parity gates and a Triton repository.",
     "segment": "Segment NIfTI files or DICOM series (single case or whole folders) with an exported model.",
     "serve": "Serve an exported model repository with a local Triton server.",
+    "listen": "A DICOM node: receive studies (C-STORE), segment each, send the SEG back.",
 }
 
 

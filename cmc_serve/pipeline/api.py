@@ -18,6 +18,7 @@ Order of a run, and why:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ from cmc_serve.runtimes import RuntimeUnavailable
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from cmc_serve.engine import Segmenter
 
 MODES = ("auto", "fused", "a", "b")
 RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
@@ -182,12 +185,15 @@ def _find_cases(input: Path, input_b: Path | None, out: Path,
 
 def segment(input: Path | str, out: Path | str, model: Path | str,
             input_b: Path | str | None = None, options: SegmentOptions | None = None,
-            console: Console | None = None) -> SegmentRunResult:
+            console: Console | None = None, *,
+            segmenter: Segmenter | None = None) -> SegmentRunResult:
     """Segment every case in INPUT (and INPUT_B) with the exported model into OUT.
 
     Raises SegmentError with a one-line message when the run is refused (nothing written) or
     its runtime is unusable; failing cases are counted, not raised. `console` (rich) gets
-    progress and per-case lines; None runs silently.
+    progress and per-case lines; None runs silently. `segmenter`: one already loaded for
+    `model` and these options (a long-running service segments many runs with one model
+    load); the caller keeps it open, else the run makes and closes its own.
     """
     input, out, model = Path(input), Path(out), Path(model)
     input_b = Path(input_b) if input_b is not None else None
@@ -197,8 +203,11 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
         rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
                  else PairingRules.default(info.modalities))
         found = _find_cases(input, input_b, out, options)
-        segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
-                                   options.overlap, options.tta, options.server)
+        owned = segmenter is None
+        if segmenter is None:
+            segmenter = make_segmenter(model, options.runtime, options.device,
+                                       options.precision, options.overlap, options.tta,
+                                       options.server)
         outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
     except _REFUSALS as exc:
         raise SegmentError(str(exc)) from exc
@@ -212,7 +221,7 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
         console.print(f"cmc segment: {len(found)} case(s) -> {out}", highlight=False,
                       markup=False)
     try:
-        with segmenter:
+        with segmenter if owned else nullcontext(segmenter):
             BatchRunner(out, info, segmenter, rules, batch, report, console).run(found)
     except RuntimeUnavailable as exc:
         raise SegmentError(str(exc)) from exc
