@@ -89,6 +89,7 @@ class Node:
 
     def start(self) -> Node:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.log = self.log.with_name(f"{self.spool.name}-node-{self.port}.log")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(self.args(), stdout=log, stderr=log, cwd=REPO,
                                             env=env)

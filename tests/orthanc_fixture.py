@@ -147,19 +147,29 @@ class OrthancServer:
     def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1") -> None:
         self.put(f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
 
-    def seg_instances(self) -> list[str]:
-        """Orthanc ids of every SEG instance stored."""
+    def seg_instances(self, study_uid: str | None = None) -> list[str]:
+        """Orthanc ids of every SEG instance stored (of one study when given)."""
         series = self.post("/tools/find", {"Level": "Series", "Query": {"Modality": "SEG"}})
-        return [i for s in series for i in self.get(f"/series/{s}")["Instances"]]
+        found = []
+        for s in series:
+            info = self.get(f"/series/{s}")
+            study = self.get(f"/studies/{info['ParentStudy']}")["MainDicomTags"]
+            if study_uid is None or study["StudyInstanceUID"] == study_uid:
+                found += info["Instances"]
+        return found
 
-    def wait_for_seg(self, timeout: float = 60.0, count: int = 1) -> list[str]:
+    def seg_file(self, instance: str) -> bytes:
+        return self.get_bytes(f"/instances/{instance}/file")
+
+    def wait_for_seg(self, study_uid: str, timeout: float = 60.0) -> list[str]:
+        """The SEG instances of a study once at least one arrived (bounded wait)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            segs = self.seg_instances()
-            if len(segs) >= count:
+            segs = self.seg_instances(study_uid)
+            if segs:
                 return segs
             time.sleep(0.25)
-        raise AssertionError(f"no SEG arrived in Orthanc within {timeout:.0f} s")
+        raise AssertionError(f"no SEG of {study_uid} arrived in Orthanc within {timeout:.0f} s")
 
 
 def orthanc_server(root: Path, **kwargs: Any) -> Iterator[OrthancServer]:

@@ -2,8 +2,9 @@
 
 Rules, from what goes wrong in deployments:
 - C-STORE uses the node's own AE title as calling AE: that is the title the PACS was told
-  about (Orthanc: `DicomModalities`). A PACS that does not know it rejects the association;
-  the error says so and what to configure, instead of a bare "association rejected".
+  about (Orthanc: `DicomModalities`). A PACS that does not know it rejects the association,
+  or (Orthanc 1.10) accepts it and aborts at the C-STORE; either way the error says so and
+  what to configure, instead of a bare "association rejected" or "no response".
 - A SEG is only ever sent with the SOP Instance UID it was written with (it is kept in the
   spool), and the ledger (`spool.Delivery.delivered`) records every UID a destination
   acknowledged, persisted right after the acknowledgement: a resumed or retried delivery
@@ -94,8 +95,14 @@ class CStoreDestination:
         finally:
             assoc.release()
         code = getattr(status, "Status", None)
+        if code is None and assoc.is_aborted:
+            raise DeliveryError(
+                f"C-STORE to {self.name}: the destination aborted the association instead of "
+                f"storing; a PACS does this when it does not know calling AE title "
+                f"{self.calling_ae} at this host (in Orthanc: add it to DicomModalities)")
         if code is None:
-            raise DeliveryError(f"C-STORE to {self.name}: no response (timeout or aborted)")
+            raise DeliveryError(f"C-STORE to {self.name}: no response within "
+                                f"{NETWORK_TIMEOUT:g} s")
         if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success and warnings: stored
             raise DeliveryError(f"C-STORE to {self.name}: refused with status 0x{code:04X}")
 
