@@ -249,3 +249,40 @@ def test_pacs_that_does_not_know_the_ae_title_is_reported_clearly(
     assert "aborted the association instead of storing" in state["reason"]
     assert "calling AE title STRANGER" in state["reason"] and "DicomModalities" in state["reason"]
     assert not pacs.seg_instances(study.study_uid)
+
+
+# ---------------------------------------------------------------------- DICOMweb
+
+def test_segment_from_dicomweb_and_stow_back(tmp_path: Path, model_dir: Path,
+                                             pacs: OrthancServer) -> None:
+    study = write_study(tmp_path / "study", patient_id="PAT-WEB")
+    pacs.upload(study.files)
+    out = tmp_path / "out"
+    args = ["--from-dicomweb", pacs.dicomweb, "--study", study.study_uid, "-o", out,
+            "--model", model_dir, "--runtime", "onnxruntime", "--stow", pacs.dicomweb]
+    r = fx.segment(*args)
+    assert r.exit_code == 0, r.output
+    (seg_file,) = out.glob("PAT-WEB_*/seg.dcm")
+    local = pydicom.dcmread(seg_file)
+    (instance,) = pacs.wait_for_seg(study.study_uid)
+    stored = _seg(pacs, instance)
+    assert stored.SOPInstanceUID == local.SOPInstanceUID
+    _assert_seg_of(stored, study)
+    assert "1 SEG(s) stored at" in r.stderr
+    # --continue: the study is done in OUT, so it is neither retrieved nor stored again
+    r = fx.segment(*args, "--continue")
+    assert r.exit_code == 0, r.output
+    assert "1 finished study not retrieved" in r.stderr and "0 done" in r.stderr
+    assert pacs.seg_instances(study.study_uid) == [instance]
+
+
+def test_from_dicomweb_unknown_study_is_refused_in_one_line(tmp_path: Path, model_dir: Path,
+                                                           pacs: OrthancServer) -> None:
+    out = tmp_path / "out"
+    missing = generate_uid(ROOT_UID)
+    r = fx.segment("--from-dicomweb", pacs.dicomweb, "--study", missing, "-o", out, "--model",
+                   model_dir, "--runtime", "onnxruntime")
+    assert r.exit_code == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("cmc segment: error: ") and missing in line and "404" in line
+    assert not out.exists()

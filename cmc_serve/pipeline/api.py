@@ -29,6 +29,7 @@ from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
 from cmc_serve.pipeline.engine_factory import make_segmenter
+from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
 from cmc_serve.runtimes import RuntimeUnavailable
@@ -225,6 +226,7 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
             BatchRunner(out, info, segmenter, rules, batch, report, console).run(found)
     except RuntimeUnavailable as exc:
         raise SegmentError(str(exc)) from exc
+    write_batch_report_html(out)  # the page a person opens: thumbnails, volumes, outliers
     counts = report.counts()
     return SegmentRunResult(out=out, report=out / outputs.REPORT,
                             failures=out / outputs.FAILURES if counts["failed"] else None,
