@@ -286,3 +286,25 @@ def test_from_dicomweb_unknown_study_is_refused_in_one_line(tmp_path: Path, mode
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith("cmc segment: error: ") and missing in line and "404" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- status page
+
+def test_status_page_in_headless_chromium_shows_states_and_previews(
+        guarded_node: Node, tmp_path: Path, pacs: OrthancServer) -> None:
+    from browser_fixture import overlay_pixels, render, require_chromium
+
+    from cmc_serve.pipeline.preview import PALETTE
+
+    require_chromium()
+    study = write_study(tmp_path / "study", patient_id="PAT-PAGE")
+    assert set(send(study.files, guarded_node.port)) == {0}
+    guarded_node.wait_state(study.study_uid, ["done"])
+    page = render(f"http://127.0.0.1:{guarded_node.http_port}/", tmp_path / "status.png",
+                  (1400, 1400))
+    row = page.dom[page.dom.index(study.study_uid):]
+    row = row[:row.index("</tr>")]
+    assert "PAT-PAGE" in row and '<span class="badge done">done</span>' in row
+    assert 'src="data:image/png;base64,' in row  # the SEG preview, inlined
+    assert f"{pacs.send_to}: done" in row
+    assert overlay_pixels(page.pixels(), tuple(int(c) for c in PALETTE[0])) > 200

@@ -47,12 +47,12 @@ def _study_row(spool: Spool, s: Study) -> list[str]:
     if s.refused:
         detail += (f'<div class="reason">{len(s.refused)} instance(s) refused: '
                    f"{esc(s.refused[-1][1])}</div>")
-    timing = f"received {_when(s.first_received)}"
+    timing = f'<span class="nowrap">received {_when(s.first_received)}</span>'
     if s.segment_seconds is not None:
         timing += f"<br>segmented in {s.segment_seconds:.1f} s"
     if s.finished:
-        timing += f"<br>finished {_when(s.finished)}"
-    return [f"<b>{esc(s.study_uid)}</b><br>patient {esc(s.patient_id or '-')}"
+        timing += f'<br><span class="nowrap">finished {_when(s.finished)}</span>'
+    return [f'<b class="uid">{esc(s.study_uid)}</b><br>patient {esc(s.patient_id or "-")}'
             f"<br>{spool.instance_count(s.study_uid)} instance(s), round {s.round}",
             badge(s.state) + detail, timing,
             thumb_cell(preview, f"preview of {s.study_uid}"),
