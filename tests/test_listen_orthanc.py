@@ -53,6 +53,7 @@ def _assert_seg_of(seg: pydicom.Dataset, study: Study) -> None:
     """The SEG belongs to the study, references its CT series and holds both classes."""
     assert seg.SOPClassUID == SEG_STORAGE
     assert seg.StudyInstanceUID == study.study_uid
+    assert seg.SeriesDate == seg.ContentDate  # listed under its date in PACS browsers
     (ref,) = seg.ReferencedSeriesSequence
     assert ref.SeriesInstanceUID == study.ct_series_uid  # labels on the CT (modality a) grid
     assert {s.SegmentLabel for s in seg.SegmentSequence} == {"bright_a", "bright_b"}
