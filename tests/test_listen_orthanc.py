@@ -135,20 +135,24 @@ def test_destination_down_retried_then_delivered_once_across_sigkill(
     node = Node(model_dir, spool, "--send-to", later.send_to, "--retries", "1000",
                 http=True).start()
     assert set(send(study.files, node.port)) == {0}
-    state = wait_until(lambda: (s := node.state(study.study_uid)) and s["state"] == "delivering"
-                       and s["deliveries"][later.send_to]["attempts"] >= 2 and s, 60,
-                       "failed delivery attempts")
+    def attempts() -> int:
+        ledger = (node.state(study.study_uid) or {}).get("deliveries", {})
+        return int(ledger.get(later.send_to, {}).get("attempts", 0))
+
+    wait_until(lambda: attempts() >= 2, 60, "failed delivery attempts")
+    state = node.state(study.study_uid)
+    assert state["state"] == "delivering"
     assert "no association" in state["deliveries"][later.send_to]["last_error"]
     health = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{node.http_port}/health", timeout=10).read())
     assert health["status"] == "degraded" and health["studies"]["delivering"] == 1
     seg_uid = state["seg_uids"][0]
     node.kill()  # while the delivery is being retried
+    before = attempts()
 
     node = Node(model_dir, spool, "--send-to", later.send_to, "--retries", "1000").start()
     try:
-        wait_until(lambda: node.state(study.study_uid)["deliveries"][later.send_to]["attempts"]
-                   >= 1, 60, "a retry after the restart")
+        wait_until(lambda: attempts() > before, 60, "a retry after the restart")
         later.start()  # the destination comes up: the next retry delivers
         state = node.wait_state(study.study_uid, ["done", "failed"])
         assert state["state"] == "done", state

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from cmc_serve.node.delivery import (
     parse_send_to,
     parse_stow,
 )
-from cmc_serve.node.scp import ListenError, StorageSCP
+from cmc_serve.node.scp import ListenError, StorageSCP, check_listen_address
 from cmc_serve.node.spool import Spool, SpoolError
 from cmc_serve.node.worker import Worker
 from cmc_serve.pipeline.api import SegmentOptions
@@ -81,10 +81,20 @@ def _open_segmenter(model: Path, options: SegmentOptions) -> Any:
         info = ModelInfo.load(model)
         if options.pairing:
             PairingRules.from_yaml(options.pairing, info.modalities)
-        return make_segmenter(model, options.runtime, options.device, options.precision,
-                              options.overlap, options.tta, options.server)
+        segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
+                                   options.overlap, options.tta, options.server)
     except (ModelDirError, PairingError, RuntimeUnavailable) as exc:
         raise ListenError(str(exc)) from exc
+    # Load the graph complete studies use now: a runtime that cannot run here stops the
+    # node at start-up, not at its first study; other modes load on first use.
+    mode = options.mode if options.mode != "auto" else next(
+        (m for m in ("fused", "a", "b") if m in info.modes), "fused")
+    try:
+        segmenter.runtime_for(mode)
+    except RuntimeUnavailable as exc:
+        segmenter.close()
+        raise ListenError(str(exc)) from exc
+    return segmenter
 
 
 class _Signals:
@@ -122,20 +132,21 @@ def listen(model: Path | str, options: ListenOptions | None = None,
     model = Path(model)
     options = options or ListenOptions()
     seg_options = segment_options or SegmentOptions()
-    # the node segments each study completely: no shard, no --continue, one reader
-    seg_options = SegmentOptions(**{**seg_options.__dict__, "resume": False, "shard": None})
+    # the node segments each study completely: no shard, no --continue
+    seg_options = replace(seg_options, resume=False, shard=None)
     stop = stop or threading.Event()
     destinations = options.destinations()
-    try:
-        spool = Spool.open(options.spool)
-    except SpoolError as exc:
-        raise ListenError(str(exc)) from exc
-    segmenter = _open_segmenter(model, seg_options)
-    scp = StorageSCP(spool, options.ae_title, options.host, options.port, options.allow, say)
-    worker = Worker(spool, model, seg_options, segmenter, destinations, options.retry,
-                    options.study_timeout, say)
-    status = None
-    with segmenter:
+    check_listen_address(options.host, options.allow)
+    with _open_segmenter(model, seg_options) as segmenter:
+        try:
+            spool = Spool.open(options.spool)  # last check: a refused start creates nothing
+        except SpoolError as exc:
+            raise ListenError(str(exc)) from exc
+        scp = StorageSCP(spool, options.ae_title, options.host, options.port, options.allow,
+                         say)
+        worker = Worker(spool, model, seg_options, segmenter, destinations, options.retry,
+                        options.study_timeout, say)
+        status = None
         scp.start()
         try:
             if options.http_port is not None:

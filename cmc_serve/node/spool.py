@@ -167,7 +167,11 @@ class Spool:
             for leftover in folder.glob(f"{INSTANCES}/.*.tmp"):
                 leftover.unlink(missing_ok=True)
             study = self.get(folder.name)
-            if study is None:
+            if study is None:  # killed between its first instance and its study.json
+                if valid_uid(folder.name) and any(folder.glob(f"{INSTANCES}/*.dcm")):
+                    study = Study(folder.name, first_received=time.time())
+                    study.set_state(RECEIVED, "instances found at start-up")
+                    self._save(study)
                 continue
             if study.state == SEGMENTING:
                 study.set_state(RECEIVED, "node restarted while segmenting: segmented again")
@@ -248,9 +252,12 @@ class Spool:
     # ------------------------------------------------------------------ receiving
     def add_instance(self, study_uid: str, sop_uid: str, patient_id: str, data: bytes) -> None:
         """Store one received instance durably (the caller checked both UIDs with
-        `valid_uid`) and mark its study received, reopening a finished one."""
+        `valid_uid`) and mark its study received, reopening a finished one.
+
+        The file is written outside the lock (associations store in parallel); a study the
+        worker finishes in between is reopened here, so no instance is left unsegmented."""
+        durable_write(self.instances_dir(study_uid) / f"{sop_uid}.dcm", data)
         with self._lock:
-            durable_write(self.instances_dir(study_uid) / f"{sop_uid}.dcm", data)
             self._last_arrival[study_uid] = time.time()
             study = self.get(study_uid)
             if study is None:
