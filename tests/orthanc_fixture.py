@@ -50,9 +50,11 @@ class OrthancServer:
     """One Orthanc process; `modalities` maps a name to (AET, host, port)."""
 
     def __init__(self, root: Path, aet: str = "ORTHANC",
-                 modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
+                 modalities: dict[str, tuple[str, str, int]] | None = None,
+                 lua_scripts: tuple[Path, ...] = ()) -> None:
         self.root = root
         self.aet = aet
+        self.lua_scripts = lua_scripts
         self.http_port, self.dicom_port = free_port(), free_port()
         self.modalities = dict(modalities or {})
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,6 +86,7 @@ class OrthancServer:
             "DicomAlwaysAllowStore": False, "DicomCheckModalityHost": True,
             "DicomScuTimeout": 10, "HttpTimeout": 20, "SaveJobs": False,
             "DicomAssociationCloseDelay": 0, "StableAge": 1, "ConcurrentJobs": 1,
+            "LuaScripts": [str(p) for p in self.lua_scripts],
         }
 
     def start(self) -> OrthancServer:

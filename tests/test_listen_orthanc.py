@@ -8,6 +8,7 @@ so the SEG's content is known. Every wait is bounded (listen_fixtures.wait_until
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from io import BytesIO
@@ -313,3 +314,30 @@ def test_status_page_in_headless_chromium_shows_states_and_previews(
     assert 'src="data:image/png;base64,' in row  # the SEG preview, inlined
     assert f"{pacs.send_to}: done" in row
     assert overlay_pixels(page.pixels(), tuple(int(c) for c in PALETTE[0])) > 200
+
+
+def test_documented_orthanc_routing_rule_segments_each_study_once(
+        tmp_path: Path, model_dir: Path) -> None:
+    """docs/orthanc/route-to-cmc.lua (README, Hospital deployment): Orthanc sends each stable
+    study's CT and MR series to the node; the SEG coming back makes the study stable again,
+    which must not start a second round."""
+    require_orthanc()
+    rule = Path(__file__).resolve().parents[1] / "docs" / "orthanc" / "route-to-cmc.lua"
+    node = Node(model_dir, tmp_path / "spool", study_timeout=1)
+    pacs = OrthancServer(tmp_path / "pacs", modalities={"cmc": ("CMC", "127.0.0.1", node.port)},
+                         lua_scripts=(rule,)).start()
+    node.extra = ("--send-to", pacs.send_to)
+    node.start()
+    try:
+        study = write_study(tmp_path / "study", patient_id="PAT-LUA")
+        pacs.upload(study.files)  # nothing else: the rule routes it
+        state = node.wait_state(study.study_uid, ["done", "failed"], timeout=90)
+        assert state["state"] == "done", state
+        pacs.wait_for_seg(study.study_uid)
+        time.sleep(4)  # the study is stable again (StableAge 1 s) after the SEG arrived
+        state = node.state(study.study_uid)
+        assert state["round"] == 1 and state["state"] == "done"
+        assert len(pacs.seg_instances(study.study_uid)) == 1
+    finally:
+        node.stop()
+        pacs.stop()

@@ -87,3 +87,20 @@ def test_spool_never_takes_a_foreign_folder(tmp_path: Path) -> None:
         Spool.open(tmp_path / "data")
     marker = json.loads((Spool.open(tmp_path / "new").root / ".cmc-spool").read_text())
     assert marker["format"] == "cmc-spool"
+
+
+def test_new_instances_reopen_a_finished_study_but_unchanged_resends_do_not(
+        tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    spool.add_instance("1.2.3", "1.2.3.1", "P", b"slice one")
+    study = spool.get("1.2.3")
+    study.segment_started = 1e12  # segmentation began after every arrival so far
+    study.set_state(SEGMENTING)
+    spool.update(study)
+    spool.finish_round(study, "done", "SEG delivered")
+    assert spool.get("1.2.3").state == "done"
+    spool.add_instance("1.2.3", "1.2.3.1", "P", b"slice one")  # the PACS rule fired again
+    assert spool.get("1.2.3").state == "done"
+    spool.add_instance("1.2.3", "1.2.3.2", "P", b"slice two")  # a late instance
+    reopened = spool.get("1.2.3")
+    assert reopened.state == "received" and reopened.round == 2

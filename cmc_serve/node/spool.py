@@ -19,7 +19,9 @@ Why it is safe to kill the node at any moment (SIGKILL included):
   interrupted writes are removed.
 Instances that arrive for a study that is already segmented reopen it once the current
 round is finished: the study is segmented again with every instance received (a PACS that
-sends a study in several associations, spread over minutes, is common).
+sends a study in several associations, spread over minutes, is common). An instance re-sent
+byte for byte unchanged is not new and reopens nothing, so a PACS routing rule that fires
+again when the SEG arrives cannot start a loop.
 UIDs are used as file names only when they are valid UIDs (digits and dots, <= 64
 characters), so a crafted UID cannot escape the spool.
 """
@@ -128,6 +130,13 @@ class Study:
         self.state, self.reason = state, reason
         self.history.append([state, round(time.time(), 3), note or reason or ""])
         self.finished = time.time() if state in FINISHED else None
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 class Spool:
@@ -256,7 +265,10 @@ class Spool:
 
         The file is written outside the lock (associations store in parallel); a study the
         worker finishes in between is reopened here, so no instance is left unsegmented."""
-        durable_write(self.instances_dir(study_uid) / f"{sop_uid}.dcm", data)
+        path = self.instances_dir(study_uid) / f"{sop_uid}.dcm"
+        if _same_content(path, data):
+            return  # re-sent unchanged (a PACS rule fired again): nothing new to segment
+        durable_write(path, data)
         with self._lock:
             self._last_arrival[study_uid] = time.time()
             study = self.get(study_uid)
