@@ -2,7 +2,7 @@
 
 Only parses the command line: the node is `cmc_serve.node.service.listen` (CLI -> library).
 Exit codes: 0 after a clean stop (SIGTERM / Ctrl-C: the study in flight is finished first),
-2 when the node cannot start (the one-line reason is printed). Heavy imports live inside
+2 when the node cannot start (the one-line reason is printed), 130 after a second Ctrl-C. Heavy imports live inside
 `command` so `cmc --help` stays fast.
 """
 
@@ -16,6 +16,7 @@ import typer
 from cli import segment_options as so
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 HELP_SPOOL = """Folder of the node's state: received instances, each study's state and its
 cmc segment outputs (new, empty or an earlier spool). Kill the node at any time and start it
@@ -85,3 +86,7 @@ def command(
     except ListenError as exc:
         typer.echo(f"cmc listen: error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: stop without finishing the study in flight
+        typer.echo("cmc listen: interrupted; unfinished studies resume at the next start",
+                   err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None

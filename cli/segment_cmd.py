@@ -99,12 +99,16 @@ def command(
         if (input is None) == (from_dicomweb is None):
             raise typer.BadParameter("give INPUT or --from-dicomweb URL (one of them)",
                                      param_hint="INPUT")
+        if study and from_dicomweb is None:
+            raise typer.BadParameter("--study is only used with --from-dicomweb URL",
+                                     param_hint="--study")
         if from_dicomweb is not None:
             from cmc_serve.node.dicomweb import segment_from_dicomweb
 
             result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
                                            console)
         else:
+            assert input is not None  # checked above: INPUT or --from-dicomweb
             result = segment(input, out, model, input_b, options, console)
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None

@@ -38,7 +38,9 @@ class DeliveryError(Exception):
 
 
 class Destination(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The destination as the user gave it (the ledger's key)."""
 
     def send(self, path: Path) -> None:
         """Send one SEG file; raise DeliveryError when the destination did not store it."""

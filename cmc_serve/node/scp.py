@@ -103,12 +103,14 @@ class StorageSCP:
             ImplicitVRLittleEndian,
         )
         from pynetdicom import AE, AllStoragePresentationContexts, build_context
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.ae_title)
-        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+        syntaxes: list[str] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                               ExplicitVRBigEndian]
         ae.supported_contexts = [build_context(Verification)] + [
-            build_context(c.abstract_syntax, syntaxes) for c in AllStoragePresentationContexts]
+            build_context(str(c.abstract_syntax), list(syntaxes))
+            for c in AllStoragePresentationContexts]
         ae.require_called_aet = True
         if self.allow:
             ae.require_calling_aet = list(self.allow)

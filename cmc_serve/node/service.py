@@ -59,8 +59,8 @@ class ListenOptions:
 
     def destinations(self) -> list[Destination]:
         try:
-            return ([parse_send_to(t, self.ae_title) for t in self.send_to]
-                    + [parse_stow(t) for t in self.stow])
+            found: list[Destination] = [parse_send_to(t, self.ae_title) for t in self.send_to]
+            return found + [parse_stow(t) for t in self.stow]
         except ValueError as exc:
             raise ListenError(str(exc)) from None
 
@@ -177,6 +177,6 @@ def _announce(options: ListenOptions, destinations: list[Destination], spool: Sp
     if options.http_port is not None:
         say(f"status page http://{options.host}:{options.http_port}/  health "
             f"http://{options.host}:{options.http_port}/health")
-    waiting = sum(1 for s in spool.studies() if s.state not in ("done", "failed"))
+    waiting = len(spool.studies(unfinished_only=True))
     if waiting:
         say(f"resuming {waiting} unfinished stud{'y' if waiting == 1 else 'ies'} from the spool")

@@ -35,7 +35,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +149,9 @@ class Spool:
         self.root = Path(root)
         self._lock = threading.RLock()
         self._last_arrival: dict[str, float] = {}
+        # study UID -> (state, first_received), kept in step with every study.json written,
+        # so the worker's poll and /health never read thousands of finished studies' files
+        self._index: dict[str, tuple[str, float]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -176,6 +178,8 @@ class Spool:
             for leftover in folder.glob(f"{INSTANCES}/.*.tmp"):
                 leftover.unlink(missing_ok=True)
             study = self.get(folder.name)
+            if study is not None:
+                self._index[study.study_uid] = (study.state, study.first_received)
             if study is None:  # killed between its first instance and its study.json
                 if valid_uid(folder.name) and any(folder.glob(f"{INSTANCES}/*.dcm")):
                     study = Study(folder.name, first_received=time.time())
@@ -214,14 +218,29 @@ class Spool:
         except (OSError, ValueError, TypeError):
             return None
 
-    def studies(self) -> list[Study]:
-        """Every study, oldest first."""
-        found = (self.get(p.name) for p in (self.root / "studies").iterdir() if p.is_dir())
-        return sorted((s for s in found if s is not None), key=lambda s: s.first_received)
+    def studies(self, unfinished_only: bool = False, newest: int | None = None
+                ) -> list[Study]:
+        """The studies (all, or those not done/failed), oldest first; `newest` keeps only
+        that many of the most recent."""
+        with self._lock:
+            index = sorted(self._index.items(), key=lambda item: item[1][1])
+        uids = [uid for uid, (state, _) in index if not unfinished_only or state not in FINISHED]
+        if newest is not None:
+            uids = uids[-newest:] if newest else []
+        found = (self.get(uid) for uid in uids)
+        return [s for s in found if s is not None]
+
+    def counts(self) -> dict[str, int]:
+        """How many studies are in each state."""
+        with self._lock:
+            states = [state for state, _ in self._index.values()]
+        return {state: states.count(state) for state in STATES}
 
     def _save(self, study: Study) -> None:
         data = json.dumps(study.to_dict(), indent=1).encode()
         durable_write(self.study_dir(study.study_uid) / STUDY_FILE, data)
+        with self._lock:
+            self._index[study.study_uid] = (study.state, study.first_received)
 
     def update(self, study: Study) -> None:
         """Persist `study` (a copy obtained from `get`, changed by the caller); the refusals
@@ -302,6 +321,3 @@ class Spool:
         """Did an instance arrive after this round's segmentation started?"""
         started = study.segment_started or 0.0
         return self.last_arrival(study.study_uid) > started
-
-    def iter_state(self, state: str) -> Iterator[Study]:
-        return (s for s in self.studies() if s.state == state)

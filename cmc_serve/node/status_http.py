@@ -18,7 +18,7 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cmc_serve.node.spool import STATES, Spool, Study
+from cmc_serve.node.spool import Spool, Study
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.html_report import (
     badge,
@@ -29,6 +29,7 @@ from cmc_serve.pipeline.html_report import (
 )
 
 REFRESH_SECONDS = 5
+PAGE_STUDIES = 200  # the newest; every study's state stays in SPOOL/studies/*/study.json
 
 
 def _when(epoch: float | None) -> str:
@@ -60,7 +61,7 @@ def _study_row(spool: Spool, s: Study) -> list[str]:
 
 
 def status_page(spool: Spool, health: dict[str, Any]) -> str:
-    rows = [_study_row(spool, s) for s in reversed(spool.studies())]
+    rows = [_study_row(spool, s) for s in reversed(spool.studies(newest=PAGE_STUDIES))]
     counts = ", ".join(f"{n} {state}" for state, n in health["studies"].items() if n)
     subtitle = (f"{esc(health['ae_title'])} &middot; {esc(health['status'])} &middot; "
                 f"{esc(counts or 'no studies yet')} &middot; updated {_when(time.time())}")
@@ -89,12 +90,12 @@ class StatusServer:
                                         daemon=True)
 
     def health(self) -> dict[str, Any]:
-        studies = self.spool.studies()
-        counts = {state: sum(1 for s in studies if s.state == state) for state in STATES}
+        counts = self.spool.counts()
         down = [text for text, ok in (("DICOM listener not running", self.scp.running),
                                       ("worker stopped", self.worker_thread.is_alive()))
                 if not ok]
-        failing = sorted({name for s in studies if s.state == "delivering"
+        failing = sorted({name for s in self.spool.studies(unfinished_only=True)
+                          if s.state == "delivering"
                           for name, d in s.deliveries.items() if d.attempts})
         problems = down + [f"delivery to {name} failing (retrying)" for name in failing]
         status = "down" if down else "degraded" if problems else "ok"

@@ -53,7 +53,8 @@ class Worker:
 
     def step(self) -> bool:
         now = time.time()
-        study = next((s for s in self.spool.studies() if self._due(s, now)), None)
+        study = next((s for s in self.spool.studies(unfinished_only=True)
+                      if self._due(s, now)), None)
         if study is None:
             return False
         self.current = study.study_uid

@@ -20,6 +20,7 @@ import html
 import io
 import json
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,27 @@ dd{margin:0 0 4px}
 
 
 def thumbnail_data_uri(png: Path, width: int = THUMB_WIDTH) -> str | None:
-    """`png` shrunk to at most `width` pixels wide, as a data: URI (None if unreadable)."""
+    """`png` shrunk to at most `width` pixels wide, as a data: URI (None if unreadable).
+    Cached by file and modification time: the status page is rendered every few seconds."""
+    try:
+        stamp = png.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _thumbnail(str(png), stamp, width)
+
+
+@lru_cache(maxsize=512)
+def _thumbnail(png: str, mtime_ns: int, width: int) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(png) as img:
-            img = img.convert("RGB")
-            if img.width > width:
-                img = img.resize((width, max(1, round(img.height * width / img.width))),
-                                 Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            img.save(buf, format="PNG", optimize=True)
+        with Image.open(png) as source:
+            img = source.convert("RGB")
+        if img.width > width:
+            img = img.resize((width, max(1, round(img.height * width / img.width))),
+                             Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=True)
     except (OSError, UnidentifiedImageError):
         return None
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -118,6 +129,7 @@ def class_volumes(case_folder: Path, class_names: Sequence[str]) -> dict[str, fl
     from cmc_serve.pipeline.statistics import voxel_volume_ml
 
     img = nib.load(str(seg))
+    assert isinstance(img, nib.Nifti1Image)  # written by nifti_io.write_label_nifti
     counts = np.bincount(np.asarray(img.dataobj, dtype=np.uint8).ravel(),
                          minlength=len(class_names))
     ml = voxel_volume_ml(img.affine)
