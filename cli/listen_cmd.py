@@ -32,7 +32,7 @@ def command(
     model: Annotated[Path, typer.Option("--model", "-m", help="Exported model dir (cmc.json).")],
     ae_title: Annotated[str, typer.Option(help="The node's AE title (called AE, and calling AE "
                                                "when it sends SEGs).")] = "CMC",
-    host: Annotated[str, typer.Option(help="Address to listen on (DICOM and --http-port).")
+    host: Annotated[str, typer.Option(help="Address the DICOM port listens on.")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="DICOM port.")] = 11112,
     allow: Annotated[list[str] | None, typer.Option(
@@ -51,6 +51,9 @@ def command(
     http_port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Serve the status page (/) and /health (JSON) on this port.")
     ] = None,
+    http_host: Annotated[str, typer.Option(
+        help="Address of the status page; it shows patient IDs, so it stays on loopback "
+             "unless you expose it (behind your authenticating proxy).")] = "127.0.0.1",
     retries: Annotated[int, typer.Option(min=1, help="Delivery attempts per destination before "
                                                      "the study is failed.")] = 10,
     retry_delay: Annotated[float, typer.Option(
@@ -68,18 +71,22 @@ def command(
     pairing: so.Pairing = None,
 ) -> None:
     """Receive studies by DICOM C-STORE, segment each complete study, send the SEG back."""
+    import logging
+
     from cmc_serve.node.delivery import RetryPolicy
     from cmc_serve.node.scp import ListenError
     from cmc_serve.node.service import ListenOptions, listen
     from cmc_serve.pipeline.api import SegmentOptionError
 
+    # the node reports every refusal and failed send in its own one-line messages
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         seg = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
                                  output_type, statistics, preview, pairing)
         options = ListenOptions(
             ae_title=ae_title, host=host, port=port, allow=_split(allow), spool=spool,
             study_timeout=study_timeout, send_to=_split(send_to), stow=tuple(stow or ()),
-            http_port=http_port, retry=RetryPolicy(attempts=retries, first_delay=retry_delay))
+            http_port=http_port, http_host=http_host, retry=RetryPolicy(attempts=retries, first_delay=retry_delay))
         listen(model, options, seg)
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=f"--{exc.option}") from None

@@ -341,3 +341,22 @@ def test_documented_orthanc_routing_rule_segments_each_study_once(
     finally:
         node.stop()
         pacs.stop()
+
+
+def test_from_dicomweb_shards_cover_every_study_once(tmp_path: Path, model_dir: Path,
+                                                      pacs: OrthancServer) -> None:
+    studies = [write_study(tmp_path / f"s{i}", patient_id=f"PAT-SHARD{i}") for i in range(3)]
+    for study in studies:
+        pacs.upload(study.files)
+    seen: list[str] = []
+    for shard in ("1/2", "2/2"):
+        out = tmp_path / f"out{shard[0]}"
+        args = ["--from-dicomweb", pacs.dicomweb, "-o", out, "--model", model_dir,
+                "--runtime", "onnxruntime", "--output-type", "nifti", "--shard", shard]
+        for study in studies:
+            args += ["--study", study.study_uid]
+        r = fx.segment(*args)
+        assert r.exit_code == 0, r.output
+        cases = json.loads((out / "report.json").read_text())["cases"]
+        seen += [c["case_id"].split("_")[0] for c in cases if c["status"] == "done"]
+    assert sorted(seen) == [f"PAT-SHARD{i}" for i in range(3)]

@@ -46,7 +46,8 @@ class ListenOptions:
     study_timeout: float = 30.0
     send_to: tuple[str, ...] = ()  # AET@HOST:PORT
     stow: tuple[str, ...] = ()  # DICOMweb root URLs
-    http_port: int | None = None  # status page and /health on `host`
+    http_port: int | None = None  # status page and /health
+    http_host: str = "127.0.0.1"  # the page shows patient IDs: loopback unless asked
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -152,7 +153,8 @@ def listen(model: Path | str, options: ListenOptions | None = None,
             if options.http_port is not None:
                 from cmc_serve.node.status_http import StatusServer
 
-                status = StatusServer(spool, worker, scp, options.host, options.http_port)
+                status = StatusServer(spool, worker, scp, options.http_host,
+                                      options.http_port)
                 status.start()
             _announce(options, destinations, spool, say)
             with _Signals(stop, say):
@@ -175,8 +177,8 @@ def _announce(options: ListenOptions, destinations: list[Destination], spool: Sp
     say("deliver to: " + (", ".join(d.name for d in destinations) or "nowhere (SEGs stay in "
                                                                        "the spool)"))
     if options.http_port is not None:
-        say(f"status page http://{options.host}:{options.http_port}/  health "
-            f"http://{options.host}:{options.http_port}/health")
+        say(f"status page http://{options.http_host}:{options.http_port}/  health "
+            f"http://{options.http_host}:{options.http_port}/health")
     waiting = len(spool.studies(unfinished_only=True))
     if waiting:
         say(f"resuming {waiting} unfinished stud{'y' if waiting == 1 else 'ies'} from the spool")

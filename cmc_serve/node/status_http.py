@@ -6,7 +6,8 @@ reason; it refreshes itself every few seconds. `/health` is JSON for a load bala
 monitoring probe: HTTP 200 with `"status": "ok"`, or `"degraded"` while a delivery is
 failing (the node still receives and queues studies, so it stays in rotation), and 503 with
 `"down"` when the DICOM listener or the worker stopped; `problems` says what, `studies`
-counts studies per state. Bound to the node's `--host`.
+counts studies per state. Bound to `--http-host` (loopback by default: the page shows
+patient IDs and has no login; expose it only behind an authenticating proxy).
 """
 
 from __future__ import annotations
