@@ -35,6 +35,8 @@ def _listen(*args: object):
     (["--stow", "pacs/dicom-web"], "--stow 'pacs/dicom-web': expected the DICOMweb root URL"),
     (["--ae-title", "A" * 17], "--ae-title"),
     (["--runtime", "tensorrt"], "tensorrt runs on cuda only"),
+    (["--send-to", "PACS@127.0.0.1:4242", "--output-type", "nifti"],
+     "--output-type must include dicom-seg"),
 ])
 def test_listen_refuses_to_start_in_one_line(tmp_path: Path, model_dir: Path,
                                               extra: list[str], message: str) -> None:
@@ -104,3 +106,30 @@ def test_new_instances_reopen_a_finished_study_but_unchanged_resends_do_not(
     spool.add_instance("1.2.3", "1.2.3.2", "P", b"slice two")  # a late instance
     reopened = spool.get("1.2.3")
     assert reopened.state == "received" and reopened.round == 2
+
+
+def test_a_study_that_cannot_be_segmented_fails_with_the_cli_reason_and_the_queue_goes_on(
+        tmp_path: Path, model_dir: Path) -> None:
+    from listen_fixtures import Node, send, write_study
+
+    bad = write_study(tmp_path / "bad", patient_id="PAT-BAD")
+    bad.ct[5].unlink()  # a slice missing in the middle of the CT
+    good = write_study(tmp_path / "good", patient_id="PAT-GOOD")
+    node = Node(model_dir, tmp_path / "spool").start()
+    try:
+        assert set(send([p for p in bad.files if p.exists()], node.port)) == {0}
+        assert set(send(good.files, node.port)) == {0}
+        failed = node.wait_state(bad.study_uid, ["done", "failed"])
+        done = node.wait_state(good.study_uid, ["done", "failed"])
+    finally:
+        node.stop()
+    assert done["state"] == "done" and failed["state"] == "failed"
+    # the reason is what `cmc segment` reports for the same files (stage: message)
+    r = fx.segment(tmp_path / "bad", "-o", tmp_path / "out", "--model", model_dir,
+                   "--runtime", "onnxruntime")
+    assert r.exit_code == 1
+    row = (tmp_path / "out" / "failures.csv").read_text().splitlines()[1]
+    stage = row.split(",")[1]
+    assert failed["reason"].startswith(f"{stage}: ")  # same stage, same check, same words:
+    assert "1 missing slice(s) between" in row and "1 missing slice(s) between" in failed["reason"]
+    assert "\n" not in failed["reason"]

@@ -137,6 +137,9 @@ def listen(model: Path | str, options: ListenOptions | None = None,
     seg_options = replace(seg_options, resume=False, shard=None)
     stop = stop or threading.Event()
     destinations = options.destinations()
+    if destinations and seg_options.output_types and "dicom-seg" not in seg_options.output_types:
+        raise ListenError("--send-to/--stow deliver the DICOM SEG: --output-type must include "
+                          "dicom-seg (or be auto)")
     check_listen_address(options.host, options.allow)
     with _open_segmenter(model, seg_options) as segmenter:
         try:

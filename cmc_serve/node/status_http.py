@@ -46,6 +46,8 @@ def _study_row(spool: Spool, s: Study) -> list[str]:
         + (f' <span class="reason">{esc(d.last_error)}</span>' if d.last_error else "")
         for name, d in s.deliveries.items()) or '<span class="muted">-</span>'
     detail = f'<div class="reason">{esc(s.reason)}</div>' if s.reason else ""
+    if s.state == "done" and s.history and s.history[-1][2]:
+        detail += f'<div class="muted">{esc(s.history[-1][2])}</div>'  # e.g. "no SEG ..."
     if s.refused:
         detail += (f'<div class="reason">{len(s.refused)} instance(s) refused: '
                    f"{esc(s.refused[-1][1])}</div>")
