@@ -45,8 +45,8 @@ border-radius:10px;font-weight:600;font-size:12px;color:#fff}.done{background:#2
 .failed{background:#c62828}.segmenting{background:#1565c0}.delivering{background:#6a1b9a}
 .received{background:#546e7a}.skipped{background:#8d6e63}.outlier{background:#fff3cd;
 font-weight:700}.outlier::after{content:" \\26A0 outlier";color:#b26a00;font-size:11px}
-.reason{color:#b71c1c;max-width:420px}.uid{word-break:break-all;max-width:240px;
-display:inline-block}.nowrap{white-space:nowrap}.muted{color:#78828c}dl{margin:0}dt{font-weight:600}
+.reason{color:#b71c1c;max-width:420px;overflow-wrap:anywhere}.uid{word-break:break-all;
+max-width:240px;display:inline-block}td:first-child{min-width:190px}.nowrap{white-space:nowrap}.muted{color:#78828c}dl{margin:0}dt{font-weight:600}
 dd{margin:0 0 4px}
 """
 
