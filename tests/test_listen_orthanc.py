@@ -8,6 +8,8 @@ so the SEG's content is known. Every wait is bounded (listen_fixtures.wait_until
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -83,7 +85,10 @@ def test_orthanc_stores_study_to_node_and_seg_comes_back(tmp_path: Path, model_d
         pacs.post("/modalities/cmc/store", {"Resources": [orthanc_study], "Synchronous": True})
         state = node.wait_state(study.study_uid, ["done", "failed"])
         assert state["state"] == "done", state
-        _exactly_one_seg(pacs, study, state)
+        seg = _exactly_one_seg(pacs, study, state)
+        # what Orthanc holds is the SEG cmc segment wrote for the study, frame for frame
+        (local,) = (node.spool / "studies" / study.study_uid).glob("out/*/seg.dcm")
+        assert (seg.pixel_array == pydicom.dcmread(local).pixel_array).all()
         assert _instances_in_spool(node, study) == len(study.files)
         assert [h[0] for h in state["history"]] == ["received", "segmenting", "delivering",
                                                     "done"]
@@ -199,6 +204,20 @@ def test_calling_ae_not_on_allow_list_is_rejected(guarded_node: Node) -> None:
     assert association_rejected(guarded_node.port, "INTRUDER")
     assert not association_rejected(guarded_node.port, "SENDER")
     assert association_rejected(guarded_node.port, "SENDER", called_ae="NOTCMC")
+
+
+def test_dcmtk_echoscu_sees_the_same_rules(guarded_node: Node) -> None:
+    echoscu = shutil.which("echoscu")
+    if echoscu is None:
+        pytest.skip("dcmtk is not installed (make system-deps installs it)")
+
+    def echo(calling: str) -> int:
+        return subprocess.run([echoscu, "-to", "20", "-aet", calling, "-aec", "CMC",
+                               "127.0.0.1", str(guarded_node.port)], capture_output=True,
+                              timeout=60).returncode
+
+    assert echo("ORTHANC") == 0
+    assert echo("INTRUDER") != 0
 
 
 def test_non_image_sop_class_is_refused(guarded_node: Node, tmp_path: Path) -> None:
