@@ -133,3 +133,17 @@ def test_a_study_that_cannot_be_segmented_fails_with_the_cli_reason_and_the_queu
     assert failed["reason"].startswith(f"{stage}: ")  # same stage, same check, same words:
     assert "1 missing slice(s) between" in row and "1 missing slice(s) between" in failed["reason"]
     assert "\n" not in failed["reason"]
+
+
+def test_two_nodes_never_share_a_spool(tmp_path: Path, model_dir: Path) -> None:
+    from listen_fixtures import Node
+
+    first = Node(model_dir, tmp_path / "spool").start()
+    try:
+        r = _listen("--model", model_dir, "--spool", tmp_path / "spool", "--port", free_port())
+        assert r.exit_code == 2
+        assert f"in use by another cmc listen (pid {first.process.pid})" in r.stderr
+    finally:
+        first.kill()  # the kernel releases the lock of a killed node
+    second = Node(model_dir, tmp_path / "spool").start()
+    second.stop()

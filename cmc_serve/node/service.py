@@ -143,7 +143,8 @@ def listen(model: Path | str, options: ListenOptions | None = None,
     check_listen_address(options.host, options.allow)
     with _open_segmenter(model, seg_options) as segmenter:
         try:
-            spool = Spool.open(options.spool)  # last check: a refused start creates nothing
+            # last check (a refused start creates nothing); held until the node stops
+            spool = Spool.open(options.spool, exclusive=True)
         except SpoolError as exc:
             raise ListenError(str(exc)) from exc
         scp = StorageSCP(spool, options.ae_title, options.host, options.port, options.allow,
@@ -168,6 +169,7 @@ def listen(model: Path | str, options: ListenOptions | None = None,
             scp.stop()
             if status is not None:
                 status.stop()
+            spool.close()
     say("stopped")
 
 

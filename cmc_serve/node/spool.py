@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 MARKER = ".cmc-spool"
+LOCK = ".lock"
 STUDY_FILE = "study.json"
 INSTANCES = "instances"
 OUT = "out"
@@ -152,11 +153,15 @@ class Spool:
         # study UID -> (state, first_received), kept in step with every study.json written,
         # so the worker's poll and /health never read thousands of finished studies' files
         self._index: dict[str, tuple[str, float]] = {}
+        self._held: Any = None  # the open lock file of an exclusive spool
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: Path | str) -> Spool:
-        """Create or adopt SPOOL and recover from an interrupted run (see module docstring)."""
+    def open(cls, root: Path | str, exclusive: bool = False) -> Spool:
+        """Create or adopt SPOOL and recover from an interrupted run (see module docstring).
+
+        `exclusive` (the node): hold the spool's lock until `close()`, taken before the
+        recovery so that a second node cannot reset the first one's studies."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise SpoolError(f"{root}: exists and is not a folder")
@@ -170,8 +175,16 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{root}: cannot write the spool ({exc.strerror or exc})") from exc
         spool = cls(root)
+        if exclusive:
+            spool._held = spool._lock_file()
         spool._recover()
         return spool
+
+    def close(self) -> None:
+        """Release the lock of an exclusive spool."""
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     def _recover(self) -> None:
         for folder in (self.root / "studies").iterdir():
@@ -195,6 +208,26 @@ class Spool:
                 study.history.append([DELIVERING, round(time.time(), 3),
                                       "node restarted: delivery resumed"])
                 self._save(study)
+
+    def _lock_file(self) -> Any:
+        """Take the spool for this process (an open file holding an exclusive flock; the
+        kernel releases it when the process dies, SIGKILL included). Two nodes on one spool
+        would segment and deliver the same studies twice."""
+        import fcntl
+
+        handle = open(self.root / LOCK, "a+")  # noqa: SIM115 (held for the node's lifetime)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise SpoolError(f"{self.root}: in use by another cmc listen (pid {owner})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
 
     # ------------------------------------------------------------------ paths
     def study_dir(self, study_uid: str) -> Path:
