@@ -23,11 +23,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# dciodvfy (dicom3tools) validates the DICOM we write; dcmdump helps debugging.
+# dciodvfy (dicom3tools) validates the DICOM we write; dcmdump helps debugging. Orthanc and
+# its DICOMweb plugin play the PACS in the `cmc listen` tests, Chromium (headless) opens the
+# status page and report.html. apt/dpkg take a lock: a busy one is waited for and retried.
+SYSTEM_PACKAGES := dicom3tools dcmtk orthanc orthanc-dicomweb chromium
 system-deps:
-	@if ! command -v dciodvfy >/dev/null 2>&1; then \
+	@if ! command -v dciodvfy >/dev/null 2>&1 || ! command -v storescu >/dev/null 2>&1 \
+		|| [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+		|| ! command -v chromium >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends dicom3tools dcmtk >/dev/null; \
+		for try in 1 2 3 4 5 6; do \
+			$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+				--no-install-recommends $(SYSTEM_PACKAGES) >/dev/null && break; \
+			echo "apt-get failed (dpkg lock held?), retrying in 20 s"; sleep 20; \
+		done; \
 	fi
 
 demo: $(STAMP)

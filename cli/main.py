@@ -28,6 +28,7 @@ _COMMANDS = {
     "segment": "Segment NIfTI files or DICOM series (single case or whole folders) with an exported model.",
     "merge-shards": "Merge the records of `cmc segment --shard I/N` runs into one report.json.",
     "serve": "Serve an exported model repository with a local Triton server.",
+    "listen": "A DICOM node: receive studies (C-STORE), segment each, send the SEG back.",
 }
 
 

@@ -16,7 +16,8 @@ HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
 overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm
 (DICOM input), statistics.json, preview.png, and `done`, written last: a folder without it is
-incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases);
+incomplete. OUT/report.json (versions, engine, timings), OUT/report.html (one self-contained
+page: previews, class volumes with outliers flagged) and OUT/failures.csv (failed cases);
 with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
 
 EXIT_CASE_FAILED = 1
@@ -29,10 +30,12 @@ def _flag(option: str) -> str:
 
 
 def command(
-    input: Annotated[Path, typer.Argument(help="A NIfTI file, a DICOM series folder, or a "
-                                               "folder tree of many studies (batch).")],
-    out: Annotated[Path, typer.Option("-o", "--out", help=HELP_OUT)],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model dir (cmc.json).")],
+    input: Annotated[Path | None, typer.Argument(
+        help="A NIfTI file, a DICOM series folder, or a folder tree of many studies (batch); "
+             "not with --from-dicomweb.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help=HELP_OUT)] = ...,  # type: ignore[assignment]
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported model dir (cmc.json).")
+                     ] = ...,  # type: ignore[assignment]
     input_b: Annotated[Path | None, typer.Argument(
         help="Modality b of the same case (NIfTI file or DICOM folder); INPUT is then a.")
     ] = None,
@@ -86,6 +89,13 @@ def command(
                                   "(which fail the series otherwise); a skipped file inside "
                                   "the stack still fails it as a gap. Recorded per case.")
     ] = False,
+    from_dicomweb: Annotated[str | None, typer.Option(
+        help="Retrieve the --study UIDs from this DICOMweb root URL (WADO-RS) instead of "
+             "INPUT.")] = None,
+    study: Annotated[list[str] | None, typer.Option(
+        help="StudyInstanceUID to retrieve with --from-dicomweb (repeatable).")] = None,
+    stow: Annotated[str | None, typer.Option(
+        help="Store each new SEG with STOW-RS at this DICOMweb root URL.")] = None,
 ) -> None:
     """Segment NIfTI files or DICOM series (single case or whole folders) with an exported model."""
     from rich.console import Console
@@ -113,7 +123,20 @@ def command(
             shard=parse_shard(shard) if shard else None, jobs=jobs, pairing=pairing,
             assume_registered=assume_registered, assume_orientation=assume_orientation,
             skip_unreadable=skip_unreadable)
-        result = segment(input, out, model, input_b, options, console)
+        if (input is None) == (from_dicomweb is None):
+            raise typer.BadParameter("give INPUT or --from-dicomweb URL (one of them)",
+                                     param_hint="INPUT")
+        if study and from_dicomweb is None:
+            raise typer.BadParameter("--study is only used with --from-dicomweb URL",
+                                     param_hint="--study")
+        if from_dicomweb is not None:
+            from cmc_serve.node.dicomweb import segment_from_dicomweb
+
+            result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
+                                           console)
+        else:
+            assert input is not None  # checked above: INPUT or --from-dicomweb
+            result = segment(input, out, model, input_b, options, console)
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
     except SegmentError as exc:
@@ -121,6 +144,23 @@ def command(
         raise typer.Exit(EXIT_USAGE) from None
     say(f"cmc segment: {result.done} done, {result.failed} failed, {result.skipped} skipped; "
         f"report: {result.report}")
+    stow_failed = _stow(result, stow, console) if stow else False
     if result.failures is not None:
         say(f"cmc segment: failed cases are listed in {result.failures}")
         raise typer.Exit(EXIT_CASE_FAILED)
+    if stow_failed:
+        raise typer.Exit(EXIT_CASE_FAILED)
+
+
+def _stow(result: object, url: str, console: object) -> bool:
+    """`--stow`: store the new SEGs; print each failure; True when any failed."""
+    from cmc_serve.node.dicomweb import stow_results
+
+    stowed = stow_results(result, url)  # type: ignore[arg-type]
+    print_ = console.print  # type: ignore[attr-defined]
+    print_(f"cmc segment: {len(stowed.stored)} SEG(s) stored at {url}", highlight=False,
+           markup=False)
+    for case_id, error in stowed.failed:
+        print_(f"cmc segment: STOW-RS of {case_id} failed: {error}", highlight=False,
+               markup=False, soft_wrap=True)
+    return bool(stowed.failed)

@@ -37,7 +37,7 @@ def test_segment_writes_the_case_and_its_report(tmp_path: Path, model_dir: Path)
     assert result.out == out and result.report == out / "report.json"
     assert result.failures is None and not (out / "failures.csv").exists()
     assert fx.case_files(out) == [".cmc-output", "pat1/done", "pat1/seg.json", "pat1/seg.nii.gz",
-                                  "pat1/statistics.json", "report.json"]
+                                  "pat1/statistics.json", "report.html", "report.json"]
     labels, affine = fx.read_labels(out / "pat1" / "seg.nii.gz")
     np.testing.assert_allclose(affine, AFFINE)
     np.testing.assert_array_equal(labels, fx.expected_labels(SHAPE, AFFINE, "a"))

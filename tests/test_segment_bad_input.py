@@ -159,7 +159,7 @@ def test_bad_case(tmp_path: Path, model_dir: Path, make: Callable[[Path], Path],
     assert r.exit_code == 1, r.output
     line = _error_line(r.stderr, fragment)
     assert line.startswith("FAILED ") and f"({stage})" in line
-    assert fx.case_files(out) == [".cmc-output", "failures.csv", "report.json"]
+    assert fx.case_files(out) == [".cmc-output", "failures.csv", "report.html", "report.json"]
     assert fragment in (out / "failures.csv").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["counts"] == {"done": 0, "failed": 1, "skipped": 0}
@@ -171,7 +171,7 @@ def test_fused_mode_without_modality_b(tmp_path: Path, model_dir: Path) -> None:
     r = fx.segment(tmp_path / "study", "-o", out, "--model", model_dir, "--mode", "fused")
     assert r.exit_code == 1
     _error_line(r.stderr, "modality b (mr) required by --mode fused but absent")
-    assert fx.case_files(out) == [".cmc-output", "failures.csv", "report.json"]
+    assert fx.case_files(out) == [".cmc-output", "failures.csv", "report.html", "report.json"]
 
 
 def test_bad_option_values(tmp_path: Path, model_dir: Path) -> None:

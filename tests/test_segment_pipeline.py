@@ -126,7 +126,7 @@ def test_nifti_pair_fused_exact_labels_statistics_preview_report(tmp_path: Path,
     assert any("resampled into a's world grid" in p for p in entry["pairing"])
     assert fx.case_files(out) == [".cmc-output", "pat1_ct/done", "pat1_ct/preview.png",
                                   "pat1_ct/seg.json", "pat1_ct/seg.nii.gz",
-                                  "pat1_ct/statistics.json", "report.json"]
+                                  "pat1_ct/statistics.json", "report.html", "report.json"]
 
 
 def _study(root: Path, uid: str, with_mr: bool = True, scout: bool = False) -> SeriesSpec:
@@ -297,7 +297,7 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path: Path, model_dir:
     r = fx.segment(image, "-o", out, "--model", model_dir, "--runtime", "onnxruntime")
     assert r.exit_code == 1
     assert "FAILED c (write): [Errno 28] No space left on device" in r.stderr
-    assert fx.case_files(out) == [".cmc-output", "failures.csv", "report.json"]
+    assert fx.case_files(out) == [".cmc-output", "failures.csv", "report.html", "report.json"]
 
     # a run killed mid-case leaves files without `done`: --continue redoes that case
     monkeypatch.setattr(nib, "save", real_save)

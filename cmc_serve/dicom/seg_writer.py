@@ -100,5 +100,8 @@ def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
             omit_empty_frames=True)
     except (ValueError, TypeError, AttributeError) as exc:
         raise DicomSegError(f"{out_path}: highdicom rejected the segmentation: {exc}") from exc
+    # PACS browsers list a study's series by date (Orthanc Explorer files an undated one
+    # under "?"): the SEG series is dated when it was made.
+    seg.SeriesDate, seg.SeriesTime = seg.ContentDate, seg.ContentTime
     atomic_write(out_path, lambda tmp: seg.save_as(tmp))
     return out_path

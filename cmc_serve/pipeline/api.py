@@ -23,6 +23,7 @@ Order of a run, and why:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import library_warnings, outputs, shards
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
 from cmc_serve.pipeline.engine_factory import make_segmenter
+from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
 from cmc_serve.pipeline.run_case import planned_modes
@@ -42,6 +44,8 @@ from cmc_serve.runtimes import RuntimeUnavailable
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from cmc_serve.engine import Segmenter
 
 MODES = ("auto", "fused", "a", "b")
 RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
@@ -207,45 +211,51 @@ def _find_cases(input: Path, input_b: Path | None, out: Path,
 
 def segment(input: Path | str, out: Path | str, model: Path | str,
             input_b: Path | str | None = None, options: SegmentOptions | None = None,
-            console: Console | None = None) -> SegmentRunResult:
+            console: Console | None = None, *,
+            segmenter: Segmenter | None = None) -> SegmentRunResult:
     """Segment every case in INPUT (and INPUT_B) with the exported model into OUT.
 
     Raises SegmentError with a one-line message when the run is refused (nothing written) or
     its runtime is unusable; failing cases are counted, not raised. `console` (rich) gets
-    progress and per-case lines; None runs silently.
+    progress and per-case lines; None runs silently. `segmenter`: one already loaded for
+    `model` and these options (a long-running service segments many runs with one model
+    load); the caller keeps it open, else the run makes and closes its own.
     """
     input, out, model = Path(input), Path(out), Path(model)
     input_b = Path(input_b) if input_b is not None else None
     options = SegmentOptions() if options is None else options
     with library_warnings.routed():
-        return _run(input, out, model, input_b, options, console)
+        return _run(input, out, model, input_b, options, console, segmenter)
 
 
 def _open_checked(model: Path, info: ModelInfo, rules: PairingRules, found: list[case_mod.Case],
-                  options: SegmentOptions) -> Segmenter:
-    """The run's Segmenter with the runtime of every mode the cases need already open."""
-    segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
-                               options.overlap, options.tta, options.server)
+                  options: SegmentOptions, given: Segmenter | None) -> Segmenter:
+    """The run's Segmenter (`given`, or a new one) with the runtime of every mode the cases
+    need already open; a new one is closed again if that fails."""
+    segmenter = given or make_segmenter(model, options.runtime, options.device,
+                                        options.precision, options.overlap, options.tta,
+                                        options.server)
     try:
         for mode in planned_modes(found, info, rules, options.mode):
             segmenter.runtime_for(mode)
     except BaseException:
-        segmenter.close()
+        if given is None:
+            segmenter.close()
         raise
     return segmenter
 
 
 def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: SegmentOptions,
-         console: Console | None) -> SegmentRunResult:
+         console: Console | None, given: Segmenter | None) -> SegmentRunResult:
     try:
         info = ModelInfo.load(model)
         rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
                  else PairingRules.default(info.modalities))
         found = _find_cases(input, input_b, out, options)
-        segmenter = _open_checked(model, info, rules, found, options)
+        segmenter = _open_checked(model, info, rules, found, options, given)
     except _REFUSALS as exc:
         raise SegmentError(str(exc)) from exc
-    with segmenter:
+    with segmenter if given is None else nullcontext(segmenter):
         try:
             outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
         except outputs.OutputError as exc:
@@ -273,6 +283,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         finally:
             if options.shard:
                 shards.merge_shards(out, options.shard[1])
+    write_batch_report_html(out)  # the page a person opens: thumbnails, volumes, outliers
     counts = report.counts()
     return SegmentRunResult(out=out, report=out / outputs.REPORT,
                             failures=records / outputs.FAILURES if counts["failed"] else None,

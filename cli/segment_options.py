@@ -1,0 +1,48 @@
+"""The segmentation options shared by commands that run `cmc segment`'s pipeline.
+
+`cmc listen` takes the same segmentation options as `cmc segment` (same names, help and
+defaults); they are declared here once as typer annotations, and `segment_options(...)`
+turns the parsed values into `SegmentOptions`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from cmc_serve.pipeline.api import SegmentOptions
+
+Mode = Annotated[str, typer.Option(help="auto (fused when both modalities are present, else "
+                                        "the one present) | fused | a | b.")]
+Runtime = Annotated[str, typer.Option(help="auto | openvino | onnxruntime | tensorrt | triton.")]
+Server = Annotated[str | None, typer.Option(
+    help="Triton URL for --runtime triton, e.g. grpc://127.0.0.1:8001.")]
+Device = Annotated[str, typer.Option(help="cpu | cuda.")]
+Precision = Annotated[str, typer.Option(help="fp32 | fp16 | bf16.")]
+Overlap = Annotated[float, typer.Option(min=0.0, max=0.95, help="Sliding-window tile overlap.")]
+Tta = Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (4x slower).")]
+OutputType = Annotated[str, typer.Option(
+    "--output-type", help="auto (NIfTI, plus DICOM SEG for DICOM input) | comma list of "
+                          "nifti,dicom-seg.")]
+Statistics = Annotated[bool, typer.Option(
+    "--statistics/--no-statistics", help="statistics.json: volume (ml), mean/median intensity "
+                                         "per class and modality.")]
+Preview = Annotated[bool, typer.Option(
+    "--preview/--no-preview", help="preview.png: three slices with the label overlay.")]
+Pairing = Annotated[Path | None, typer.Option(
+    help="YAML rules mapping DICOM series to modalities a/b (Modality, description regex).")]
+
+
+def segment_options(mode: str, runtime: str, server: str | None, device: str, precision: str,
+                    overlap: float, tta: bool, output_type: str, statistics: bool,
+                    preview: bool, pairing: Path | None) -> SegmentOptions:
+    """SegmentOptions from the parsed flags; SegmentOptionError names a bad field."""
+    from cmc_serve.pipeline.api import SegmentOptions, parse_output_types
+
+    return SegmentOptions(mode=mode, runtime=runtime, server=server, device=device,
+                          precision=precision, overlap=overlap, tta=tta,
+                          output_types=parse_output_types(output_type), statistics=statistics,
+                          preview=preview, pairing=pairing)
