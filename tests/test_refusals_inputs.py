@@ -31,7 +31,7 @@ STUDY_1 = "1.2.826.0.1.3680043.8.498.1901"
 STUDY_2 = "1.2.826.0.1.3680043.8.498.1902"
 SHAPE = (22, 20, 12)
 AFFINE = fx.ras_affine(fx.SPACING, SHAPE)
-NO_OUTPUT = [".cmc-output", "failures.csv", "report.json"]
+NO_OUTPUT = [".cmc-output", "failures.csv", "report.html", "report.json"]
 
 
 @pytest.fixture(scope="module")
