@@ -35,6 +35,7 @@ system-deps:
 		for try in 1 2 3 4 5 6; do \
 			$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 				--no-install-recommends $(SYSTEM_PACKAGES) >/dev/null && break; \
+			[ $$try = 6 ] && { echo "apt-get install $(SYSTEM_PACKAGES) failed 6 times"; exit 1; }; \
 			echo "apt-get failed (dpkg lock held?), retrying in 20 s"; sleep 20; \
 		done; \
 	fi
