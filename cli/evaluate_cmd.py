@@ -10,9 +10,10 @@ from typing import Annotated
 
 import typer
 
+from cmc_common.contract import MODES
+
 EXIT_USAGE = 2
 SPLITS = ("labelled", "validation", "test")
-MODES = ("fused", "a", "b")
 
 
 def command(

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from cmc_common.contract import MAX_OVERLAP
+
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
 overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm
@@ -47,7 +49,7 @@ def command(
         help="auto | fp32 | fp16 | bf16. auto: the fastest precision the model has a gated "
              "graph for and this host runs natively (OpenVINO bf16 on CPUs with AMX / "
              "AVX512-BF16, else fp32); the report says which ran and why.")] = "auto",
-    overlap: Annotated[float, typer.Option(min=0.0, max=0.95,
+    overlap: Annotated[float, typer.Option(min=0.0, max=MAX_OVERLAP,
                                            help="Sliding-window tile overlap.")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation "
                                                     "(4x slower).")] = False,

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cmc_common.contract import ROLES
+
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig
 
@@ -73,7 +75,7 @@ def command(
     if schedule is not None and schedule not in SCHEDULES:
         raise typer.BadParameter(f"{schedule!r} is not one of {', '.join(SCHEDULES)}",
                                  param_hint="--schedule")
-    if single_modality is not None and single_modality not in ("a", "b"):
+    if single_modality is not None and single_modality not in ROLES:
         raise typer.BadParameter(f"{single_modality!r} is not a or b",
                                  param_hint="--single-modality")
     try:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import model_repository
+from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
 from cmc_export.errors import ExportError
-from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT
 
 BACKENDS = ("python", "onnxruntime", "openvino", "tensorrt")
 # Triton's `platform` / `backend` line and the file name its native backends look for.
@@ -73,7 +73,7 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
     if backend not in BACKENDS:
         raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
     patch = [1, patch_size, patch_size, patch_size]
-    inputs = GRAPH_INPUTS[graph.mode]
+    inputs = MODE_INPUTS[graph.mode]
     kind = "KIND_GPU" if graph.runtime == "tensorrt" else "KIND_CPU"
     head = 'backend: "python"' if backend == "python" else _NATIVE[backend][0]
     warmup_inputs = "\n".join(

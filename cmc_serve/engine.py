@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cmc_common.contract import AUTO, MODE_INPUTS, MODES, check_overlap
 from cmc_serve.compatibility import Assumptions, ImageFacts, check_combination
-from cmc_serve.model_dir import MODE_INPUTS, MODES, ModelInfo
+from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes import PatchRuntime, open_runtime
 from cmc_serve.runtimes.select import resolve_precision
 from cmc_serve.stitching import SlabStitcher
@@ -68,8 +69,7 @@ class Segmenter:
                  batch_size: int | None = None, return_probs: bool = False,
                  accumulator_dtype: str = "float32") -> None:
         self.model = ModelInfo.load(model_dir)
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        check_overlap(overlap)
         if accumulator_dtype not in ("float32", "float16"):
             raise ValueError(f"accumulator_dtype must be float32 or float16, got "
                              f"{accumulator_dtype!r}")
@@ -144,7 +144,7 @@ class Segmenter:
     def _resolve_mode(self, image_a: np.ndarray | None, image_b: np.ndarray | None,
                       mode: str) -> str:
         available = self.model.modes
-        if mode == "auto":
+        if mode == AUTO:
             if image_a is not None and image_b is not None and "fused" in available:
                 mode = "fused"
             elif image_a is not None and "a" in available:

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmc_common.contract import MODES
 from cmc_train.checkpoint import load_model
 from cmc_train.config import PreprocessConfig
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import EvalVolume, validation_volumes
 from cmc_train.metrics import per_class_metrics
 from cmc_train.network import CMCNet
-from cmc_train.sliding_window import MODES, predict_labels
+from cmc_train.sliding_window import predict_labels
 
 _AFFINE_TOL = 1e-3
 

@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cmc_common.contract import ROLES
 from cmc_train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -57,7 +58,6 @@ LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-SINGLE_MODALITIES = ("a", "b")
 
 
 class TrainError(Exception):
@@ -85,7 +85,7 @@ class Ablation:
     single_modality: str | None = None
 
     def __post_init__(self) -> None:
-        if self.single_modality not in (None, *SINGLE_MODALITIES):
+        if self.single_modality not in (None, *ROLES):
             raise ValueError(f"single_modality must be 'a' or 'b', got {self.single_modality!r}")
 
 
@@ -308,7 +308,7 @@ class _Run:
 
 
 def _validation_modes(ablation: Ablation) -> Sequence[str]:
-    return SINGLE_MODALITIES if ablation.single_modality is None else (ablation.single_modality,)
+    return ROLES if ablation.single_modality is None else (ablation.single_modality,)
 
 
 def _loss_text(record: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import cmc_serve.runtimes.precision as precision_module
 from cmc_serve.engine import Segmenter, SegmentError
-from cmc_serve.model_dir import ModelDirError, ModelInfo
+from cmc_serve.model_dir import ModelDirError, ModelInfo, graph_entry, write_model_json
 from cmc_serve.runtimes import RuntimeUnavailable, open_runtime
 from cmc_serve.runtimes.openvino_rt import unsupported_reason
 from cmc_serve.runtimes.precision import choose_precision
@@ -77,24 +77,20 @@ def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = ("fus
     (root / "onnx").mkdir(parents=True)
     (root / "openvino").mkdir()
     for mode in modes:
-        inputs = ["image_a", "image_b"] if mode == "fused" else [f"image_{mode}"]
         onnx_file = f"onnx/{mode}_fp32.onnx"
         onnx.save(build_graph(mode, kernels), root / onnx_file)
-        graphs.append({"mode": mode, "runtime": "onnxruntime", "precision": "fp32",
-                       "file": onnx_file, "inputs": inputs, "output": "probs", "gate": {}})
+        graphs.append(graph_entry(mode, "onnxruntime", "fp32", onnx_file))
         if openvino:
             xml = f"openvino/{mode}_fp32.xml"
             ov.save_model(ov.convert_model(str(root / onnx_file)), str(root / xml),
                           compress_to_fp16=False)
-            graphs += [{"mode": mode, "runtime": "openvino", "precision": precision,
-                        "file": xml, "inputs": inputs, "output": "probs"}
+            graphs += [graph_entry(mode, "openvino", precision, xml)
                        for precision in ("fp32", *gated_half)]
-    meta = {"format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": "test",
-            "modalities": ["ct", "mr"], "classes": ["background", "liver", "kidney"],
-            "patch_size": [P, P, P], "max_batch": MAX_BATCH,
-            "preprocessing": {"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
-            "checkpoint_sha256": "0" * 64, "graphs": graphs}
-    (root / "cmc.json").write_text(json.dumps(meta))
+    write_model_json(root, name="test", cmc_version="0.1.0", modalities=["ct", "mr"],
+                     classes=["background", "liver", "kidney"], patch_size=[P, P, P],
+                     max_batch=MAX_BATCH,
+                     preprocessing={"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
+                     checkpoint_sha256="0" * 64, graphs=graphs)
     return root
 
 

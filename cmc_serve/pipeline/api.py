@@ -27,6 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmc_common.contract import (
+    AUTO,
+    DEVICES,
+    MAX_OVERLAP,
+    MODEL_JSON,
+    MODES,
+    PRECISIONS,
+    SERVING_RUNTIMES,
+)
 from cmc_serve import __version__
 from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_codes
 from cmc_serve.engine import Segmenter
@@ -43,12 +52,7 @@ from cmc_serve.runtimes import RuntimeUnavailable
 if TYPE_CHECKING:
     from rich.console import Console
 
-MODES = ("auto", "fused", "a", "b")
-RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_TYPES = ("nifti", "dicom-seg")
-MAX_OVERLAP = 0.95
 MAX_JOBS = 16
 
 # The errors of the steps below that refuse a run; each already holds its one-line message.
@@ -124,10 +128,10 @@ class SegmentOptions:
     skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("runtime", self.runtime, RUNTIMES)
+        _check_choice("mode", self.mode, (AUTO, *MODES))
+        _check_choice("runtime", self.runtime, (AUTO, *SERVING_RUNTIMES))
         _check_choice("device", self.device, DEVICES)
-        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("precision", self.precision, (AUTO, *PRECISIONS))
         if isinstance(self.output_types, str):
             raise SegmentOptionError("output_types", f"{self.output_types!r}: give a tuple of "
                                                      f"{', '.join(OUTPUT_TYPES)}, not a string")
@@ -263,7 +267,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
                           highlight=False, markup=False, soft_wrap=True)
             if not info.checksums:
                 console.print("cmc segment: warning: " + unverified_message(
-                    model / "cmc.json", info.cmc_version), highlight=False, markup=False,
+                    model / MODEL_JSON, info.cmc_version), highlight=False, markup=False,
                     soft_wrap=True)
         try:
             BatchRunner(out, info, segmenter, rules, batch, report, console,

@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-ROLES = ("a", "b")
+from cmc_common.contract import ROLES
+
 DEFAULT_EXCLUDE = r"(?i)localizer|localiser|scout|topogram|survey|pilot|surview|scanogram"
 
 # Model modality names (cmc.json "modalities") -> DICOM Modality tag values.

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-AUTO = "auto"
 # Fastest first, per (runtime, device); fp32 is always last and always allowed.
 PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
     ("openvino", "cpu"): ("bf16", "fp16", "fp32"),

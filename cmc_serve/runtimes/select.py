@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from cmc_common.contract import AUTO, DEVICES, MODEL_JSON, PRECISIONS, RUNTIMES
 from cmc_serve.model_dir import (
     GraphInfo,
     ModelDirError,
@@ -22,13 +23,10 @@ from cmc_serve.model_dir import (
     verify_files,
 )
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
-from cmc_serve.runtimes.precision import AUTO, PrecisionChoice, choose_precision
+from cmc_serve.runtimes.precision import PrecisionChoice, choose_precision
 
 log = logging.getLogger(__name__)
 
-RUNTIME_CHOICES = ("auto", "openvino", "onnxruntime", "tensorrt")
-DEVICE_CHOICES = ("cpu", "cuda")
-PRECISION_CHOICES = (AUTO, "fp32", "fp16", "bf16")
 AUTO_ORDER = {"cpu": ("openvino", "onnxruntime"), "cuda": ("tensorrt", "onnxruntime")}
 
 
@@ -110,13 +108,13 @@ def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str
     natively (`resolve_precision`). `max_batch` (default: the model's) bounds the tiles per
     `run` call.
     """
-    for value, choices, what in ((runtime, RUNTIME_CHOICES, "runtime"),
-                                 (device, DEVICE_CHOICES, "device"),
-                                 (precision, PRECISION_CHOICES, "precision")):
+    for value, choices, what in ((runtime, (AUTO, *RUNTIMES), "runtime"),
+                                 (device, DEVICES, "device"),
+                                 (precision, (AUTO, *PRECISIONS), "precision")):
         if value not in choices:
             raise ValueError(f"unknown {what} {value!r} (expected one of {list(choices)})")
     if mode not in model.modes:
-        raise RuntimeUnavailable(f"{model.root / 'cmc.json'}: mode {mode!r} not exported "
+        raise RuntimeUnavailable(f"{model.root / MODEL_JSON}: mode {mode!r} not exported "
                                  f"(available: {list(model.modes)})")
     batch = model.max_batch if max_batch is None else max_batch
     if not 1 <= batch <= model.max_batch:

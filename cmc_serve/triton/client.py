@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from cmc_serve.model_dir import MODE_INPUTS, ModelInfo
+from cmc_common.contract import MODE_INPUTS
+from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limit; the default 4 MiB is below one 128^3 tile pair

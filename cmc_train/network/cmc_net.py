@@ -19,10 +19,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from cmc_common.contract import MODES
 from cmc_train.config import ModelConfig
 from cmc_train.network.vit3d import ImageEncoderViT3D
-
-PREDICT_MODES = ("fused", "a", "b")
 
 
 class CMCOutput(NamedTuple):
@@ -221,8 +220,8 @@ class CMCNet(nn.Module):
         "a" / "b": that modality's image is fed to both branches (the authors' protocol) and
         its own branch's softmax is returned; the other image may be None.
         """
-        if mode not in PREDICT_MODES:
-            raise ValueError(f"unknown predict mode {mode!r}; choose one of {PREDICT_MODES}")
+        if mode not in MODES:
+            raise ValueError(f"unknown predict mode {mode!r}; choose one of {MODES}")
         if mode == "fused":
             if image_a is None or image_b is None:
                 raise ValueError("fused prediction needs both image_a and image_b")

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from cmc_serve.model_dir import MODE_INPUTS
+from cmc_common.contract import MODE_INPUTS
 from cmc_serve.stitching import SlabStitcher
 from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
 
