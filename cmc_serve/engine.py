@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cmc_common.contract import AUTO, MODE_INPUTS, MODES, check_overlap
+from cmc_common.errors import CmcError
 from cmc_serve.compatibility import Assumptions, ImageFacts, check_combination
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes import PatchRuntime, open_runtime
@@ -39,7 +40,7 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))
 CHECK_SLICES = 16
 
 
-class SegmentError(ValueError):
+class SegmenterInputError(CmcError, ValueError):
     """The images given to `Segmenter.segment` cannot be segmented as asked."""
 
 
@@ -153,18 +154,18 @@ class Segmenter:
                 mode = "b"
             else:
                 given = [n for n, im in (("a", image_a), ("b", image_b)) if im is not None]
-                raise SegmentError(f"no exported mode of {self.model.root} fits the images "
+                raise SegmenterInputError(f"no exported mode of {self.model.root} fits the images "
                                    f"given ({given or 'none'}; available modes "
                                    f"{list(available)})")
         if mode not in MODES:
-            raise SegmentError(f"unknown mode {mode!r} (expected auto or one of {list(MODES)})")
+            raise SegmenterInputError(f"unknown mode {mode!r} (expected auto or one of {list(MODES)})")
         if mode not in available:
-            raise SegmentError(f"mode {mode!r} is not exported in {self.model.root} "
+            raise SegmenterInputError(f"mode {mode!r} is not exported in {self.model.root} "
                                f"(available: {list(available)})")
         need = {"image_a": image_a, "image_b": image_b}
         missing = [n for n in MODE_INPUTS[mode] if need[n] is None]
         if missing:
-            raise SegmentError(f"mode {mode!r} needs {list(MODE_INPUTS[mode])}; missing "
+            raise SegmenterInputError(f"mode {mode!r} needs {list(MODE_INPUTS[mode])}; missing "
                                f"{missing}")
         return mode
 
@@ -203,20 +204,20 @@ def _check_volumes(given: dict[str, object]) -> tuple[dict[str, np.ndarray],
     volumes: dict[str, np.ndarray] = {}
     for name, vol in given.items():
         if not isinstance(vol, np.ndarray):
-            raise SegmentError(f"{name} must be a numpy array, got {type(vol).__name__}")
+            raise SegmenterInputError(f"{name} must be a numpy array, got {type(vol).__name__}")
         if vol.ndim != 3 or min(vol.shape) < 1:
-            raise SegmentError(f"{name} must be a non-empty [D, H, W] volume, got shape "
+            raise SegmenterInputError(f"{name} must be a non-empty [D, H, W] volume, got shape "
                                f"{vol.shape}")
         if not (np.issubdtype(vol.dtype, np.floating) or np.issubdtype(vol.dtype, np.integer)):
-            raise SegmentError(f"{name} has dtype {vol.dtype}; expected a real number type")
+            raise SegmenterInputError(f"{name} has dtype {vol.dtype}; expected a real number type")
         for start in range(0, vol.shape[0], CHECK_SLICES):
             if not np.isfinite(vol[start:start + CHECK_SLICES]).all():
-                raise SegmentError(f"{name} contains NaN or infinite values (first in slices "
+                raise SegmenterInputError(f"{name} contains NaN or infinite values (first in slices "
                                    f"{start}..{min(start + CHECK_SLICES, vol.shape[0]) - 1})")
         shapes[name] = tuple(int(s) for s in vol.shape)
         volumes[name] = vol
     if len(set(shapes.values())) != 1:
-        raise SegmentError(f"image shapes differ {shapes}: both modalities must be on one "
+        raise SegmenterInputError(f"image shapes differ {shapes}: both modalities must be on one "
                            "voxel grid (resample first)")
     d, h, w = next(iter(shapes.values()))
     return volumes, (d, h, w)

@@ -37,12 +37,13 @@ from cmc_common.contract import (
     RUNTIMES,
     SUPPORTED_FORMAT_VERSIONS,
 )
+from cmc_common.errors import CmcError
 from cmc_common.files import file_digest
 
 log = logging.getLogger(__name__)
 
 
-class ModelDirError(ValueError):
+class ModelDirError(CmcError, ValueError):
     """The model directory is missing, malformed or from an unsupported version."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from cmc_common.errors import CmcError
 from cmc_serve.volume import Grid, Volume
 
 # MONAI's tolerance for "same spacing" and "affine unchanged" (monai.data.utils.AFFINE_TOL).
@@ -35,7 +36,7 @@ _AXIS_TOL = 1e-6
 _SLAB_VOXELS = 1 << 22
 
 
-class PreprocessError(ValueError):
+class PreprocessError(CmcError, ValueError):
     """Pre-processing settings or inputs that cannot be honoured."""
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cmc_common.errors import CmcError
+
 # Flips the x and y axes: DICOM/ITK world is LPS, NIfTI/MONAI world is RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class VolumeError(ValueError):
+class VolumeError(CmcError, ValueError):
     """A volume whose array or affine cannot describe a 3D image."""
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cmc_common.contract import MODES
+from cmc_common.errors import CmcError
 from cmc_train.checkpoint import load_model
 from cmc_train.config import PreprocessConfig
 from cmc_train.data.datalist import Datalist
@@ -38,7 +39,7 @@ from cmc_train.sliding_window import predict_labels
 _AFFINE_TOL = 1e-3
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CmcError, ValueError):
     """Evaluation cannot run on these inputs (message names the file and the problem)."""
 
 

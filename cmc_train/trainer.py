@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cmc_common.contract import ROLES
+from cmc_common.errors import CmcError
 from cmc_train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -60,7 +61,7 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 
 
-class TrainError(Exception):
+class TrainError(CmcError):
     """A training run cannot start or resume (message names the file and the problem)."""
 
 

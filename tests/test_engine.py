@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import cmc_serve.runtimes.precision as precision_module
-from cmc_serve.engine import Segmenter, SegmentError
+from cmc_serve.engine import Segmenter, SegmenterInputError
 from cmc_serve.model_dir import ModelDirError, ModelInfo, graph_entry, write_model_json
 from cmc_serve.runtimes import RuntimeUnavailable, open_runtime
 from cmc_serve.runtimes.openvino_rt import unsupported_reason
@@ -275,21 +275,21 @@ def test_bad_inputs_are_clear_errors(model_dir: Path, images: tuple[np.ndarray, 
     nan = a.copy()
     nan[20, 3, 3] = np.nan
     with Segmenter(model_dir, runtime="onnxruntime") as seg:
-        with pytest.raises(SegmentError, match=r"image_a contains NaN.*slices 16\.\.28"):
+        with pytest.raises(SegmenterInputError, match=r"image_a contains NaN.*slices 16\.\.28"):
             seg.segment(nan, b)
-        with pytest.raises(SegmentError, match="image shapes differ"):
+        with pytest.raises(SegmenterInputError, match="image shapes differ"):
             seg.segment(a, b[:-1])
-        with pytest.raises(SegmentError, match=r"\[D, H, W\] volume"):
+        with pytest.raises(SegmenterInputError, match=r"\[D, H, W\] volume"):
             seg.segment(a[0], b[0])
-        with pytest.raises(SegmentError, match=r"mode 'fused' needs.*missing \['image_b'\]"):
+        with pytest.raises(SegmenterInputError, match=r"mode 'fused' needs.*missing \['image_b'\]"):
             seg.segment(a, None, mode="fused")
-        with pytest.raises(SegmentError, match="unknown mode"):
+        with pytest.raises(SegmenterInputError, match="unknown mode"):
             seg.segment(a, b, mode="both")
     partial = write_model_dir(tmp_path / "fused_only", 1, modes=("fused", "a"), openvino=False)
     with Segmenter(partial, runtime="onnxruntime") as seg:
-        with pytest.raises(SegmentError, match=r"mode 'b' is not exported.*\['fused', 'a'\]"):
+        with pytest.raises(SegmenterInputError, match=r"mode 'b' is not exported.*\['fused', 'a'\]"):
             seg.segment(a, b, mode="b")
-        with pytest.raises(SegmentError, match="no exported mode"):
+        with pytest.raises(SegmenterInputError, match="no exported mode"):
             seg.segment(None, b)
     with pytest.raises(ValueError, match="batch size 9 outside 1..4"):
         Segmenter(model_dir, runtime="onnxruntime", batch_size=9).segment(a, b)

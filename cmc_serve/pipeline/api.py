@@ -36,6 +36,7 @@ from cmc_common.contract import (
     PRECISIONS,
     SERVING_RUNTIMES,
 )
+from cmc_common.errors import CmcError
 from cmc_serve import __version__
 from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_codes
 from cmc_serve.engine import Segmenter
@@ -60,7 +61,7 @@ _REFUSALS = (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUn
              outputs.OutputError)
 
 
-class SegmentError(Exception):
+class SegmentError(CmcError):
     """The run was refused (nothing written) or its runtime proved unusable; str() is the
     one-line message naming the file or option and the problem."""
 

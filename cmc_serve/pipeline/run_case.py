@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import AUTO, MODES, ROLES
+from cmc_common.errors import CmcError
 from cmc_serve.compatibility import (
     ASSUME_ORIENTATION,
     ASSUME_REGISTERED,
@@ -42,7 +43,7 @@ from cmc_serve.runtimes import RuntimeUnavailable
 from cmc_serve.volume import Volume
 
 
-class CaseError(Exception):
+class CaseError(CmcError):
     """A case that cannot be segmented; `stage` says where it stopped."""
 
     def __init__(self, stage: str, message: str) -> None:

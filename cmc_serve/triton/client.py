@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import MODE_INPUTS
+from cmc_common.errors import CmcError
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch
 
@@ -38,7 +39,7 @@ NUMPY_TO_TRITON: dict[np.dtype[Any], str] = {
 TRITON_TO_NUMPY: dict[str, np.dtype[Any]] = {v: k for k, v in NUMPY_TO_TRITON.items()}
 
 
-class TritonClientError(RuntimeError):
+class TritonClientError(CmcError, RuntimeError):
     """Base of every error raised by these clients (one line: server, model, problem)."""
 
 

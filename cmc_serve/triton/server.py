@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cmc_common.errors import CmcError
+
 READY_FILE = ".ready"
 DEFAULT_PREFIX = Path(".triton")
 PREFIX_ENV = "CMC_TRITON_PREFIX"
@@ -44,11 +46,11 @@ GLOG_ERROR = re.compile(r"^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")  # Triton's error
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class TritonSetupError(RuntimeError):
+class TritonSetupError(CmcError, RuntimeError):
     """The local Triton server is not prepared (or was prepared incompletely)."""
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(CmcError, RuntimeError):
     """The server failed to start, exited early or did not become ready in time."""
 
 

@@ -24,6 +24,7 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose
 
+from cmc_common.errors import CmcError
 from cmc_train.config import PreprocessConfig, RunConfig
 from cmc_train.data.datalist import SPLITS, Datalist, Entry
 from cmc_train.data.transforms import (
@@ -35,7 +36,7 @@ from cmc_train.data.transforms import (
 POOLS: tuple[str, ...] = ("labelled_a", "labelled_b", "unlabelled_a", "unlabelled_b")
 
 
-class SamplerError(ValueError):
+class SamplerError(CmcError, ValueError):
     """The datalist cannot feed semi-supervised training (e.g. a pool is empty)."""
 
 
