@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
+from cli.errors import fail
 from cmc_common.contract import MODES
 
-EXIT_USAGE = 2
 SPLITS = ("labelled", "validation", "test")
 
 
@@ -47,9 +47,7 @@ def command(
     try:
         result = evaluate(checkpoint, data, split, chosen)
     except (CheckpointError, DatalistError, EvaluationError) as exc:
-        console.print(f"cmc evaluate: error: {exc}", highlight=False, markup=False,
-                      soft_wrap=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise fail("evaluate", exc) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from cli.errors import EXIT_FAILED, fail, say
 from cmc_common.contract import MAX_OVERLAP
 
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
@@ -21,8 +22,6 @@ overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names),
 incomplete. OUT/report.json (versions, engine, timings) and OUT/failures.csv (failed cases);
 with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
 
-EXIT_CASE_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _flag(option: str) -> str:
@@ -102,11 +101,6 @@ def command(
     )
 
     console = Console(stderr=True)
-
-    def say(line: str) -> None:
-        """A message or summary line: printed whole, never wrapped (paths stay copyable)."""
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
-
     try:
         options = SegmentOptions(
             mode=mode, runtime=runtime, server=server, device=device, precision=precision,
@@ -119,10 +113,9 @@ def command(
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
     except SegmentError as exc:
-        say(f"cmc segment: error: {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
-    say(f"cmc segment: {result.done} done, {result.failed} failed, {result.skipped} skipped; "
+        raise fail("segment", exc) from None
+    say("segment", f"{result.done} done, {result.failed} failed, {result.skipped} skipped; "
         f"report: {result.report}")
     if result.failures is not None:
-        say(f"cmc segment: failed cases are listed in {result.failures}")
-        raise typer.Exit(EXIT_CASE_FAILED)
+        say("segment", f"failed cases are listed in {result.failures}")
+        raise typer.Exit(EXIT_FAILED)

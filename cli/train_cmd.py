@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cli.errors import fail
 from cmc_common.contract import ROLES
 
 if TYPE_CHECKING:
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 # a serving host (no cmc_train) `cmc segment` must still start. A test keeps them in step.
 PRESETS = ("tiny", "small", "sam-med3d")
 SCHEDULES = ("authors", "sigmoid")
-EXIT_USAGE = 2
 
 HELP_CONFIG = ("Model preset (tiny | small | sam-med3d; classes and modalities come from the "
                "datalist, training settings from the defaults) or a run config YAML (e.g. "
@@ -67,11 +67,6 @@ def command(
 
     console = Console(stderr=True)
 
-    def fail(message: str) -> typer.Exit:
-        console.print(f"cmc train: error: {message}", highlight=False, markup=False,
-                      soft_wrap=True)
-        return typer.Exit(EXIT_USAGE)
-
     if schedule is not None and schedule not in SCHEDULES:
         raise typer.BadParameter(f"{schedule!r} is not one of {', '.join(SCHEDULES)}",
                                  param_hint="--schedule")
@@ -99,7 +94,7 @@ def command(
                         progress=progress, single_modality=single_modality)
     except (TrainError, CheckpointError, DatalistError, SamplerError, SamMed3DError,
             EvaluationError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        raise fail("train", exc) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         console.print(
             f"cmc train: {summary.steps_done}/{summary.steps_total} steps in "

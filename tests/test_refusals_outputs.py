@@ -145,8 +145,8 @@ def test_export_records_size_and_sha256_of_every_graph_file_and_copy(tmp_path: P
     (copy,) = (out / "repository").rglob("a_fp32.bin")
     copy.write_bytes(bytes(copy.stat().st_size))
     r = fx.run_cli("serve", out)
-    assert r.exit_code == 1
-    assert f"error: {copy}: sha256 " in r.stderr and "damaged" in r.stderr
+    assert r.exit_code == 2
+    assert f"cmc serve: error: {copy}: sha256 " in r.stderr and "damaged" in r.stderr
 
 
 # ------------------------------------------------------------------ 5: file modes
