@@ -28,7 +28,7 @@ from cmc_common.errors import CmcError
 from cmc_serve.compatibility import Assumptions, ImageFacts, check_combination
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes import PatchRuntime, open_runtime
-from cmc_serve.runtimes.select import resolve_precision
+from cmc_serve.runtimes.select import check_server, resolve_precision
 from cmc_serve.stitching import SlabStitcher
 from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
 
@@ -61,20 +61,23 @@ class SegmentResult:
 class Segmenter:
     """Segments pre-processed volumes with the graphs of one exported model directory.
 
-    Runtimes are opened per mode on first use and kept; `close()` (or a `with` block)
-    releases them.
+    `model` is the directory or its already-loaded `ModelInfo` (a batch loads it once).
+    Runtimes are opened per mode on first use (`open_runtime`; runtime "triton" sends the
+    tiles to `server`) and kept; `close()` (or a `with` block) releases them.
     """
 
-    def __init__(self, model_dir: str | Path, runtime: str = "auto", device: str = "cpu",
+    def __init__(self, model: str | Path | ModelInfo, runtime: str = "auto", device: str = "cpu",
                  precision: str = "auto", overlap: float = 0.5, tta: bool = False,
                  batch_size: int | None = None, return_probs: bool = False,
-                 accumulator_dtype: str = "float32") -> None:
-        self.model = ModelInfo.load(model_dir)
+                 accumulator_dtype: str = "float32", server: str | None = None) -> None:
+        self.model = model if isinstance(model, ModelInfo) else ModelInfo.load(model)
+        check_server(runtime, server)
         check_overlap(overlap)
         if accumulator_dtype not in ("float32", "float16"):
             raise ValueError(f"accumulator_dtype must be float32 or float16, got "
                              f"{accumulator_dtype!r}")
         self.runtime = runtime
+        self.server = server
         self.device = device
         self.precision = precision
         self.overlap = overlap
@@ -101,7 +104,7 @@ class Segmenter:
         """The (cached) runtime of `mode`, opened on first use."""
         if mode not in self._runtimes:
             rt = open_runtime(self.model, mode, self.runtime, self.device, self.precision,
-                              self.batch_size)
+                              self.batch_size, self.server)
             self._runtimes[mode] = rt
             self._precision_reasons[mode] = resolve_precision(
                 self.model, mode, rt.name, rt.device, self.precision).reason

@@ -24,7 +24,6 @@ import pytest
 
 from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelInfo
-from cmc_serve.pipeline.engine_factory import TritonSegmenter
 from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
 from cmc_serve.triton.client import (
     Endpoint,
@@ -106,7 +105,8 @@ def test_client_and_server_side_tiling_match_local_engine(
     assert expected.probs is not None
     assert len(np.unique(expected.labels)) == 3  # a non-trivial segmentation
 
-    with TritonSegmenter(tiny_model_dir, f"grpc://{triton_server.grpc_url}") as remote:
+    with Segmenter(tiny_model_dir, runtime="triton",
+                   server=f"grpc://{triton_server.grpc_url}") as remote:
         client_side = remote.segment(image_a, image_b)
     np.testing.assert_array_equal(client_side.labels, expected.labels)
 

@@ -44,7 +44,6 @@ from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import library_warnings, outputs, shards
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
-from cmc_serve.pipeline.engine_factory import make_segmenter
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
 from cmc_serve.pipeline.run_case import planned_modes
@@ -226,11 +225,12 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
         return _run(input, out, model, input_b, options, console)
 
 
-def _open_checked(model: Path, info: ModelInfo, rules: PairingRules, found: list[case_mod.Case],
+def _open_checked(info: ModelInfo, rules: PairingRules, found: list[case_mod.Case],
                   options: SegmentOptions) -> Segmenter:
     """The run's Segmenter with the runtime of every mode the cases need already open."""
-    segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
-                               options.overlap, options.tta, options.server)
+    segmenter = Segmenter(info, runtime=options.runtime, device=options.device,
+                          precision=options.precision, overlap=options.overlap,
+                          tta=options.tta, server=options.server)
     try:
         for mode in planned_modes(found, info, rules, options.mode):
             segmenter.runtime_for(mode)
@@ -247,7 +247,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
                  else PairingRules.default(info.modalities))
         found = _find_cases(input, input_b, out, options)
-        segmenter = _open_checked(model, info, rules, found, options)
+        segmenter = _open_checked(info, rules, found, options)
     except _REFUSALS as exc:
         raise SegmentError(str(exc)) from exc
     with segmenter:

@@ -2,7 +2,8 @@
 
 `TritonPatchRuntime` is a `PatchRuntime` (cmc_serve.runtimes) whose graph runs on the
 server's `<name>_patch` model, so the engine tiles and stitches locally exactly as with a
-local runtime (`cmc segment --runtime triton`, cmc_serve.pipeline.engine_factory). A batch of tiles is split into several requests sent together (async_infer),
+local runtime (`cmc segment --runtime triton`: `open_runtime(..., runtime="triton",
+server=URL)`). A batch of tiles is split into several requests sent together (async_infer),
 so the server's dynamic batcher can fill its batches across clients. `TritonVolumeClient`
 sends a whole pre-processed volume to the `<name>` model, which tiles on the server.
 
