@@ -7,9 +7,12 @@ Modes:
 - "a" / "b" (single modality): every labelled volume of that modality, its image fed to both
   branches, compared with its own label.
 - "fused": every case with both modalities. The prediction is made on modality a's grid and
-  compared with a's label; b's pre-processed image is resampled onto a's grid by world (RAS)
-  position, trilinear, border values beyond b's field of view (as `cmc segment` does). No
-  registration is attempted: where the two scans are not aligned (different sessions, the
+  compared with a's label; b's pre-processed image is resampled onto a's pre-processed grid
+  by world (RAS) position, trilinear, border values beyond b's field of view. `cmc segment`
+  differs in order and fill: it resamples b's raw image into a's world grid before
+  pre-processing and fills beyond b's field of view with b's minimum
+  (`cmc_serve.preprocess.resample_to_reference`), so near the edge of b's field of view the
+  two can disagree. No registration is attempted: where the two scans are not aligned (different sessions, the
   synthetic study's "patient moved"), fused Dice measures how the model copes with that.
 """
 

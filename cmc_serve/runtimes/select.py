@@ -1,7 +1,7 @@
 """Choose and open the patch runtime for a model, mode, device and precision.
 
-"auto" picks the fastest runtime that can actually run here: OpenVINO on CPU (2.1x faster
-than ONNX Runtime end to end on our AVX-512 CPU, BENCHMARKS.md) and a TensorRT engine,
+"auto" picks the fastest runtime that can actually run here: OpenVINO on CPU (faster than
+ONNX Runtime end to end, BENCHMARKS.md engine section) and a TensorRT engine,
 then ONNX Runtime's CUDA provider, on a GPU. Falling back is only ever done for "auto": a
 runtime or device the caller named explicitly either runs or fails with RuntimeUnavailable
 saying why. "auto" falls back only when a runtime cannot run here (RuntimeUnavailable: not

@@ -1,7 +1,7 @@
 """The CMC network: two SAM-Med3D-style encoders, MIA channel attention, a shared fusion
 layer added back to each branch, and one UNETR-style decoder per modality.
 
-Skips (method.md, item 2) generalise UNETR to any ViT patch p = 2^L: the hidden states of
+Skips (docs/METHOD.md, 'Network', item 2) generalise UNETR to any ViT patch p = 2^L: the hidden states of
 L-1 evenly spaced blocks are up-projected with transposed convolutions to 1/2^(L-1) .. 1/2 of
 the input (shallower blocks to finer levels, as in UNETR), and a conv stem sees the raw image
 at full resolution. The decoder starts from the fused bottleneck Z^m at 1/p and doubles the
@@ -159,7 +159,7 @@ def skip_block_indices(depth: int, levels: int) -> tuple[int, ...]:
 
 
 class CMCNet(nn.Module):
-    """Two-branch CMC network (method.md, 'Network'); build it with `build_cmc`."""
+    """Two-branch CMC network (docs/METHOD.md, 'Network'); build it with `build_cmc`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
