@@ -31,7 +31,7 @@ system-deps:
 	fi
 
 demo: $(STAMP)
-	$(PY) -m cli.demo --out $(DEMO_DIR)
+	$(PY) -m cmc_cli.demo --out $(DEMO_DIR)
 
 # Local Triton server: the nvidia-pytriton wheel in its own venv (numpy<2), see cmc_serve/triton/setup.py
 $(TRITON)/.ready: $(STAMP) cmc_serve/triton/setup.py
@@ -43,7 +43,7 @@ test: $(STAMP) system-deps $(TRITON)/.ready
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cmc_train cmc_export cmc_serve cli tests bench model_repository
+	$(VENV)/bin/ruff check cmc_common cmc_train cmc_export cmc_serve cmc_cli tests bench cmc_model_repository
 
 clean:
 	rm -rf $(VENV) $(TRITON) $(DEMO_DIR) .pytest_cache

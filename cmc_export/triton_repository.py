@@ -7,7 +7,7 @@
   use Triton's native backends on a full server.
 - `<name>`: the python BLS volume model (tiling, batched patch requests, gaussian
   stitching), which calls the patch models by name.
-The python model code is copied from the checked-in top-level `model_repository/` folder.
+The python model code is copied from the checked-in top-level `cmc_model_repository/` folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import model_repository
+import cmc_model_repository
 from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
 from cmc_export.errors import ExportError
 
@@ -27,8 +27,8 @@ BACKENDS = ("python", "onnxruntime", "openvino", "tensorrt")
 _NATIVE = {"onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
            "openvino": ('backend: "openvino"', "model.xml"),
            "tensorrt": ('platform: "tensorrt_plan"', "model.plan")}
-# The top-level `model_repository` package (package data in a wheel, the checkout otherwise).
-MODEL_CODE_DIR = Path(model_repository.__file__).resolve().parent
+# The top-level `cmc_model_repository` package (package data in a wheel, the checkout otherwise).
+MODEL_CODE_DIR = Path(cmc_model_repository.__file__).resolve().parent
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ def run_cli(*args: object) -> Any:
     """Run `cmc ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cmc_cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -15,7 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.exporter import export, sha256_file
 from cmc_export.gates import Thresholds

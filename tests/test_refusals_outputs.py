@@ -286,7 +286,7 @@ def test_three_concurrent_shards_into_one_out_keep_every_record(tmp_path: Path) 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "segment", str(tmp_path / "in"), "-o", str(out),
+        [sys.executable, "-m", "cmc_cli.main", "segment", str(tmp_path / "in"), "-o", str(out),
          "--model", str(model), "--runtime", "onnxruntime", "--shard", f"{i}/3"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in (1, 2, 3)]

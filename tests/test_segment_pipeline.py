@@ -333,7 +333,7 @@ def test_cli_runs_without_torch(tmp_path: Path, model_dir: Path) -> None:
     image = fx.write_nifti(tmp_path / "c.nii.gz", fx.phantom(shape, aff, "ct"), aff)
     code = ("import sys\n"
             "for m in ('torch', 'monai', 'cmc_train', 'cmc_export'): sys.modules[m] = None\n"
-            "from cli.main import app\n"
+            "from cmc_cli.main import app\n"
             f"app(['segment', {str(image)!r}, '-o', {str(tmp_path / 'out')!r}, "
             f"'--model', {str(model_dir)!r}, '--preview', '--statistics'])\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

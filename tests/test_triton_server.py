@@ -288,7 +288,7 @@ def test_cmc_serve_starts_prints_endpoints_and_stops_on_sigterm(
     log = tmp_path / "serve.log"  # a file: the forwarded server log must never block on a pipe
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", str(tiny_model_dir),
+            [sys.executable, "-m", "cmc_cli.main", "serve", str(tiny_model_dir),
              "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.errors import fail
+from cmc_cli.errors import fail
 
 
 def _split(value: str) -> tuple[str, ...]:

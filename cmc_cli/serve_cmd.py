@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cli.errors import EXIT_FAILED, fail
+from cmc_cli.errors import EXIT_FAILED, fail
 
 
 def command(

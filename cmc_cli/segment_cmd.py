@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli.errors import EXIT_FAILED, fail, say
+from cmc_cli.errors import EXIT_FAILED, fail, say
 from cmc_common.contract import MAX_OVERLAP
 
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds

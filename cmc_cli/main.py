@@ -1,6 +1,6 @@
 """`cmc`: train, export and serve CMC segmentation models.
 
-Each sub-command lives in its own module (cli/<name>.py) and imports the heavy libraries
+Each sub-command lives in its own module (cmc_cli/<name>_cmd.py) and imports the heavy libraries
 inside its function, so `cmc --help` answers without loading PyTorch.
 """
 
@@ -31,7 +31,7 @@ _COMMANDS = {
 
 
 def _register(name: str, help_text: str) -> None:
-    module = importlib.import_module(f"cli.{name.replace('-', '_')}_cmd")
+    module = importlib.import_module(f"cmc_cli.{name.replace('-', '_')}_cmd")
     app.command(name, help=help_text)(module.command)
 
 

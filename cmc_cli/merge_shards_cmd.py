@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli.errors import EXIT_FAILED, fail, say
+from cmc_cli.errors import EXIT_FAILED, fail, say
 
 
 def command(

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.errors import fail
+from cmc_cli.errors import fail
 
 DATASETS = ("amos", "mscmr")
 

@@ -1,6 +1,6 @@
 """`cmc train`: semi-supervised CMC training from a datalist into a run folder.
 
-Runs as one process, or data-parallel under `torchrun --nproc_per_node N -m cli.main train
+Runs as one process, or data-parallel under `torchrun --nproc_per_node N -m cmc_cli.main train
 ...` (gloo on CPU, NCCL on GPU; only rank 0 writes). Heavy imports live inside `command`.
 """
 
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cli.errors import fail
+from cmc_cli.errors import fail
 from cmc_common.contract import ROLES
 
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig
 
-# Spelled out, not imported from cmc_train.config: `cli.main` registers every command, and on
+# Spelled out, not imported from cmc_train.config: `cmc_cli.main` registers every command, and on
 # a serving host (no cmc_train) `cmc segment` must still start. A test keeps them in step.
 PRESETS = ("tiny", "small", "sam-med3d")
 SCHEDULES = ("authors", "sigmoid")
