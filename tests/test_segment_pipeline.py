@@ -22,13 +22,6 @@ import segment_fixtures as fx
 from dicom_factory import SeriesSpec
 from PIL import Image
 
-pytest_plugins = ["triton_fixture"]  # triton_install: a local tritonserver (marker triton)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_dir(tmp_path_factory.mktemp("model"))
-
 
 def _ct_mr_nifti(folder: Path) -> tuple[Path, Path, np.ndarray, tuple[int, int, int]]:
     """CT on a 2 mm RAS grid; MR on another grid (LPS, 1.5 mm) of the same world."""

@@ -47,7 +47,6 @@ from cmc_serve.triton.server import (
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENVINO_PATCH = "cmc_patch_openvino"  # triton_fixture.OPENVINO_PATCH
-pytest_plugins = ["triton_fixture"]  # triton_install, tiny_model_dir, triton_server
 
 
 def fp16_exact(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
