@@ -54,7 +54,7 @@ class PreparedVolume:
 
     @property
     def grid(self) -> Grid:
-        return Grid(tuple(self.array.shape), self.affine)  # type: ignore[arg-type]
+        return Grid(tuple(self.array.shape), self.affine)
 
 
 # --- settings -------------------------------------------------------------------------------

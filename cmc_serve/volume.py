@@ -91,7 +91,7 @@ class Volume:
 
     @property
     def grid(self) -> Grid:
-        return Grid(tuple(self.array.shape), self.affine)  # type: ignore[arg-type]
+        return Grid(tuple(self.array.shape), self.affine)
 
     @property
     def shape(self) -> tuple[int, int, int]:
