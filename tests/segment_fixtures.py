@@ -22,6 +22,8 @@ from dicom_factory import ROOT_UID, SeriesSpec, make_dataset
 from onnx import TensorProto, helper, numpy_helper
 from pydicom.uid import MRImageStorage, generate_uid
 
+from cmc_common.contract import MODES
+
 CLASSES = ["background", "bright_a", "bright_b"]
 PATCH = 16
 SCALE = 40.0  # logit slope: softmax is effectively one-hot away from the thresholds
@@ -76,7 +78,7 @@ def patch_graph(mode: str) -> onnx.ModelProto:
     return model
 
 
-def make_model_dir(root: Path, modes: tuple[str, ...] = ("fused", "a", "b"),
+def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
                    format_version: int = 1, checksums: bool = True) -> Path:
     """Write MODEL_DIR (cmc.json + onnx/<mode>_fp32.onnx) for the threshold model; with
     `checksums` each graph entry records its file's size and sha256 as `cmc export` does

@@ -18,6 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import cmc_serve.runtimes.precision as precision_module
+from cmc_common.contract import MODES
 from cmc_serve.engine import Segmenter, SegmenterInputError
 from cmc_serve.model_dir import ModelDirError, ModelInfo, graph_entry, write_model_json
 from cmc_serve.runtimes import RuntimeUnavailable, open_runtime
@@ -64,7 +65,7 @@ def build_graph(mode: str, kernels: dict[str, np.ndarray]) -> onnx.ModelProto:
     return model
 
 
-def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = ("fused", "a", "b"),
+def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = MODES,
                     openvino: bool = True, gated_half: tuple[str, ...] = ()) -> Path:
     """A model dir of a pointwise-softmax graph; `gated_half`: OpenVINO half precisions
     listed as gated (on the fp32 IR, as `cmc export` lists them)."""

@@ -22,6 +22,8 @@ import segment_fixtures as fx
 from dicom_factory import SeriesSpec
 from PIL import Image
 
+from cmc_common.contract import MODES
+
 
 def _ct_mr_nifti(folder: Path) -> tuple[Path, Path, np.ndarray, tuple[int, int, int]]:
     """CT on a 2 mm RAS grid; MR on another grid (LPS, 1.5 mm) of the same world."""
@@ -346,7 +348,7 @@ def test_triton_runtime_gives_the_local_result(tmp_path: Path, triton_install: o
 
     model = fx.make_model_dir(tmp_path / "model")
     graphs = [PatchGraph(mode, "onnxruntime", "fp32", model / "onnx" / f"{mode}_fp32.onnx")
-              for mode in ("fused", "a", "b")]
+              for mode in MODES]
     write_repository(model / "repository", "cmc-test", "python", graphs, fx.PATCH,
                      len(fx.CLASSES), 4)
     a, b, _, _ = _ct_mr_nifti(tmp_path / "in")

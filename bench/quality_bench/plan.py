@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmc_common.contract import ROLES
 from cmc_train.config import RunConfig, named_or_yaml_run_config
 from cmc_train.data.datalist import Datalist, DatalistError
 from cmc_train.synth import write_synthetic_study
@@ -141,7 +142,7 @@ class Job:
     def modes(self) -> tuple[str, ...]:
         if self.arm.single_modality is not None:
             return (self.arm.single_modality,)
-        return ("a", "b", "fused") if self.part == "sweep" else ("a", "b")
+        return (*ROLES, "fused") if self.part == "sweep" else ROLES
 
 
 def ratio_study(ratio: int) -> SyntheticStudy:

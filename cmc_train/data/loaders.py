@@ -24,6 +24,7 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose
 
+from cmc_common.contract import ROLES
 from cmc_common.errors import CmcError
 from cmc_train.config import PreprocessConfig, RunConfig
 from cmc_train.data.datalist import SPLITS, Datalist, Entry
@@ -103,7 +104,7 @@ class SemiSupervisedSampler:
                        "unlabelled": run_cfg.train.batch_unlabelled}
         load = Preprocessor(preprocess)
         pools = []
-        for suffix, modality in zip(("a", "b"), datalist.modalities, strict=True):
+        for suffix, modality in zip(ROLES, datalist.modalities, strict=True):
             labelled = [load(e, modality, with_label=True)
                         for e in datalist.labelled if modality in e.label]
             if not labelled:
