@@ -10,8 +10,8 @@ graph of the Triton tests (tests/triton_fixture.py), where server overhead domin
 in this one run and on the same synthetic pre-processed volume:
 
 1. the local `Segmenter` on ONNX Runtime and on OpenVINO (no server running);
-2. client-side tiling (`Segmenter(runtime="triton")`: tiles go to the `<name>_patch` model over gRPC)
-   with 1, 2, 4 concurrent client processes, with the patch model's dynamic batcher on
+2. client-side tiling (`Segmenter(runtime="triton")`: tiles go to the `<name>_patch` model
+   over gRPC) with 1, 2, 4 concurrent client processes, with the patch model's dynamic batcher on
    (the exported repository) and off (a copy whose config lacks `dynamic_batching`);
 3. server-side tiling (`TritonVolumeClient`: the python BLS volume model) with 1 and 4
    client processes.

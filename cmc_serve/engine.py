@@ -158,18 +158,19 @@ class Segmenter:
             else:
                 given = [n for n, im in (("a", image_a), ("b", image_b)) if im is not None]
                 raise SegmenterInputError(f"no exported mode of {self.model.root} fits the images "
-                                   f"given ({given or 'none'}; available modes "
-                                   f"{list(available)})")
+                                          f"given ({given or 'none'}; available modes "
+                                          f"{list(available)})")
         if mode not in MODES:
-            raise SegmenterInputError(f"unknown mode {mode!r} (expected auto or one of {list(MODES)})")
+            raise SegmenterInputError(f"unknown mode {mode!r} (expected auto or one of "
+                                      f"{list(MODES)})")
         if mode not in available:
             raise SegmenterInputError(f"mode {mode!r} is not exported in {self.model.root} "
-                               f"(available: {list(available)})")
+                                      f"(available: {list(available)})")
         need = {"image_a": image_a, "image_b": image_b}
         missing = [n for n in MODE_INPUTS[mode] if need[n] is None]
         if missing:
             raise SegmenterInputError(f"mode {mode!r} needs {list(MODE_INPUTS[mode])}; missing "
-                               f"{missing}")
+                                      f"{missing}")
         return mode
 
     def _prefetch(self, volumes: dict[str, np.ndarray], batches: list[list[tuple[int, int, int]]],
@@ -210,17 +211,18 @@ def _check_volumes(given: dict[str, object]) -> tuple[dict[str, np.ndarray],
             raise SegmenterInputError(f"{name} must be a numpy array, got {type(vol).__name__}")
         if vol.ndim != 3 or min(vol.shape) < 1:
             raise SegmenterInputError(f"{name} must be a non-empty [D, H, W] volume, got shape "
-                               f"{vol.shape}")
+                                      f"{vol.shape}")
         if not (np.issubdtype(vol.dtype, np.floating) or np.issubdtype(vol.dtype, np.integer)):
             raise SegmenterInputError(f"{name} has dtype {vol.dtype}; expected a real number type")
         for start in range(0, vol.shape[0], CHECK_SLICES):
             if not np.isfinite(vol[start:start + CHECK_SLICES]).all():
-                raise SegmenterInputError(f"{name} contains NaN or infinite values (first in slices "
-                                   f"{start}..{min(start + CHECK_SLICES, vol.shape[0]) - 1})")
+                last = min(start + CHECK_SLICES, vol.shape[0]) - 1
+                raise SegmenterInputError(f"{name} contains NaN or infinite values (first in "
+                                          f"slices {start}..{last})")
         shapes[name] = tuple(int(s) for s in vol.shape)
         volumes[name] = vol
     if len(set(shapes.values())) != 1:
         raise SegmenterInputError(f"image shapes differ {shapes}: both modalities must be on one "
-                           "voxel grid (resample first)")
+                                  "voxel grid (resample first)")
     d, h, w = next(iter(shapes.values()))
     return volumes, (d, h, w)

@@ -12,8 +12,9 @@ Modes:
   differs in order and fill: it resamples b's raw image into a's world grid before
   pre-processing and fills beyond b's field of view with b's minimum
   (`cmc_serve.preprocess.resample_to_reference`), so near the edge of b's field of view the
-  two can disagree. No registration is attempted: where the two scans are not aligned (different sessions, the
-  synthetic study's "patient moved"), fused Dice measures how the model copes with that.
+  two can disagree. No registration is attempted: where the two scans are not aligned
+  (different sessions, the synthetic study's "patient moved"), fused Dice measures how the
+  model copes with that.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ class TritonInstall:
         return install
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Process environment for the server (docs/PLATFORM.md): venv first, its libpython first."""
+        """Process environment for the server (docs/PLATFORM.md): venv first, its libpython
+        first."""
         env = dict(os.environ if base is None else base)
         libs = [self.libdir, str(Path(self.site_packages) / "nvidia_pytriton.libs")]
         if env.get("LD_LIBRARY_PATH"):

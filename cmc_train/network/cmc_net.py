@@ -1,10 +1,10 @@
 """The CMC network: two SAM-Med3D-style encoders, MIA channel attention, a shared fusion
 layer added back to each branch, and one UNETR-style decoder per modality.
 
-Skips (docs/METHOD.md, 'Network', item 2) generalise UNETR to any ViT patch p = 2^L: the hidden states of
-L-1 evenly spaced blocks are up-projected with transposed convolutions to 1/2^(L-1) .. 1/2 of
-the input (shallower blocks to finer levels, as in UNETR), and a conv stem sees the raw image
-at full resolution. The decoder starts from the fused bottleneck Z^m at 1/p and doubles the
+Skips (docs/METHOD.md, 'Network', item 2) generalise UNETR to any ViT patch p = 2^L: the
+hidden states of L-1 evenly spaced blocks are up-projected with transposed convolutions to
+1/2^(L-1) .. 1/2 of the input (shallower blocks to finer levels, as in UNETR), and a conv
+stem sees the raw image at full resolution. The decoder starts from the fused bottleneck Z^m at 1/p and doubles the
 resolution L times, concatenating the matching skip each time. For p = 16 this is exactly
 UNETR's 1/8, 1/4, 1/2 + stem layout.
 

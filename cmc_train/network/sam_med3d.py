@@ -8,8 +8,8 @@ keys. The CMC adapters (`blocks.N.adapter.*`) are the single exception: they are
 parameters, absent from any SAM-Med3D file, and keep their identity initialisation.
 
 After loading, the patch embedding, the absolute position embedding and all attention
-parameters are frozen (docs/METHOD.md, 'Network'); norms, MLPs, adapters, neck and everything after the
-encoders stay trainable.
+parameters are frozen (docs/METHOD.md, 'Network'); norms, MLPs, adapters, neck and
+everything after the encoders stay trainable.
 """
 
 from __future__ import annotations

@@ -122,13 +122,14 @@ class TritonPythonModel:
         if mode is None:
             raise VolumeRequestError("send image_a and/or image_b")
         if mode not in self.patch_models:
-            raise VolumeRequestError(f"mode {mode!r} (from the inputs {sorted(images)}) is not served "
-                              f"here; this repository serves {sorted(self.patch_models)}")
+            raise VolumeRequestError(f"mode {mode!r} (from the inputs {sorted(images)}) is not "
+                                     f"served here; this repository serves "
+                                     f"{sorted(self.patch_models)}")
         shapes = {a.shape for a in images.values()}
         shape = shapes.pop()
         if shapes or len(shape) != 4 or shape[0] != 1:
             raise VolumeRequestError(f"inputs must be one [1, D, H, W] grid, got "
-                              f"{[a.shape for a in images.values()]}")
+                                     f"{[a.shape for a in images.values()]}")
         for name, image in images.items():
             if not np.isfinite(image).all():
                 raise VolumeRequestError(f"{name} contains NaN or infinite values")
@@ -164,10 +165,11 @@ class TritonPythonModel:
         response = await request.async_exec()
         if response.has_error():
             raise VolumeRequestError(f"patch model {self.patch_models[mode]} failed: "
-                              f"{response.error().message()}")
+                                     f"{response.error().message()}")
         probs = pb_utils.get_output_tensor_by_name(response, "probs").as_numpy()
         expected = (len(origins), self.num_classes, *self.patch)
         if probs.shape != expected:
             raise VolumeRequestError(f"patch model {self.patch_models[mode]} returned probs "
-                              f"{probs.shape}, expected {expected} (num_classes/patch_size)")
+                                     f"{probs.shape}, expected {expected} "
+                                     "(num_classes/patch_size)")
         return probs.astype(np.float32, copy=False)
