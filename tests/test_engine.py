@@ -420,6 +420,30 @@ def test_unknown_choices_are_value_errors(model_dir: Path) -> None:
             open_runtime(info, "fused", **kwargs)
 
 
+def test_segmenter_takes_a_loaded_model_info(model_dir: Path,
+                                             images: tuple[np.ndarray, np.ndarray]) -> None:
+    """A caller that has the ModelInfo already (a `cmc segment` run) hands it over: it is used
+    as is, not read again, and segments exactly as the model directory does."""
+    a, b = images
+    info = ModelInfo.load(model_dir)
+    with Segmenter(info, runtime="onnxruntime") as given, \
+            Segmenter(model_dir, runtime="onnxruntime") as loaded:
+        assert given.model is info
+        np.testing.assert_array_equal(given.segment(a, b).labels, loaded.segment(a, b).labels)
+
+
+def test_triton_is_a_runtime_that_needs_its_server(model_dir: Path) -> None:
+    """runtime "triton" goes through the same selection as the local runtimes; the server
+    URL is given exactly when it is used."""
+    info = ModelInfo.load(model_dir)
+    with pytest.raises(RuntimeUnavailable, match="--runtime triton needs --server"):
+        open_runtime(info, "fused", runtime="triton")
+    with pytest.raises(RuntimeUnavailable, match="--server is only used with --runtime triton"):
+        open_runtime(info, "fused", runtime="onnxruntime", server="grpc://127.0.0.1:8001")
+    with pytest.raises(RuntimeUnavailable, match="--runtime triton needs --server"):
+        Segmenter(info, runtime="triton")
+
+
 @pytest.mark.gpu
 def test_onnxruntime_cuda_matches_cpu(model_dir: Path, images: tuple[np.ndarray, np.ndarray]) -> None:
     import onnxruntime as ort
