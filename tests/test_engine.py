@@ -444,6 +444,22 @@ def test_triton_is_a_runtime_that_needs_its_server(model_dir: Path) -> None:
         Segmenter(info, runtime="triton")
 
 
+
+def test_one_overlap_limit_for_the_api_the_engine_and_the_tiling(model_dir: Path) -> None:
+    """`cmc segment --overlap`, `SegmentOptions`, `Segmenter` and `TileGrid` accept the same
+    range, 0 to MAX_OVERLAP (0.95)."""
+    from cmc_common.contract import MAX_OVERLAP
+    from cmc_serve.pipeline.api import SegmentOptionError, SegmentOptions
+
+    too_much = MAX_OVERLAP + 0.01
+    with pytest.raises(SegmentOptionError, match="0.95"):
+        SegmentOptions(overlap=too_much)
+    with pytest.raises(ValueError, match="0.95"):
+        Segmenter(model_dir, overlap=too_much)
+    with pytest.raises(ValueError, match="0.95"):
+        TileGrid.build((20, 20, 20), (P, P, P), too_much)
+    assert len(TileGrid.build((20, 20, 20), (P, P, P), MAX_OVERLAP)) > 0
+
 @pytest.mark.gpu
 def test_onnxruntime_cuda_matches_cpu(model_dir: Path, images: tuple[np.ndarray, np.ndarray]) -> None:
     import onnxruntime as ort
