@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 TRITON := .triton
 
-.PHONY: demo test install lint typecheck clean system-deps triton-server
+.PHONY: demo test test-fast install lint typecheck clean system-deps triton-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ system-deps:
 	fi
 
 demo: $(STAMP)
-	$(PY) -m cli.demo --out $(DEMO_DIR)
+	$(PY) -m cmc_cli.demo --out $(DEMO_DIR)
 
 # Local Triton server: the nvidia-pytriton wheel in its own venv (numpy<2), see cmc_serve/triton/setup.py
 $(TRITON)/.ready: $(STAMP) cmc_serve/triton/setup.py
@@ -52,8 +52,16 @@ triton-server: $(TRITON)/.ready
 test: $(STAMP) system-deps $(TRITON)/.ready
 	$(PY) -m pytest -q
 
+# The suite without the slow (> ~30 s each) and Triton tests: the loop while developing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not triton"
+
+# mypy with the configuration in pyproject.toml ([tool.mypy]: which files, how strict).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cmc_train cmc_export cmc_serve cli tests bench model_repository
+	$(VENV)/bin/ruff check cmc_common cmc_train cmc_export cmc_serve cmc_cli tests bench cmc_model_repository
 
 clean:
 	rm -rf $(VENV) $(TRITON) $(DEMO_DIR) .pytest_cache

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
+from cmc_serve.model_dir import graph_entry, write_model_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,14 +68,13 @@ def write_model_dir(root: Path, graphs: dict[str, object], example: object, clas
     (root / "onnx").mkdir(parents=True)
     entries = []
     for mode, module in graphs.items():
-        inputs = ["image_a", "image_b"] if mode == "fused" else [f"image_{mode}"]
+        inputs = list(MODE_INPUTS[mode])
         onnx_file = f"onnx/{mode}_fp32.onnx"
         with torch.no_grad():
             torch.onnx.export(module, example, str(root / onnx_file), input_names=inputs,
-                              output_names=["probs"], opset_version=17, dynamo=False,
-                              dynamic_axes={n: {0: "batch"} for n in [*inputs, "probs"]})
-        entries.append({"mode": mode, "runtime": "onnxruntime", "precision": "fp32",
-                        "file": onnx_file, "inputs": inputs, "output": "probs"})
+                              output_names=[GRAPH_OUTPUT], opset_version=17, dynamo=False,
+                              dynamic_axes={n: {0: "batch"} for n in [*inputs, GRAPH_OUTPUT]})
+        entries.append(graph_entry(mode, "onnxruntime", "fp32", onnx_file))
         if openvino:
             import openvino as ov
 
@@ -80,12 +82,10 @@ def write_model_dir(root: Path, graphs: dict[str, object], example: object, clas
             xml = f"openvino/{mode}_fp32.xml"
             ov.save_model(ov.convert_model(str(root / onnx_file)), str(root / xml),
                           compress_to_fp16=False)
-            entries.append({"mode": mode, "runtime": "openvino", "precision": "fp32",
-                            "file": xml, "inputs": inputs, "output": "probs"})
-    meta = {"format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": "bench",
-            "modalities": ["ct", "mr"], "classes": [f"c{i}" for i in range(classes)],
-            "patch_size": [patch] * 3, "max_batch": 4, "preprocessing": {}, "graphs": entries}
-    (root / "cmc.json").write_text(json.dumps(meta))
+            entries.append(graph_entry(mode, "openvino", "fp32", xml))
+    write_model_json(root, name="bench", cmc_version="0.1.0", modalities=["ct", "mr"],
+                     classes=[f"c{i}" for i in range(classes)], patch_size=[patch] * 3,
+                     max_batch=4, preprocessing={}, graphs=entries)
     return root
 
 

@@ -23,11 +23,12 @@ import numpy as np
 import onnx
 import torch
 
+from cmc_common.contract import MODE_INPUTS
 from cmc_export.fp16 import convert_fp16
 from cmc_export.gate_inputs import random_patches
 from cmc_export.onnx_export import onnxruntime_runner, trace_to_onnx
 from cmc_export.openvino_export import export_openvino, openvino_runner, unsupported_reason
-from cmc_export.patch_graph import GRAPH_INPUTS, patch_graph, torch_runner
+from cmc_export.patch_graph import patch_graph, torch_runner
 from cmc_train.config import model_config
 from cmc_train.network import build_cmc
 
@@ -78,7 +79,7 @@ def runners(preset: str, folder: Path, threads: int,
     for precision in ("fp32", "bf16"):
         reason = unsupported_reason(precision)
         table[("openvino", precision)] = reason or openvino_runner(
-            xml, precision, GRAPH_INPUTS[MODE], batch, threads)
+            xml, precision, MODE_INPUTS[MODE], batch, threads)
     return table
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,20 @@ from cmc_export.emulated_precision import emulate, inject
 from cmc_export.errors import GateFailed
 from cmc_export.fp16 import FP32_OPS, convert_fp16
 from cmc_export.gate_inputs import mode_inputs, synthetic_tiles
-from cmc_export.gates import RoundingNoise, run_batched, segmentation_parity, top_two_margin
+from cmc_export.gates import (
+    RoundingNoise,
+    Runner,
+    run_batched,
+    segmentation_parity,
+    top_two_margin,
+)
 from cmc_export.onnx_export import onnxruntime_runner, trace_to_onnx
 from cmc_export.openvino_export import export_openvino, openvino_runner, unsupported_reason
 from cmc_export.patch_graph import patch_graph
 from cmc_train.checkpoint import load_model
 from cmc_train.config import PreprocessConfig
 
-Candidate = Callable[[dict[str, np.ndarray]], np.ndarray]
+Candidate = Runner
 
 
 def cpu_features() -> str:

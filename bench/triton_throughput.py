@@ -10,8 +10,8 @@ graph of the Triton tests (tests/triton_fixture.py), where server overhead domin
 in this one run and on the same synthetic pre-processed volume:
 
 1. the local `Segmenter` on ONNX Runtime and on OpenVINO (no server running);
-2. client-side tiling (`TritonSegmenter`: tiles go to the `<name>_patch` model over gRPC)
-   with 1, 2, 4 concurrent client processes, with the patch model's dynamic batcher on
+2. client-side tiling (`Segmenter(runtime="triton")`: tiles go to the `<name>_patch` model
+   over gRPC) with 1, 2, 4 concurrent client processes, with the patch model's dynamic batcher on
    (the exported repository) and off (a copy whose config lacks `dynamic_batching`);
 3. server-side tiling (`TritonVolumeClient`: the python BLS volume model) with 1 and 4
    client processes.
@@ -171,9 +171,9 @@ def open_client(kind: str, url: str, model_dir: str
             return volume.segment(image_a, image_b).labels
 
         return on_server, volume.close
-    from cmc_serve.pipeline.engine_factory import TritonSegmenter
+    from cmc_serve.engine import Segmenter
 
-    segmenter = TritonSegmenter(model_dir, url)
+    segmenter = Segmenter(model_dir, runtime="triton", server=url)
     segmenter.runtime_for(MODE)  # connect and check the served model before timing
 
     def client_side(image_a: np.ndarray, image_b: np.ndarray) -> np.ndarray:

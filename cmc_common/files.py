@@ -11,11 +11,13 @@ export job of the same group could not read it. The temporary file is therefore 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _UMASK_LOCK = threading.Lock()
 
@@ -64,3 +66,12 @@ def atomic_write(path: Path, write: Callable[[Path], object], fsync: bool = Fals
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size", "sha256"} of a file, as cmc.json records each file of an exported model."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from cmc_common.errors import CmcError
 
-class ExportError(Exception):
+
+class ExportError(CmcError):
     """The export cannot proceed (bad checkpoint, unwritable output, missing runtime...)."""
 
 

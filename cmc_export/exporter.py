@@ -19,7 +19,6 @@ required: any failure fails the export and nothing is written.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -30,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from cmc_common.files import current_umask
+from cmc_common.contract import (
+    AUTO,
+    EXPORT_FORMATS,
+    GRAPH_OUTPUT,
+    MODE_INPUTS,
+    MODEL_JSON,
+    MODES,
+    PRECISIONS,
+)
+from cmc_common.files import current_umask, file_digest
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.gates import (
     THRESHOLDS,
@@ -42,16 +50,9 @@ from cmc_export.gates import (
     run_batched,
     segmentation_parity,
 )
-from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT, MODES
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
-from cmc_serve.model_dir import file_digest
+from cmc_serve.model_dir import graph_entry, refused_entry, write_model_json
 
-FORMATS = ("onnx", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-AUTO = "auto"
-MODEL_FORMAT = "cmc-model"
-MODEL_FORMAT_VERSION = 1
-RUNTIME_OF_FORMAT = {"onnx": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # Without an OpenVINO graph, the ONNX graph a python-backend Triton patch model serves.
 PYTHON_BACKEND_PREFERENCE = (("onnxruntime", "fp32"), ("onnxruntime", "fp16"))
 NATIVE_BACKEND_PREFERENCE = {"onnxruntime": (("onnxruntime", "fp32"), ("onnxruntime", "fp16")),
@@ -194,10 +195,8 @@ class _Exporter:
 
     def add(self, mode: str, runtime: str, precision: str, path: Path, gate: dict[str, Any]) -> None:
         self.log(f"gate {mode}/{runtime}/{precision}: {describe_gate(gate)}")
-        self.report_graphs.append({
-            "mode": mode, "runtime": runtime, "precision": precision,
-            "file": path.relative_to(self.root).as_posix(),
-            "inputs": list(GRAPH_INPUTS[mode]), "output": GRAPH_OUTPUT, "gate": gate})
+        self.report_graphs.append(graph_entry(mode, runtime, precision,
+                                              path.relative_to(self.root).as_posix(), gate))
 
     def gate_candidate(self, mode: str, runtime: str, precision: str, path: Path, label: str,
                        runner: Runner, reference: np.ndarray) -> bool:
@@ -217,9 +216,8 @@ class _Exporter:
             if self.half_required or precision == "fp32":
                 raise
             self.log(f"refused: {exc} (left out; `--precision auto` keeps the other graphs)")
-            self.refused.append({"mode": mode, "runtime": runtime, "precision": precision,
-                                 "reason": str(exc),
-                                 "gate": {"kind": "segmentation_parity", **exc.numbers}})
+            self.refused.append(refused_entry(mode, runtime, precision, str(exc),
+                                              {"kind": "segmentation_parity", **exc.numbers}))
             return False
         self.add(mode, runtime, precision, path,
                  {"kind": "segmentation_parity", "reference": "onnxruntime fp32", **gate})
@@ -308,7 +306,7 @@ class _Exporter:
         for precision in wanted:
             self.gate_candidate(mode, "openvino", precision, xml,
                                 f"{xml.name} (openvino {precision})",
-                                openvino_runner(xml, precision, GRAPH_INPUTS[mode],
+                                openvino_runner(xml, precision, MODE_INPUTS[mode],
                                                 self.max_batch), reference)
 
     def export_tensorrt(self, mode: str, onnx_path: Path, precisions: Sequence[str],
@@ -320,7 +318,7 @@ class _Exporter:
                 self.skip(f"tensorrt {precision}: engines are built in {list(TRT_PRECISIONS)}")
                 continue
             plan = self.root / "tensorrt" / f"{mode}_{precision}.plan"
-            build_engine(onnx_path, plan, GRAPH_INPUTS[mode], self.patch, self.max_batch,
+            build_engine(onnx_path, plan, MODE_INPUTS[mode], self.patch, self.max_batch,
                          precision, timing_cache=self.root / "tensorrt" / "timing.cache")
             if not self.gate_candidate(mode, "tensorrt", precision, plan,
                                        f"{plan.name} (tensorrt {precision})",
@@ -354,40 +352,15 @@ class _Exporter:
         return PatchGraph(mode, key[0], key[1], self.root / entries[key]["file"])
 
     def write_model_json(self, name: str, backend: str, triton_models: Mapping[str, str]) -> None:
-        document = {
-            "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-            "cmc_version": _cmc_version(), "name": name,
-            "modalities": list(self.metadata["modalities"]), "classes": self.classes,
-            "patch_size": [self.patch] * 3, "max_batch": self.max_batch,
-            "preprocessing": self.metadata["preprocessing"],
-            "checkpoint_sha256": self.sha256,
-            "graphs": [{**g, "files": graph_files(self.root, g["file"])}
-                       for g in self.report_graphs],
-            "refused": self.refused,
-            "gate_thresholds": asdict(self.thresholds),
-            "triton": {"backend": backend, "patch_models": dict(triton_models),
-                       "volume_model": name,
-                       "files": {p.relative_to(self.root).as_posix(): file_digest(p)
-                                 for p in sorted((self.root / "repository").rglob("*"))
-                                 if p.is_file()}},
-        }
-        if self.metadata.get("postprocessing"):  # chosen by cmc evaluate; cmc_serve applies it
-            document["postprocessing"] = self.metadata["postprocessing"]
-        (self.root / "cmc.json").write_text(json.dumps(document, indent=2) + "\n")
-
-
-# Files a graph file needs beside it (ONNX graphs are written self-contained: no external data).
-COMPANION_SUFFIXES = {".xml": (".bin",), ".plan": (".json",)}
-
-
-def graph_files(root: Path, rel: str) -> dict[str, dict[str, Any]]:
-    """cmc.json's `files` of one graph entry: size and sha256 of the graph file and of its
-    companions (OpenVINO weights, a TensorRT plan's metadata), which `cmc segment` checks
-    before running the graph (cmc_serve.model_dir); `triton.files` does the same for every
-    file of the Triton repository, checked by `cmc serve`."""
-    graph = root / rel
-    paths = [graph] + [graph.with_suffix(s) for s in COMPANION_SUFFIXES.get(graph.suffix, ())]
-    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
+        write_model_json(
+            self.root, name=name, cmc_version=_cmc_version(),
+            modalities=self.metadata["modalities"], classes=self.classes,
+            patch_size=[self.patch] * 3, max_batch=self.max_batch,
+            preprocessing=self.metadata["preprocessing"], checkpoint_sha256=self.sha256,
+            graphs=self.report_graphs, refused=self.refused,
+            gate_thresholds=asdict(self.thresholds), triton_backend=backend,
+            triton_patch_models=triton_models,
+            postprocessing=self.metadata.get("postprocessing"))
 
 
 def _cmc_version() -> str:
@@ -407,7 +380,7 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     `precisions` ("auto", or a list of fp32/fp16/bf16): see the module docstring.
     """
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir).absolute()
-    formats = _check_choices("format", formats, FORMATS)
+    formats = _check_choices("format", formats, EXPORT_FORMATS)
     precisions, half_required = _check_precisions(precisions)
     modes = _check_choices("mode", modes, MODES)
     if max_batch < 1:
@@ -450,5 +423,5 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"exported {len(job.report_graphs)} graphs to {out_dir}"
-        + (f"; refused {len(job.refused)} (listed in cmc.json)" if job.refused else ""))
+        + (f"; refused {len(job.refused)} (listed in {MODEL_JSON})" if job.refused else ""))
     return ExportReport(out_dir, job.report_graphs, job.skipped, triton_models, job.refused)

@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cmc_export.patch_graph import GRAPH_INPUTS
+from cmc_common.contract import MODE_INPUTS
 from cmc_train.config import PreprocessConfig
 from cmc_train.data.transforms import deterministic_transforms
 from cmc_train.synth.phantom import SPACING_A, make_pair
@@ -28,7 +28,7 @@ def random_patches(mode: str, patch_size: int, batch: int = 2, seed: int = 0) ->
     """Seeded N(0, 1) patches [batch, 1, S, S, S] for every input of the `mode` graph."""
     rng = np.random.default_rng(seed)
     shape = (batch, 1, patch_size, patch_size, patch_size)
-    return {name: rng.standard_normal(shape, dtype=np.float32) for name in GRAPH_INPUTS[mode]}
+    return {name: rng.standard_normal(shape, dtype=np.float32) for name in MODE_INPUTS[mode]}
 
 
 def preprocessed_phantom(preprocess: PreprocessConfig, patch_size: int,
@@ -83,4 +83,4 @@ def synthetic_tiles(preprocess: PreprocessConfig, patch_size: int,
 
 def mode_inputs(tiles: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
     """The subset of `tiles` a `mode` graph takes."""
-    return {name: tiles[name] for name in GRAPH_INPUTS[mode]}
+    return {name: tiles[name] for name in MODE_INPUTS[mode]}

@@ -20,8 +20,8 @@ import onnx
 import torch
 from torch import nn
 
+from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
 from cmc_export.errors import ExportError
-from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT
 
 OPSET = 17
 BATCH_AXIS_NAME = "batch"
@@ -31,7 +31,7 @@ def example_inputs(mode: str, patch_size: int, batch: int = 2, seed: int = 0) ->
     """Seeded random patches [batch, 1, S, S, S] for every input of the `mode` graph."""
     gen = torch.Generator().manual_seed(seed)
     return {name: torch.randn(batch, 1, patch_size, patch_size, patch_size, generator=gen)
-            for name in GRAPH_INPUTS[mode]}
+            for name in MODE_INPUTS[mode]}
 
 
 def cmc_metadata_props(checkpoint_metadata: Mapping[str, Any], mode: str, precision: str,
@@ -43,7 +43,7 @@ def cmc_metadata_props(checkpoint_metadata: Mapping[str, Any], mode: str, precis
     props: dict[str, Any] = {
         "cmc_version": checkpoint_metadata.get("cmc_version", ""),
         "mode": mode,
-        "inputs": list(GRAPH_INPUTS[mode]),
+        "inputs": list(MODE_INPUTS[mode]),
         "output": GRAPH_OUTPUT,
         "classes": list(checkpoint_metadata["classes"]),
         "modalities": list(checkpoint_metadata["modalities"]),
@@ -75,7 +75,7 @@ def read_metadata_props(path: Path) -> dict[str, str]:
 def trace_to_onnx(graph: nn.Module, mode: str, patch_size: int) -> onnx.ModelProto:
     """Trace `graph` (a `patch_graph` wrapper) to an in-memory opset-17 model, batch axis dynamic."""
     inputs = example_inputs(mode, patch_size)
-    names = list(GRAPH_INPUTS[mode])
+    names = list(MODE_INPUTS[mode])
     with (tempfile.TemporaryDirectory(prefix="cmc-trace-") as tmp, warnings.catch_warnings(),
           torch.no_grad()):
         # The legacy exporter announces its deprecation and tracer shape warnings on every call.

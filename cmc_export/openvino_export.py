@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmc_common.contract import GRAPH_OUTPUT
 from cmc_export.errors import ExportError
-from cmc_export.patch_graph import GRAPH_OUTPUT
 from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.base import RuntimeUnavailable
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime, unsupported_reason

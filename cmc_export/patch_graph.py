@@ -14,16 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmc_common.contract import MODES
+
 if TYPE_CHECKING:
     from cmc_train.network import CMCNet
 
-MODES: tuple[str, ...] = ("fused", "a", "b")
-GRAPH_INPUTS: dict[str, tuple[str, ...]] = {
-    "fused": ("image_a", "image_b"),
-    "a": ("image_a",),
-    "b": ("image_b",),
-}
-GRAPH_OUTPUT = "probs"
 
 
 class _PatchGraph(nn.Module):
@@ -63,7 +58,7 @@ _WRAPPERS: dict[str, type[_PatchGraph]] = {
 
 
 def patch_graph(net: CMCNet, mode: str) -> nn.Module:
-    """The eval-mode graph for `mode`; its forward() arguments are `GRAPH_INPUTS[mode]`."""
+    """The eval-mode graph for `mode`; its forward() arguments are `MODE_INPUTS[mode]`."""
     if mode not in _WRAPPERS:
         raise ValueError(f"unknown inference mode {mode!r}; choose one of {list(MODES)}")
     return _WRAPPERS[mode](net).eval()

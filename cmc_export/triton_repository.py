@@ -7,7 +7,7 @@
   use Triton's native backends on a full server.
 - `<name>`: the python BLS volume model (tiling, batched patch requests, gaussian
   stitching), which calls the patch models by name.
-The python model code is copied from the checked-in top-level `model_repository/` folder.
+The python model code is copied from the checked-in top-level `cmc_model_repository/` folder.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import model_repository
+import cmc_model_repository
+from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
 from cmc_export.errors import ExportError
-from cmc_export.patch_graph import GRAPH_INPUTS, GRAPH_OUTPUT
 
 BACKENDS = ("python", "onnxruntime", "openvino", "tensorrt")
 # Triton's `platform` / `backend` line and the file name its native backends look for.
 _NATIVE = {"onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
            "openvino": ('backend: "openvino"', "model.xml"),
            "tensorrt": ('platform: "tensorrt_plan"', "model.plan")}
-# The top-level `model_repository` package (package data in a wheel, the checkout otherwise).
-MODEL_CODE_DIR = Path(model_repository.__file__).resolve().parent
+# The top-level `cmc_model_repository` package (package data in a wheel, the checkout otherwise).
+MODEL_CODE_DIR = Path(cmc_model_repository.__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
     if backend not in BACKENDS:
         raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
     patch = [1, patch_size, patch_size, patch_size]
-    inputs = GRAPH_INPUTS[graph.mode]
+    inputs = MODE_INPUTS[graph.mode]
     kind = "KIND_GPU" if graph.runtime == "tensorrt" else "KIND_CPU"
     head = 'backend: "python"' if backend == "python" else _NATIVE[backend][0]
     warmup_inputs = "\n".join(

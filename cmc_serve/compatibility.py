@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from cmc_common.errors import CmcError
+
 # Axis code letters per world axis (nibabel's convention: the direction in which the voxel
 # index grows), e.g. "LPS" = i to the patient's left, j to posterior, k to superior.
 _AXIS_LETTERS = ("LR", "PA", "IS")
@@ -45,7 +47,7 @@ ORIENTATION_FROM_FILE = "file"
 ORIENTATION_ASSUMED = "assumed"
 
 
-class CompatibilityError(ValueError):
+class CompatibilityError(CmcError, ValueError):
     """Two images that must not be combined, or an assumption that is not well formed;
     str() is one line naming the images and what would override the refusal, if anything."""
 

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cmc_common.contract import AUTO, MODE_INPUTS, MODES, check_overlap
+from cmc_common.errors import CmcError
 from cmc_serve.compatibility import Assumptions, ImageFacts, check_combination
-from cmc_serve.model_dir import MODE_INPUTS, MODES, ModelInfo
+from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes import PatchRuntime, open_runtime
-from cmc_serve.runtimes.select import resolve_precision
+from cmc_serve.runtimes.select import check_server, resolve_precision
 from cmc_serve.stitching import SlabStitcher
 from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
 
@@ -38,7 +40,7 @@ TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))
 CHECK_SLICES = 16
 
 
-class SegmentError(ValueError):
+class SegmenterInputError(CmcError, ValueError):
     """The images given to `Segmenter.segment` cannot be segmented as asked."""
 
 
@@ -59,21 +61,23 @@ class SegmentResult:
 class Segmenter:
     """Segments pre-processed volumes with the graphs of one exported model directory.
 
-    Runtimes are opened per mode on first use and kept; `close()` (or a `with` block)
-    releases them.
+    `model` is the directory or its already-loaded `ModelInfo` (a batch loads it once).
+    Runtimes are opened per mode on first use (`open_runtime`; runtime "triton" sends the
+    tiles to `server`) and kept; `close()` (or a `with` block) releases them.
     """
 
-    def __init__(self, model_dir: str | Path, runtime: str = "auto", device: str = "cpu",
+    def __init__(self, model: str | Path | ModelInfo, runtime: str = "auto", device: str = "cpu",
                  precision: str = "auto", overlap: float = 0.5, tta: bool = False,
                  batch_size: int | None = None, return_probs: bool = False,
-                 accumulator_dtype: str = "float32") -> None:
-        self.model = ModelInfo.load(model_dir)
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+                 accumulator_dtype: str = "float32", server: str | None = None) -> None:
+        self.model = model if isinstance(model, ModelInfo) else ModelInfo.load(model)
+        check_server(runtime, server)
+        check_overlap(overlap)
         if accumulator_dtype not in ("float32", "float16"):
             raise ValueError(f"accumulator_dtype must be float32 or float16, got "
                              f"{accumulator_dtype!r}")
         self.runtime = runtime
+        self.server = server
         self.device = device
         self.precision = precision
         self.overlap = overlap
@@ -100,7 +104,7 @@ class Segmenter:
         """The (cached) runtime of `mode`, opened on first use."""
         if mode not in self._runtimes:
             rt = open_runtime(self.model, mode, self.runtime, self.device, self.precision,
-                              self.batch_size)
+                              self.batch_size, self.server)
             self._runtimes[mode] = rt
             self._precision_reasons[mode] = resolve_precision(
                 self.model, mode, rt.name, rt.device, self.precision).reason
@@ -144,7 +148,7 @@ class Segmenter:
     def _resolve_mode(self, image_a: np.ndarray | None, image_b: np.ndarray | None,
                       mode: str) -> str:
         available = self.model.modes
-        if mode == "auto":
+        if mode == AUTO:
             if image_a is not None and image_b is not None and "fused" in available:
                 mode = "fused"
             elif image_a is not None and "a" in available:
@@ -153,19 +157,20 @@ class Segmenter:
                 mode = "b"
             else:
                 given = [n for n, im in (("a", image_a), ("b", image_b)) if im is not None]
-                raise SegmentError(f"no exported mode of {self.model.root} fits the images "
-                                   f"given ({given or 'none'}; available modes "
-                                   f"{list(available)})")
+                raise SegmenterInputError(f"no exported mode of {self.model.root} fits the images "
+                                          f"given ({given or 'none'}; available modes "
+                                          f"{list(available)})")
         if mode not in MODES:
-            raise SegmentError(f"unknown mode {mode!r} (expected auto or one of {list(MODES)})")
+            raise SegmenterInputError(f"unknown mode {mode!r} (expected auto or one of "
+                                      f"{list(MODES)})")
         if mode not in available:
-            raise SegmentError(f"mode {mode!r} is not exported in {self.model.root} "
-                               f"(available: {list(available)})")
+            raise SegmenterInputError(f"mode {mode!r} is not exported in {self.model.root} "
+                                      f"(available: {list(available)})")
         need = {"image_a": image_a, "image_b": image_b}
         missing = [n for n in MODE_INPUTS[mode] if need[n] is None]
         if missing:
-            raise SegmentError(f"mode {mode!r} needs {list(MODE_INPUTS[mode])}; missing "
-                               f"{missing}")
+            raise SegmenterInputError(f"mode {mode!r} needs {list(MODE_INPUTS[mode])}; missing "
+                                      f"{missing}")
         return mode
 
     def _prefetch(self, volumes: dict[str, np.ndarray], batches: list[list[tuple[int, int, int]]],
@@ -203,20 +208,21 @@ def _check_volumes(given: dict[str, object]) -> tuple[dict[str, np.ndarray],
     volumes: dict[str, np.ndarray] = {}
     for name, vol in given.items():
         if not isinstance(vol, np.ndarray):
-            raise SegmentError(f"{name} must be a numpy array, got {type(vol).__name__}")
+            raise SegmenterInputError(f"{name} must be a numpy array, got {type(vol).__name__}")
         if vol.ndim != 3 or min(vol.shape) < 1:
-            raise SegmentError(f"{name} must be a non-empty [D, H, W] volume, got shape "
-                               f"{vol.shape}")
+            raise SegmenterInputError(f"{name} must be a non-empty [D, H, W] volume, got shape "
+                                      f"{vol.shape}")
         if not (np.issubdtype(vol.dtype, np.floating) or np.issubdtype(vol.dtype, np.integer)):
-            raise SegmentError(f"{name} has dtype {vol.dtype}; expected a real number type")
+            raise SegmenterInputError(f"{name} has dtype {vol.dtype}; expected a real number type")
         for start in range(0, vol.shape[0], CHECK_SLICES):
             if not np.isfinite(vol[start:start + CHECK_SLICES]).all():
-                raise SegmentError(f"{name} contains NaN or infinite values (first in slices "
-                                   f"{start}..{min(start + CHECK_SLICES, vol.shape[0]) - 1})")
+                last = min(start + CHECK_SLICES, vol.shape[0]) - 1
+                raise SegmenterInputError(f"{name} contains NaN or infinite values (first in "
+                                          f"slices {start}..{last})")
         shapes[name] = tuple(int(s) for s in vol.shape)
         volumes[name] = vol
     if len(set(shapes.values())) != 1:
-        raise SegmentError(f"image shapes differ {shapes}: both modalities must be on one "
-                           "voxel grid (resample first)")
+        raise SegmenterInputError(f"image shapes differ {shapes}: both modalities must be on one "
+                                  "voxel grid (resample first)")
     d, h, w = next(iter(shapes.values()))
     return volumes, (d, h, w)

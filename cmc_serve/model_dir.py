@@ -18,30 +18,32 @@ warns that its files cannot be verified (`unverified_message`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmc_common.contract import (
+    GRAPH_OUTPUT,
+    MODE_INPUTS,
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    MODEL_JSON,
+    MODES,
+    PRECISIONS,
+    RUNTIMES,
+    SUPPORTED_FORMAT_VERSIONS,
+)
+from cmc_common.errors import CmcError
+from cmc_common.files import file_digest
+
 log = logging.getLogger(__name__)
 
-FORMAT = "cmc-model"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-MODES = ("fused", "a", "b")
-RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
-# Graph inputs per mode (DESIGN.md "Graph I/O").
-MODE_INPUTS: dict[str, tuple[str, ...]] = {
-    "fused": ("image_a", "image_b"),
-    "a": ("image_a",),
-    "b": ("image_b",),
-}
 
-
-class ModelDirError(ValueError):
+class ModelDirError(CmcError, ValueError):
     """The model directory is missing, malformed or from an unsupported version."""
 
 
@@ -57,15 +59,6 @@ class ModelFile:
     path: Path
     size: int
     sha256: str
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """{"size", "sha256"} of a file, as cmc.json records it (written by `cmc export`)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 _VERIFIED: set[tuple[Path, int, int, str]] = set()  # (file, inode, mtime, sha256)
@@ -158,7 +151,7 @@ class ModelInfo:
     def load(cls, model_dir: str | Path) -> ModelInfo:
         """Parse and validate MODEL_DIR/cmc.json; raise ModelDirError on any problem."""
         root = Path(model_dir)
-        path = root / "cmc.json"
+        path = root / MODEL_JSON
         if not root.is_dir():
             raise ModelDirError(f"{root}: not a directory (expected an exported cmc model dir)")
         try:
@@ -184,7 +177,7 @@ class ModelInfo:
                     return g
         have = ", ".join(f"{g.mode}/{g.runtime}/{g.precision}" for g in self.graphs)
         raise ModelDirError(
-            f"{self.root / 'cmc.json'}: no graph for mode={mode} runtime={runtime} "
+            f"{self.root / MODEL_JSON}: no graph for mode={mode} runtime={runtime} "
             f"precision={precision} (available: {have})")
 
 
@@ -199,9 +192,9 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
     def fail(problem: str) -> ModelDirError:
         return ModelDirError(f"{path}: {problem}")
 
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise fail(f"format is {got!r}, not {FORMAT!r}: not an exported cmc model")
+        raise fail(f"format is {got!r}, not {MODEL_FORMAT!r}: not an exported cmc model")
     version = data.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise fail(f"format_version {version!r} is not supported (this cmc reads "
@@ -314,3 +307,79 @@ def _parse_files(root: Path, fail: Any, where: str, files: Any,
             raise fail(f"{where}: files[{rel!r}] must be {{'size': bytes, 'sha256': hex}}")
         out.append(ModelFile(root / rel, size, sha.lower()))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- writing
+# The one writer of cmc.json (`cmc export`, benchmarks and test fixtures alike), beside the
+# reader above, so the two cannot drift apart.
+
+# Files a graph file needs beside it (ONNX graphs are written self-contained: no external data).
+COMPANION_SUFFIXES = {".xml": (".bin",), ".plan": (".json",)}
+
+
+def graph_entry(mode: str, runtime: str, precision: str, file: str,
+                gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of cmc.json's `graphs`: the graph file (posix path relative to MODEL_DIR)
+    serving (mode, runtime, precision), its I/O names and what its gate measured."""
+    return {"mode": mode, "runtime": runtime, "precision": precision, "file": file,
+            "inputs": list(MODE_INPUTS[mode]), "output": GRAPH_OUTPUT, "gate": dict(gate or {})}
+
+
+def refused_entry(mode: str, runtime: str, precision: str, reason: str,
+                  gate: Mapping[str, Any]) -> dict[str, Any]:
+    """One entry of cmc.json's `refused`: a half-precision graph `--precision auto` left out
+    because it failed its gate, with the gate's numbers."""
+    return {"mode": mode, "runtime": runtime, "precision": precision, "reason": reason,
+            "gate": dict(gate)}
+
+
+def graph_files(root: Path, rel: str) -> dict[str, dict[str, Any]]:
+    """A graph entry's `files`: size and sha256 of the graph file and of its companions
+    (OpenVINO weights, a TensorRT plan's metadata), checked before the graph runs."""
+    graph = root / rel
+    paths = [graph] + [graph.with_suffix(s) for s in COMPANION_SUFFIXES.get(graph.suffix, ())]
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
+
+
+def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Sequence[str],
+                     classes: Sequence[str], patch_size: Sequence[int], max_batch: int,
+                     preprocessing: Mapping[str, Any], graphs: Sequence[Mapping[str, Any]],
+                     checkpoint_sha256: str | None = None,
+                     refused: Sequence[Mapping[str, Any]] = (),
+                     gate_thresholds: Mapping[str, Any] | None = None,
+                     triton_backend: str | None = None,
+                     triton_patch_models: Mapping[str, str] | None = None,
+                     postprocessing: Mapping[str, Any] | None = None,
+                     checksums: bool = True,
+                     format_version: int = MODEL_FORMAT_VERSION) -> Path:
+    """Write ROOT/cmc.json for the graph files already in ROOT (entries from `graph_entry`).
+
+    With `checksums` every graph entry records its files' sizes and sha256 (False: a cmc.json
+    as exports before checksums wrote it); with `triton_backend` the `triton` section names
+    the patch models and records every file of ROOT/repository. `format_version` other than
+    the current one only serves tests of the reader's refusal. `postprocessing`: the record
+    `cmc evaluate --choose-postprocessing` stored in the checkpoint, which serving applies.
+    """
+    document: dict[str, Any] = {
+        "format": MODEL_FORMAT, "format_version": format_version, "cmc_version": cmc_version,
+        "name": name, "modalities": list(modalities), "classes": list(classes),
+        "patch_size": [int(p) for p in patch_size], "max_batch": max_batch,
+        "preprocessing": dict(preprocessing), "checkpoint_sha256": checkpoint_sha256,
+        "graphs": [{**g, "files": graph_files(root, g["file"])} if checksums else dict(g)
+                   for g in graphs],
+        "refused": [dict(r) for r in refused],
+    }
+    if gate_thresholds is not None:
+        document["gate_thresholds"] = dict(gate_thresholds)
+    if postprocessing:
+        document["postprocessing"] = dict(postprocessing)
+    if triton_backend is not None:
+        repository = root / "repository"
+        document["triton"] = {
+            "backend": triton_backend, "patch_models": dict(triton_patch_models or {}),
+            "volume_model": name,
+            "files": {p.relative_to(root).as_posix(): file_digest(p)
+                      for p in sorted(repository.rglob("*")) if p.is_file()}}
+    path = root / MODEL_JSON
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path

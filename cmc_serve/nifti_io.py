@@ -37,6 +37,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
+from cmc_common.errors import CmcError
 from cmc_common.files import atomic_write
 from cmc_serve.compatibility import CompatibilityError, parse_axis_codes
 from cmc_serve.volume import Volume, axcodes
@@ -52,7 +53,7 @@ _CODE_AXES = {"L": (0, -1.0), "R": (0, 1.0), "P": (1, -1.0), "A": (1, 1.0), "I":
               "S": (2, 1.0)}
 
 
-class NiftiError(ValueError):
+class NiftiError(CmcError, ValueError):
     """A NIfTI file that cannot be used as a segmentation input or output."""
 
 

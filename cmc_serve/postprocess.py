@@ -31,10 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.errors import CmcError
+
 OPS = ("largest_component", "remove_small")
 
 
-class PostprocessError(ValueError):
+class PostprocessError(CmcError, ValueError):
     """A post-processing record that cannot be applied (the message says which entry)."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from cmc_common.errors import CmcError
 from cmc_serve.volume import Grid, Volume
 
 # MONAI's tolerance for "same spacing" and "affine unchanged" (monai.data.utils.AFFINE_TOL).
@@ -36,7 +37,7 @@ _AXIS_TOL = 1e-6
 _SLAB_VOXELS = 1 << 22
 
 
-class PreprocessError(ValueError):
+class PreprocessError(CmcError, ValueError):
     """Pre-processing settings or inputs that cannot be honoured."""
 
 
@@ -54,7 +55,7 @@ class PreparedVolume:
 
     @property
     def grid(self) -> Grid:
-        return Grid(tuple(self.array.shape), self.affine)  # type: ignore[arg-type]
+        return Grid(tuple(self.array.shape), self.affine)
 
 
 # --- settings -------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cmc_common.contract import check_overlap
+
 # Blending weights below this fraction of the peak are raised to it (MONAI uses the same
 # 1e-3 floor), so that voxels only seen by tile corners keep a usable weight even with
 # float16 accumulators.
@@ -29,8 +31,7 @@ def axis_starts(size: int, patch: int, overlap: float) -> list[int]:
     """
     if size < 1 or patch < 1:
         raise ValueError(f"axis size {size} and patch {patch} must be positive")
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    check_overlap(overlap)
     if size <= patch:
         return [-((patch - size) // 2)]
     target_step = max(1, round(patch * (1.0 - overlap)))

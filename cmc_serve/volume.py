@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cmc_common.errors import CmcError
+
 # Flips the x and y axes: DICOM/ITK world is LPS, NIfTI/MONAI world is RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class VolumeError(ValueError):
+class VolumeError(CmcError, ValueError):
     """A volume whose array or affine cannot describe a 3D image."""
 
 
@@ -89,7 +91,7 @@ class Volume:
 
     @property
     def grid(self) -> Grid:
-        return Grid(tuple(self.array.shape), self.affine)  # type: ignore[arg-type]
+        return Grid(tuple(self.array.shape), self.affine)
 
     @property
     def shape(self) -> tuple[int, int, int]:

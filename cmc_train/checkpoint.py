@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from cmc_common.errors import CmcError
 from cmc_common.files import atomic_write
 from cmc_train import __version__
 from cmc_train.config import ModelConfig, PreprocessConfig
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1
 _METADATA_KEYS = ("cmc_version", "model", "modalities", "classes", "preprocessing", "training")
 
 
-class CheckpointError(Exception):
+class CheckpointError(CmcError):
     """A file is not a readable CMC checkpoint of a supported version (message names the file)."""
 
 

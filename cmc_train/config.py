@@ -170,12 +170,12 @@ class PreprocessConfig:
                    normalisation={k: dict(v) for k, v in d.get("normalisation", {}).items()})
 
 
-SCHEDULES = ("authors", "sigmoid")  # consistency-weight schedules (method.md, 'Losses')
+SCHEDULES = ("authors", "sigmoid")  # consistency-weight schedules (docs/METHOD.md, 'Losses')
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and semi-supervised schedule (method.md, 'Training protocol')."""
+    """Optimisation and semi-supervised schedule (docs/METHOD.md, 'Training protocol')."""
 
     steps: int = 250
     batch_labelled: int = 2
@@ -188,10 +188,8 @@ class TrainConfig:
     w_csc: float = 0.1
     # CAC compares the predictions of independently drawn unlabelled CT and MR crops (other
     # subjects, other places on unpaired data), so it can never be met; at 0.5 it was as
-    # large as the supervised loss and CMC lost to supervised fusion. bench/quality.py, 10 %
-    # labels, 3 seeds, 180 steps (BENCHMARKS.md): w_cac 0.5 CT/MR Dice 0.810/0.796, 0.1
-    # 0.886/0.827, 0 0.885/0.812, supervised fusion 0.815/0.816 (at 360 steps fusion has
-    # converged and CMC with 0.1 is no better: 0.931/0.885 vs 0.932/0.899).
+    # large as the supervised loss and CMC lost to supervised fusion; 0.1 did best
+    # (bench/quality.py; the Dice of each weight in BENCHMARKS.md, "Why w_cac 0.1").
     w_cac: float = 0.1
     csc_temperature: float = 0.5
     use_csc: bool = True

@@ -7,10 +7,14 @@ Modes:
 - "a" / "b" (single modality): every labelled volume of that modality, its image fed to both
   branches, compared with its own label.
 - "fused": every case with both modalities. The prediction is made on modality a's grid and
-  compared with a's label (so fused scores are against modality a's reference); b's pre-processed image is resampled onto a's grid by world (RAS)
-  position, trilinear, border values beyond b's field of view (as `cmc segment` does). No
-  registration is attempted: where the two scans are not aligned (different sessions, the
-  synthetic study's "patient moved"), fused Dice measures how the model copes with that.
+  compared with a's label; b's pre-processed image is resampled onto a's pre-processed grid
+  by world (RAS) position, trilinear, border values beyond b's field of view. `cmc segment`
+  differs in order and fill: it resamples b's raw image into a's world grid before
+  pre-processing and fills beyond b's field of view with b's minimum
+  (`cmc_serve.preprocess.resample_to_reference`), so near the edge of b's field of view the
+  two can disagree. No registration is attempted: where the two scans are not aligned
+  (different sessions, the synthetic study's "patient moved"), fused Dice measures how the
+  model copes with that.
 
 Post-processing (`cmc_serve.postprocess`): the checkpoint's recorded choice is applied
 before scoring unless asked not to, so the numbers are those `cmc segment` will give;
@@ -32,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cmc_common.contract import MODES
+from cmc_common.errors import CmcError
 from cmc_serve import postprocess
 from cmc_train.checkpoint import load_model
 from cmc_train.config import PreprocessConfig
@@ -42,12 +48,12 @@ from cmc_train.metrics import per_class_metrics
 from cmc_train.network import CMCNet
 from cmc_train.postprocess_choice import CasePrediction, choose_operations
 from cmc_train.progress import Reporter
-from cmc_train.sliding_window import MODES, predict_labels
+from cmc_train.sliding_window import predict_labels
 
 _AFFINE_TOL = 1e-3
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CmcError, ValueError):
     """Evaluation cannot run on these inputs (message names the file and the problem)."""
 
 

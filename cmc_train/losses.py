@@ -1,4 +1,4 @@
-"""CMC losses and consistency-weight schedules (method.md, 'Losses').
+"""CMC losses and consistency-weight schedules (docs/METHOD.md, 'Losses').
 
 - supervised: cross-entropy + soft Dice over the softmax (labelled samples, per modality);
 - CSC: channel-wise NT-Xent between the two modalities' neck features, computed with one

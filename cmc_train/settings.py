@@ -19,6 +19,7 @@ import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+from cmc_common.errors import CmcError
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.normalisation import parse_normalisation
 
@@ -30,7 +31,7 @@ NORMALISATION = "preprocess.normalisation"
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
-class SettingError(ValueError):
+class SettingError(CmcError, ValueError):
     """A KEY=VALUE that names no setting or does not parse (the message quotes it)."""
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from cmc_common.contract import MODES
+
 if TYPE_CHECKING:
     from cmc_train.network import CMCNet
-
-MODES = ("fused", "a", "b")
 
 
 def predict_probs(

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cmc_common.contract import ROLES
+from cmc_common.errors import CmcError
 from cmc_train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -57,10 +59,9 @@ LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
-SINGLE_MODALITIES = ("a", "b")
 
 
-class TrainError(Exception):
+class TrainError(CmcError):
     """A training run cannot start or resume (message names the file and the problem)."""
 
 
@@ -85,7 +86,7 @@ class Ablation:
     single_modality: str | None = None
 
     def __post_init__(self) -> None:
-        if self.single_modality not in (None, *SINGLE_MODALITIES):
+        if self.single_modality not in (None, *ROLES):
             raise ValueError(f"single_modality must be 'a' or 'b', got {self.single_modality!r}")
 
 
@@ -319,7 +320,7 @@ class _Run:
 
 
 def _validation_modes(ablation: Ablation) -> Sequence[str]:
-    return SINGLE_MODALITIES if ablation.single_modality is None else (ablation.single_modality,)
+    return ROLES if ablation.single_modality is None else (ablation.single_modality,)
 
 
 def _loss_text(record: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Test helpers for `cmc listen`: the node as a real process, studies, and a DICOM sender.
 
-The node runs as `python -m cli.main listen ...` in a subprocess, so tests can stop it with
+The node runs as `python -m cmc_cli.main listen ...` in a subprocess, so tests can stop it with
 SIGTERM or kill it with SIGKILL like an operator (or the OOM killer) would. Studies are the
 two-ball CT + MR phantom of segment_fixtures (real DICOM files, known answer). Every wait is
 bounded.
@@ -79,7 +79,7 @@ class Node:
         self.process: subprocess.Popen[bytes] | None = None
 
     def args(self) -> list[str]:
-        args = [sys.executable, "-m", "cli.main", "listen", "--model", str(self.model),
+        args = [sys.executable, "-m", "cmc_cli.main", "listen", "--model", str(self.model),
                 "--port", str(self.port), "--spool", str(self.spool), "--ae-title",
                 self.ae_title, "--study-timeout", str(self.study_timeout),
                 "--runtime", "onnxruntime", "--retry-delay", "0.5", *self.extra]

@@ -11,7 +11,6 @@ silently feeds the channels in the wrong order fails the tests.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import pydicom.data
 from dicom_factory import ROOT_UID, SeriesSpec, make_dataset
 from onnx import TensorProto, helper, numpy_helper
 from pydicom.uid import MRImageStorage, generate_uid
+
+from cmc_common.contract import MODES
 
 CLASSES = ["background", "bright_a", "bright_b"]
 PATCH = 16
@@ -77,33 +78,29 @@ def patch_graph(mode: str) -> onnx.ModelProto:
     return model
 
 
-def make_model_dir(root: Path, modes: tuple[str, ...] = ("fused", "a", "b"),
+def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
                    format_version: int = 1, checksums: bool = True) -> Path:
     """Write MODEL_DIR (cmc.json + onnx/<mode>_fp32.onnx) for the threshold model; with
     `checksums` each graph entry records its file's size and sha256 as `cmc export` does
     (False: a cmc.json of an export made before checksums existed)."""
-    from cmc_serve.model_dir import file_digest
+    from cmc_serve.model_dir import graph_entry, write_model_json
 
     (root / "onnx").mkdir(parents=True, exist_ok=True)
     graphs = []
     for mode in modes:
         rel = f"onnx/{mode}_fp32.onnx"
         onnx.save(patch_graph(mode), str(root / rel))
-        graphs.append({"mode": mode, "runtime": "onnxruntime", "precision": "fp32", "file": rel,
-                       "inputs": ["image_a", "image_b"] if mode == "fused"
-                       else [f"image_{mode}"], "output": "probs", "gate": {}})
-        if checksums:
-            graphs[-1]["files"] = {rel: file_digest(root / rel)}
-    meta = {"format": "cmc-model", "format_version": format_version, "cmc_version": "0.1.0",
-            "name": "cmc-test", "modalities": ["ct", "mr"], "classes": CLASSES,
-            "patch_size": [PATCH] * 3, "max_batch": 4,
-            "preprocessing": {"modalities": ["ct", "mr"], "spacing": list(SPACING),
-                              "orientation": "RAS",
-                              "normalisation": {"ct": {"kind": "ct_window", "low": -175.0,
-                                                       "high": 250.0},
-                                                "mr": {"kind": "zscore_nonzero"}}},
-            "checkpoint_sha256": "0" * 64, "graphs": graphs}
-    (root / "cmc.json").write_text(json.dumps(meta, indent=2))
+        graphs.append(graph_entry(mode, "onnxruntime", "fp32", rel))
+    write_model_json(
+        root, name="cmc-test", cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
+        patch_size=[PATCH] * 3, max_batch=4,
+        preprocessing={"modalities": ["ct", "mr"], "spacing": list(SPACING),
+                       "orientation": "RAS",
+                       "normalisation": {"ct": {"kind": "ct_window", "low": -175.0,
+                                                "high": 250.0},
+                                         "mr": {"kind": "zscore_nonzero"}}},
+        checkpoint_sha256="0" * 64, graphs=graphs, checksums=checksums,
+        format_version=format_version)
     return root
 
 
@@ -233,7 +230,7 @@ def run_cli(*args: object) -> Any:
     """Run `cmc ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cmc_cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

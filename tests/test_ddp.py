@@ -31,7 +31,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "cli.main", "train", "--data", str(study), "--out", str(run_dir),
+         "-m", "cmc_cli.main", "train", "--data", str(study), "--out", str(run_dir),
          "--config", str(config), "--no-progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,8 +18,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import cmc_serve.runtimes.precision as precision_module
-from cmc_serve.engine import Segmenter, SegmentError
-from cmc_serve.model_dir import ModelDirError, ModelInfo
+from cmc_common.contract import MODES
+from cmc_serve.engine import Segmenter, SegmenterInputError
+from cmc_serve.model_dir import ModelDirError, ModelInfo, graph_entry, write_model_json
 from cmc_serve.runtimes import RuntimeUnavailable, open_runtime
 from cmc_serve.runtimes.openvino_rt import unsupported_reason
 from cmc_serve.runtimes.precision import choose_precision
@@ -64,7 +65,7 @@ def build_graph(mode: str, kernels: dict[str, np.ndarray]) -> onnx.ModelProto:
     return model
 
 
-def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = ("fused", "a", "b"),
+def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = MODES,
                     openvino: bool = True, gated_half: tuple[str, ...] = ()) -> Path:
     """A model dir of a pointwise-softmax graph; `gated_half`: OpenVINO half precisions
     listed as gated (on the fp32 IR, as `cmc export` lists them)."""
@@ -77,24 +78,20 @@ def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = ("fus
     (root / "onnx").mkdir(parents=True)
     (root / "openvino").mkdir()
     for mode in modes:
-        inputs = ["image_a", "image_b"] if mode == "fused" else [f"image_{mode}"]
         onnx_file = f"onnx/{mode}_fp32.onnx"
         onnx.save(build_graph(mode, kernels), root / onnx_file)
-        graphs.append({"mode": mode, "runtime": "onnxruntime", "precision": "fp32",
-                       "file": onnx_file, "inputs": inputs, "output": "probs", "gate": {}})
+        graphs.append(graph_entry(mode, "onnxruntime", "fp32", onnx_file))
         if openvino:
             xml = f"openvino/{mode}_fp32.xml"
             ov.save_model(ov.convert_model(str(root / onnx_file)), str(root / xml),
                           compress_to_fp16=False)
-            graphs += [{"mode": mode, "runtime": "openvino", "precision": precision,
-                        "file": xml, "inputs": inputs, "output": "probs"}
+            graphs += [graph_entry(mode, "openvino", precision, xml)
                        for precision in ("fp32", *gated_half)]
-    meta = {"format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": "test",
-            "modalities": ["ct", "mr"], "classes": ["background", "liver", "kidney"],
-            "patch_size": [P, P, P], "max_batch": MAX_BATCH,
-            "preprocessing": {"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
-            "checkpoint_sha256": "0" * 64, "graphs": graphs}
-    (root / "cmc.json").write_text(json.dumps(meta))
+    write_model_json(root, name="test", cmc_version="0.1.0", modalities=["ct", "mr"],
+                     classes=["background", "liver", "kidney"], patch_size=[P, P, P],
+                     max_batch=MAX_BATCH,
+                     preprocessing={"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
+                     checkpoint_sha256="0" * 64, graphs=graphs)
     return root
 
 
@@ -279,21 +276,21 @@ def test_bad_inputs_are_clear_errors(model_dir: Path, images: tuple[np.ndarray, 
     nan = a.copy()
     nan[20, 3, 3] = np.nan
     with Segmenter(model_dir, runtime="onnxruntime") as seg:
-        with pytest.raises(SegmentError, match=r"image_a contains NaN.*slices 16\.\.28"):
+        with pytest.raises(SegmenterInputError, match=r"image_a contains NaN.*slices 16\.\.28"):
             seg.segment(nan, b)
-        with pytest.raises(SegmentError, match="image shapes differ"):
+        with pytest.raises(SegmenterInputError, match="image shapes differ"):
             seg.segment(a, b[:-1])
-        with pytest.raises(SegmentError, match=r"\[D, H, W\] volume"):
+        with pytest.raises(SegmenterInputError, match=r"\[D, H, W\] volume"):
             seg.segment(a[0], b[0])
-        with pytest.raises(SegmentError, match=r"mode 'fused' needs.*missing \['image_b'\]"):
+        with pytest.raises(SegmenterInputError, match=r"mode 'fused' needs.*missing \['image_b'\]"):
             seg.segment(a, None, mode="fused")
-        with pytest.raises(SegmentError, match="unknown mode"):
+        with pytest.raises(SegmenterInputError, match="unknown mode"):
             seg.segment(a, b, mode="both")
     partial = write_model_dir(tmp_path / "fused_only", 1, modes=("fused", "a"), openvino=False)
     with Segmenter(partial, runtime="onnxruntime") as seg:
-        with pytest.raises(SegmentError, match=r"mode 'b' is not exported.*\['fused', 'a'\]"):
+        with pytest.raises(SegmenterInputError, match=r"mode 'b' is not exported.*\['fused', 'a'\]"):
             seg.segment(a, b, mode="b")
-        with pytest.raises(SegmentError, match="no exported mode"):
+        with pytest.raises(SegmenterInputError, match="no exported mode"):
             seg.segment(None, b)
     with pytest.raises(ValueError, match="batch size 9 outside 1..4"):
         Segmenter(model_dir, runtime="onnxruntime", batch_size=9).segment(a, b)
@@ -422,6 +419,46 @@ def test_unknown_choices_are_value_errors(model_dir: Path) -> None:
         with pytest.raises(ValueError, match="unknown"):
             open_runtime(info, "fused", **kwargs)
 
+
+def test_segmenter_takes_a_loaded_model_info(model_dir: Path,
+                                             images: tuple[np.ndarray, np.ndarray]) -> None:
+    """A caller that has the ModelInfo already (a `cmc segment` run) hands it over: it is used
+    as is, not read again, and segments exactly as the model directory does."""
+    a, b = images
+    info = ModelInfo.load(model_dir)
+    with Segmenter(info, runtime="onnxruntime") as given, \
+            Segmenter(model_dir, runtime="onnxruntime") as loaded:
+        assert given.model is info
+        np.testing.assert_array_equal(given.segment(a, b).labels, loaded.segment(a, b).labels)
+
+
+def test_triton_is_a_runtime_that_needs_its_server(model_dir: Path) -> None:
+    """runtime "triton" goes through the same selection as the local runtimes; the server
+    URL is given exactly when it is used."""
+    info = ModelInfo.load(model_dir)
+    with pytest.raises(RuntimeUnavailable, match="--runtime triton needs --server"):
+        open_runtime(info, "fused", runtime="triton")
+    with pytest.raises(RuntimeUnavailable, match="--server is only used with --runtime triton"):
+        open_runtime(info, "fused", runtime="onnxruntime", server="grpc://127.0.0.1:8001")
+    with pytest.raises(RuntimeUnavailable, match="--runtime triton needs --server"):
+        Segmenter(info, runtime="triton")
+
+
+
+def test_one_overlap_limit_for_the_api_the_engine_and_the_tiling(model_dir: Path) -> None:
+    """`cmc segment --overlap`, `SegmentOptions`, `Segmenter` and `TileGrid` accept the same
+    range, 0 to MAX_OVERLAP (0.95)."""
+    from cmc_common.contract import MAX_OVERLAP
+    from cmc_serve.pipeline.api import SegmentOptionError, SegmentOptions
+
+    too_much = MAX_OVERLAP + 0.01
+    with pytest.raises(SegmentOptionError, match="0.95"):
+        SegmentOptions(overlap=too_much)
+    with pytest.raises(ValueError, match="0.95"):
+        Segmenter(model_dir, overlap=too_much)
+    with pytest.raises(ValueError, match="0.95"):
+        TileGrid.build((20, 20, 20), (P, P, P), too_much)
+    assert len(TileGrid.build((20, 20, 20), (P, P, P), MAX_OVERLAP)) > 0
 
 @pytest.mark.gpu
 def test_onnxruntime_cuda_matches_cpu(model_dir: Path, images: tuple[np.ndarray, np.ndarray]) -> None:

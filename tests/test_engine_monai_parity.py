@@ -21,7 +21,6 @@ in the test budget (18 instead of 60 tiles per side).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices  # noqa:
 from monai.inferers import sliding_window_inference  # noqa: E402
 
 from cmc_serve.engine import Segmenter  # noqa: E402
+from cmc_serve.model_dir import graph_entry, write_model_json  # noqa: E402
 from cmc_serve.tiling import axis_starts, gaussian_importance  # noqa: E402
 from cmc_train.config import model_config  # noqa: E402
 
@@ -63,13 +63,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
                           input_names=["image_a", "image_b"], output_names=["probs"],
                           dynamic_axes={n: {0: "batch"} for n in ("image_a", "image_b", "probs")},
                           opset_version=17, dynamo=False)
-    meta = {"format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": "tiny",
-            "modalities": ["ct", "mr"], "classes": [f"c{i}" for i in range(K)],
-            "patch_size": [ROI] * 3, "max_batch": 4, "preprocessing": {},
-            "graphs": [{"mode": "fused", "runtime": "onnxruntime", "precision": "fp32",
-                        "file": "onnx/fused_fp32.onnx", "inputs": ["image_a", "image_b"],
-                        "output": "probs"}]}
-    (root / "cmc.json").write_text(json.dumps(meta))
+    write_model_json(root, name="tiny", cmc_version="0.1.0", modalities=["ct", "mr"],
+                     classes=[f"c{i}" for i in range(K)], patch_size=[ROI] * 3, max_batch=4,
+                     preprocessing={},
+                     graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")])
     return net, root
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_train.checkpoint import build_metadata, save_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig
 from cmc_train.data.datalist import Datalist

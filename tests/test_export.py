@@ -15,7 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.exporter import export, sha256_file
 from cmc_export.gates import Thresholds
@@ -249,5 +249,5 @@ def test_cli_reports_errors_in_one_line(ckpt: Path, tmp_path: Path) -> None:
     (tmp_path / "model").mkdir()
     result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "model"),
                                       "--format", "onnx", "--precision", "fp32"])
-    assert result.exit_code == 1
-    assert "cmc export: " in result.output and "pass --force" in result.output
+    assert result.exit_code == 2
+    assert "cmc export: error: " in result.output and "pass --force" in result.output

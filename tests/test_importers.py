@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.importers import (
     DatasetLayoutError,

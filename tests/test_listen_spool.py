@@ -15,7 +15,7 @@ import segment_fixtures as fx
 from orthanc_fixture import free_port
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_serve.node.spool import DELIVERING, SEGMENTING, Delivery, Spool, SpoolError
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import cli.train_cmd
-from cli.main import app
+import cmc_cli.train_cmd
+from cmc_cli.main import app
 from cmc_train.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.network import build_cmc
@@ -107,7 +107,7 @@ def test_default_threads_leave_a_core_free(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_help_lists_every_setting_and_normalisation() -> None:
-    assert cli.train_cmd.SETTING_KEYS == tuple(setting_keys())
+    assert cmc_cli.train_cmd.SETTING_KEYS == tuple(setting_keys())
     text = CliRunner().invoke(app, ["train", "--help"], env=WIDE).output
     for key in (*setting_keys(), "ct-abdomen", "ct-brain", "zscore", "percentile",
                 "--val-every", "--threads"):

@@ -17,7 +17,7 @@ import segment_fixtures as fx
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_serve.model_dir import ModelDirError, ModelInfo
 from cmc_serve.postprocess import PostprocessError, apply, check_record, clean_class
 from cmc_train.checkpoint import (

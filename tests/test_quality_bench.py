@@ -4,14 +4,13 @@ and datalists that would not make a fair ratio curve are refused before any trai
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from quality_bench.plan import BenchmarkError, parse_datalists
 
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.synth import write_synthetic_study
@@ -20,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "quality.py"
 # Class names unlike the generator's, to show the report takes them from the datalist.
 CLASSES = ["background", "organ1", "organ2", "organ3", "organ4"]
-
-
-@pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    """bench/quality.py imported as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -111,12 +99,12 @@ def test_datalist_options_of_generated_studies_are_refused(datalists: dict[int, 
     ("34={a}|34={b}", "ratio 34 given twice"),
     ("34={missing}", "cannot read datalist"),
 ])
-def test_malformed_datalist_options_are_refused(bench: ModuleType, datalists: dict[int, Path],
+def test_malformed_datalist_options_are_refused(datalists: dict[int, Path],
                                                 tmp_path: Path, pair: str, problem: str) -> None:
     pairs = pair.format(a=datalists[34], b=datalists[100],
                         missing=tmp_path / "none.json").split("|")
-    with pytest.raises(bench.BenchmarkError, match=problem):
-        bench.parse_datalists(pairs)
+    with pytest.raises(BenchmarkError, match=problem):
+        parse_datalists(pairs)
 
 
 @pytest.mark.parametrize("change, problem", [
@@ -125,7 +113,7 @@ def test_malformed_datalist_options_are_refused(bench: ModuleType, datalists: di
     ({"unlabelled": []}, "training cases differ from"),
 ])
 def test_datalists_that_differ_beyond_their_labels_are_refused(
-        bench: ModuleType, datalists: dict[int, Path], tmp_path: Path,
+        datalists: dict[int, Path], tmp_path: Path,
         change: dict[str, object], problem: str) -> None:
     data = json.loads(datalists[34].read_text())
     root = datalists[34].parent
@@ -137,5 +125,5 @@ def test_datalists_that_differ_beyond_their_labels_are_refused(
                  for key, value in change.items()})
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
-    with pytest.raises(bench.BenchmarkError, match=f"{other}: {problem}"):
-        bench.parse_datalists([f"34={datalists[34]}", f"50={other}"])
+    with pytest.raises(BenchmarkError, match=f"{other}: {problem}"):
+        parse_datalists([f"34={datalists[34]}", f"50={other}"])

@@ -34,11 +34,6 @@ AFFINE = fx.ras_affine(fx.SPACING, SHAPE)
 NO_OUTPUT = [".cmc-output", "failures.csv", "report.html", "report.json"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_dir(tmp_path_factory.mktemp("model"))
-
-
 def _run(*args: object) -> object:
     return fx.segment(*args, "--runtime", "onnxruntime")
 

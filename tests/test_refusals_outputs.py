@@ -20,7 +20,7 @@ import pydicom
 import pytest
 import segment_fixtures as fx
 
-from cmc_serve.model_dir import file_digest
+from cmc_serve.model_dir import ModelInfo, graph_entry, write_model_json
 
 SHAPE = (14, 12, 10)
 AFFINE = fx.ras_affine((2.0, 2.0, 2.0), SHAPE)
@@ -41,14 +41,14 @@ def _model_with_openvino(root: Path, checksums: bool = True) -> Path:
     xml.parent.mkdir()
     ov.save_model(ov.convert_model(str(root / "onnx" / "a_fp32.onnx")), str(xml),
                   compress_to_fp16=False)
-    meta = json.loads((root / "cmc.json").read_text())
-    entry = {**meta["graphs"][0], "runtime": "openvino", "file": "openvino/a_fp32.xml"}
-    entry.pop("files", None)
-    if checksums:
-        entry["files"] = {rel: file_digest(root / rel)
-                          for rel in ("openvino/a_fp32.xml", "openvino/a_fp32.bin")}
-    meta["graphs"].append(entry)
-    (root / "cmc.json").write_text(json.dumps(meta, indent=2))
+    info = ModelInfo.load(root)
+    write_model_json(root, name=info.name, cmc_version=info.cmc_version,
+                     modalities=info.modalities, classes=info.classes,
+                     patch_size=info.patch_size, max_batch=info.max_batch,
+                     preprocessing=info.preprocessing, checkpoint_sha256=info.checkpoint_sha256,
+                     graphs=[graph_entry("a", "onnxruntime", "fp32", "onnx/a_fp32.onnx"),
+                             graph_entry("a", "openvino", "fp32", "openvino/a_fp32.xml")],
+                     checksums=checksums)
     return root
 
 
@@ -145,8 +145,8 @@ def test_export_records_size_and_sha256_of_every_graph_file_and_copy(tmp_path: P
     (copy,) = (out / "repository").rglob("a_fp32.bin")
     copy.write_bytes(bytes(copy.stat().st_size))
     r = fx.run_cli("serve", out)
-    assert r.exit_code == 1
-    assert f"error: {copy}: sha256 " in r.stderr and "damaged" in r.stderr
+    assert r.exit_code == 2
+    assert f"cmc serve: error: {copy}: sha256 " in r.stderr and "damaged" in r.stderr
 
 
 # ------------------------------------------------------------------ 5: file modes
@@ -286,7 +286,7 @@ def test_three_concurrent_shards_into_one_out_keep_every_record(tmp_path: Path) 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "segment", str(tmp_path / "in"), "-o", str(out),
+        [sys.executable, "-m", "cmc_cli.main", "segment", str(tmp_path / "in"), "-o", str(out),
          "--model", str(model), "--runtime", "onnxruntime", "--shard", f"{i}/3"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in (1, 2, 3)]

@@ -24,11 +24,6 @@ AFFINE = fx.ras_affine((2.0, 2.0, 2.0), SHAPE)
 UID = "1.2.826.0.1.3680043.8.498.555"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_dir(tmp_path_factory.mktemp("model"))
-
-
 def _error_line(stderr: str, fragment: str) -> str:
     lines = [line for line in stderr.splitlines() if fragment in line]
     assert lines, stderr

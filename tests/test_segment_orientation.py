@@ -16,11 +16,6 @@ BASE = fx.ras_affine((2.0, 2.0, 2.0), SHAPE)
 VARIANTS = {"RAS": "RAS", "LPS": "LPS", "permuted": "SRA", "flipped": "RAI"}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_dir(tmp_path_factory.mktemp("model"))
-
-
 def _reoriented(codes: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ct, mr, affine) of the phantom on the base grid stored with axis codes `codes`."""
     ornt = nio.ornt_transform(nio.axcodes2ornt("RAS"), nio.axcodes2ornt(codes))

@@ -22,12 +22,7 @@ import segment_fixtures as fx
 from dicom_factory import SeriesSpec
 from PIL import Image
 
-pytest_plugins = ["triton_fixture"]  # triton_install: a local tritonserver (marker triton)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_dir(tmp_path_factory.mktemp("model"))
+from cmc_common.contract import MODES
 
 
 def _ct_mr_nifti(folder: Path) -> tuple[Path, Path, np.ndarray, tuple[int, int, int]]:
@@ -333,7 +328,7 @@ def test_cli_runs_without_torch(tmp_path: Path, model_dir: Path) -> None:
     image = fx.write_nifti(tmp_path / "c.nii.gz", fx.phantom(shape, aff, "ct"), aff)
     code = ("import sys\n"
             "for m in ('torch', 'monai', 'cmc_train', 'cmc_export'): sys.modules[m] = None\n"
-            "from cli.main import app\n"
+            "from cmc_cli.main import app\n"
             f"app(['segment', {str(image)!r}, '-o', {str(tmp_path / 'out')!r}, "
             f"'--model', {str(model_dir)!r}, '--preview', '--statistics'])\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -353,7 +348,7 @@ def test_triton_runtime_gives_the_local_result(tmp_path: Path, triton_install: o
 
     model = fx.make_model_dir(tmp_path / "model")
     graphs = [PatchGraph(mode, "onnxruntime", "fp32", model / "onnx" / f"{mode}_fp32.onnx")
-              for mode in ("fused", "a", "b")]
+              for mode in MODES]
     write_repository(model / "repository", "cmc-test", "python", graphs, fx.PATCH,
                      len(fx.CLASSES), 4)
     a, b, _, _ = _ct_mr_nifti(tmp_path / "in")

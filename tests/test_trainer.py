@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from cmc_cli.main import app
 from cmc_train.checkpoint import load_checkpoint, load_model
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.network import build_cmc
@@ -172,9 +172,9 @@ def test_cli_refuses_bad_options(study: Path, tmp_path: Path) -> None:
 
 
 def test_cli_lists_match_the_config() -> None:
-    """cli/train_cmd.py spells out the preset and schedule names (it must import without
+    """cmc_cli/train_cmd.py spells out the preset and schedule names (it must import without
     cmc_train on a serving host); they must stay the ones cmc_train.config knows."""
-    from cli import train_cmd
+    from cmc_cli import train_cmd
     from cmc_train.config import MODEL_PRESETS, SCHEDULES, TRAIN_PRESETS
 
     assert train_cmd.PRESETS == tuple(MODEL_PRESETS) == tuple(TRAIN_PRESETS)

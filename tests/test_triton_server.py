@@ -24,7 +24,6 @@ import pytest
 
 from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelInfo
-from cmc_serve.pipeline.engine_factory import TritonSegmenter
 from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
 from cmc_serve.runtimes.precision import choose_precision
@@ -51,7 +50,6 @@ from cmc_serve.triton.server import (
 ROOT = Path(__file__).resolve().parents[1]
 OPENVINO_PATCH = "cmc_patch_openvino"  # triton_fixture.OPENVINO_PATCH
 OPENVINO_AUTO_PATCH = "cmc_patch_openvino_auto"  # triton_fixture.OPENVINO_AUTO_PATCH
-pytest_plugins = ["triton_fixture"]  # triton_install, tiny_model_dir, triton_server
 
 
 def fp16_exact(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -109,7 +107,8 @@ def test_client_and_server_side_tiling_match_local_engine(
     assert expected.probs is not None
     assert len(np.unique(expected.labels)) == 3  # a non-trivial segmentation
 
-    with TritonSegmenter(tiny_model_dir, f"grpc://{triton_server.grpc_url}") as remote:
+    with Segmenter(tiny_model_dir, runtime="triton",
+                   server=f"grpc://{triton_server.grpc_url}") as remote:
         client_side = remote.segment(image_a, image_b)
     np.testing.assert_array_equal(client_side.labels, expected.labels)
 
@@ -311,7 +310,7 @@ def test_cmc_serve_starts_prints_endpoints_and_stops_on_sigterm(
     log = tmp_path / "serve.log"  # a file: the forwarded server log must never block on a pipe
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", str(tiny_model_dir),
+            [sys.executable, "-m", "cmc_cli.main", "serve", str(tiny_model_dir),
              "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:

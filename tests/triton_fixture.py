@@ -3,7 +3,7 @@
 A tiny but real exported model directory is built: a two-input ONNX graph made with
 onnx.helper (concat -> 3x3x3 conv -> softmax, fixed random weights, 16^3 patches, 3
 classes), its cmc.json, and the Triton repository that `cmc export` writes for it
-(cmc_export.triton_repository, python backend, the model code of model_repository/), plus
+(cmc_export.triton_repository, python backend, the model code of cmc_model_repository/), plus
 the same patch graph on OpenVINO with FP16 inputs. The server comes from $CMC_TRITON_PREFIX or `<repo>/.triton`
 (`make .triton/.ready`); if it is missing the fixture prepares it, and skips only if that is
 impossible here.
@@ -11,7 +11,6 @@ impossible here.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from cmc_export.triton_repository import PatchGraph, write_repository
+from cmc_serve.model_dir import graph_entry, write_model_json
 from cmc_serve.triton.server import PREFIX_ENV, TritonInstall, TritonServer, TritonSetupError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,17 +64,11 @@ def write_tiny_onnx(path: Path, seed: int = 0) -> None:
 def write_model_dir(root: Path) -> Path:
     """An exported-model directory (cmc.json + onnx graph + Triton repository)."""
     write_tiny_onnx(root / "onnx" / "fused_fp32.onnx")
-    cmc_json = {
-        "format": "cmc-model", "format_version": 1, "cmc_version": "0.1.0", "name": NAME,
-        "modalities": ["ct", "mr"], "classes": list(CLASSES),
-        "patch_size": [PATCH] * 3, "max_batch": MAX_BATCH,
-        "preprocessing": {"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "normalisation": {}},
-        "checkpoint_sha256": None,
-        "graphs": [{"mode": "fused", "runtime": "onnxruntime", "precision": "fp32",
-                    "file": "onnx/fused_fp32.onnx", "inputs": ["image_a", "image_b"],
-                    "output": "probs", "gate": {}}],
-    }
-    (root / "cmc.json").write_text(json.dumps(cmc_json, indent=1))
+    write_model_json(
+        root, name=NAME, cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
+        patch_size=[PATCH] * 3, max_batch=MAX_BATCH,
+        preprocessing={"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "normalisation": {}},
+        graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")])
     graph = PatchGraph(mode="fused", runtime="onnxruntime", precision="fp32",
                        file=root / "onnx" / "fused_fp32.onnx")
     write_repository(root / "repository", NAME, "python", [graph], PATCH, len(CLASSES),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from cmc_common.errors import CmcError
 
-class DicomError(ValueError):
+
+class DicomError(CmcError, ValueError):
     """Base of all DICOM input/output errors raised by `cmc_serve.dicom`."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cmc_common.errors import CmcError
 from cmc_serve.node.spool import Delivery
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -33,7 +34,7 @@ NETWORK_TIMEOUT = 30.0  # seconds for connects, DIMSE responses and HTTP request
 _SEND_TO = re.compile(r"^(?P<aet>[^@\s\\]{1,16})@(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
 
 
-class DeliveryError(Exception):
+class DeliveryError(CmcError):
     """One failed send; str() is the one-line reason (destination and what to do)."""
 
 

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from cmc_common.errors import CmcError
 from cmc_serve.node.spool import Spool, valid_uid
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ CANNOT_UNDERSTAND = 0xC000
 TIMEOUTS = {"acse_timeout": 30.0, "dimse_timeout": 60.0, "network_timeout": 120.0}
 
 
-class ListenError(ValueError):
+class ListenError(CmcError, ValueError):
     """The node cannot listen as asked (address, port, allow-list)."""
 
 

@@ -73,8 +73,9 @@ def _say_to_stderr(text: str) -> None:
 
 def _open_segmenter(model: Path, options: SegmentOptions) -> Any:
     """The one Segmenter of the node, after the checks `cmc segment` makes before a run."""
+    from cmc_common.contract import MODES
+    from cmc_serve.engine import Segmenter
     from cmc_serve.model_dir import ModelDirError, ModelInfo
-    from cmc_serve.pipeline.engine_factory import make_segmenter
     from cmc_serve.pipeline.pairing import PairingError, PairingRules
     from cmc_serve.runtimes import RuntimeUnavailable
 
@@ -82,14 +83,15 @@ def _open_segmenter(model: Path, options: SegmentOptions) -> Any:
         info = ModelInfo.load(model)
         if options.pairing:
             PairingRules.from_yaml(options.pairing, info.modalities)
-        segmenter = make_segmenter(model, options.runtime, options.device, options.precision,
-                                   options.overlap, options.tta, options.server)
+        segmenter = Segmenter(info, runtime=options.runtime, device=options.device,
+                              precision=options.precision, overlap=options.overlap,
+                              tta=options.tta, server=options.server)
     except (ModelDirError, PairingError, RuntimeUnavailable) as exc:
         raise ListenError(str(exc)) from exc
     # Load the graph complete studies use now: a runtime that cannot run here stops the
     # node at start-up, not at its first study; other modes load on first use.
     mode = options.mode if options.mode != "auto" else next(
-        (m for m in ("fused", "a", "b") if m in info.modes), "fused")
+        (m for m in MODES if m in info.modes), "fused")
     try:
         segmenter.runtime_for(mode)
     except RuntimeUnavailable as exc:

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmc_common.errors import CmcError
+
 MARKER = ".cmc-spool"
 LOCK = ".lock"
 STUDY_FILE = "study.json"
@@ -53,7 +55,7 @@ FINISHED = (DONE, FAILED)
 _UID = re.compile(r"^[0-9](?:[0-9.]{0,63})$")
 
 
-class SpoolError(ValueError):
+class SpoolError(CmcError, ValueError):
     """The spool folder cannot be used (not a spool, not writable)."""
 
 

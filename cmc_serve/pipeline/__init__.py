@@ -11,7 +11,6 @@
 - `outputs`, `statistics`, `preview`: the files of a case, written atomically, `done` last.
 - `report`: report.json (versions, engine actually used, timings) and failures.csv.
 - `batch`: the runner (model loaded once, reading overlapped with inference, --continue).
-- `engine_factory`: the Segmenter for the options (local runtime or a Triton server).
 
 Modules import their heavy dependencies lazily; none imports torch.
 """

@@ -1,6 +1,6 @@
 """`cmc segment` as one Python call: `segment(input, out, model, options=...)`.
 
-Data flows one way, CLI -> this function -> files: `cli/segment_cmd.py` only parses the
+Data flows one way, CLI -> this function -> files: `cmc_cli/segment_cmd.py` only parses the
 command line, calls `segment` and maps the result to an exit code, so a script, a notebook
 or a service gets exactly what the command does (same checks, same messages, same files).
 
@@ -28,6 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmc_common.contract import (
+    AUTO,
+    DEVICES,
+    MAX_OVERLAP,
+    MODEL_JSON,
+    MODES,
+    PRECISIONS,
+    SERVING_RUNTIMES,
+)
+from cmc_common.errors import CmcError
 from cmc_serve import __version__
 from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_codes
 from cmc_serve.engine import Segmenter
@@ -35,7 +45,6 @@ from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import library_warnings, outputs, shards
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
-from cmc_serve.pipeline.engine_factory import make_segmenter
 from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
@@ -45,14 +54,7 @@ from cmc_serve.runtimes import RuntimeUnavailable
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from cmc_serve.engine import Segmenter
-
-MODES = ("auto", "fused", "a", "b")
-RUNTIMES = ("auto", "openvino", "onnxruntime", "tensorrt", "triton")
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OUTPUT_TYPES = ("nifti", "dicom-seg")
-MAX_OVERLAP = 0.95
 MAX_JOBS = 16
 
 # The errors of the steps below that refuse a run; each already holds its one-line message.
@@ -60,7 +62,7 @@ _REFUSALS = (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUn
              outputs.OutputError)
 
 
-class SegmentError(Exception):
+class SegmentError(CmcError):
     """The run was refused (nothing written) or its runtime proved unusable; str() is the
     one-line message naming the file or option and the problem."""
 
@@ -128,10 +130,10 @@ class SegmentOptions:
     skip_unreadable: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("runtime", self.runtime, RUNTIMES)
+        _check_choice("mode", self.mode, (AUTO, *MODES))
+        _check_choice("runtime", self.runtime, (AUTO, *SERVING_RUNTIMES))
         _check_choice("device", self.device, DEVICES)
-        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("precision", self.precision, (AUTO, *PRECISIONS))
         if isinstance(self.output_types, str):
             raise SegmentOptionError("output_types", f"{self.output_types!r}: give a tuple of "
                                                      f"{', '.join(OUTPUT_TYPES)}, not a string")
@@ -228,13 +230,13 @@ def segment(input: Path | str, out: Path | str, model: Path | str,
         return _run(input, out, model, input_b, options, console, segmenter)
 
 
-def _open_checked(model: Path, info: ModelInfo, rules: PairingRules, found: list[case_mod.Case],
+def _open_checked(info: ModelInfo, rules: PairingRules, found: list[case_mod.Case],
                   options: SegmentOptions, given: Segmenter | None) -> Segmenter:
     """The run's Segmenter (`given`, or a new one) with the runtime of every mode the cases
     need already open; a new one is closed again if that fails."""
-    segmenter = given or make_segmenter(model, options.runtime, options.device,
-                                        options.precision, options.overlap, options.tta,
-                                        options.server)
+    segmenter = given or Segmenter(info, runtime=options.runtime, device=options.device,
+                                   precision=options.precision, overlap=options.overlap,
+                                   tta=options.tta, server=options.server)
     try:
         for mode in planned_modes(found, info, rules, options.mode):
             segmenter.runtime_for(mode)
@@ -252,7 +254,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
                  else PairingRules.default(info.modalities))
         found = _find_cases(input, input_b, out, options)
-        segmenter = _open_checked(model, info, rules, found, options, given)
+        segmenter = _open_checked(info, rules, found, options, given)
     except _REFUSALS as exc:
         raise SegmentError(str(exc)) from exc
     with segmenter if given is None else nullcontext(segmenter):
@@ -273,7 +275,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
                           highlight=False, markup=False, soft_wrap=True)
             if not info.checksums:
                 console.print("cmc segment: warning: " + unverified_message(
-                    model / "cmc.json", info.cmc_version), highlight=False, markup=False,
+                    model / MODEL_JSON, info.cmc_version), highlight=False, markup=False,
                     soft_wrap=True)
         try:
             BatchRunner(out, info, segmenter, rules, batch, report, console,

@@ -8,8 +8,8 @@ A case is one patient study to segment: up to two images (modality a and b). Acc
 - a folder of NIfTI files: `<case>_0000.nii.gz` / `<case>_0001.nii.gz` (nnU-Net's channel
   suffixes) are modality a / b of one case, any other file is a single-modality case.
 
-Case ids are deterministic and safe as folder names: for DICOM, PatientID, StudyDate and a
-hash of the StudyInstanceUID (two studies of one patient on one day stay apart); for NIfTI,
+Case ids are deterministic and safe as folder names: for DICOM, PatientID and a hash of the
+StudyInstanceUID (two studies of one patient stay apart, no raw UID in paths); for NIfTI,
 the file's path relative to INPUT without its suffix. `--shard I/N` keeps every N-th case of
 the id-sorted list, so N machines given the same input cover every case exactly once.
 """
@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmc_common.errors import CmcError
 from cmc_serve.nifti_io import NIFTI_SUFFIXES, is_nifti_path
 from cmc_serve.pipeline.pairing import SeriesSummary
 
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>000[01])$")
 
 
-class CaseDiscoveryError(ValueError):
+class CaseDiscoveryError(CmcError, ValueError):
     """INPUT holds nothing that can be segmented, or the inputs do not fit together."""
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cmc_common.errors import CmcError
 from cmc_common.files import atomic_write
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ FAILURES = "failures.csv"
 CASE_FILES = (SEG_NIFTI, SEG_SIDECAR, SEG_DICOM, STATISTICS, PREVIEW, DONE)
 
 
-class OutputError(ValueError):
+class OutputError(CmcError, ValueError):
     """OUT cannot be used, or an output failed its checks."""
 
 

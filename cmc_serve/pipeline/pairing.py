@@ -35,7 +35,9 @@ from typing import Any
 
 import yaml
 
-ROLES = ("a", "b")
+from cmc_common.contract import ROLES
+from cmc_common.errors import CmcError
+
 DEFAULT_EXCLUDE = r"(?i)localizer|localiser|scout|topogram|survey|pilot|surview|scanogram"
 
 # Model modality names (cmc.json "modalities") -> DICOM Modality tag values.
@@ -47,7 +49,7 @@ _DICOM_MODALITY = {
 }
 
 
-class PairingError(ValueError):
+class PairingError(CmcError, ValueError):
     """No valid or an ambiguous assignment of series to modalities a/b."""
 
 

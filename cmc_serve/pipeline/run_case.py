@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import AUTO, MODES, ROLES
+from cmc_common.errors import CmcError
 from cmc_serve.compatibility import (
     ASSUME_ORIENTATION,
     ASSUME_REGISTERED,
@@ -35,15 +37,13 @@ from cmc_serve.compatibility import (
 from cmc_serve.model_dir import ModelFileError, ModelInfo
 from cmc_serve.pipeline import library_warnings
 from cmc_serve.pipeline.cases import Case, Source
-from cmc_serve.pipeline.pairing import ROLES, PairingError, PairingRules, pair_series
+from cmc_serve.pipeline.pairing import PairingError, PairingRules, pair_series
 from cmc_serve.pipeline.report import StageTimer
 from cmc_serve.runtimes import RuntimeUnavailable
 from cmc_serve.volume import Volume
 
-MODES = ("auto", "fused", "a", "b")
 
-
-class CaseError(Exception):
+class CaseError(CmcError):
     """A case that cannot be segmented; `stage` says where it stopped."""
 
     def __init__(self, stage: str, message: str) -> None:
@@ -93,7 +93,7 @@ class CaseResult:
 
 def roles_for(mode: str) -> tuple[str, ...]:
     """Roles an inference mode reads; `auto` reads whatever is present."""
-    return ("a", "b") if mode in ("auto", "fused") else (mode,)
+    return ROLES if mode in (AUTO, "fused") else (mode,)
 
 
 def assign_roles(case: Case, rules: PairingRules,
@@ -138,8 +138,8 @@ def resolve_mode(requested: str, present: Sequence[str], info: ModelInfo, where:
     """The inference mode for the roles present; never a silent downgrade of an explicit
     request (`--mode fused` with b absent is an error, `auto` picks what the data allows)."""
     names = dict(zip(ROLES, info.modalities, strict=True))
-    if requested == "auto":
-        options = [m for m in ("fused", "a", "b")
+    if requested == AUTO:
+        options = [m for m in MODES
                    if all(r in present for r in roles_for(m)) and m in info.modes]
         if not options:
             have = ", ".join(f"{r} ({names[r]})" for r in present) or "no image"

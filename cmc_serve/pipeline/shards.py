@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmc_common.errors import CmcError
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.report import STAGES, failures_csv
 
@@ -36,7 +37,7 @@ _SHARD_NAME = re.compile(r"^shard-(?P<index>\d+)-of-(?P<count>\d+)$")
 MAX_MERGE_ROUNDS = 20
 
 
-class ShardMergeError(ValueError):
+class ShardMergeError(CmcError, ValueError):
     """OUT holds no shard records to merge, or records of several different shardings."""
 
 

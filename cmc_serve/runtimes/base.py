@@ -6,8 +6,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from cmc_common.errors import CmcError
 
-class RuntimeUnavailable(RuntimeError):
+
+class RuntimeUnavailable(CmcError, RuntimeError):
     """The requested runtime/device/precision cannot run here (not installed, no GPU,
     incompatible engine, silent fallback detected)."""
 

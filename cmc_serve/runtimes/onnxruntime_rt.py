@@ -1,7 +1,7 @@
 """ONNX Runtime patch runtime (CPU, CUDA or TensorRT execution provider).
 
 ONNX Runtime silently falls back to the CPU provider when a GPU provider fails to load
-(platform.md: onnxruntime-gpu without a GPU only logs errors), so after creating the
+(docs/PLATFORM.md: onnxruntime-gpu without a GPU only logs errors), so after creating the
 session we check which providers it actually got and refuse a session that is not running
 where it was asked to.
 """
@@ -54,8 +54,7 @@ class OnnxRuntimeRuntime:
         opts.log_severity_level = 3
         if execution_provider == "cpu":
             # The memory pattern pre-plans one block for every intermediate of a run and keeps
-            # it: one 8-class 128^3 tile held 301 MiB with it and 149 MiB without, at the same
-            # speed on the tiny model (0.4 %), measured 2026-11-29 (BENCHMARKS.md, peak RSS).
+            # it: about twice the memory per tile for no speed (BENCHMARKS.md, peak RSS).
             opts.enable_mem_pattern = False
         try:
             self._session: Any = ort.InferenceSession(str(path), sess_options=opts,

@@ -1,14 +1,14 @@
 """OpenVINO patch runtime (CPU, fp32, or bf16 / fp16 where the CPU has them natively).
 
-OpenVINO reads the exported IR (.xml/.bin) or the ONNX graph directly; on our AVX-512 CPU
-it segments 2.1x faster than ONNX Runtime end to end (BENCHMARKS.md, tiny network). bf16
+OpenVINO reads the exported IR (.xml/.bin) or the ONNX graph directly and segments faster
+than ONNX Runtime on a CPU (BENCHMARKS.md, engine section). bf16
 and fp16 are inference-precision hints on the fp32 graph; OpenVINO accepts a hint on CPUs
 without native support and quietly runs fp32, so we check the CPU's capabilities and
 refuse instead (`unsupported_reason`, also what `cmc export` skips a precision for).
 
 The graph is compiled for one tile at a time: OpenVINO's CPU plugin picks its kernels
-for a static shape once, where a dynamic batch axis costs it a fifth of its speed
-(tiny network, 2 cores: 1.21-1.24x interleaved, BENCHMARKS.md). The tiles of a batch are
+for a static shape once, where a dynamic batch axis costs it speed (BENCHMARKS.md,
+static vs dynamic shapes). The tiles of a batch are
 queued over the plugin's optimal number of infer requests (one per CPU stream), so the
 streams run tiles concurrently. Plain requests, not an `AsyncInferQueue` with a Python
 callback: destroying such a queue can deadlock on the GIL with the thread that ran the

@@ -1,11 +1,11 @@
 """`--precision auto`: the fastest precision whose graph passed its gate and that runs natively here.
 
-On a CPU with native bf16 (AMX, AVX512-BF16) OpenVINO's bf16 kernels segment several times
-faster than fp32 (BENCHMARKS.md), so a user who does not name a precision should get them,
+On a CPU with native bf16 (AMX, AVX512-BF16) OpenVINO's bf16 kernels segment faster than
+fp32 (BENCHMARKS.md), so a user who does not name a precision should get them,
 but only where the export gated a bf16 graph and the CPU really has the instructions
 (OpenVINO would otherwise accept the hint and quietly run fp32). ONNX Runtime has no fast
-half-precision CPU kernels (its fp16 graph runs at 0.5-0.7x fp32 here), so auto never picks
-it on a CPU. On a GPU, TensorRT's fp16 engine is the fast one.
+half-precision CPU kernels (its fp16 graph is slower than fp32 on a CPU, BENCHMARKS.md), so
+auto never picks it on a CPU. On a GPU, TensorRT's fp16 engine is the fast one.
 
 An explicit precision is never replaced: it runs or fails (`cmc_serve.runtimes.select`).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-AUTO = "auto"
 # Fastest first, per (runtime, device); fp32 is always last and always allowed.
 PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
     ("openvino", "cpu"): ("bf16", "fp16", "fp32"),

@@ -1,12 +1,17 @@
 """Choose and open the patch runtime for a model, mode, device and precision.
 
-"auto" picks the fastest runtime that can actually run here: OpenVINO on CPU (2.1x faster
-than ONNX Runtime end to end on our AVX-512 CPU, BENCHMARKS.md) and a TensorRT engine,
+"auto" picks the fastest runtime that can actually run here: OpenVINO on CPU (faster than
+ONNX Runtime end to end, BENCHMARKS.md engine section) and a TensorRT engine,
 then ONNX Runtime's CUDA provider, on a GPU. Falling back is only ever done for "auto": a
 runtime or device the caller named explicitly either runs or fails with RuntimeUnavailable
 saying why. "auto" falls back only when a runtime cannot run here (RuntimeUnavailable: not
 installed, no GPU, no graph for it); a damaged graph file (ModelFileError, checked against
 cmc.json's sha256 before the graph is opened) stops the choice and reaches the user.
+
+"triton" runs the patch graph on a Triton server's `<name>_patch` models
+(`cmc_serve.triton.client.TritonPatchRuntime`; tiling, blending and stitching stay local,
+so messages stay patch-sized). It is never chosen by "auto" and needs `server`; an
+unreachable server or a served model that is not this cmc.json's is RuntimeUnavailable.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from cmc_common.contract import AUTO, DEVICES, MODEL_JSON, PRECISIONS, SERVING_RUNTIMES
 from cmc_serve.model_dir import (
     GraphInfo,
     ModelDirError,
@@ -22,13 +28,10 @@ from cmc_serve.model_dir import (
     verify_files,
 )
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
-from cmc_serve.runtimes.precision import AUTO, PrecisionChoice, choose_precision
+from cmc_serve.runtimes.precision import PrecisionChoice, choose_precision
 
 log = logging.getLogger(__name__)
 
-RUNTIME_CHOICES = ("auto", "openvino", "onnxruntime", "tensorrt")
-DEVICE_CHOICES = ("cpu", "cuda")
-PRECISION_CHOICES = (AUTO, "fp32", "fp16", "bf16")
 AUTO_ORDER = {"cpu": ("openvino", "onnxruntime"), "cuda": ("tensorrt", "onnxruntime")}
 
 
@@ -67,11 +70,25 @@ def _open_tensorrt(model: ModelInfo, mode: str, device: str, precision: str,
                            precision=precision, max_batch=batch)
 
 
+def _open_triton(model: ModelInfo, mode: str, server: str) -> PatchRuntime:
+    """The Triton server's patch model of `mode`, checked against cmc.json; its batch size
+    and precision are the served model's."""
+    try:
+        from cmc_serve.triton.client import TritonClientError, TritonPatchRuntime
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"the Triton runtime is not available: {exc}") from exc
+    try:
+        return TritonPatchRuntime(server, model, mode)
+    except TritonClientError as exc:  # unreachable, or not this model: stop the run
+        raise RuntimeUnavailable(str(exc)) from exc
+
+
 OPENERS: dict[str, Callable[[ModelInfo, str, str, str, int], PatchRuntime]] = {
     "openvino": _open_openvino,
     "onnxruntime": _open_onnxruntime,
     "tensorrt": _open_tensorrt,
 }
+TRITON_PRECISION_REASON = "set by the Triton server's patch model"
 
 
 def gated_precisions(model: ModelInfo, mode: str, runtime: str) -> set[str]:
@@ -86,6 +103,8 @@ def resolve_precision(model: ModelInfo, mode: str, runtime: str, device: str,
     """What `precision` means for `runtime` on `device`: auto chooses, anything else stays."""
     if precision != AUTO:
         return PrecisionChoice(precision, "requested")
+    if runtime == "triton":
+        return PrecisionChoice(precision, TRITON_PRECISION_REASON)
     return choose_precision(runtime, device, gated_precisions(model, mode, runtime))
 
 
@@ -102,22 +121,36 @@ def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphIn
     return graph
 
 
+def check_server(runtime: str, server: str | None) -> None:
+    """RuntimeUnavailable unless a Triton server is given exactly when runtime is triton."""
+    if runtime == "triton" and server is None:
+        raise RuntimeUnavailable("--runtime triton needs --server grpc://HOST:PORT or "
+                                 "http://HOST:PORT")
+    if runtime != "triton" and server is not None:
+        raise RuntimeUnavailable("--server is only used with --runtime triton")
+
+
 def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str = "cpu",
-                 precision: str = AUTO, max_batch: int | None = None) -> PatchRuntime:
+                 precision: str = AUTO, max_batch: int | None = None,
+                 server: str | None = None) -> PatchRuntime:
     """Open the patch graph of `mode` on the requested runtime/device/precision.
 
     `precision` "auto" takes, per runtime tried, the fastest gated precision it runs
     natively (`resolve_precision`). `max_batch` (default: the model's) bounds the tiles per
-    `run` call.
+    `run` call. `server` (grpc://HOST:PORT or http://HOST:PORT) is the Triton server of
+    runtime "triton", which takes device, precision and batch size from the served model.
     """
-    for value, choices, what in ((runtime, RUNTIME_CHOICES, "runtime"),
-                                 (device, DEVICE_CHOICES, "device"),
-                                 (precision, PRECISION_CHOICES, "precision")):
+    for value, choices, what in ((runtime, (AUTO, *SERVING_RUNTIMES), "runtime"),
+                                 (device, DEVICES, "device"),
+                                 (precision, (AUTO, *PRECISIONS), "precision")):
         if value not in choices:
             raise ValueError(f"unknown {what} {value!r} (expected one of {list(choices)})")
+    check_server(runtime, server)
     if mode not in model.modes:
-        raise RuntimeUnavailable(f"{model.root / 'cmc.json'}: mode {mode!r} not exported "
+        raise RuntimeUnavailable(f"{model.root / MODEL_JSON}: mode {mode!r} not exported "
                                  f"(available: {list(model.modes)})")
+    if server is not None:
+        return _open_triton(model, mode, server)
     batch = model.max_batch if max_batch is None else max_batch
     if not 1 <= batch <= model.max_batch:
         raise ValueError(f"batch size {batch} outside 1..{model.max_batch} (the model's max_batch)")

@@ -23,7 +23,7 @@ from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
 try:
     import tensorrt as trt  # type: ignore[import-untyped,unused-ignore]
 except ImportError:  # pragma: no cover - depends on the host
-    trt = None  # type: ignore[assignment]
+    trt = None
 
 log = logging.getLogger(__name__)
 

@@ -4,5 +4,5 @@
 `server` starts and stops it, `client` talks to it with `tritonclient`. Only loopback
 addresses are ever used; the official container command is printed for real deployments.
 The package is named `cmc_serve.triton`, never a top-level `triton`, which would shadow
-OpenAI Triton and break `torch.onnx.export(dynamo=True)` (platform.md).
+OpenAI Triton and break `torch.onnx.export(dynamo=True)` (docs/PLATFORM.md).
 """

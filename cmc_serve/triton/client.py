@@ -2,7 +2,8 @@
 
 `TritonPatchRuntime` is a `PatchRuntime` (cmc_serve.runtimes) whose graph runs on the
 server's `<name>_patch` model, so the engine tiles and stitches locally exactly as with a
-local runtime (`cmc segment --runtime triton`, cmc_serve.pipeline.engine_factory). A batch of tiles is split into several requests sent together (async_infer),
+local runtime (`cmc segment --runtime triton`: `open_runtime(..., runtime="triton",
+server=URL)`). A batch of tiles is split into several requests sent together (async_infer),
 so the server's dynamic batcher can fill its batches across clients. `TritonVolumeClient`
 sends a whole pre-processed volume to the `<name>` model, which tiles on the server.
 
@@ -25,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from cmc_serve.model_dir import MODE_INPUTS, ModelInfo
+from cmc_common.contract import MODE_INPUTS
+from cmc_common.errors import CmcError
+from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limit; the default 4 MiB is below one 128^3 tile pair
@@ -37,7 +40,7 @@ NUMPY_TO_TRITON: dict[np.dtype[Any], str] = {
 TRITON_TO_NUMPY: dict[str, np.dtype[Any]] = {v: k for k, v in NUMPY_TO_TRITON.items()}
 
 
-class TritonClientError(RuntimeError):
+class TritonClientError(CmcError, RuntimeError):
     """Base of every error raised by these clients (one line: server, model, problem)."""
 
 

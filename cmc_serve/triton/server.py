@@ -1,7 +1,7 @@
 """Run a local `tritonserver` (prepared by `cmc_serve.triton.setup`) on loopback.
 
 The server binary comes from the `nvidia-pytriton` wheel and only has the python backend;
-its python models run in the server venv (numpy<2, see platform.md), so the server must be
+its python models run in the server venv (numpy<2, see docs/PLATFORM.md), so the server must be
 started with that venv's `bin` first on PATH and with LD_LIBRARY_PATH set to the venv
 interpreter's own libdir followed by the wheel's bundled libraries. `TritonServer` does
 that, waits (bounded) until the requested models are ready, forwards the server log and
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from cmc_common.errors import CmcError
+
 READY_FILE = ".ready"
 DEFAULT_PREFIX = Path(".triton")
 PREFIX_ENV = "CMC_TRITON_PREFIX"
@@ -44,11 +46,11 @@ GLOG_ERROR = re.compile(r"^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ")  # Triton's error
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class TritonSetupError(RuntimeError):
+class TritonSetupError(CmcError, RuntimeError):
     """The local Triton server is not prepared (or was prepared incompletely)."""
 
 
-class TritonServerError(RuntimeError):
+class TritonServerError(CmcError, RuntimeError):
     """The server failed to start, exited early or did not become ready in time."""
 
 
@@ -101,7 +103,8 @@ class TritonInstall:
         return install
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Process environment for the server (platform.md): venv first, its libpython first."""
+        """Process environment for the server (docs/PLATFORM.md): venv first, its libpython
+        first."""
         env = dict(os.environ if base is None else base)
         libs = [self.libdir, str(Path(self.site_packages) / "nvidia_pytriton.libs")]
         if env.get("LD_LIBRARY_PATH"):

@@ -1,6 +1,6 @@
 """Prepare a local Triton server: `python -m cmc_serve.triton.setup --prefix .triton`.
 
-No Docker here (platform.md), so the server comes from the `nvidia-pytriton` wheel, which
+No Docker here (docs/PLATFORM.md), so the server comes from the `nvidia-pytriton` wheel, which
 carries `tritonserver` 2.51 with the python backend and its stubs. It is installed into a
 venv of its own, `<prefix>/venv`, because the python backend needs numpy<2 (under numpy 2
 it silently receives all-zero tensors) while the rest of cmc runs on numpy 2. The venv also

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmc_common.errors import CmcError
+
 SPLITS: tuple[str, ...] = ("labelled", "unlabelled", "validation", "test")
 
 
-class DatalistError(ValueError):
+class DatalistError(CmcError, ValueError):
     """A datalist file that cannot be used; the message names the file and the problem."""
 
 

@@ -39,6 +39,7 @@ from typing import cast
 import nibabel as nib
 import numpy as np
 
+from cmc_common.errors import CmcError
 from cmc_train.data.datalist import Datalist, Entry
 
 AMOS_MODALITIES: tuple[str, str] = ("ct", "mr")
@@ -48,7 +49,7 @@ MSCMR_LABEL_MAP = {500: 1, 600: 2, 200: 3}
 MSCMR_CLASSES = ("background", "lv", "rv", "myo")
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(CmcError, ValueError):
     """A dataset folder that does not match the expected public layout."""
 
 

@@ -24,6 +24,8 @@ import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose
 
+from cmc_common.contract import ROLES
+from cmc_common.errors import CmcError
 from cmc_train.config import PreprocessConfig, RunConfig
 from cmc_train.data.datalist import SPLITS, Datalist, Entry
 from cmc_train.data.transforms import (
@@ -35,7 +37,7 @@ from cmc_train.data.transforms import (
 POOLS: tuple[str, ...] = ("labelled_a", "labelled_b", "unlabelled_a", "unlabelled_b")
 
 
-class SamplerError(ValueError):
+class SamplerError(CmcError, ValueError):
     """The datalist cannot feed semi-supervised training (e.g. a pool is empty)."""
 
 
@@ -102,7 +104,7 @@ class SemiSupervisedSampler:
                        "unlabelled": run_cfg.train.batch_unlabelled}
         load = Preprocessor(preprocess)
         pools = []
-        for suffix, modality in zip(("a", "b"), datalist.modalities, strict=True):
+        for suffix, modality in zip(ROLES, datalist.modalities, strict=True):
             labelled = [load(e, modality, with_label=True)
                         for e in datalist.labelled if modality in e.label]
             if not labelled:

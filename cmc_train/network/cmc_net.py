@@ -1,10 +1,10 @@
 """The CMC network: two SAM-Med3D-style encoders, MIA channel attention, a shared fusion
 layer added back to each branch, and one UNETR-style decoder per modality.
 
-Skips (method.md, item 2) generalise UNETR to any ViT patch p = 2^L: the hidden states of
-L-1 evenly spaced blocks are up-projected with transposed convolutions to 1/2^(L-1) .. 1/2 of
-the input (shallower blocks to finer levels, as in UNETR), and a conv stem sees the raw image
-at full resolution. The decoder starts from the fused bottleneck Z^m at 1/p and doubles the
+Skips (docs/METHOD.md, 'Network', item 2) generalise UNETR to any ViT patch p = 2^L: the
+hidden states of L-1 evenly spaced blocks are up-projected with transposed convolutions to
+1/2^(L-1) .. 1/2 of the input (shallower blocks to finer levels, as in UNETR), and a conv
+stem sees the raw image at full resolution. The decoder starts from the fused bottleneck Z^m at 1/p and doubles the
 resolution L times, concatenating the matching skip each time. For p = 16 this is exactly
 UNETR's 1/8, 1/4, 1/2 + stem layout.
 
@@ -19,10 +19,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from cmc_common.contract import MODES
 from cmc_train.config import ModelConfig
 from cmc_train.network.vit3d import ImageEncoderViT3D
-
-PREDICT_MODES = ("fused", "a", "b")
 
 
 class CMCOutput(NamedTuple):
@@ -160,7 +159,7 @@ def skip_block_indices(depth: int, levels: int) -> tuple[int, ...]:
 
 
 class CMCNet(nn.Module):
-    """Two-branch CMC network (method.md, 'Network'); build it with `build_cmc`."""
+    """Two-branch CMC network (docs/METHOD.md, 'Network'); build it with `build_cmc`."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -221,8 +220,8 @@ class CMCNet(nn.Module):
         "a" / "b": that modality's image is fed to both branches (the authors' protocol) and
         its own branch's softmax is returned; the other image may be None.
         """
-        if mode not in PREDICT_MODES:
-            raise ValueError(f"unknown predict mode {mode!r}; choose one of {PREDICT_MODES}")
+        if mode not in MODES:
+            raise ValueError(f"unknown predict mode {mode!r}; choose one of {MODES}")
         if mode == "fused":
             if image_a is None or image_b is None:
                 raise ValueError("fused prediction needs both image_a and image_b")

@@ -8,8 +8,8 @@ keys. The CMC adapters (`blocks.N.adapter.*`) are the single exception: they are
 parameters, absent from any SAM-Med3D file, and keep their identity initialisation.
 
 After loading, the patch embedding, the absolute position embedding and all attention
-parameters are frozen (method.md); norms, MLPs, adapters, neck and everything after the
-encoders stay trainable.
+parameters are frozen (docs/METHOD.md, 'Network'); norms, MLPs, adapters, neck and
+everything after the encoders stay trainable.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from cmc_common.errors import CmcError
 from cmc_train.network.cmc_net import CMCNet
 from cmc_train.network.vit3d import ImageEncoderViT3D
 
@@ -35,7 +36,7 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 PICKLE_MAGIC = b"\x80"  # legacy torch.save format starts with a pickle protocol marker
 
 
-class SamMed3DError(ValueError):
+class SamMed3DError(CmcError, ValueError):
     """The file is not a SAM-Med3D checkpoint whose image encoder fits this network."""
 
 

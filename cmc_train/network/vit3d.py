@@ -282,7 +282,7 @@ class ImageEncoderViT3D(nn.Module):
         return self.neck(x.permute(0, 4, 1, 2, 3)), hidden
 
     def pretrained_frozen_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters kept fixed when SAM-Med3D weights are loaded (method.md): patch
-        embedding, absolute position embedding and every attention layer."""
+        """Parameters kept fixed when SAM-Med3D weights are loaded (docs/METHOD.md,
+        'Network'): patch embedding, absolute position embedding and every attention layer."""
         return [(name, p) for name, p in self.named_parameters()
                 if name.startswith(("patch_embed.", "pos_embed")) or ".attn." in name]

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-EXIT_ERROR = 1
+from cmc_cli.errors import fail
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -52,8 +52,7 @@ def command(
                         precisions=_split(precisions), modes=_split(modes), max_batch=max_batch,
                         triton_backend=triton_backend, force=force, log=typer.echo)
     except ExportError as exc:
-        typer.echo(f"cmc export: {exc}", err=True)
-        raise typer.Exit(EXIT_ERROR) from None
+        raise fail("export", exc) from None
     typer.echo(f"{report.out_dir / 'cmc.json'}: {len(report.graphs)} graphs; Triton models "
                f"{', '.join(sorted(report.triton_models.values()))} and {name}")
     for refused in report.refused:

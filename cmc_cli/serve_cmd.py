@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from cmc_cli.errors import EXIT_FAILED, fail
+
 
 def command(
     model_dir: Annotated[Path, typer.Argument(help="Exported model dir (cmc.json, repository/).")],
@@ -49,8 +51,7 @@ def command(
                               http_port=http_port, grpc_port=grpc_port,
                               ready_timeout_s=ready_timeout)
     except (ModelDirError, TritonSetupError, TritonServerError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        raise fail("serve", exc) from None
     code = 0
     with sigterm_as_interrupt():
         try:
@@ -68,12 +69,10 @@ def command(
         except KeyboardInterrupt:
             ignore_stop_signals()
         except TritonServerError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
+            raise fail("serve", exc, EXIT_FAILED) from None
         finally:
             server.stop()
     if code != 0:
-        typer.echo(f"error: tritonserver exited by itself with code {code}; see its log above",
-                   err=True)
-        raise typer.Exit(1)
+        raise fail("serve", f"tritonserver exited by itself with code {code}; see its log "
+                            "above", EXIT_FAILED)
     typer.echo("stopped", err=True)

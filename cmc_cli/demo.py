@@ -22,7 +22,7 @@ MARKER = ".cmc-demo"
 
 def _cmc(*args: str) -> None:
     """Run one `cmc` command in a subprocess, echoing it first; stop the demo on failure."""
-    cmd = [sys.executable, "-m", "cli.main", *args]
+    cmd = [sys.executable, "-m", "cmc_cli.main", *args]
     print(f"\n$ cmc {shlex.join(args)}", flush=True)
     started = time.perf_counter()
     result = subprocess.run(cmd, check=False)

@@ -12,6 +12,9 @@ from typing import Annotated
 
 import typer
 
+from cmc_cli.errors import EXIT_FAILED, fail, say
+from cmc_common.contract import MAX_OVERLAP
+
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
 overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm
@@ -20,8 +23,6 @@ incomplete. OUT/report.json (versions, engine, timings), OUT/report.html (one se
 page: previews, class volumes with outliers flagged) and OUT/failures.csv (failed cases);
 with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
 
-EXIT_CASE_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _flag(option: str) -> str:
@@ -50,7 +51,7 @@ def command(
         help="auto | fp32 | fp16 | bf16. auto: the fastest precision the model has a gated "
              "graph for and this host runs natively (OpenVINO bf16 on CPUs with AMX / "
              "AVX512-BF16, else fp32); the report says which ran and why.")] = "auto",
-    overlap: Annotated[float, typer.Option(min=0.0, max=0.95,
+    overlap: Annotated[float, typer.Option(min=0.0, max=MAX_OVERLAP,
                                            help="Sliding-window tile overlap.")] = 0.5,
     tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation "
                                                     "(4x slower).")] = False,
@@ -110,11 +111,6 @@ def command(
     )
 
     console = Console(stderr=True)
-
-    def say(line: str) -> None:
-        """A message or summary line: printed whole, never wrapped (paths stay copyable)."""
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
-
     try:
         options = SegmentOptions(
             mode=mode, runtime=runtime, server=server, device=device, precision=precision,
@@ -140,27 +136,23 @@ def command(
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
     except SegmentError as exc:
-        say(f"cmc segment: error: {exc}")
-        raise typer.Exit(EXIT_USAGE) from None
-    say(f"cmc segment: {result.done} done, {result.failed} failed, {result.skipped} skipped; "
+        raise fail("segment", exc) from None
+    say("segment", f"{result.done} done, {result.failed} failed, {result.skipped} skipped; "
         f"report: {result.report}")
-    stow_failed = _stow(result, stow, console) if stow else False
+    stow_failed = _stow(result, stow) if stow else False
     if result.failures is not None:
-        say(f"cmc segment: failed cases are listed in {result.failures}")
-        raise typer.Exit(EXIT_CASE_FAILED)
+        say("segment", f"failed cases are listed in {result.failures}")
+        raise typer.Exit(EXIT_FAILED)
     if stow_failed:
-        raise typer.Exit(EXIT_CASE_FAILED)
+        raise typer.Exit(EXIT_FAILED)
 
 
-def _stow(result: object, url: str, console: object) -> bool:
-    """`--stow`: store the new SEGs; print each failure; True when any failed."""
+def _stow(result: object, url: str) -> bool:
+    """`--stow`: store the new SEGs; say each failure; True when any failed."""
     from cmc_serve.node.dicomweb import stow_results
 
     stowed = stow_results(result, url)  # type: ignore[arg-type]
-    print_ = console.print  # type: ignore[attr-defined]
-    print_(f"cmc segment: {len(stowed.stored)} SEG(s) stored at {url}", highlight=False,
-           markup=False)
+    say("segment", f"{len(stowed.stored)} SEG(s) stored at {url}")
     for case_id, error in stowed.failed:
-        print_(f"cmc segment: STOW-RS of {case_id} failed: {error}", highlight=False,
-               markup=False, soft_wrap=True)
+        say("segment", f"STOW-RS of {case_id} failed: {error}")
     return bool(stowed.failed)

@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cmc_common.contract import MODE_INPUTS
+from cmc_common.errors import CmcError
 from cmc_serve import postprocess
-from cmc_serve.model_dir import MODE_INPUTS
 from cmc_serve.stitching import SlabStitcher
 from cmc_serve.tiling import TileGrid, extract_patch, gaussian_importance
 
 
-class VolumeError(ValueError):
+class VolumeRequestError(CmcError, ValueError):
     """A request this model cannot serve; its message goes back to the client as is."""
 
 
@@ -118,7 +119,7 @@ class TritonPythonModel:
             wanted = set(request.requested_output_names()) or {"labels"}
             labels, probs = await self._segment(images, mode, keep_probs="probs" in wanted)
             labels = postprocess.apply(labels, self.postprocessing, mode)
-        except VolumeError as exc:
+        except VolumeRequestError as exc:
             return pb_utils.InferenceResponse(output_tensors=[],
                                               error=pb_utils.TritonError(f"{self.name}: {exc}"))
         except Exception as exc:  # anything else: still one clear line, model stays loaded
@@ -137,18 +138,19 @@ class TritonPythonModel:
                 images[name] = tensor.as_numpy()
         mode = {inputs: mode for mode, inputs in MODE_INPUTS.items()}.get(tuple(images))
         if mode is None:
-            raise VolumeError("send image_a and/or image_b")
+            raise VolumeRequestError("send image_a and/or image_b")
         if mode not in self.patch_models:
-            raise VolumeError(f"mode {mode!r} (from the inputs {sorted(images)}) is not served "
-                              f"here; this repository serves {sorted(self.patch_models)}")
+            raise VolumeRequestError(f"mode {mode!r} (from the inputs {sorted(images)}) is not "
+                                     f"served here; this repository serves "
+                                     f"{sorted(self.patch_models)}")
         shapes = {a.shape for a in images.values()}
         shape = shapes.pop()
         if shapes or len(shape) != 4 or shape[0] != 1:
-            raise VolumeError(f"inputs must be one [1, D, H, W] grid, got "
-                              f"{[a.shape for a in images.values()]}")
+            raise VolumeRequestError(f"inputs must be one [1, D, H, W] grid, got "
+                                     f"{[a.shape for a in images.values()]}")
         for name, image in images.items():
             if not np.isfinite(image).all():
-                raise VolumeError(f"{name} contains NaN or infinite values")
+                raise VolumeRequestError(f"{name} contains NaN or infinite values")
         return {k: v[0] for k, v in images.items()}, mode
 
     async def _segment(self, images: dict[str, np.ndarray], mode: str,
@@ -180,11 +182,12 @@ class TritonPythonModel:
                                             requested_output_names=["probs"], inputs=inputs)
         response = await request.async_exec()
         if response.has_error():
-            raise VolumeError(f"patch model {self.patch_models[mode]} failed: "
-                              f"{response.error().message()}")
+            raise VolumeRequestError(f"patch model {self.patch_models[mode]} failed: "
+                                     f"{response.error().message()}")
         probs = pb_utils.get_output_tensor_by_name(response, "probs").as_numpy()
         expected = (len(origins), self.num_classes, *self.patch)
         if probs.shape != expected:
-            raise VolumeError(f"patch model {self.patch_models[mode]} returned probs "
-                              f"{probs.shape}, expected {expected} (num_classes/patch_size)")
+            raise VolumeRequestError(f"patch model {self.patch_models[mode]} returned probs "
+                                     f"{probs.shape}, expected {expected} "
+                                     "(num_classes/patch_size)")
         return probs.astype(np.float32, copy=False)

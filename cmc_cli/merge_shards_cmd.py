@@ -12,8 +12,7 @@ from typing import Annotated
 
 import typer
 
-EXIT_CASE_FAILED = 1
-EXIT_INCOMPLETE = 2
+from cmc_cli.errors import EXIT_FAILED, fail, say
 
 
 def command(
@@ -23,26 +22,19 @@ def command(
                                 "holds records of several shardings).")] = None,
 ) -> None:
     """Merge the records of `cmc segment --shard I/N` runs in OUT into OUT/report.json."""
-    from rich.console import Console
 
     from cmc_serve.pipeline.shards import ShardMergeError, merge_shards
-
-    console = Console(stderr=True)
-
-    def say(line: str) -> None:
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     try:
         merged = merge_shards(out, shards)
     except ShardMergeError as exc:
-        say(f"cmc merge-shards: error: {exc}")
-        raise typer.Exit(EXIT_INCOMPLETE) from None
+        raise fail("merge-shards", exc) from None
     counts = merged.counts
-    say(f"cmc merge-shards: {merged.count} shard(s), {counts['done']} done, "
+    say("merge-shards", f"{merged.count} shard(s), {counts['done']} done, "
         f"{counts['failed']} failed, {counts['skipped']} skipped; report: {merged.report}")
     if not merged.complete:
-        say(f"cmc merge-shards: not every shard has finished; see 'shards' in {merged.report}")
-        raise typer.Exit(EXIT_INCOMPLETE)
+        raise fail("merge-shards", f"not every shard has finished; see 'shards' in "
+                                   f"{merged.report}")
     if merged.failures is not None:
-        say(f"cmc merge-shards: failed cases are listed in {merged.failures}")
-        raise typer.Exit(EXIT_CASE_FAILED)
+        say("merge-shards", f"failed cases are listed in {merged.failures}")
+        raise typer.Exit(EXIT_FAILED)

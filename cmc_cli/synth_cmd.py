@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from cmc_cli.errors import fail
+
 
 def command(
     out: Annotated[Path, typer.Argument(help="Output folder (new or empty).")],
@@ -33,9 +35,7 @@ def command(
 ) -> None:
     """Write OUT/images, OUT/labels (NIfTI, RAS), optional OUT/dicom and OUT/datalist.json."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        typer.echo(f"cmc synth: {out} exists and is not an empty folder; choose a new one.",
-                   err=True)
-        raise typer.Exit(2)
+        raise fail("synth", f"{out} exists and is not an empty folder; choose a new one")
     from cmc_train.synth import write_synthetic_study
 
     try:
@@ -44,8 +44,7 @@ def command(
                                      unpaired=unpaired, offset_mm=offset_mm,
                                      rotation_deg=rotation_deg, elastic_mm=elastic_mm)
     except ValueError as exc:
-        typer.echo(f"cmc synth: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise fail("synth", exc) from None
     from cmc_train.data.datalist import Datalist
 
     datalist = Datalist.load(path)

@@ -1,6 +1,6 @@
 """`cmc train`: semi-supervised CMC training from a datalist into a run folder.
 
-Runs as one process, or data-parallel under `torchrun --nproc_per_node N -m cli.main train
+Runs as one process, or data-parallel under `torchrun --nproc_per_node N -m cmc_cli.main train
 ...` (gloo on CPU, NCCL on GPU; only rank 0 writes). Heavy imports live inside `command`.
 """
 
@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from cmc_cli.errors import fail
+from cmc_common.contract import ROLES
+
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig
 
-# Spelled out, not imported from cmc_train.config: `cli.main` registers every command, and on
+# Spelled out, not imported from cmc_train.config: `cmc_cli.main` registers every command, and on
 # a serving host (no cmc_train) `cmc segment` must still start. A test keeps them in step.
 PRESETS = ("tiny", "small", "sam-med3d")
 SCHEDULES = ("authors", "sigmoid")
@@ -27,7 +30,6 @@ SETTING_KEYS = (
 NORMALISATIONS = ("ct-abdomen (window -175..250 HU), ct-brain (0..80 HU), zscore (non-zero "
                   "voxels), percentile (0.5-99.5 clip, then z-score), window:LOW:HIGH, "
                   "percentile:LOWER:UPPER")
-EXIT_USAGE = 2
 
 HELP_CONFIG = ("Model preset (tiny | small | sam-med3d; classes and modalities come from the "
                "datalist, training settings from the defaults) or a run config YAML (e.g. "
@@ -93,15 +95,10 @@ def command(
 
     console = Console(stderr=True)
 
-    def fail(message: str) -> typer.Exit:
-        console.print(f"cmc train: error: {message}", highlight=False, markup=False,
-                      soft_wrap=True)
-        return typer.Exit(EXIT_USAGE)
-
     if schedule is not None and schedule not in SCHEDULES:
         raise typer.BadParameter(f"{schedule!r} is not one of {', '.join(SCHEDULES)}",
                                  param_hint="--schedule")
-    if single_modality is not None and single_modality not in ("a", "b"):
+    if single_modality is not None and single_modality not in ROLES:
         raise typer.BadParameter(f"{single_modality!r} is not a or b",
                                  param_hint="--single-modality")
     try:
@@ -129,7 +126,7 @@ def command(
                         progress=progress, single_modality=single_modality)
     except (TrainError, CheckpointError, DatalistError, SamplerError, SamMed3DError,
             EvaluationError, SettingError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        raise fail("train", exc) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         console.print(
             f"cmc train: {summary.steps_done}/{summary.steps_total} steps in "

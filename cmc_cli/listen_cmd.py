@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
-from cli import segment_options as so
+from cmc_cli import segment_options as so
+from cmc_cli.errors import fail
 
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 HELP_SPOOL = """Folder of the node's state: received instances, each study's state and its
@@ -91,8 +91,7 @@ def command(
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=f"--{exc.option}") from None
     except ListenError as exc:
-        typer.echo(f"cmc listen: error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise fail("listen", exc) from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop without finishing the study in flight
         typer.echo("cmc listen: interrupted; unfinished studies resume at the next start",
                    err=True)

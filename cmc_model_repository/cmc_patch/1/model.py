@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cmc_common.contract import AUTO
 from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
-from cmc_serve.runtimes.precision import AUTO, choose_precision
+from cmc_serve.runtimes.precision import choose_precision
 
-RUNTIMES: dict[str, Any] = {"onnxruntime": OnnxRuntimeRuntime, "openvino": OpenVinoRuntime}
+# The runtimes a python-backend patch model can run its graph on.
+PATCH_RUNTIMES: dict[str, Any] = {"onnxruntime": OnnxRuntimeRuntime, "openvino": OpenVinoRuntime}
 
 
 def parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -48,9 +50,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.name = config["name"]
         runtime = parameter(config, "runtime", "onnxruntime")
-        if runtime not in RUNTIMES:
+        if runtime not in PATCH_RUNTIMES:
             raise pb_utils.TritonModelException(
-                f"{self.name}: runtime {runtime!r} is not one of {sorted(RUNTIMES)}")
+                f"{self.name}: runtime {runtime!r} is not one of {sorted(PATCH_RUNTIMES)}")
         graph = Path(args["model_repository"]) / parameter(config, "graph")
         if not graph.is_file():
             raise pb_utils.TritonModelException(f"{self.name}: graph file {graph} does not exist")
@@ -65,7 +67,7 @@ class TritonPythonModel:
             choice = choose_precision(runtime, "cpu", gated)
             pb_utils.Logger.log_info(f"{self.name}: precision {choice.reason}")
             precision = choice.precision
-        self.runtime = RUNTIMES[runtime](graph, inputs=self.inputs, output=self.output,
+        self.runtime = PATCH_RUNTIMES[runtime](graph, inputs=self.inputs, output=self.output,
                                          precision=precision, max_batch=self.max_batch)
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from cmc_cli.errors import fail
+
 DATASETS = ("amos", "mscmr")
 
 
@@ -48,8 +50,7 @@ def command(
                 raise ValueError(f"--modalities needs two names, got {modalities!r}")
             datalist = import_mscmr(root, options, (pair[0], pair[1]), out.parent)
     except (DatasetLayoutError, ValueError) as exc:
-        typer.echo(f"cmc import: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise fail("import", exc) from None
     datalist.save(out)
     counts = ", ".join(f"{len(datalist.split(s))} {s}" for s in
                        ("labelled", "unlabelled", "validation", "test"))

@@ -11,9 +11,10 @@ from typing import Annotated, Any
 
 import typer
 
-EXIT_USAGE = 2
+from cmc_cli.errors import fail
+from cmc_common.contract import MODES
+
 SPLITS = ("labelled", "validation", "test")
-MODES = ("fused", "a", "b")
 
 HELP_CHOOSE = ("Choose the post-processing of each class and mode on this split (keep the "
                "largest component, or remove components below a volume, where that raises "
@@ -70,9 +71,7 @@ def command(
         if choose_postprocessing:
             record_postprocessing(checkpoint, result["postprocessing"])
     except (CheckpointError, DatalistError, EvaluationError) as exc:
-        console.print(f"cmc evaluate: error: {exc}", highlight=False, markup=False,
-                      soft_wrap=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise fail("evaluate", exc) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     Console(width=max(100, Console().width)).print(_table(result, checkpoint.name))

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-EXIT_PROBLEMS = 2
+from cmc_cli.errors import fail
 
 
 def command(
@@ -31,8 +31,7 @@ def command(
     try:
         loaded = Datalist.load(datalist)
     except DatalistError as exc:
-        err.print(f"cmc check-data: error: {exc}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_PROBLEMS) from None
+        raise fail("check-data", exc) from None
     report = check_data(loaded, datalist, SPLITS, need_labelled=loaded.modalities,
                         need_validation=loaded.modalities)
     table = Table(title=f"{datalist}: {len(loaded.classes)} classes "
@@ -48,6 +47,5 @@ def command(
     for problem in report.problems:
         err.print(f"cmc check-data: {problem}", highlight=False, markup=False, soft_wrap=True)
     if report.problems:
-        err.print(f"cmc check-data: {len(report.problems)} problem(s) found", highlight=False)
-        raise typer.Exit(EXIT_PROBLEMS)
+        raise fail("check-data", f"{len(report.problems)} problem(s) found")
     err.print("cmc check-data: no problem found", highlight=False)
