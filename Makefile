@@ -61,7 +61,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cmc_common cmc_train cmc_export cmc_serve cmc_cli tests bench cmc_model_repository
+	$(VENV)/bin/ruff check cmc_common cmc_train cmc_export cmc_serve cli tests bench model_repository
 
 clean:
 	rm -rf $(VENV) $(TRITON) $(DEMO_DIR) .pytest_cache

@@ -2,7 +2,7 @@
 
 A script or service that calls cmc's Python API catches `CmcError` to tell "cmc refused this
 input, model or run, and says why in one line" from a bug; every command line prints such
-an error as `cmc <command>: error: <message>` (cmc_cli/errors.py). Subclasses name what was
+an error as `cmc <command>: error: <message>` (cli/errors.py). Subclasses name what was
 wrong (a model directory, a DICOM series, a checkpoint, ...). Where callers already rely on
 a built-in base (`ValueError` for bad values, `RuntimeError` for a runtime or server that
 cannot run), the subclass keeps it as its second base.

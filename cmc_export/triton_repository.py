@@ -7,7 +7,7 @@
   use Triton's native backends on a full server.
 - `<name>`: the python BLS volume model (tiling, batched patch requests, gaussian
   stitching), which calls the patch models by name.
-The python model code is copied from the checked-in top-level `cmc_model_repository/` folder.
+The python model code is copied from the checked-in top-level `model_repository/` folder.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import cmc_model_repository
+
 from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
 from cmc_export.errors import ExportError
 

@@ -1,4 +1,4 @@
-"""Every command reports a refused run the same way (cmc_cli/errors.py): one stderr line
+"""Every command reports a refused run the same way (cli/errors.py): one stderr line
 `cmc <command>: error: <message naming the file>` and exit code 2; nothing on stdout."""
 
 from __future__ import annotations

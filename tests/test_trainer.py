@@ -172,7 +172,7 @@ def test_cli_refuses_bad_options(study: Path, tmp_path: Path) -> None:
 
 
 def test_cli_lists_match_the_config() -> None:
-    """cmc_cli/train_cmd.py spells out the preset and schedule names (it must import without
+    """cli/train_cmd.py spells out the preset and schedule names (it must import without
     cmc_train on a serving host); they must stay the ones cmc_train.config knows."""
     from cmc_cli import train_cmd
     from cmc_train.config import MODEL_PRESETS, SCHEDULES, TRAIN_PRESETS

@@ -3,7 +3,7 @@
 A tiny but real exported model directory is built: a two-input ONNX graph made with
 onnx.helper (concat -> 3x3x3 conv -> softmax, fixed random weights, 16^3 patches, 3
 classes), its cmc.json, and the Triton repository that `cmc export` writes for it
-(cmc_export.triton_repository, python backend, the model code of cmc_model_repository/), plus
+(cmc_export.triton_repository, python backend, the model code of model_repository/), plus
 the same patch graph on OpenVINO with FP16 inputs. The server comes from $CMC_TRITON_PREFIX or `<repo>/.triton`
 (`make .triton/.ready`); if it is missing the fixture prepares it, and skips only if that is
 impossible here.

@@ -1,6 +1,6 @@
 """`cmc segment` as one Python call: `segment(input, out, model, options=...)`.
 
-Data flows one way, CLI -> this function -> files: `cmc_cli/segment_cmd.py` only parses the
+Data flows one way, CLI -> this function -> files: `cli/segment_cmd.py` only parses the
 command line, calls `segment` and maps the result to an exit code, so a script, a notebook
 or a service gets exactly what the command does (same checks, same messages, same files).
 

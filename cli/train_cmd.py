@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from cmc_cli.errors import fail
 from cmc_common.contract import ROLES
+
+from .errors import fail
 
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig

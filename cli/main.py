@@ -1,6 +1,6 @@
 """`cmc`: train, export and serve CMC segmentation models.
 
-Each sub-command lives in its own module (cmc_cli/<name>_cmd.py, dashes as underscores) and imports the heavy libraries
+Each sub-command lives in its own module (cli/<name>_cmd.py, dashes as underscores) and imports the heavy libraries
 inside its function, so `cmc --help` answers without loading PyTorch.
 """
 
@@ -33,7 +33,7 @@ _COMMANDS = {
 
 
 def _register(name: str, help_text: str) -> None:
-    module = importlib.import_module(f"cmc_cli.{name.replace('-', '_')}_cmd")
+    module = importlib.import_module(f".{name.replace('-', '_')}_cmd", __package__)
     app.command(name, help=help_text)(module.command)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cmc_cli.errors import fail
+from .errors import fail
 
 
 def command(

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cmc_cli.errors import EXIT_FAILED, fail
+from .errors import EXIT_FAILED, fail
 
 
 def command(

@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 
-from cmc_cli.errors import EXIT_FAILED, fail, say
 from cmc_common.contract import MAX_OVERLAP
+
+from .errors import EXIT_FAILED, fail, say
 
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cmc_cli.errors import EXIT_FAILED, fail, say
+from .errors import EXIT_FAILED, fail, say
 
 
 def command(

@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from cmc_cli import segment_options as so
-from cmc_cli.errors import fail
+from . import segment_options as so
+from .errors import fail
 
 EXIT_INTERRUPTED = 130
 

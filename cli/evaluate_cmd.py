@@ -11,8 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from cmc_cli.errors import fail
 from cmc_common.contract import MODES
+
+from .errors import fail
 
 SPLITS = ("labelled", "validation", "test")
 
