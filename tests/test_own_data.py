@@ -9,14 +9,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import cmc_cli.train_cmd
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from cmc_cli.main import app
 from typer.testing import CliRunner
 
-import cmc_cli.train_cmd
-from cmc_cli.main import app
 from cmc_train.checkpoint import build_metadata, load_checkpoint, save_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.network import build_cmc
@@ -131,21 +131,14 @@ def test_bad_settings_are_refused_before_anything_runs(
     assert not (tmp_path / "run").exists()
 
 
-def test_one_parser_for_cmc_train_and_the_quality_benchmark(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-    import sys
+def test_one_parser_for_cmc_train_and_the_quality_benchmark() -> None:
+    from quality_bench.plan import BenchmarkError
+    from quality_bench.runs import parse_train_options
 
-    spec = importlib.util.spec_from_file_location(
-        "quality_bench", Path(__file__).parents[1] / "bench" / "quality.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "quality_bench", bench)  # dataclasses look it up
-    spec.loader.exec_module(bench)
     pairs = ["w_cac=0.2", "spacing=1.5,1.5,3", "normalisation.ct=ct-brain"]
-    assert bench.parse_train_options(pairs) == parse_settings(pairs)
-    with pytest.raises(bench.BenchmarkError, match="steps is set by this command"):
-        bench.parse_train_options(["steps=10"])
+    assert parse_train_options(pairs) == parse_settings(pairs)
+    with pytest.raises(BenchmarkError, match="steps is set by this command"):
+        parse_train_options(["steps=10"])
     base = RunConfig(MICRO, PreprocessConfig(), TrainConfig())
     changed = apply_settings(base, parse_settings(pairs))
     assert changed.train.w_cac == 0.2 and changed.preprocess.spacing == (1.5, 1.5, 3.0)
