@@ -62,7 +62,7 @@ def command(
     runtime: so.Runtime = "auto",
     server: so.Server = None,
     device: so.Device = "cpu",
-    precision: so.Precision = "fp32",
+    precision: so.Precision = "auto",
     overlap: so.Overlap = 0.5,
     tta: so.Tta = False,
     output_type: so.OutputType = "auto",

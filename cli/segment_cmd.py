@@ -12,8 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cmc_common.contract import MAX_OVERLAP
-
+from . import segment_options as so
 from .errors import EXIT_FAILED, fail, say
 
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
@@ -41,29 +40,16 @@ def command(
     input_b: Annotated[Path | None, typer.Argument(
         help="Modality b of the same case (NIfTI file or DICOM folder); INPUT is then a.")
     ] = None,
-    mode: Annotated[str, typer.Option(help="auto (fused when both modalities are present, else "
-                                           "the one present) | fused | a | b.")] = "auto",
-    runtime: Annotated[str, typer.Option(
-        help="auto | openvino | onnxruntime | tensorrt | triton.")] = "auto",
-    server: Annotated[str | None, typer.Option(
-        help="Triton URL for --runtime triton, e.g. grpc://127.0.0.1:8001.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(
-        help="auto | fp32 | fp16 | bf16. auto: the fastest precision the model has a gated "
-             "graph for and this host runs natively (OpenVINO bf16 on CPUs with AMX / "
-             "AVX512-BF16, else fp32); the report says which ran and why.")] = "auto",
-    overlap: Annotated[float, typer.Option(min=0.0, max=MAX_OVERLAP,
-                                           help="Sliding-window tile overlap.")] = 0.5,
-    tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation "
-                                                    "(4x slower).")] = False,
-    output_type: Annotated[str, typer.Option(
-        "--output-type", help="auto (NIfTI, plus DICOM SEG for DICOM input) | comma list of "
-                              "nifti,dicom-seg.")] = "auto",
-    statistics: Annotated[bool, typer.Option(
-        "--statistics", help="statistics.json: volume (ml), mean/median intensity per class "
-                             "and modality.")] = False,
-    preview: Annotated[bool, typer.Option(
-        "--preview", help="preview.png: three slices with the label overlay.")] = False,
+    mode: so.Mode = "auto",
+    runtime: so.Runtime = "auto",
+    server: so.Server = None,
+    device: so.Device = "cpu",
+    precision: so.Precision = "auto",
+    overlap: so.Overlap = 0.5,
+    tta: so.Tta = False,
+    output_type: so.OutputType = "auto",
+    statistics: so.Statistics = False,
+    preview: so.Preview = False,
     resume: Annotated[bool, typer.Option("--continue",
                                          help="Skip cases already done in OUT.")] = False,
     shard: Annotated[str | None, typer.Option(
@@ -72,9 +58,7 @@ def command(
     jobs: Annotated[int, typer.Option(min=1, max=16, help="Reader threads (read + pre-process "
                                                           "the next cases during inference).")
                     ] = 1,
-    pairing: Annotated[Path | None, typer.Option(
-        help="YAML rules mapping DICOM series to modalities a/b (Modality, description "
-             "regex).")] = None,
+    pairing: so.Pairing = None,
     assume_registered: Annotated[bool, typer.Option(
         "--assume-registered", help="Combine a and b although their frames of reference "
                                     "differ (or one's orientation was supplied): you assert "

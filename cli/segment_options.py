@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cmc_common.contract import MAX_OVERLAP
+
 if TYPE_CHECKING:
     from cmc_serve.pipeline.api import SegmentOptions
 
@@ -21,8 +23,12 @@ Runtime = Annotated[str, typer.Option(help="auto | openvino | onnxruntime | tens
 Server = Annotated[str | None, typer.Option(
     help="Triton URL for --runtime triton, e.g. grpc://127.0.0.1:8001.")]
 Device = Annotated[str, typer.Option(help="cpu | cuda.")]
-Precision = Annotated[str, typer.Option(help="fp32 | fp16 | bf16.")]
-Overlap = Annotated[float, typer.Option(min=0.0, max=0.95, help="Sliding-window tile overlap.")]
+Precision = Annotated[str, typer.Option(
+    help="auto | fp32 | fp16 | bf16. auto: the fastest precision the model has a gated graph "
+         "for and this host runs natively (OpenVINO bf16 on CPUs with AMX / AVX512-BF16, else "
+         "fp32); the report says which ran and why.")]
+Overlap = Annotated[float, typer.Option(min=0.0, max=MAX_OVERLAP,
+                                        help="Sliding-window tile overlap.")]
 Tta = Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (4x slower).")]
 OutputType = Annotated[str, typer.Option(
     "--output-type", help="auto (NIfTI, plus DICOM SEG for DICOM input) | comma list of "
