@@ -25,8 +25,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cmc_train.synth.hard_anatomy import FIRST_LESION, MAX_LESIONS, HardAnatomy, \
-    sample_hard_anatomy, tissue_to_label
+from cmc_train.synth.hard_anatomy import (
+    FIRST_LESION,
+    MAX_LESIONS,
+    HardAnatomy,
+    sample_hard_anatomy,
+    tissue_to_label,
+)
 from cmc_train.synth.phantom import (
     AORTA,
     BONE,
