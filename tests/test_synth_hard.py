@@ -72,7 +72,7 @@ def test_subjects_vary_far_more_than_in_the_easy_study(hard: list[PhantomPair],
 
 
 def test_field_of_view_cuts_organs_in_some_subjects(hard: list[PhantomPair]) -> None:
-    """Some organ reaches the top or bottom slice of the CT field of view (never in easy)."""
+    """Some organ reaches the top or bottom slice of the CT field of view."""
     def cut(label: np.ndarray) -> bool:
         return bool(label[:, :, 0].any() or label[:, :, -1].any())
     assert any(cut(p.label_a) for p in hard)

@@ -101,12 +101,12 @@ def sample_hard_anatomy(rng: np.random.Generator, fov_mm: np.ndarray) -> HardAna
             tip = parts[0].centre + np.array([0.08, 0.1, -0.42]) * unit
             parts = [*parts, Ellipsoid(tip, np.array([0.12, 0.12, 0.12]) * unit,
                                        parts[0].rotation)]
-        about = parts[0].centre * habitus  # organs move with the body ...
+        with_body = parts[0].centre * habitus  # organs move with the body ...
         shift = rng.uniform(-0.12, 0.12, 3) * unit
         size = rng.uniform(0.72, 1.3) * rng.uniform(0.85, 1.15, 3)  # ... but size on their own
         turn = _rotation(np.deg2rad(rng.uniform(-20, 20, 3)))
-        organs[code] = [_scaled(p, parts[0].centre, about - parts[0].centre + shift, size, turn)
-                        for p in parts]
+        move = with_body - parts[0].centre + shift
+        organs[code] = [_scaled(p, parts[0].centre, move, size, turn) for p in parts]
     medulla = {code: Ellipsoid(organs[code][0].centre,
                                organs[code][0].radii * rng.uniform(0.45, 0.65),
                                organs[code][0].rotation) for code in (KIDNEY_R, KIDNEY_L)}
