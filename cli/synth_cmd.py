@@ -32,6 +32,9 @@ def command(
         help="Maximum a/b rigid misalignment rotation in degrees.")] = 5.0,
     elastic_mm: Annotated[float, typer.Option(
         help="Amplitude of the mild a/b elastic misalignment in mm.")] = 2.0,
+    difficulty: Annotated[str, typer.Option(
+        help="easy: the demo phantom; hard: anatomy, lesions, scanner and contrast vary "
+             "between subjects so that a few labelled cases do not cover them.")] = "easy",
 ) -> None:
     """Write OUT/images, OUT/labels (NIfTI, RAS), optional OUT/dicom and OUT/datalist.json."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -42,7 +45,8 @@ def command(
         path = write_synthetic_study(out, cases, seed, size=size, labelled_ratio=labelled_ratio,
                                      val_cases=val_cases, test_cases=test_cases, dicom=dicom,
                                      unpaired=unpaired, offset_mm=offset_mm,
-                                     rotation_deg=rotation_deg, elastic_mm=elastic_mm)
+                                     rotation_deg=rotation_deg, elastic_mm=elastic_mm,
+                                     difficulty=difficulty)
     except ValueError as exc:
         raise fail("synth", exc) from None
     from cmc_train.data.datalist import Datalist

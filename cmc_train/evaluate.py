@@ -194,9 +194,10 @@ def _summarise(cases: dict[str, dict[str, list[float]]], fg_classes: Sequence[st
     }
 
 
-def _scored(predictions: Sequence[CasePrediction], ops: Sequence[dict[str, Any]],
-            classes: Sequence[str]) -> dict[str, Any]:
-    """`_summarise` of the predictions after the post-processing operations `ops`."""
+def score_predictions(predictions: Sequence[CasePrediction], ops: Sequence[dict[str, Any]],
+                      classes: Sequence[str]) -> dict[str, Any]:
+    """`_summarise` of the predictions after the post-processing operations `ops` (public:
+    the reference arms of `cmc_train.baselines` are scored by it, as the networks are)."""
     cases = {}
     for case in predictions:
         pred = postprocess.apply_operations(case.pred, ops, case.spacing)
@@ -270,10 +271,10 @@ def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
             ops = list((recorded or {}).get("modes", {}).get(mode, []))
         summary = {"modality": modality,
                    "scored_against": f"{a_name} labels" if mode == "fused" else
-                   f"{modality} labels", **_scored(predictions, ops, classes),
+                   f"{modality} labels", **score_predictions(predictions, ops, classes),
                    "postprocessing": postprocess.describe(ops)}
         if ops:
-            raw = _scored(predictions, [], classes)
+            raw = score_predictions(predictions, [], classes)
             summary["without_postprocessing"] = {
                 k: raw[k] for k in ("dice", "hd95_mm", "mean_fg_dice", "mean_fg_hd95_mm",
                                     "hd95_undefined_total")}

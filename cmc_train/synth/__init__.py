@@ -14,9 +14,14 @@ import numpy as np
 
 from cmc_train.data.datalist import Datalist, Entry
 from cmc_train.synth.dicom_series import StudyInfo, deterministic_uid, write_dicom_series
+from cmc_train.synth.hard_study import make_hard_pair
 from cmc_train.synth.phantom import CLASSES, Grid, PhantomPair, make_pair
 
 MODALITIES: tuple[str, str] = ("ct", "mr")
+# `difficulty` -> the function that renders one case. "easy": the demo's and the tests'
+# phantom (a few labelled volumes cover it); "hard": subjects, scanners and contrast vary so
+# much that they do not (cmc_train.synth.hard_anatomy, hard_study).
+PAIR_MAKERS = {"easy": make_pair, "hard": make_hard_pair}
 
 
 def case_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -59,7 +64,8 @@ def _write_case_dicom(out: Path, case_id: str, pair: PhantomPair, seed: int) -> 
 def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: int = 64,
                           labelled_ratio: float = 0.1, val_cases: int = 4, test_cases: int = 4,
                           dicom: bool = False, unpaired: bool = False, offset_mm: float = 10.0,
-                          rotation_deg: float = 5.0, elastic_mm: float = 2.0) -> Path:
+                          rotation_deg: float = 5.0, elastic_mm: float = 2.0,
+                          difficulty: str = "easy") -> Path:
     """Write `cases` training cases plus validation and test cases; return the datalist path.
 
     Training cases are split into labelled (`labelled_ratio` of them, at least one, chosen
@@ -68,7 +74,14 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
     2 x 2 x 3 mm, LPS grid, different field of view) whose anatomy is moved by a random
     rigid transform (translation in [0.5, 1] x `offset_mm`, rotation in
     [0.5, 1] x `rotation_deg`) plus an elastic field of about `elastic_mm`.
+    `difficulty` "hard" draws every subject's anatomy, lesions, scanner (grid, contrast,
+    noise, field of view) from wide ranges instead (`hard_study.make_hard_pair`); "easy",
+    the default, is the phantom described above.
     """
+    if difficulty not in PAIR_MAKERS:
+        raise ValueError(f"difficulty must be one of {', '.join(PAIR_MAKERS)}, got "
+                         f"{difficulty!r}")
+    make = PAIR_MAKERS[difficulty]
     if cases < 1:
         raise ValueError(f"need at least one training case, got {cases}")
     if not 0.0 < labelled_ratio <= 1.0:
@@ -86,9 +99,9 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
             split = "labelled" if index in labelled_idx else "unlabelled"
         else:
             split = "validation" if index < cases + val_cases else "test"
-        pair = make_pair(case_rng(seed, index), size=size, offset_mm=offset_mm,
-                         rotation_deg=rotation_deg, elastic_mm=elastic_mm,
-                         unpaired_rng=case_rng(seed, index, 1) if unpaired else None)
+        pair = make(case_rng(seed, index), size=size, offset_mm=offset_mm,
+                    rotation_deg=rotation_deg, elastic_mm=elastic_mm,
+                    unpaired_rng=case_rng(seed, index, 1) if unpaired else None)
         splits[split].append(_write_case(out, case_id, pair, with_label=split != "unlabelled"))
         if dicom:
             _write_case_dicom(out, case_id, pair, seed)
@@ -99,4 +112,5 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
     return path
 
 
-__all__ = ["CLASSES", "MODALITIES", "case_rng", "make_pair", "write_synthetic_study"]
+__all__ = ["CLASSES", "MODALITIES", "PAIR_MAKERS", "case_rng", "make_hard_pair", "make_pair",
+           "write_synthetic_study"]

@@ -282,25 +282,35 @@ def _smooth_texture(rng: np.random.Generator, shape: tuple[int, ...], sigma: flo
 
 
 def ct_intensities(tissues: np.ndarray, rng: np.random.Generator,
-                   noise_hu: float = 12.0) -> np.ndarray:
-    """CT volume in integer HU (int16): tissue HU, parenchymal texture, blur, gaussian noise."""
-    hu = CT_HU[tissues]
+                   noise_hu: float = 12.0, table: np.ndarray = CT_HU,
+                   blur_voxels: float = 0.6) -> np.ndarray:
+    """CT volume in integer HU (int16): tissue HU, parenchymal texture, blur, gaussian noise.
+
+    `table` gives each tissue code's HU (the hard study draws one per subject: contrast
+    phase and calibration); `blur_voxels` is the point-spread sigma (scanner resolution).
+    """
+    hu = table[tissues]
     hu = hu + 10.0 * _smooth_texture(rng, tissues.shape, 2.0) * (tissues >= LIVER)
-    hu = ndimage.gaussian_filter(hu, 0.6)
+    hu = ndimage.gaussian_filter(hu, blur_voxels)
     hu = hu + rng.normal(0.0, noise_hu, size=hu.shape).astype(np.float32)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
 def mr_intensities(tissues: np.ndarray, rng: np.random.Generator,
-                   noise_sigma: float = 14.0) -> np.ndarray:
-    """MR volume (uint16 a.u.): tissue signal, smooth multiplicative bias field, Rician noise."""
-    signal = MR_SIGNAL[tissues]
+                   noise_sigma: float = 14.0, table: np.ndarray = MR_SIGNAL,
+                   blur_voxels: float = 0.6, bias: float = 0.18) -> np.ndarray:
+    """MR volume (uint16 a.u.): tissue signal, smooth multiplicative bias field, Rician noise.
+
+    `table` gives each tissue code's signal (the hard study draws one per subject: sequence
+    weighting, fat suppression, receiver gain); `bias` bounds the bias field's coefficients.
+    """
+    signal = table[tissues]
     signal = signal * (1.0 + 0.08 * _smooth_texture(rng, tissues.shape, 2.0))
-    signal = ndimage.gaussian_filter(signal, 0.6)
+    signal = ndimage.gaussian_filter(signal, blur_voxels)
     # Bias field: exp of a random quadratic over the FOV in [-1, 1] voxel coordinates.
     axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in tissues.shape]
     u = np.meshgrid(*axes, indexing="ij")
-    coeffs = rng.uniform(-0.18, 0.18, size=6)
+    coeffs = rng.uniform(-bias, bias, size=6)
     log_bias = (coeffs[0] * u[0] + coeffs[1] * u[1] + coeffs[2] * u[2]
                 + coeffs[3] * u[0] * u[1] + coeffs[4] * u[0] ** 2 + coeffs[5] * u[2] ** 2)
     signal = signal * np.exp(log_bias).astype(np.float32)
