@@ -228,9 +228,8 @@ def mr_spec(study_uid: str, **overrides: object) -> SeriesSpec:
 
 def run_cli(*args: object) -> Any:
     """Run `cmc ARGS` in-process; returns typer's Result (exit_code, stderr, ...)."""
-    from typer.testing import CliRunner
-
     from cmc_cli.main import app
+    from typer.testing import CliRunner
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

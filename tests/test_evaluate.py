@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cmc_cli.main import app
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_train.checkpoint import build_metadata, save_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig
 from cmc_train.data.datalist import Datalist

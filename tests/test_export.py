@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cmc_cli.main import app
 from export_fixtures import CLASSES, MICRO, write_micro_checkpoint
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.exporter import export, sha256_file
 from cmc_export.gates import Thresholds

@@ -8,9 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from cmc_cli.main import app
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.importers import (
     DatasetLayoutError,

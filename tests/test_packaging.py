@@ -7,8 +7,9 @@ missing from the list would be absent from a wheel while the checkout still work
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

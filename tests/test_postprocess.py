@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import segment_fixtures as fx
 import torch
+from cmc_cli.main import app
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_serve.model_dir import ModelDirError, ModelInfo
 from cmc_serve.postprocess import PostprocessError, apply, check_record, clean_class
 from cmc_train.checkpoint import (

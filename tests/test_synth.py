@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from cmc_cli.main import app
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_train.data.datalist import Datalist
 from cmc_train.synth import CLASSES, case_rng, make_pair, write_synthetic_study
 from cmc_train.synth.phantom import PhantomPair

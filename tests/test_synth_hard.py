@@ -8,10 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from cmc_cli.main import app
 from test_synth import _read_series
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_train.data.datalist import Datalist
 from cmc_train.synth import case_rng, make_hard_pair, make_pair, write_synthetic_study
 from cmc_train.synth.hard_anatomy import FIRST_LESION, sample_hard_anatomy, tissue_to_label

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cmc_cli.main import app
 from typer.testing import CliRunner
 
-from cmc_cli.main import app
 from cmc_train.checkpoint import load_checkpoint, load_model
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.network import build_cmc
@@ -175,6 +175,7 @@ def test_cli_lists_match_the_config() -> None:
     """cli/train_cmd.py spells out the preset and schedule names (it must import without
     cmc_train on a serving host); they must stay the ones cmc_train.config knows."""
     from cmc_cli import train_cmd
+
     from cmc_train.config import MODEL_PRESETS, SCHEDULES, TRAIN_PRESETS
 
     assert train_cmd.PRESETS == tuple(MODEL_PRESETS) == tuple(TRAIN_PRESETS)
