@@ -79,10 +79,12 @@ def patch_graph(mode: str) -> onnx.ModelProto:
 
 
 def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
-                   format_version: int = 1, checksums: bool = True) -> Path:
+                   format_version: int = 1, checksums: bool = True,
+                   postprocessing: dict[str, Any] | None = None) -> Path:
     """Write MODEL_DIR (cmc.json + onnx/<mode>_fp32.onnx) for the threshold model; with
     `checksums` each graph entry records its file's size and sha256 as `cmc export` does
-    (False: a cmc.json of an export made before checksums existed)."""
+    (False: a cmc.json of an export made before checksums existed); `postprocessing` as
+    `cmc evaluate --choose-postprocessing` records it."""
     from cmc_serve.model_dir import graph_entry, write_model_json
 
     (root / "onnx").mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
                                                 "high": 250.0},
                                          "mr": {"kind": "zscore_nonzero"}}},
         checkpoint_sha256="0" * 64, graphs=graphs, checksums=checksums,
-        format_version=format_version)
+        format_version=format_version, postprocessing=postprocessing)
     return root
 
 

@@ -191,18 +191,17 @@ def test_segment_applies_the_model_dirs_postprocessing(tmp_path: Path) -> None:
 
     raw = segment(tmp_path / "raw")
     assert raw[20, 20, 13] == 1 and raw[8, 8, 8] == 1
-    meta = json.loads((model / "cmc.json").read_text())
-    meta["postprocessing"] = {"spacing_mm": list(fx.SPACING), "modes": {
+    record = {"spacing_mm": list(fx.SPACING), "modes": {
         "a": [{"class": 1, "name": "bright_a", "op": "remove_small", "min_mm3": 100.0}]}}
-    (model / "cmc.json").write_text(json.dumps(meta))
+    fx.make_model_dir(model, postprocessing=record)
     cleaned = segment(tmp_path / "cleaned")
     assert cleaned[20, 20, 13] == 0 and cleaned[8, 8, 8] == 1
     expected = raw.copy()
     expected[19:21, 19:21, 12:14] = 0
     np.testing.assert_array_equal(cleaned, expected)
 
-    meta["postprocessing"]["modes"]["a"][0]["class"] = 7
-    (model / "cmc.json").write_text(json.dumps(meta))
+    record["modes"]["a"][0]["class"] = 7
+    fx.make_model_dir(model, postprocessing=record)
     with pytest.raises(ModelDirError, match="foreground class 1..2"):
         ModelInfo.load(model)
 
