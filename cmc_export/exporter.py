@@ -1,8 +1,7 @@
 """`cmc export`: checkpoint -> gated ONNX / OpenVINO / TensorRT graphs + Triton repository + cmc.json.
 
-Everything is written into a temporary folder next to MODEL_DIR and renamed into place at
-the end, so a failed gate, a crash or Ctrl-C never leaves a half-written model directory,
-and `force` replaces an existing one without ever mixing old and new files.
+All or nothing: the export is built in a hidden folder beside MODEL_DIR and renamed into
+place at the end (`cmc_export.staging`).
 
 Per mode, the fp32 ONNX graph is gated against PyTorch (max abs diff); every other graph
 (ONNX fp16, OpenVINO fp32/bf16/fp16, TensorRT) is gated against that fp32 ONNX graph on a
@@ -19,9 +18,7 @@ required: any failure fails the export and nothing is written.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +35,7 @@ from cmc_common.contract import (
     MODES,
     PRECISIONS,
 )
-from cmc_common.files import current_umask, file_digest
+from cmc_common.files import file_digest
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.gates import (
     THRESHOLDS,
@@ -50,6 +47,7 @@ from cmc_export.gates import (
     run_batched,
     segmentation_parity,
 )
+from cmc_export.staging import check_output, staged
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
 from cmc_serve.model_dir import graph_entry, refused_entry, write_model_json
 
@@ -97,35 +95,6 @@ def _check_backend(backend: str, formats: Sequence[str]) -> None:
     if not set(needed) & set(formats):
         raise ExportError(f"Triton backend {backend} needs format {' or '.join(needed)} "
                           f"(requested {list(formats)})")
-
-
-def _prepare_output(out_dir: Path, force: bool) -> None:
-    """Refuse an existing MODEL_DIR unless forced; make sure its parent is writable."""
-    if out_dir.exists() and not force:
-        raise ExportError(f"{out_dir}: already exists; pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir}: exists and is not a directory")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from exc
-    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
-        raise ExportError(f"{out_dir}: the folder {out_dir.parent} is not writable")
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    """Move the finished export into place; an existing MODEL_DIR is swapped out, then deleted."""
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -398,14 +367,9 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
             skipped.append(f"tensorrt: {reason}")
             formats = tuple(f for f in formats if f != "tensorrt")
     _check_backend(triton_backend, formats)
-    _prepare_output(out_dir, force)
+    check_output(out_dir, force)
     net, metadata = _load(ckpt_path)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; MODEL_DIR is a normal folder
-    except OSError as exc:
-        raise ExportError(f"{out_dir}: cannot write the output ({exc.strerror or exc})") from exc
-    try:
+    with staged(out_dir) as tmp:
         job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log,
                         half_required)
         for message in skipped:
@@ -418,10 +382,6 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
         triton_models = job.write_triton(name, triton_backend, modes)
         job.write_model_json(name, triton_backend, triton_models)
         shutil.rmtree(job.work, ignore_errors=True)
-        _replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported {len(job.report_graphs)} graphs to {out_dir}"
         + (f"; refused {len(job.refused)} (listed in {MODEL_JSON})" if job.refused else ""))
     return ExportReport(out_dir, job.report_graphs, job.skipped, triton_models, job.refused)
