@@ -4,13 +4,16 @@ and datalists that would not make a fair ratio curve are refused before any trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
-from quality_bench.plan import BenchmarkError, parse_datalists
+from quality_bench.plan import QUICK, BenchmarkError, parse_datalists, ratio_study
 
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.synth import write_synthetic_study
@@ -90,6 +93,22 @@ def test_datalist_options_of_generated_studies_are_refused(datalists: dict[int, 
     result = run_bench("--datalist", f"34={datalists[34]}", "--ratios", "10,100")
     assert result.returncode != 0
     assert "--ratios: apply to generated studies only" in result.stderr
+    result = run_bench("--datalist", f"34={datalists[34]}", "--difficulty", "hard")
+    assert "--difficulty: apply to generated studies only" in result.stderr
+
+
+def test_hard_studies_are_generated_as_cmc_synth_makes_them(tmp_path: Path) -> None:
+    scale = dataclasses.replace(QUICK, cases=3, val_cases=1, test_cases=1, size=32)
+    easy, hard = ratio_study(34), ratio_study(34, "hard")
+    assert "difficulty" not in easy.spec(scale)  # data folders of earlier runs stay reusable
+    datalist = hard.datalist(scale, tmp_path)
+    assert json.loads((datalist.parent / "study.json").read_text())["difficulty"] == "hard"
+    expected = write_synthetic_study(tmp_path / "by_hand", **hard.spec(scale))
+    for name in ("ct", "mr"):
+        first = json.loads(datalist.read_text())["labelled"][0]["image"][name]
+        again = json.loads(expected.read_text())["labelled"][0]["image"][name]
+        np.testing.assert_array_equal(nib.load(datalist.parent / first).get_fdata(),
+                                      nib.load(expected.parent / again).get_fdata())
 
 
 @pytest.mark.parametrize("pair, problem", [

@@ -3,13 +3,16 @@
     .venv/bin/python bench/quality.py [--quick] [--out bench/results/quality] [--steps N]
         [--seeds N] [--ratios 10,20,50,100] [--arms single,fusion,cmc,cmc-no-csc,cmc-no-cac]
         [--offsets 0,5,10,20] [--jobs 2] [--threads 1] [--train KEY=VALUE ...]
-        [--resume-from FOLDER] [--config tiny|small|sam-med3d|RUN.yaml]
+        [--resume-from FOLDER] [--config tiny|small|sam-med3d|RUN.yaml] [--difficulty hard]
     .venv/bin/python bench/quality.py --datalist 10=amos10.json --datalist 100=amos100.json
         [--config small] [--seeds N] [--steps N] ...
 
 Data (generated with `write_synthetic_study`, one study per labelled ratio, same seed so the
 images are identical and only the labelled split changes): CT and MR of *different* subjects
 (`unpaired=True`, as in AMOS), misaligned, with a fixed validation and test split.
+`--difficulty hard` generates `cmc synth --difficulty hard` studies instead of the easy
+phantom: subjects, lesions and scanners that vary, and a CT/MR contrast gap, so that a few
+labelled volumes cannot cover the variation (BENCHMARKS.md, its calibration).
 
 Arms, all with the same steps and batch sizes (the budget), trained by
 `cmc_train.trainer.train` and scored on the test split by `cmc_train.evaluate.evaluate` with

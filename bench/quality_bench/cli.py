@@ -17,6 +17,7 @@ import torch
 import quality_bench
 from cmc_train.data.datalist import Datalist
 from cmc_train.settings import SettingError, apply_settings
+from cmc_train.synth import PAIR_MAKERS
 from quality_bench.calibration import calibrate, estimate_seconds, steps_for_budget
 from quality_bench.plan import (
     ARMS,
@@ -58,6 +59,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--offsets", type=_float_list, help="sweep offsets in mm, e.g. 0,20")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
     parser.add_argument("--cases", type=int, help="training cases (smoke tests)")
+    parser.add_argument("--difficulty", choices=tuple(PAIR_MAKERS), default="easy",
+                        help="generated study: the easy phantom or `cmc synth --difficulty "
+                             "hard` (subjects and scanners that vary, lesions, a CT/MR gap)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run side by side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
@@ -95,10 +99,12 @@ def studies_from(args: argparse.Namespace) -> tuple[Scale, list[Study], list[Stu
     scale = scale_from(args)
     if not args.datalist:
         low = min(scale.ratios)
-        return (scale, [ratio_study(r) for r in scale.ratios],
-                [sweep_study(low, offset) for offset in scale.offsets])
+        return (scale, [ratio_study(r, args.difficulty) for r in scale.ratios],
+                [sweep_study(low, offset, args.difficulty) for offset in scale.offsets])
     generated_only = [f"--{name}" for name in ("ratios", "offsets", "cases")
                       if getattr(args, name) is not None]
+    if args.difficulty != "easy":
+        generated_only.append("--difficulty")
     if generated_only:
         raise BenchmarkError(f"{', '.join(generated_only)}: apply to generated studies only; "
                              "with --datalist the datalists fix the ratios and cases")

@@ -79,14 +79,17 @@ class SyntheticStudy:
     offset_mm: float
     rotation_deg: float
     elastic_mm: float
+    difficulty: str = "easy"  # `cmc synth --difficulty`
 
     def spec(self, scale: Scale) -> dict[str, Any]:
-        """Everything `write_synthetic_study` is given (recorded to refuse stale reuse)."""
-        return {"cases": scale.cases, "seed": DATA_SEED, "size": scale.size,
+        """Everything `write_synthetic_study` is given (recorded to refuse stale reuse; the
+        easy phantom's spec keeps its old form, so earlier data folders stay reusable)."""
+        spec = {"cases": scale.cases, "seed": DATA_SEED, "size": scale.size,
                 "labelled_ratio": self.ratio / 100, "val_cases": scale.val_cases,
                 "test_cases": scale.test_cases, "unpaired": self.unpaired,
                 "offset_mm": self.offset_mm, "rotation_deg": self.rotation_deg,
                 "elastic_mm": self.elastic_mm}
+        return spec if self.difficulty == "easy" else {**spec, "difficulty": self.difficulty}
 
     def datalist(self, scale: Scale, data_dir: Path) -> Path:
         """Generate the study once; reuse an existing one only if made with the same spec."""
@@ -146,16 +149,17 @@ class Job:
         return (*ROLES, "fused") if self.part == "sweep" else ROLES
 
 
-def ratio_study(ratio: int) -> SyntheticStudy:
+def ratio_study(ratio: int, difficulty: str = "easy") -> SyntheticStudy:
     """AMOS-like: CT and MR of different subjects, the synthetic study's default motion."""
     return SyntheticStudy(f"ratio{ratio}", ratio, unpaired=True, offset_mm=10.0,
-                          rotation_deg=5.0, elastic_mm=2.0)
+                          rotation_deg=5.0, elastic_mm=2.0, difficulty=difficulty)
 
 
-def sweep_study(ratio: int, offset_mm: float) -> SyntheticStudy:
+def sweep_study(ratio: int, offset_mm: float, difficulty: str = "easy") -> SyntheticStudy:
     """Paired subjects; only the rigid CT-MR offset (and its rotation) varies."""
     return SyntheticStudy(f"offset{offset_mm:g}mm", ratio, unpaired=False, offset_mm=offset_mm,
-                          rotation_deg=ROTATION_PER_MM * offset_mm, elastic_mm=0.0)
+                          rotation_deg=ROTATION_PER_MM * offset_mm, elastic_mm=0.0,
+                          difficulty=difficulty)
 
 
 def plan(ratio_studies: Sequence[Study], sweep_studies: Sequence[Study], seeds: int,
