@@ -77,6 +77,11 @@ def test_datalist_benchmark_reports_every_arm_and_resumes_only_identical_runs(
     assert "| organ1 | organ2 | organ3 | organ4 | mean |" in report
     assert "Misalignment sweep" not in report and "1 labelled, 2 unlabelled" in report
     assert (out / "quality.png").stat().st_size > 0
+    rows = json.loads((out / "quality_results.json").read_text())
+    assert sorted((r["ratio"], r["arm"], r["seed"], r["modality"]) for r in rows) == sorted(
+        (ratio, arm, 0, modality) for ratio in (34, 100) for arm in ("cmc", "fusion")
+        for modality in ("ct", "mr"))
+    assert set(rows[0]["dice"]) == set(CLASSES[1:]) and rows[0]["cases"] == 2
     scored = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/test_metrics.json")}
     assert len(scored) == 4
 

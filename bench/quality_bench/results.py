@@ -3,6 +3,7 @@ list of points where CMC does not beat supervised fusion."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,9 +103,24 @@ def plot(ratio_sum: dict[tuple[float, str, str], dict[str, Any]],
     plt.close(fig)
 
 
+def dice_rows(records: Sequence[dict[str, Any]], info: DataInfo) -> list[dict[str, Any]]:
+    """One row per trained run and scored mode: arm, ratio, offset, seed, mode, modality,
+    per-class test Dice and the foreground mean (quality_results.json, for readers who
+    recompute the tables or their own statistics)."""
+    mode_names = {"a": info.modalities[0], "b": info.modalities[1],
+                  "fused": "+".join(info.modalities)}
+    return [{"part": rec["part"], "arm": rec["arm"], "ratio": rec["ratio"],
+             "offset_mm": rec["offset_mm"], "seed": rec["seed"], "mode": mode,
+             "modality": mode_names[mode], "dice": dict(scored["dice"]),
+             "mean_fg_dice": scored["mean_fg_dice"], "cases": scored["num_cases"]}
+            for rec in records for mode, scored in sorted(rec["test"].items())
+            if scored.get("num_cases")]
+
+
 def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: DataInfo,
            data_kind: str) -> tuple[str, list[str]]:
-    """Write results.md and quality.png; return the markdown and the CMC shortfall lines."""
+    """Write results.md, quality_results.json (`dice_rows`) and quality.png; return the
+    markdown and the CMC shortfall lines."""
     ratio_sum = summarise(records, "ratio", info)
     sweep_sum = summarise(records, "sweep", info)
     shortfalls = cmc_shortfalls(ratio_sum, "labelled ratio (%)") \
@@ -119,6 +135,8 @@ def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: Data
                  "\n".join(f"- {v}" for v in verdict)]
     text = "\n\n".join(sections) + "\n"
     (out / "results.md").write_text(text)
+    (out / "quality_results.json").write_text(
+        json.dumps(dice_rows(records, info), indent=1, default=_nan_free) + "\n")
     plot(ratio_sum, sweep_sum, info.modalities, out / "quality.png")
     return text, shortfalls
 
