@@ -34,7 +34,7 @@ from scipy import ndimage
 from cmc_train.config import PreprocessConfig
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import EvalVolume, validation_volumes
-from cmc_train.evaluate import score_predictions, spacing_of
+from cmc_train.evaluate import json_ready, score_predictions, spacing_of
 from cmc_train.postprocess_choice import CasePrediction
 
 ARMS = ("thresholds", "atlas")
@@ -175,4 +175,4 @@ def reference_arm(arm: str, datalist_path: Path | str, preprocess: PreprocessCon
                                               vol.label[0].numpy().astype(np.uint8),
                                               spacing_of(vol.affine)))
         modes[mode] = {"modality": modality, **score_predictions(predictions, [], classes)}
-    return {"arm": arm, "split": split, "modes": modes}
+    return json_ready({"arm": arm, "split": split, "modes": modes})

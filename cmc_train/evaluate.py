@@ -296,15 +296,15 @@ def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
                                  "spacing_mm": list(preprocess.spacing), "modes": chosen}
     elif recorded:
         out["postprocessing"] = recorded
-    return _json_ready(out)
+    return json_ready(out)
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """NaN (undefined HD95) becomes None so the output is strict JSON."""
     if isinstance(value, float):
         return None if math.isnan(value) else value
     if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     return value

@@ -69,7 +69,7 @@ def test_datalist_benchmark_reports_every_arm_and_resumes_only_identical_runs(
     assert first.returncode == 0, first.stderr
     results = json.loads((out / "results.json").read_text())
     assert sorted((run["ratio"], run["arm"]) for run in results["runs"]) == [
-        (34, "cmc"), (34, "fusion"), (100, "cmc"), (100, "fusion")]
+        (ratio, arm) for ratio in (34, 100) for arm in ("atlas", "cmc", "fusion", "thresholds")]
     for run in results["runs"]:
         assert run["part"] == "ratio" and set(run["test"]) == {"a", "b"}
         assert run["test"]["a"]["num_cases"] == 2
@@ -79,8 +79,9 @@ def test_datalist_benchmark_reports_every_arm_and_resumes_only_identical_runs(
     assert (out / "quality.png").stat().st_size > 0
     rows = json.loads((out / "quality_results.json").read_text())
     assert sorted((r["ratio"], r["arm"], r["seed"], r["modality"]) for r in rows) == sorted(
-        (ratio, arm, 0, modality) for ratio in (34, 100) for arm in ("cmc", "fusion")
-        for modality in ("ct", "mr"))
+        (ratio, arm, 0, modality) for ratio in (34, 100)
+        for arm in ("cmc", "fusion", "thresholds", "atlas") for modality in ("ct", "mr"))
+    assert "## Trained arms that do not beat the floor (thresholds, atlas)" in report
     assert set(rows[0]["dice"]) == set(CLASSES[1:]) and rows[0]["cases"] == 2
     scored = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/test_metrics.json")}
     assert len(scored) == 4

@@ -23,6 +23,9 @@ recorded: four validations per run cost as much as 60 training steps, 20 % of th
   cmc         CMC: CSC + CAC on the unlabelled data
   cmc-no-csc  CMC without CSC
   cmc-no-cac  CMC without CAC
+and, as the floor of every ratio table, two reference arms that train nothing
+(`quality_bench.floors`): multi-level intensity thresholds and a majority-vote atlas of the
+labelled volumes; the report lists every trained arm that does not beat them.
 A misalignment sweep at the lowest ratio trains `cmc` and `fusion` on *paired* studies whose
 rigid offset between CT and MR is varied (rotation 0.75 deg per mm, no elastic field, so the
 offset alone changes) and also scores the fused (CT + MR) prediction.
@@ -31,7 +34,8 @@ The lowest ratio and the sweep are repeated over `--seeds` training seeds (mean 
 other ratios use the first seed. Without `--steps`, the steps are chosen from the steps/s
 measured here so the whole benchmark fits the budget (15 min `--quick`, 3 h full); the
 estimate is printed before training starts. Writes to the output folder: results.md (tables
-and the plain list of where CMC does not beat `fusion`), quality.png, results.json (every raw
+the plain list of where CMC does not beat `fusion`, and of trained arms below the floor),
+quality_results.json (one row per run and mode: per-class test Dice), quality.png, results.json (every raw
 number, the command and the wall time), data/ (studies) and runs/ (one folder per training
 run, holding test_metrics.json once scored, which `--resume-from` uses to skip it).
 

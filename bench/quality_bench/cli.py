@@ -19,6 +19,7 @@ from cmc_train.data.datalist import Datalist
 from cmc_train.settings import SettingError, apply_settings
 from cmc_train.synth import PAIR_MAKERS
 from quality_bench.calibration import calibrate, estimate_seconds, steps_for_budget
+from quality_bench.floors import floor_records
 from quality_bench.plan import (
     ARMS,
     BASELINE,
@@ -178,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     records = run_all(jobs, datalists, out / "runs", Recipe(info.base, train_options, steps),
                       args.jobs, args.threads)
+    records += floor_records(ratio_studies, datalists, info.base.preprocess)
     wall = time.perf_counter() - started
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "

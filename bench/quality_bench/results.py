@@ -12,6 +12,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from quality_bench.floors import below_floor
 from quality_bench.plan import BASELINE, CMC, DataInfo
 
 matplotlib.use("Agg")
@@ -133,6 +134,10 @@ def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: Data
                      markdown_table(sweep_sum, "offset mm", info.classes)]
     sections += ["## Where CMC does not beat supervised fusion",
                  "\n".join(f"- {v}" for v in verdict)]
+    floor_misses = below_floor(ratio_sum)
+    sections += ["## Trained arms that do not beat the floor (thresholds, atlas)",
+                 "\n".join(f"- {v}" for v in floor_misses)
+                 or "Every trained arm beats both reference arms at every ratio."]
     text = "\n\n".join(sections) + "\n"
     (out / "results.md").write_text(text)
     (out / "quality_results.json").write_text(
