@@ -26,7 +26,7 @@ _COMMANDS = {
     "evaluate": "Dice and HD95 per class and modality of a checkpoint on a datalist split.",
     "export": "Export a checkpoint to ONNX / OpenVINO / TensorRT with parity gates and a Triton repository.",
     "segment": "Segment NIfTI files or DICOM series (single case or whole folders) with an exported model.",
-    "merge-shards": "Merge the records of `cmc segment --shard I/N` runs into one report.json.",
+    "merge-shards": "Merge the records of `cmc segment --shard I/N` runs into one report.json and report.html.",
     "serve": "Serve an exported model repository with a local Triton server.",
     "listen": "A DICOM node: receive studies (C-STORE), segment each, send the SEG back.",
 }

@@ -21,7 +21,8 @@ def command(
         "--shards", min=1, help="N of the --shard I/N runs to merge (needed only when OUT "
                                 "holds records of several shardings).")] = None,
 ) -> None:
-    """Merge the records of `cmc segment --shard I/N` runs in OUT into OUT/report.json."""
+    """Merge the records of `cmc segment --shard I/N` runs in OUT into OUT/report.json,
+    failures.csv and report.html."""
 
     from cmc_serve.pipeline.shards import ShardMergeError, merge_shards
 

@@ -308,9 +308,12 @@ def test_three_concurrent_shards_into_one_out_keep_every_record(tmp_path: Path) 
     assert sorted(p.parent.name for p in out.glob("*/done")) == ids[:6]
     assert not [p for p in out.rglob(".*") if p.name not in (".cmc-output", ".cmc-shards")]
 
+    (out / "report.html").unlink()
     r = fx.run_cli("merge-shards", out)
     assert r.exit_code == 1 and f"failed cases are listed in {out / 'failures.csv'}" in r.stderr
     assert _report(out)["cases"] == merged["cases"]
+    page = (out / "report.html").read_text()
+    assert all(case_id in page for case_id in ids)  # every shard's cases on the one page
 
 
 def test_merge_reports_a_missing_shard(tmp_path: Path) -> None:

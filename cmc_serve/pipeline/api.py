@@ -284,8 +284,9 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
             raise SegmentError(str(exc)) from exc
         finally:
             if options.shard:
-                shards.merge_shards(out, options.shard[1])
-    write_batch_report_html(out)  # the page a person opens: thumbnails, volumes, outliers
+                shards.merge_shards(out, options.shard[1])  # also writes report.html
+    if not options.shard:
+        write_batch_report_html(out)  # the page a person opens: thumbnails, volumes, outliers
     counts = report.counts()
     return SegmentRunResult(out=out, report=out / outputs.REPORT,
                             failures=records / outputs.FAILURES if counts["failed"] else None,

@@ -28,6 +28,7 @@ from typing import Any
 
 from cmc_common.errors import CmcError
 from cmc_serve.pipeline import outputs
+from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.report import STAGES, failures_csv
 
 SHARDS_DIR = ".cmc-shards"
@@ -136,7 +137,8 @@ def merged_report(out: Path, count: int, reports: dict[int, dict[str, Any] | Non
 
 
 def merge_shards(out: Path, count: int | None = None) -> MergedReport:
-    """Merge the records of shards 1..N in OUT into OUT/report.json and OUT/failures.csv.
+    """Merge the records of shards 1..N in OUT into OUT/report.json, OUT/failures.csv and
+    OUT/report.html.
 
     `count` None takes the one sharding OUT holds; ShardMergeError when there is none or
     several (then name N).
@@ -163,6 +165,7 @@ def merge_shards(out: Path, count: int | None = None) -> MergedReport:
             (out / outputs.FAILURES).unlink(missing_ok=True)
         if _fingerprints(out, count) == before:
             break
+    write_batch_report_html(out)  # the page a person opens shows every shard's cases
     return MergedReport(report=out / outputs.REPORT,
                         failures=out / outputs.FAILURES if merged["counts"]["failed"] else None,
                         count=count, complete=merged["finished"], counts=merged["counts"])
