@@ -251,3 +251,22 @@ def test_cli_reports_errors_in_one_line(ckpt: Path, tmp_path: Path) -> None:
                                       "--format", "onnx", "--precision", "fp32"])
     assert result.exit_code == 2
     assert "cmc export: error: " in result.output and "pass --force" in result.output
+
+
+def test_a_host_without_native_half_precision_exports_fp32_for_openvino(
+        ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The branch a plain AVX-512 host takes, run on any host: the CPU capability check is the
+    # only input replaced (OpenVINO itself would accept the hint and silently run fp32).
+    import cmc_export.openvino_export as openvino_export
+
+    monkeypatch.setattr(openvino_export, "unsupported_reason", lambda precision: None
+                        if precision == "fp32" else f"OpenVINO {precision}: no native {precision}")
+    out = tmp_path / "model"
+    report = export(ckpt, out, modes=("b",), log=lambda _: None)
+    assert {(g["runtime"], g["precision"]) for g in report.graphs} == {
+        ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("openvino", "fp32")}
+    assert {s.split(":")[0] for s in report.skipped} >= {"OpenVINO bf16", "OpenVINO fp16"}
+    config = text_format.Parse((out / "repository" / "cmc_patch_b" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert config.parameters["precision"].string_value == "auto"
+    assert config.parameters["gated_precisions"].string_value == "fp32"
