@@ -14,12 +14,12 @@ limits; the CPU's features are printed first, as every benchmark row names them.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+from engine import cpu_features, cpu_model  # bench/engine.py: every row names the CPU
 
 from cmc_export.emulated_precision import emulate, inject
 from cmc_export.errors import GateFailed
@@ -39,13 +39,6 @@ from cmc_train.checkpoint import load_model
 from cmc_train.config import PreprocessConfig
 
 Candidate = Runner
-
-
-def cpu_features() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    wanted = ("amx_bf16", "avx512_bf16", "avx512_fp16", "avx512f")
-    return f"{platform.processor() or platform.machine()}: " + (
-        ", ".join(f for f in wanted if f in flags) or "no AVX-512")
 
 
 def candidates(model: onnx.ModelProto, mode: str, bias: float, classes: int,
@@ -89,7 +82,7 @@ def main() -> None:
     classes = list(metadata["classes"])
     size = int(net.cfg.img_size)
     tiles = synthetic_tiles(preprocess, size)
-    print(f"{args.checkpoint} on {cpu_features()}\n")
+    print(f"{args.checkpoint} on {cpu_model()} ({cpu_features()})\n")
     print("| mode | candidate | emulated noise p99.9 / max | prob error p99.9 / max | "
           "decided share | decided agreement | min Dice (class) | verdict |")
     print("|---|---|---|---|---|---|---|---|")

@@ -17,14 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from engine import cpu_features  # bench/engine.py: every row names the CPU
 
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.openvino_rt import OV_PRECISION, one_tile_shape, unsupported_reason
-
-
-def cpu_features() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return ", ".join(f for f in ("amx_bf16", "avx512_bf16", "avx512_fp16") if f in flags) or "-"
 
 
 def main() -> None:
