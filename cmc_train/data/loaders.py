@@ -103,6 +103,7 @@ class SemiSupervisedSampler:
         self._batch = {"labelled": run_cfg.train.batch_labelled,
                        "unlabelled": run_cfg.train.batch_unlabelled}
         load = Preprocessor(preprocess)
+        jitter = run_cfg.train.intensity_jitter
         pools = []
         for suffix, modality in zip(ROLES, datalist.modalities, strict=True):
             labelled = [load(e, modality, with_label=True)
@@ -122,9 +123,10 @@ class SemiSupervisedSampler:
                               for s in self._tensors(labelled)]
             pools.append(_Pool(f"labelled_{suffix}", tuple(labelled_cache),
                                augmentation_transforms(self.patch, True, classes,
-                                                       run_cfg.train.fg_ratio)))
+                                                       run_cfg.train.fg_ratio, jitter)))
             pools.append(_Pool(f"unlabelled_{suffix}", self._tensors(unlabelled),
-                               augmentation_transforms(self.patch, False)))
+                               augmentation_transforms(self.patch, False,
+                                                       intensity_jitter=jitter)))
         self._pools = {p.name: p for p in pools}
 
     @staticmethod

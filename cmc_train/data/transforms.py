@@ -188,7 +188,8 @@ def crop_ratios(num_classes: int, fg_ratio: float) -> list[float]:
 
 
 def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
-                            num_classes: int | None = None, fg_ratio: float = 0.5) -> Compose:
+                            num_classes: int | None = None, fg_ratio: float = 0.5,
+                            intensity_jitter: float = 0.1) -> Compose:
     """Random patch and augmentation of a pre-processed sample (one patch per call).
 
     Labelled samples: `RandCropByLabelClassesd` centres the patch on a foreground voxel with
@@ -225,6 +226,6 @@ def augmentation_transforms(patch_size: Sequence[int] | int, with_label: bool,
         crop,
         RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
         RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=intensity_jitter, prob=0.5),
     ])
