@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmc_train.config import SCHEDULES
+from cmc_train.config import DICE_FORMS, SCHEDULES
 
 DICE_SMOOTH = 1e-5  # added to numerator and denominator (MONAI's smooth_nr / smooth_dr)
 
@@ -28,10 +28,14 @@ def soft_dice(p: torch.Tensor, q: torch.Tensor, smooth: float = DICE_SMOOTH) -> 
     return (2.0 * inter + smooth) / (total + smooth)
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + (1 - soft Dice), Dice averaged over samples and all K classes
-    (background included). logits [N, K, D, H, W]; labels [N, D, H, W] or [N, 1, D, H, W]
-    integer class ids."""
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor,
+                    dice: str = "sample") -> torch.Tensor:
+    """Cross-entropy + (1 - soft Dice). logits [N, K, D, H, W]; labels [N, D, H, W] or
+    [N, 1, D, H, W] integer class ids.
+
+    dice "sample": Dice per sample and class, averaged over samples and all K classes
+    (background included); "batch-foreground": one Dice per foreground class over the whole
+    batch (nnU-Net's batch Dice without the background)."""
     if labels.dim() == logits.dim() and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.dim() != logits.dim() - 1 or labels.shape[0] != logits.shape[0] \
@@ -42,7 +46,13 @@ def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(logits.float(), labels)
     probs = logits.float().softmax(dim=1)
     one_hot = F.one_hot(labels, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
-    return ce + (1.0 - soft_dice(probs, one_hot).mean())
+    if dice == "sample":
+        return ce + (1.0 - soft_dice(probs, one_hot).mean())
+    if dice == "batch-foreground":
+        def whole_batch(x: torch.Tensor) -> torch.Tensor:  # [N, K, ...] -> [1, K-1, N*...]
+            return x[:, 1:].transpose(0, 1).reshape(1, x.shape[1] - 1, -1)
+        return ce + (1.0 - soft_dice(whole_batch(probs), whole_batch(one_hot)).mean())
+    raise ValueError(f"unknown dice form {dice!r}; choose one of {DICE_FORMS}")
 
 
 def csc_loss(features_a: torch.Tensor, features_b: torch.Tensor,

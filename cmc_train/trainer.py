@@ -152,7 +152,7 @@ def _step_losses(model: nn.Module, batch: dict[str, Any], run_cfg: RunConfig, st
         image, label = (la_img, la_lbl) if ablation.single_modality == "a" else (lb_img, lb_lbl)
         out = model(image, image)
         logits = out.logits_a if ablation.single_modality == "a" else out.logits_b
-        sup = supervised_loss(logits, label)
+        sup = supervised_loss(logits, label, cfg.dice)
         return _Losses(sup, sup.detach(), zero, zero, 0.0, 0.0)
 
     f_csc, f_cac = consistency_weights(step, cfg.steps, cfg.schedule, cfg.rampup_fraction)
@@ -165,8 +165,8 @@ def _step_losses(model: nn.Module, batch: dict[str, Any], run_cfg: RunConfig, st
     else:  # both consistency terms are off at this step: skip the unlabelled forward
         image_a, image_b = la_img, lb_img
     out = model(image_a, image_b)
-    sup = 0.5 * (supervised_loss(out.logits_a[:n_lab], la_lbl)
-                 + supervised_loss(out.logits_b[:n_lab], lb_lbl))
+    sup = 0.5 * (supervised_loss(out.logits_a[:n_lab], la_lbl, cfg.dice)
+                 + supervised_loss(out.logits_b[:n_lab], lb_lbl, cfg.dice))
     csc = csc_loss(out.features_a[n_lab:], out.features_b[n_lab:], cfg.csc_temperature) \
         if w_csc > 0 else zero
     cac = cac_loss(out.logits_a[n_lab:], out.logits_b[n_lab:]) if w_cac > 0 else zero

@@ -44,6 +44,22 @@ def test_supervised_loss_by_hand() -> None:
         supervised_loss(logits, labels[:, :1])
 
 
+
+def test_batch_foreground_dice_by_hand() -> None:
+    """One Dice per foreground class over both samples' voxels; background left out."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 1, 2, 2)
+    labels = torch.tensor([[[[0, 1], [1, 1]]], [[[0, 0], [2, 0]]]])  # class 2 in sample 2 only
+    probs = logits.softmax(1)
+    ce = torch.nn.functional.cross_entropy(logits, labels).item()
+    dice = [_dice(probs[:, k].flatten().tolist(), (labels == k).float().flatten().tolist())
+            for k in (1, 2)]
+    expected = ce + 1 - sum(dice) / 2
+    assert supervised_loss(logits, labels, "batch-foreground").item() == pytest.approx(
+        expected, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown dice form"):
+        supervised_loss(logits, labels, "global")
+
 def _csc_naive(fa: torch.Tensor, fb: torch.Tensor, tau: float) -> float:
     """NT-Xent written out anchor by anchor, with Python floats."""
     total, count = 0.0, 0
