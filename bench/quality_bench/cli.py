@@ -187,11 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"side, {args.threads} thread(s) each); {describe_data(scale, ratio_studies)}; "
               f"training settings changed from --config: {train_options or 'none'}")
     data_kind = "the given datalists" if args.datalist else "unpaired CT / MR"
-    text, shortfalls = report(records, out, header, info, data_kind)
+    text, shortfalls, closures = report(records, out, header, info, data_kind)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "wall_seconds": wall, "steps": steps, "train_options": train_options,
          "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),
          "scale": dataclasses.asdict(scale), "arms": arm_keys, "cmc_shortfalls": shortfalls,
+         "gap_closure": [dataclasses.asdict(g) for g in closures],
          "runs": records}, indent=1, allow_nan=False, default=_nan_free))
     print(text)
     return 0

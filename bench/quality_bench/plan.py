@@ -164,12 +164,13 @@ def sweep_study(ratio: int, offset_mm: float, difficulty: str = "easy") -> Synth
 
 def plan(ratio_studies: Sequence[Study], sweep_studies: Sequence[Study], seeds: int,
          arm_keys: Sequence[str]) -> list[Job]:
-    """All runs: every arm at every ratio, then the sweep (CMC vs fusion); the lowest ratio
-    and the sweep repeat over `seeds`."""
-    low = min(study.ratio for study in ratio_studies)
+    """All runs: every arm at every ratio, then the sweep (CMC vs fusion); the lowest and
+    the highest ratio (the two ends of the labelled-data gap) and the sweep repeat over
+    `seeds`."""
+    ends = {min(study.ratio for study in ratio_studies), max(study.ratio for study in ratio_studies)}
     jobs = []
     for study in ratio_studies:
-        for seed in range(seeds if study.ratio == low else 1):
+        for seed in range(seeds if study.ratio in ends else 1):
             for key in arm_keys:
                 jobs += [Job(study, arm, seed, "ratio") for arm in ARMS[key]]
     for study in sweep_studies:

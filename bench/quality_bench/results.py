@@ -12,7 +12,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from quality_bench.floors import below_floor
+from quality_bench.floors import REFERENCE_ARMS, below_floor
+from quality_bench.gap import GapClosure, closure_table
 from quality_bench.plan import BASELINE, CMC, DataInfo
 
 matplotlib.use("Agg")
@@ -119,9 +120,9 @@ def dice_rows(records: Sequence[dict[str, Any]], info: DataInfo) -> list[dict[st
 
 
 def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: DataInfo,
-           data_kind: str) -> tuple[str, list[str]]:
+           data_kind: str) -> tuple[str, list[str], list[GapClosure]]:
     """Write results.md, quality_results.json (`dice_rows`) and quality.png; return the
-    markdown and the CMC shortfall lines."""
+    markdown, the CMC shortfall lines and the gap closures."""
     ratio_sum = summarise(records, "ratio", info)
     sweep_sum = summarise(records, "sweep", info)
     shortfalls = cmc_shortfalls(ratio_sum, "labelled ratio (%)") \
@@ -132,6 +133,14 @@ def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: Data
     if sweep_sum:
         sections += ["## Misalignment sweep (paired, lowest ratio, test split, Dice)",
                      markdown_table(sweep_sum, "offset mm", info.classes)]
+    arms = list(dict.fromkeys(rec["arm"] for rec in records
+                              if rec["part"] == "ratio" and rec["arm"] not in REFERENCE_ARMS))
+    closures_md, closures = closure_table(records, arms, info.modalities)
+    sections += ["## Share of fusion's labelled-data gap each arm closes at the lowest ratio",
+                 "(arm - fusion at the lowest ratio) / (fusion at the highest - fusion at the "
+                 "lowest), mean foreground Dice per test case; [95 % paired bootstrap interval "
+                 "over seeds and test cases] (`quality_bench.gap`).",
+                 closures_md]
     sections += ["## Where CMC does not beat supervised fusion",
                  "\n".join(f"- {v}" for v in verdict)]
     floor_misses = below_floor(ratio_sum)
@@ -143,7 +152,7 @@ def report(records: Sequence[dict[str, Any]], out: Path, header: str, info: Data
     (out / "quality_results.json").write_text(
         json.dumps(dice_rows(records, info), indent=1, default=_nan_free) + "\n")
     plot(ratio_sum, sweep_sum, info.modalities, out / "quality.png")
-    return text, shortfalls
+    return text, shortfalls, closures
 
 
 def _nan_free(value: Any) -> Any:

@@ -1,0 +1,61 @@
+"""The benchmark's gap closure: the share of supervised fusion's 10 % -> 100 % gap an arm
+closes, and its paired bootstrap interval, on records shaped like bench/quality.py's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from quality_bench.gap import closure_table, gap_closure
+
+CASES = [f"case_{i}" for i in range(8)]
+
+
+def record(arm: str, ratio: int, seed: int, per_case: list[float]) -> dict[str, Any]:
+    """A scored run whose CT test cases have these mean foreground Dice (two classes each,
+    the second NaN where the class is absent: it must not count)."""
+    cases = {c: {"dice": {"organ": v, "absent": None}} for c, v in zip(CASES, per_case,
+                                                                      strict=True)}
+    return {"part": "ratio", "arm": arm, "ratio": ratio, "seed": seed,
+            "test": {"a": {"num_cases": len(cases), "cases": cases}}}
+
+
+def study(noise: float, cmc_gain: float) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    case_level = rng.uniform(0.4, 0.6, len(CASES))  # hard and easy cases, shared by all arms
+
+    def scores(offset: float) -> list[float]:
+        return list(case_level + offset + rng.normal(0, noise, len(CASES)))
+
+    return ([record("fusion", 10, s, scores(0.0)) for s in range(3)]
+            + [record("fusion", 100, s, scores(0.2)) for s in range(3)]
+            + [record("cmc", 10, s, scores(cmc_gain)) for s in range(3)])
+
+
+def test_closure_is_the_gain_over_the_gap_with_a_tight_interval_without_noise() -> None:
+    closure = gap_closure(study(noise=0.0, cmc_gain=0.13), "cmc", "a", "ct")
+    assert closure is not None
+    assert closure.fusion_gap.value == pytest.approx(0.2)
+    assert closure.gain.value == pytest.approx(0.13)
+    assert closure.closure.value == pytest.approx(0.65)
+    # Case-level differences are shared by every arm (paired), so they cancel exactly.
+    assert closure.closure.low == pytest.approx(0.65) and closure.closure.high == pytest.approx(0.65)
+    assert closure.fusion_gap_per_seed == pytest.approx((0.2, 0.2, 0.2))
+    assert (closure.seeds_low, closure.seeds_high, closure.cases) == (3, 3, 8)
+
+
+def test_noise_widens_the_interval_around_the_estimate() -> None:
+    closure = gap_closure(study(noise=0.05, cmc_gain=0.1), "cmc", "a", "ct")
+    assert closure is not None
+    assert closure.closure.low < closure.closure.value < closure.closure.high
+    assert closure.closure.high - closure.closure.low > 0.1
+    assert closure.closure.low < 0.5 < closure.closure.high
+
+
+def test_table_names_each_arm_and_needs_two_ratios() -> None:
+    text, rows = closure_table(study(noise=0.0, cmc_gain=0.1), ["fusion", "cmc"], ["ct", "mr"])
+    assert [(g.arm, g.modality) for g in rows] == [("cmc", "ct")]  # MR was not scored
+    assert "| cmc | ct | 3/3 | 8 |" in text and "**50 %** [50, 50]" in text
+    only_low = [r for r in study(0.0, 0.1) if r["ratio"] == 10]
+    assert closure_table(only_low, ["cmc"], ["ct", "mr"])[1] == []
