@@ -62,14 +62,18 @@ class ValidationSet:
     """Pre-processed labelled volumes of one split, loaded once and kept in memory."""
 
     modalities: tuple[str, str]
-    num_classes: int
+    classes: tuple[str, ...]   # background first
     volumes: tuple[EvalVolume, ...]
 
     @classmethod
     def from_datalist(cls, datalist: Datalist, preprocess: PreprocessConfig,
                       split: str = "validation") -> ValidationSet:
         volumes = tuple(validation_volumes(datalist, preprocess, split))
-        return cls(tuple(datalist.modalities), len(datalist.classes), volumes)  # type: ignore[arg-type]
+        return cls(tuple(datalist.modalities), tuple(datalist.classes), volumes)  # type: ignore[arg-type]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def of_modality(self, modality: str) -> list[EvalVolume]:
         return [v for v in self.volumes if v.modality == modality]
@@ -143,7 +147,16 @@ def validate(net: CMCNet, val_set: ValidationSet, modes: Sequence[str], patch_si
         raise EvaluationError(f"the validation split has no labelled volume of {names}, the "
                               "modalities being trained")
     mean_fg = float(np.mean([np.mean(v) for v in per_modality.values()]))
-    return {"dice": per_modality, "mean_fg_dice": mean_fg}
+    return {"dice": per_modality, "mean_fg_dice": mean_fg,
+            "dead_classes": dead_classes(per_modality, val_set.classes[1:])}
+
+
+def dead_classes(per_modality: dict[str, list[float]], fg_classes: Sequence[str]) -> list[str]:
+    """"MODALITY CLASS" for every foreground class whose Dice is 0 on every validation volume
+    of that modality: the mode never finds it, a defect to fix (class balance, schedule,
+    loss), not a score to average away."""
+    return [f"{modality} {name}" for modality, scores in per_modality.items()
+            for name, score in zip(fg_classes, scores, strict=True) if score == 0.0]
 
 
 def _case_metrics(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,

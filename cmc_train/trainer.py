@@ -474,10 +474,12 @@ def _validate_and_save(run: _Run, val_set: ValidationSet | None, log: _MetricsLo
         if improved:
             run.save(BEST, with_trainer_state=False)
         per_modality = ", ".join(f"{m} {sum(d) / len(d):.4f}" for m, d in result["dice"].items())
+        dead = (f"; never found (Dice 0): {', '.join(result['dead_classes'])}"
+                if result["dead_classes"] else "")
         reporter.say(f"step {run.step}/{run.cfg.train.steps}: validation mean foreground Dice "
                      f"{result['mean_fg_dice']:.4f} ({per_modality}; best "
                      f"{run.best_metric:.4f} at step {run.best_step}; "
-                     f"{time.perf_counter() - started:.0f} s)")
+                     f"{time.perf_counter() - started:.0f} s){dead}")
     barrier(run.ctx)
 
 

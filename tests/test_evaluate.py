@@ -15,7 +15,7 @@ from cmc_train.checkpoint import build_metadata, save_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import validation_volumes
-from cmc_train.evaluate import evaluate, resample_onto, spacing_of
+from cmc_train.evaluate import dead_classes, evaluate, resample_onto, spacing_of
 from cmc_train.metrics import per_class_metrics
 from cmc_train.network import build_cmc
 from cmc_train.sliding_window import predict_labels
@@ -106,3 +106,9 @@ def test_resample_onto_follows_world_coordinates() -> None:
     out = resample_onto(image, affine, (7, 5, 6), half)
     assert torch.allclose(out[1], 0.5 * (image[0] + image[1]))
     assert torch.allclose(out[-1], image[-1])
+
+
+def test_dead_classes_are_named_per_modality() -> None:
+    scores = {"ct": [0.9, 0.0, 0.8], "mr": [0.9, 0.01, 0.0]}
+    assert dead_classes(scores, ["liver", "spleen", "kidney"]) == ["ct spleen", "mr kidney"]
+    assert dead_classes({"ct": [0.5, 0.2, 0.1]}, ["liver", "spleen", "kidney"]) == []

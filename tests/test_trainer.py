@@ -180,3 +180,21 @@ def test_cli_lists_match_the_config() -> None:
 
     assert train_cmd.PRESETS == tuple(MODEL_PRESETS) == tuple(TRAIN_PRESETS)
     assert train_cmd.SCHEDULES == SCHEDULES
+
+
+@pytest.mark.slow
+def test_default_recipe_leaves_no_class_dead(tmp_path: Path) -> None:
+    """Every class is found in each single-modality mode after N steps of the default recipe
+    (loss, crops, augmentation, schedules of `TrainConfig`, the tiny preset's lr) on a small
+    study: a change that lets one mode never predict a class fails here, and the trainer's
+    validation names such a class."""
+    study = write_synthetic_study(tmp_path / "study", cases=8, seed=0, size=32,
+                                  labelled_ratio=0.5, val_cases=2, test_cases=0)
+    model = replace(MICRO, decoder_channels=8)
+    config = RunConfig(model, PreprocessConfig(modalities=("ct", "mr"), spacing=(3.0, 3.0, 3.0)),
+                       TrainConfig(steps=400, val_every=400, lr=3e-3), preset="micro")
+    summary = train(study, tmp_path / "run", config, progress=False)
+    validation = summary.last_validation
+    assert validation is not None and validation["dead_classes"] == []
+    for modality, scores in validation["dice"].items():
+        assert min(scores) >= 0.3, f"{modality}: a class is barely found, Dice {scores}"
