@@ -40,11 +40,11 @@ from quality_bench.results import _nan_free, report
 from quality_bench.runs import Recipe, parse_train_options, run_all
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def _float_list(text: str) -> tuple[float, ...]:
+def float_list(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
@@ -56,8 +56,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="small variant (< 15 min on 2 cores): 10%% and 100%%, 1 seed")
     parser.add_argument("--steps", type=int, help="training steps per run (default: from budget)")
     parser.add_argument("--seeds", type=int, help="seeds of the lowest ratio and the sweep")
-    parser.add_argument("--ratios", type=_int_list, help="labelled ratios in %%, e.g. 10,100")
-    parser.add_argument("--offsets", type=_float_list, help="sweep offsets in mm, e.g. 0,20")
+    parser.add_argument("--ratios", type=int_list, help="labelled ratios in %%, e.g. 10,100")
+    parser.add_argument("--offsets", type=float_list, help="sweep offsets in mm, e.g. 0,20")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
     parser.add_argument("--cases", type=int, help="training cases (smoke tests)")
     parser.add_argument("--difficulty", choices=tuple(PAIR_MAKERS), default="easy",
