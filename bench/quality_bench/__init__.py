@@ -30,8 +30,12 @@ A misalignment sweep at the lowest ratio trains `cmc` and `fusion` on *paired* s
 rigid offset between CT and MR is varied (rotation 0.75 deg per mm, no elastic field, so the
 offset alone changes) and also scores the fused (CT + MR) prediction.
 
-The lowest ratio and the sweep are repeated over `--seeds` training seeds (mean +- std); the
-other ratios use the first seed. Without `--steps`, the steps are chosen from the steps/s
+The lowest and the highest ratio (the two ends of the labelled-data gap) and the sweep are
+repeated over `--seeds` training seeds (mean +- std); the other ratios use the first seed.
+The report gives, per arm and modality, the share of supervised fusion's gap between the
+lowest and the highest ratio that the arm closes at the lowest, with a paired bootstrap
+interval over seeds and test cases (`quality_bench.gap`); `bench/learning_curve.py` says
+whether the steps were enough for the highest ratio to converge. Without `--steps`, the steps are chosen from the steps/s
 measured here so the whole benchmark fits the budget (15 min `--quick`, 3 h full); the
 estimate is printed before training starts. Writes to the output folder: results.md (tables
 the plain list of where CMC does not beat `fusion`, and of trained arms below the floor),
@@ -54,6 +58,7 @@ train`.
 
 Modules: `plan` (arms, data studies, the run plan, the user's datalists), `runs` (one
 training + scoring run, the worker processes, reuse of scored runs), `calibration` (steps
-per second measured here, steps for the budget), `results` (statistics, results.md,
-quality.png) and `cli` (the command line, `main`); `bench/quality.py` runs `cli.main`.
+per second measured here, steps for the budget), `gap` (the share of the gap an arm
+closes), `results` (statistics, results.md, quality.png) and `cli` (the command line,
+`main`); `bench/quality.py` runs `cli.main`.
 """
