@@ -21,17 +21,15 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
+import torch
+from quality_bench.cli import int_list
+from quality_bench.plan import ARMS, FULL, Job, data_info, ratio_study
+from quality_bench.runs import Recipe, run_all
 
-import torch  # noqa: E402
-
-from cmc_train.data.datalist import Datalist  # noqa: E402
-from cmc_train.synth import PAIR_MAKERS  # noqa: E402
-from quality_bench.cli import int_list  # noqa: E402
-from quality_bench.plan import ARMS, FULL, Job, data_info, ratio_study  # noqa: E402
-from quality_bench.runs import Recipe, run_all  # noqa: E402
+from cmc_train.data.datalist import Datalist
+from cmc_train.synth import PAIR_MAKERS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(rows: list[dict], ratios: tuple[int, ...], modalities: tuple[str, str],
+def report(rows: list[dict[str, Any]], ratios: tuple[int, ...], modalities: tuple[str, str],
            command: str) -> str:
     """One line per step count: mean foreground Dice per ratio and modality, and the gap
     between the highest and the lowest ratio."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from learning_curve import report
 from quality_bench.gap import closure_table, gap_closure
 
 CASES = [f"case_{i}" for i in range(8)]
@@ -59,3 +60,15 @@ def test_table_names_each_arm_and_needs_two_ratios() -> None:
     assert "| cmc | ct | 3/3 | 8 |" in text and "**50 %** [50, 50]" in text
     only_low = [r for r in study(0.0, 0.1) if r["ratio"] == 10]
     assert closure_table(only_low, ["cmc"], ["ct", "mr"])[1] == []
+
+
+def test_learning_curve_table_gives_each_step_count_its_gap() -> None:
+    rows = [{"steps": steps, "ratio": ratio, "modality": modality, "mean_fg_dice": dice}
+            for steps, ratio, modality, dice in [
+                (250, 10, "ct", 0.40), (250, 100, "ct", 0.45), (250, 10, "mr", 0.5),
+                (250, 100, "mr", 0.5), (1000, 10, "ct", 0.42), (1000, 100, "ct", 0.60),
+                (1000, 10, "mr", 0.52), (1000, 100, "mr", 0.61)]]
+    text = report(rows, (10, 100), ("ct", "mr"), "learning_curve.py --steps 250,1000")
+    assert "| steps | ct 10 % | ct 100 % | mr 10 % | mr 100 % | ct gap | mr gap |" in text
+    assert "| 250 | 0.400 | 0.450 | 0.500 | 0.500 | +0.050 | +0.000 |" in text
+    assert "| 1000 | 0.420 | 0.600 | 0.520 | 0.610 | +0.180 | +0.090 |" in text
