@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from quality_bench.cli import int_list
-from quality_bench.plan import ARMS, FULL, Job, data_info, ratio_study
+from quality_bench.plan import ARMS, FULL, Job, Study, data_info, ratio_study
 from quality_bench.runs import Recipe, run_all
 
 from cmc_train.data.datalist import Datalist
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     data_dir = args.data or out / "data"
     studies = [ratio_study(ratio, args.difficulty) for ratio in args.ratios]
-    datalists = {study: study.datalist(FULL, data_dir) for study in studies}
+    datalists: dict[Study, Path] = {study: study.datalist(FULL, data_dir) for study in studies}
     first = datalists[studies[0]]
     info = data_info(Datalist.load(first), first, args.config)
     (arm,) = ARMS[args.arm]
