@@ -22,7 +22,7 @@ def record(arm: str, ratio: int, seed: int, per_case: list[float]) -> dict[str, 
             "test": {"a": {"num_cases": len(cases), "cases": cases}}}
 
 
-def study(noise: float, cmc_gain: float) -> list[dict[str, Any]]:
+def study(noise: float, cmc_gain: float, gap: float = 0.2) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     case_level = rng.uniform(0.4, 0.6, len(CASES))  # hard and easy cases, shared by all arms
 
@@ -30,7 +30,7 @@ def study(noise: float, cmc_gain: float) -> list[dict[str, Any]]:
         return list(case_level + offset + rng.normal(0, noise, len(CASES)))
 
     return ([record("fusion", 10, s, scores(0.0)) for s in range(3)]
-            + [record("fusion", 100, s, scores(0.2)) for s in range(3)]
+            + [record("fusion", 100, s, scores(gap)) for s in range(3)]
             + [record("cmc", 10, s, scores(cmc_gain)) for s in range(3)])
 
 
@@ -58,6 +58,8 @@ def test_table_names_each_arm_and_needs_two_ratios() -> None:
     text, rows = closure_table(study(noise=0.0, cmc_gain=0.1), ["fusion", "cmc"], ["ct", "mr"])
     assert [(g.arm, g.modality) for g in rows] == [("cmc", "ct")]  # MR was not scored
     assert "| cmc | ct | 3/3 | 8 |" in text and "**50 %** [50, 50]" in text
+    text, rows = closure_table(study(noise=0.05, cmc_gain=0.1, gap=0.0), ["cmc"], ["ct", "mr"])
+    assert rows[0].fusion_gap.low <= 0 and "undefined: fusion's gap interval reaches 0" in text
     only_low = [r for r in study(0.0, 0.1) if r["ratio"] == 10]
     assert closure_table(only_low, ["cmc"], ["ct", "mr"])[1] == []
 

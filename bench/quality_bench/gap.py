@@ -122,6 +122,15 @@ def gap_closure(records: Sequence[dict[str, Any]], arm: str, mode: str, modality
                       interval(0), interval(1), interval(2), per_seed)
 
 
+def _share(g: GapClosure) -> str:
+    """The closure as a percentage, or why there is none: a share of a gap whose interval
+    reaches zero is a ratio of noise to noise."""
+    if g.fusion_gap.low <= 0:
+        return "undefined: fusion's gap interval reaches 0"
+    return (f"**{100 * g.closure.value:.0f} %** [{100 * g.closure.low:.0f}, "
+            f"{100 * g.closure.high:.0f}]")
+
+
 def closure_table(records: Sequence[dict[str, Any]], arms: Sequence[str],
                   modalities: Sequence[str]) -> tuple[str, list[GapClosure]]:
     """Markdown table of every arm's closure per single-modality mode, and the rows."""
@@ -137,6 +146,5 @@ def closure_table(records: Sequence[dict[str, Any]], arms: Sequence[str],
         per_seed = ", ".join(f"{v:+.3f}" for v in g.fusion_gap_per_seed)
         lines.append(f"| {g.arm} | {g.modality} | {g.seeds_low}/{g.seeds_high} | {g.cases} | "
                      f"{g.fusion_gap.text()} (per seed {per_seed}) | {g.gain.text()} | "
-                     f"**{100 * g.closure.value:.0f} %** [{100 * g.closure.low:.0f}, "
-                     f"{100 * g.closure.high:.0f}] |")
+                     f"{_share(g)} |")
     return "\n".join(lines), rows
