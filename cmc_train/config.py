@@ -223,7 +223,10 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown train config keys: {sorted(unknown)}")
-        return cls(**d)
+        # cmc writes every field, so a config without `dice` is one written before it existed,
+        # which trained with the per-sample Dice: a resumed run or a reused config.yaml keeps
+        # the loss it started with.
+        return cls(**{"dice": "sample", **d})
 
 
 @dataclass(frozen=True)

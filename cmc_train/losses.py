@@ -29,7 +29,7 @@ def soft_dice(p: torch.Tensor, q: torch.Tensor, smooth: float = DICE_SMOOTH) -> 
 
 
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor,
-                    dice: str = "sample") -> torch.Tensor:
+                    dice: str = "batch-foreground") -> torch.Tensor:
     """Cross-entropy + (1 - soft Dice). logits [N, K, D, H, W]; labels [N, D, H, W] or
     [N, 1, D, H, W] integer class ids.
 

@@ -37,9 +37,10 @@ def test_supervised_loss_by_hand() -> None:
     dice = [_dice([probs[v][k] for v in voxels],
                   [1.0 if int(labels[0][v]) == k else 0.0 for v in voxels]) for k in range(3)]
     expected = ce + 1 - sum(dice) / 3
-    assert supervised_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert supervised_loss(logits, labels, "sample").item() == pytest.approx(expected, rel=1e-5)
     # the MONAI-style [N, 1, D, H, W] label layout gives the same value
-    assert supervised_loss(logits, labels[:, None]).item() == pytest.approx(expected, rel=1e-5)
+    assert supervised_loss(logits, labels[:, None], "sample").item() == pytest.approx(
+        expected, rel=1e-5)
     with pytest.raises(ValueError, match="do not match logits"):
         supervised_loss(logits, labels[:, :1])
 
@@ -55,8 +56,7 @@ def test_batch_foreground_dice_by_hand() -> None:
     dice = [_dice(probs[:, k].flatten().tolist(), (labels == k).float().flatten().tolist())
             for k in (1, 2)]
     expected = ce + 1 - sum(dice) / 2
-    assert supervised_loss(logits, labels, "batch-foreground").item() == pytest.approx(
-        expected, rel=1e-5)
+    assert supervised_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="unknown dice form"):
         supervised_loss(logits, labels, "global")
 

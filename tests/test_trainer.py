@@ -198,3 +198,14 @@ def test_default_recipe_leaves_no_class_dead(tmp_path: Path) -> None:
     assert validation is not None and validation["dead_classes"] == []
     for modality, scores in validation["dice"].items():
         assert min(scores) >= 0.3, f"{modality}: a class is barely found, Dice {scores}"
+
+
+def test_a_config_written_before_the_dice_setting_keeps_its_loss(tmp_path: Path) -> None:
+    """An older run's config.yaml (no `dice` key) resumes with the per-sample Dice it was
+    trained with; a current one records the batch-foreground default."""
+    current = micro_config()
+    assert current.train.dice == "batch-foreground"
+    data = current.to_dict()
+    del data["train"]["dice"]
+    assert RunConfig.from_dict(data).train.dice == "sample"
+    assert RunConfig.from_dict(current.to_dict()) == current
