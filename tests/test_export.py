@@ -257,10 +257,10 @@ def test_a_host_without_native_half_precision_exports_fp32_for_openvino(
         ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The branch a plain AVX-512 host takes, run on any host: the CPU capability check is the
     # only input replaced (OpenVINO itself would accept the hint and silently run fp32).
-    import cmc_export.openvino_export as openvino_export
+    import cmc_serve.runtimes.openvino_rt as openvino_rt
 
-    monkeypatch.setattr(openvino_export, "unsupported_reason", lambda precision: None
-                        if precision == "fp32" else f"OpenVINO {precision}: no native {precision}")
+    monkeypatch.setattr(openvino_rt, "cpu_capabilities",
+                        lambda: ("plain AVX-512 host", ("FP32", "INT8")))
     out = tmp_path / "model"
     report = export(ckpt, out, modes=("b",), log=lambda _: None)
     assert {(g["runtime"], g["precision"]) for g in report.graphs} == {
@@ -270,3 +270,33 @@ def test_a_host_without_native_half_precision_exports_fp32_for_openvino(
                                model_config_pb2.ModelConfig())
     assert config.parameters["precision"].string_value == "auto"
     assert config.parameters["gated_precisions"].string_value == "fp32"
+
+
+def test_an_amx_host_gates_both_openvino_half_precisions(
+        ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The branch of an AMX host (OpenVINO lists BF16 and FP16), run on any host: only the CPU
+    # capability query is replaced, so export judges both half precisions, records them in
+    # cmc.json and the Triton repository, and skips neither. What OpenVINO runs for a hint
+    # the CPU lacks differs by host (fp32 on plain AVX-512; bf16 for fp16 on an AVX512-BF16
+    # host, which the fp16 gate refuses), so fp16 may be written or refused here; native
+    # half-precision numbers are test_gates' and the device checks' business.
+    import cmc_serve.runtimes.openvino_rt as openvino_rt
+
+    monkeypatch.setattr(openvino_rt, "cpu_capabilities",
+                        lambda: ("AMX host", ("BF16", "FP16", "FP32", "INT8")))
+    out = tmp_path / "model"
+    report = export(ckpt, out, modes=("b",), log=lambda _: None)
+    assert not any(s.startswith("OpenVINO") for s in report.skipped)
+    model = json.loads((out / "cmc.json").read_text())
+    written = {g["precision"] for g in model["graphs"] if g["runtime"] == "openvino"}
+    refused = {r["precision"]: r for r in model.get("refused", []) if r["runtime"] == "openvino"}
+    assert {"fp32", "bf16"} <= written and written | set(refused) == {"fp32", "bf16", "fp16"}
+    for graph in model["graphs"]:
+        if graph["runtime"] == "openvino" and graph["precision"] != "fp32":
+            assert graph["gate"]["kind"] == "segmentation_parity"
+            assert graph["gate"]["noise"]["emulated"] == graph["precision"]
+    for entry in refused.values():
+        assert "precision gate failed" in entry["reason"] and entry["gate"]["limits"]
+    config = text_format.Parse((out / "repository" / "cmc_patch_b" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert set(config.parameters["gated_precisions"].string_value.split(",")) == written

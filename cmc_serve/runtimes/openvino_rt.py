@@ -33,20 +33,29 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 
 
+def cpu_capabilities() -> tuple[str, tuple[str, ...]]:
+    """The CPU's name and OpenVINO's OPTIMIZATION_CAPABILITIES for it: the one place cmc asks
+    which precisions this CPU runs natively (export, serving and the Triton patch model all
+    go through `unsupported_reason`), so a test can play another kind of host here."""
+    import openvino as ov  # type: ignore[import-untyped,unused-ignore]
+
+    core = ov.Core()
+    return (str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+            tuple(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")))
+
+
 def unsupported_reason(precision: str) -> str | None:
     """Why OpenVINO cannot run `precision` natively on this CPU, or None if it can."""
     try:
-        import openvino as ov  # type: ignore[import-untyped,unused-ignore]
+        import openvino  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
     except ImportError as exc:
         return f"openvino is not installed ({exc})"
     if precision not in OV_PRECISION:
         return f"OpenVINO has no {precision} inference precision on CPU"
-    core = ov.Core()
-    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    name, capabilities = cpu_capabilities()
     if CAPABILITY[precision] not in capabilities:
-        return (f"OpenVINO {precision}: this CPU ({core.get_property('CPU', 'FULL_DEVICE_NAME')}) "
-                f"has no native {precision} (capabilities {', '.join(capabilities)}); it would "
-                "silently run fp32")
+        return (f"OpenVINO {precision}: this CPU ({name}) has no native {precision} "
+                f"(capabilities {', '.join(capabilities)}); it would silently run fp32")
     return None
 
 
