@@ -118,25 +118,25 @@ def test_study_datalist_and_nifti_geometry(study: Path) -> None:
         assert label.shape == nii.shape
 
 
-def _read_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(array in i, j, k order, RAS affine) of a DICOM series read with SimpleITK."""
+def assert_series_matches_nifti(study: Path, case: str, modality: str) -> None:
+    """The case's DICOM series, read with SimpleITK (LPS -> RAS), has the voxels and the
+    geometry of its NIfTI image (both brought to the closest canonical orientation)."""
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(study / "dicom" / case / modality)))
     image = reader.Execute()
     lps = np.eye(4)
     lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
-    return sitk.GetArrayFromImage(image).transpose(2, 1, 0), np.diag([-1, -1, 1, 1]) @ lps
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)
+    from_dicom = nib.as_closest_canonical(nib.Nifti1Image(array, np.diag([-1, -1, 1, 1]) @ lps))
+    from_nifti = nib.as_closest_canonical(nib.load(study / "images" / f"{case}_{modality}.nii.gz"))
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
+    np.testing.assert_array_equal(from_dicom.get_fdata(), from_nifti.get_fdata())
 
 
 @pytest.mark.parametrize("modality", ["ct", "mr"])
 def test_dicom_series_round_trip_geometry(study: Path, modality: str) -> None:
-    case = "case_0004"  # validation case
-    array, affine = _read_series(study / "dicom" / case / modality)
-    from_dicom = nib.as_closest_canonical(nib.Nifti1Image(array.astype(np.float32), affine))
-    from_nifti = nib.as_closest_canonical(nib.load(study / "images" / f"{case}_{modality}.nii.gz"))
-    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
-    np.testing.assert_array_equal(from_dicom.get_fdata(), from_nifti.get_fdata())
+    assert_series_matches_nifti(study, "case_0004", modality)  # a validation case
 
 
 def test_dicom_series_identity(study: Path) -> None:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from cmc_cli.main import app
-from test_synth import _read_series
+from test_synth import assert_series_matches_nifti
 from typer.testing import CliRunner
 
 from cmc_train.data.datalist import Datalist
@@ -120,12 +120,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("modality", ["ct", "mr"])
 def test_dicom_round_trip_of_a_hard_case(study: Path, modality: str) -> None:
-    case = "case_0002"
-    array, affine = _read_series(study / "dicom" / case / modality)
-    from_dicom = nib.as_closest_canonical(nib.Nifti1Image(array.astype(np.float32), affine))
-    from_nifti = nib.as_closest_canonical(nib.load(study / "images" / f"{case}_{modality}.nii.gz"))
-    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
-    np.testing.assert_array_equal(from_dicom.get_fdata(), from_nifti.get_fdata())
+    assert_series_matches_nifti(study, "case_0002", modality)
 
 
 def test_study_holds_the_hard_cases(study: Path) -> None:
