@@ -3,7 +3,8 @@
 OpenVINO reads the exported IR (.xml/.bin) or the ONNX graph directly and segments faster
 than ONNX Runtime on a CPU (BENCHMARKS.md, engine section). bf16
 and fp16 are inference-precision hints on the fp32 graph; OpenVINO accepts a hint on CPUs
-without native support and quietly runs fp32, so we check the CPU's capabilities and
+without native support and quietly runs another (fp32; bf16 for an fp16 hint on a CPU with
+AVX512-BF16 only), so we check the CPU's capabilities and
 refuse instead (`unsupported_reason`, also what `cmc export` skips a precision for).
 
 The graph is compiled for one tile at a time: OpenVINO's CPU plugin picks its kernels
@@ -17,6 +18,7 @@ callback (seen in our tests under load).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -33,10 +35,12 @@ OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 
 
+@functools.cache
 def cpu_capabilities() -> tuple[str, tuple[str, ...]]:
     """The CPU's name and OpenVINO's OPTIMIZATION_CAPABILITIES for it: the one place cmc asks
     which precisions this CPU runs natively (export, serving and the Triton patch model all
-    go through `unsupported_reason`), so a test can play another kind of host here."""
+    go through `unsupported_reason`), so a test can play another kind of host here. Asked
+    once per process (an `ov.Core()` each time cost about 7 ms, asked per mode and graph)."""
     import openvino as ov  # type: ignore[import-untyped,unused-ignore]
 
     core = ov.Core()
@@ -55,7 +59,8 @@ def unsupported_reason(precision: str) -> str | None:
     name, capabilities = cpu_capabilities()
     if CAPABILITY[precision] not in capabilities:
         return (f"OpenVINO {precision}: this CPU ({name}) has no native {precision} "
-                f"(capabilities {', '.join(capabilities)}); it would silently run fp32")
+                f"(capabilities {', '.join(capabilities)}); it would silently run another "
+                "precision")
     return None
 
 
