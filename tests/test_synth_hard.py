@@ -15,7 +15,16 @@ from typer.testing import CliRunner
 from cmc_train.data.datalist import Datalist
 from cmc_train.synth import case_rng, make_hard_pair, make_pair, write_synthetic_study
 from cmc_train.synth.hard_anatomy import FIRST_LESION, sample_hard_anatomy, tissue_to_label
-from cmc_train.synth.phantom import KIDNEY_R, LIVER, SPLEEN, PhantomPair
+from cmc_train.synth.hard_study import mr_protocol
+from cmc_train.synth.phantom import (
+    BOWEL_FLUID,
+    KIDNEY_R,
+    LIVER,
+    MEDULLA_R,
+    SOFT,
+    SPLEEN,
+    PhantomPair,
+)
 
 SUBJECTS = 8
 LIVER_LABEL, SPLEEN_LABEL = 1, 2
@@ -69,6 +78,20 @@ def test_subjects_vary_far_more_than_in_the_easy_study(hard: list[PhantomPair],
     # MR gain: the liver's signal varies several-fold.
     mr_liver = [np.median(p.image_b[p.label_b == LIVER_LABEL]) for p in hard]
     assert max(mr_liver) > 2 * min(mr_liver)
+
+
+def test_mr_contrast_that_a_few_labelled_scans_do_not_cover() -> None:
+    """Per MR scan: the kidney medulla from much darker to brighter than the cortex, the
+    bowel bright (fluid) or, in about 30 % of scans, dark (negative oral contrast); the
+    liver always brighter than muscle."""
+    rng = np.random.default_rng(0)
+    anatomy = sample_hard_anatomy(rng, np.full(3, 48.0))
+    tables = [mr_protocol(rng, anatomy).table for _ in range(200)]
+    medulla = np.array([table[MEDULLA_R] / table[KIDNEY_R] for table in tables])
+    assert medulla.min() < 0.6 and medulla.max() > 1.2, medulla
+    dark_bowel = np.array([table[BOWEL_FLUID] < table[LIVER] for table in tables])
+    assert 0.2 < dark_bowel.mean() < 0.4
+    assert all(table[LIVER] > table[SOFT] for table in tables)
 
 
 def test_field_of_view_cuts_organs_in_some_subjects(hard: list[PhantomPair]) -> None:
