@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from quality_bench.calibration import under_converged
 from quality_bench.plan import QUICK, BenchmarkError, parse_datalists, ratio_study
 
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
@@ -115,6 +116,16 @@ def test_hard_studies_are_generated_as_cmc_synth_makes_them(tmp_path: Path) -> N
         again = json.loads(expected.read_text())["labelled"][0]["image"][name]
         np.testing.assert_array_equal(nib.load(datalist.parent / first).get_fdata(),
                                       nib.load(expected.parent / again).get_fdata())
+
+
+def test_too_few_steps_for_the_hard_study_are_called_a_budget() -> None:
+    """The hard study's gap needs 500 steps to converge: fewer get a warning that says what
+    to pass; the easy phantom and a user's datalists (no known convergence) get none."""
+    warning = under_converged(250, "hard")
+    assert warning is not None and "measure the step budget" in warning
+    assert "--steps 500" in warning
+    assert under_converged(500, "hard") is None
+    assert under_converged(250, "easy") is None and under_converged(20, None) is None
 
 
 @pytest.mark.parametrize("pair, problem", [

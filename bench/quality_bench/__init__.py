@@ -37,7 +37,10 @@ lowest and the highest ratio that the arm closes at the lowest, with a paired bo
 interval over seeds and test cases (`quality_bench.gap`); `bench/learning_curve.py` says
 whether the steps were enough for the highest ratio to converge. Without `--steps`, the steps are chosen from the steps/s
 measured here so the whole benchmark fits the budget (15 min `--quick`, 3 h full); the
-estimate is printed before training starts. Writes to the output folder: results.md (tables
+estimate is printed before training starts, with a warning when the steps are fewer than
+the study needs to converge (`plan.CONVERGED_STEPS`: 500 on the hard study, where the full
+table of every arm and the sweep does not fit 3 h at that budget on 2 cores; `--arms
+fusion,cmc --offsets '' --steps 500` does, in about 80 min). Writes to the output folder: results.md (tables
 the plain list of where CMC does not beat `fusion`, and of trained arms below the floor),
 quality_results.json (one row per run and mode: per-class test Dice), quality.png, results.json (every raw
 number, the command and the wall time), data/ (studies) and runs/ (one folder per training

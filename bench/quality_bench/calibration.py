@@ -15,7 +15,7 @@ import torch
 from cmc_train.config import RunConfig
 from cmc_train.evaluate import evaluate
 from cmc_train.trainer import LAST, iter_metrics, train
-from quality_bench.plan import ARMS, BASELINE, CMC, Job, Scale
+from quality_bench.plan import ARMS, BASELINE, CMC, CONVERGED_STEPS, Job, Scale
 from quality_bench.runs import Recipe
 
 
@@ -66,3 +66,14 @@ def steps_for_budget(jobs: Sequence[Job], timing: Timing, scale: Scale, budget_s
     fixed = estimate_seconds(jobs, 0, timing, scale, parallel)
     per_step = estimate_seconds(jobs, 1, timing, scale, parallel) - fixed
     return max(20, int((budget_s - fixed) / per_step) // 10 * 10)
+
+
+def under_converged(steps: int, difficulty: str | None) -> str | None:
+    """Why `steps` are too few for the generated study of `difficulty` (None: a user's
+    datalists, whose convergence only `bench/learning_curve.py` can tell), or None."""
+    converged = CONVERGED_STEPS.get(difficulty or "")
+    if converged is None or steps >= converged:
+        return None
+    return (f"{steps} steps are fewer than the {converged} that supervised fusion needs to "
+            f"converge on the {difficulty} study: the 10 % -> 100 % gap would measure the step "
+            f"budget, not the labels; pass --steps {converged} with fewer --arms or --offsets ''")

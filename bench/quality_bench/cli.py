@@ -18,7 +18,12 @@ import quality_bench
 from cmc_train.data.datalist import Datalist
 from cmc_train.settings import SettingError, apply_settings
 from cmc_train.synth import PAIR_MAKERS
-from quality_bench.calibration import calibrate, estimate_seconds, steps_for_budget
+from quality_bench.calibration import (
+    calibrate,
+    estimate_seconds,
+    steps_for_budget,
+    under_converged,
+)
 from quality_bench.floors import floor_records
 from quality_bench.plan import (
     ARMS,
@@ -173,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(labelled only), {timing.step_unlabelled_s:.2f} s/step (with unlabelled), "
           f"{timing.eval_case_s:.2f} s per scored case; estimated {estimate / 60:.1f} min",
           flush=True)
+    if (warning := under_converged(steps, None if args.datalist else args.difficulty)):
+        print(f"warning: {warning}", flush=True)
     if estimate > scale.budget_s:
         print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
               "steps, or a busy machine); use --resume-from to continue if interrupted",

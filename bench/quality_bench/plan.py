@@ -69,6 +69,12 @@ QUICK = Scale(cases=20, val_cases=2, test_cases=4, size=40, ratios=(10, 100),
               offsets=(0.0, 20.0), seeds=1, budget_s=15 * 60)
 
 
+# Steps supervised fusion needs at 100 % labels before its test Dice stops climbing
+# (bench/learning_curve.py; BENCHMARKS.md, hard synthetic study). Fewer steps measure the
+# budget rather than the labels.
+CONVERGED_STEPS = {"hard": 500}
+
+
 @dataclass(frozen=True)
 class SyntheticStudy:
     """One generated data set: a labelled ratio of the AMOS-like study, or a sweep point."""
