@@ -94,6 +94,9 @@ def test_datalist_benchmark_reports_every_arm_and_resumes_only_identical_runs(
     again = run_bench(*args, "--resume-from", str(out))
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in scored} == scored
+    # The wall time is this invocation's: the report says the runs were not trained in it.
+    assert "4 runs (4 of them scored earlier and reused)" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["reused_runs"] == 4
 
 
 def test_datalist_options_of_generated_studies_are_refused(datalists: dict[int, Path]) -> None:

@@ -42,7 +42,7 @@ from quality_bench.plan import (
     sweep_study,
 )
 from quality_bench.results import _nan_free, report
-from quality_bench.runs import Recipe, parse_train_options, run_all
+from quality_bench.runs import TEST_METRICS, Recipe, parse_train_options, run_all
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -184,20 +184,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
               "steps, or a busy machine); use --resume-from to continue if interrupted",
               flush=True)
+    reused = sum((out / "runs" / job.name / TEST_METRICS).is_file() for job in jobs)
     records = run_all(jobs, datalists, out / "runs", Recipe(info.base, train_options, steps),
                       args.jobs, args.threads)
     records += floor_records(ratio_studies, datalists, info.base.preprocess)
     wall = time.perf_counter() - started
     command = shlex.join([Path(sys.executable).name, *sys.argv])
+    reuse = f" ({reused} of them scored earlier and reused)" if reused else ""
     header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "
-              f"{len(jobs)} runs x {steps} steps (--config {args.config}, {args.jobs} side by "
+              f"{len(jobs)} runs{reuse} x {steps} steps (--config {args.config}, {args.jobs} side by "
               f"side, {args.threads} thread(s) each); {describe_data(scale, ratio_studies)}; "
               f"training settings changed from --config: {train_options or 'none'}")
     data_kind = "the given datalists" if args.datalist else "unpaired CT / MR"
     text, shortfalls, closures = report(records, out, header, info, data_kind)
     (out / "results.json").write_text(json.dumps(
-        {"command": command, "wall_seconds": wall, "steps": steps, "train_options": train_options,
-         "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),
+        {"command": command, "wall_seconds": wall, "reused_runs": reused, "steps": steps,
+         "train_options": train_options, "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),
          "scale": dataclasses.asdict(scale), "arms": arm_keys, "cmc_shortfalls": shortfalls,
          "gap_closure": [dataclasses.asdict(g) for g in closures],
          "runs": records}, indent=1, allow_nan=False, default=_nan_free))
