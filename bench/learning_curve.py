@@ -80,19 +80,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(rows: list[dict[str, Any]], ratios: tuple[int, ...], modalities: tuple[str, str],
            command: str) -> str:
-    """One line per step count: mean foreground Dice per ratio and modality, and the gap
-    between the highest and the lowest ratio."""
-    low, high = min(ratios), max(ratios)
+    """One line per step count: mean foreground Dice per ratio and modality and, given two
+    ratios or more, the gap between the highest and the lowest."""
+    ordered = sorted(set(ratios))
+    gap_columns = modalities if len(ordered) > 1 else ()
     score = {(r["steps"], r["ratio"], r["modality"]): r["mean_fg_dice"] for r in rows}
-    header = " | ".join(f"{m} {ratio} %" for m in modalities for ratio in (low, high))
-    lines = [f"`{command}`", "", f"| steps | {header} | " + " | ".join(
-        f"{m} gap" for m in modalities) + " |", "|---" * (3 * len(modalities) + 1) + "|"]
+    header = [f"{m} {ratio} %" for m in modalities for ratio in ordered]
+    header += [f"{m} gap" for m in gap_columns]
+    lines = [f"`{command}`", "", "| steps | " + " | ".join(header) + " |",
+             "|---" * (len(header) + 1) + "|"]
     for steps in sorted({r["steps"] for r in rows}):
-        cells = [f"{score[(steps, ratio, m)]:.3f}" for m in modalities for ratio in (low, high)]
-        gaps = [f"{score[(steps, high, m)] - score[(steps, low, m)]:+.3f}" for m in modalities]
-        lines.append(f"| {steps} | " + " | ".join(cells + gaps) + " |")
+        cells = [f"{score[(steps, ratio, m)]:.3f}" for m in modalities for ratio in ordered]
+        cells += [f"{score[(steps, ordered[-1], m)] - score[(steps, ordered[0], m)]:+.3f}"
+                  for m in gap_columns]
+        lines.append(f"| {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,3 +74,8 @@ def test_learning_curve_table_gives_each_step_count_its_gap() -> None:
     assert "| steps | ct 10 % | ct 100 % | mr 10 % | mr 100 % | ct gap | mr gap |" in text
     assert "| 250 | 0.400 | 0.450 | 0.500 | 0.500 | +0.050 | +0.000 |" in text
     assert "| 1000 | 0.420 | 0.600 | 0.520 | 0.610 | +0.180 | +0.090 |" in text
+    # One ratio (e.g. the slow-converging 100 % alone): its columns once, no gap.
+    high = [row for row in rows if row["ratio"] == 100]
+    text = report(high, (100,), ("ct", "mr"), "learning_curve.py --ratios 100")
+    assert "| steps | ct 100 % | mr 100 % |\n|---|---|---|" in text
+    assert "| 1000 | 0.600 | 0.610 |" in text
