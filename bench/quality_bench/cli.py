@@ -192,14 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     reuse = f" ({reused} of them scored earlier and reused)" if reused else ""
     header = (f"# CMC quality benchmark\n\n`{command}`\n\nwall time {wall / 60:.1f} min; "
-              f"{len(jobs)} runs{reuse} x {steps} steps (--config {args.config}, {args.jobs} side by "
-              f"side, {args.threads} thread(s) each); {describe_data(scale, ratio_studies)}; "
+              f"{len(jobs)} runs{reuse} x {steps} steps (--config {args.config}, {args.jobs} "
+              f"side by side, {args.threads} thread(s) each); "
+              f"{describe_data(scale, ratio_studies)}; "
               f"training settings changed from --config: {train_options or 'none'}")
     data_kind = "the given datalists" if args.datalist else "unpaired CT / MR"
     text, shortfalls, closures = report(records, out, header, info, data_kind)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "wall_seconds": wall, "reused_runs": reused, "steps": steps,
-         "train_options": train_options, "estimated_seconds": estimate, "timing": dataclasses.asdict(timing),
+         "train_options": train_options, "estimated_seconds": estimate,
+         "timing": dataclasses.asdict(timing),
          "scale": dataclasses.asdict(scale), "arms": arm_keys, "cmc_shortfalls": shortfalls,
          "gap_closure": [dataclasses.asdict(g) for g in closures],
          "runs": records}, indent=1, allow_nan=False, default=_nan_free))
