@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import cmc_serve.runtimes.precision as precision_module
+import cmc_serve.runtimes.openvino_rt as openvino_rt
 from cmc_common.contract import MODES
 from cmc_serve.engine import Segmenter, SegmenterInputError
 from cmc_serve.model_dir import ModelDirError, ModelInfo, graph_entry, write_model_json
@@ -397,15 +397,15 @@ def test_auto_precision_runs_the_gated_bf16_graph_where_the_cpu_has_it(
     assert result.precision == "fp32" and "no gated bf16 graph" in result.precision_reason
 
 
-@pytest.mark.parametrize(("native", "expected"), [({"bf16", "fp16"}, "bf16"), ({"fp16"}, "fp16"),
-                                                  (set(), "fp32")],
+@pytest.mark.parametrize(("native", "expected"), [(("BF16", "FP16"), "bf16"), (("FP16",), "fp16"),
+                                                  ((), "fp32")],
                          ids=["amx_fp16_host", "fp16_only_host", "plain_avx512_host"])
 def test_auto_precision_logic_on_every_kind_of_host(monkeypatch: pytest.MonkeyPatch,
-                                                    native: set[str], expected: str) -> None:
-    # The CPU's capability is the only input replaced: the choice itself runs as shipped.
-    monkeypatch.setattr(precision_module, "native_reason",
-                        lambda runtime, p: None if runtime != "openvino" or p in native
-                        else f"{p} not native")
+                                                    native: tuple[str, ...], expected: str) -> None:
+    # OpenVINO's answer for the CPU is the only input replaced: the capability check and the
+    # choice run as shipped.
+    monkeypatch.setattr(openvino_rt, "cpu_capabilities",
+                        lambda: ("test host", ("FP32", "INT8", *native)))
     assert choose_precision("openvino", "cpu", {"fp32", "bf16", "fp16"}).precision == expected
     assert choose_precision("openvino", "cpu", {"fp32"}).precision == "fp32"
     # ONNX Runtime's fp16 CPU kernels are slower than fp32: never chosen on a CPU.
