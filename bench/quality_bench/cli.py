@@ -42,7 +42,7 @@ from quality_bench.plan import (
     sweep_study,
 )
 from quality_bench.results import _nan_free, report
-from quality_bench.runs import TEST_METRICS, Recipe, parse_train_options, run_all
+from quality_bench.runs import Recipe, parse_train_options, run_all, scored_metrics
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: the estimate exceeds the {scale.budget_s / 60:.0f} min budget (minimum "
               "steps, or a busy machine); use --resume-from to continue if interrupted",
               flush=True)
-    reused = sum((out / "runs" / job.name / TEST_METRICS).is_file() for job in jobs)
+    reused = sum(scored_metrics(out / "runs", job).is_file() for job in jobs)
     records = run_all(jobs, datalists, out / "runs", Recipe(info.base, train_options, steps),
                       args.jobs, args.threads)
     records += floor_records(ratio_studies, datalists, info.base.preprocess)

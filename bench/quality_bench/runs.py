@@ -60,10 +60,15 @@ def parse_train_options(pairs: Sequence[str]) -> dict[str, Any]:
         raise BenchmarkError(f"--train {exc}") from None
 
 
+def scored_metrics(runs_dir: Path, job: Job) -> Path:
+    """Where `job`'s test metrics are written once it is scored (and found on a resume)."""
+    return runs_dir / job.name / TEST_METRICS
+
+
 def run_job(job: Job, datalist: Path, runs_dir: Path, recipe: Recipe) -> dict[str, Any]:
     """Train (or finish an interrupted run), score the best checkpoint on the test split."""
     run_dir = runs_dir / job.name
-    metrics_path = run_dir / TEST_METRICS
+    metrics_path = scored_metrics(runs_dir, job)
     data_sha256 = file_sha256(datalist)
     run_cfg = recipe.run_config(job.arm, job.seed)
     if metrics_path.is_file():
