@@ -24,10 +24,11 @@ PRESETS = ("tiny", "small", "sam-med3d")
 SCHEDULES = ("authors", "sigmoid")
 SETTING_KEYS = (
     "steps", "batch_labelled", "batch_unlabelled", "lr", "weight_decay", "warmup_steps",
-    "schedule", "rampup_fraction", "w_csc", "w_cac", "csc_temperature", "use_csc", "use_cac",
-    "val_every", "seed", "fg_ratio", "intensity_jitter", "dice", "spacing", "normalisation.MODALITY", "img_size",
-    "vit_patch", "embed_dim", "depth", "num_heads", "mlp_ratio", "window_size",
-    "global_attn_indexes", "neck_channels", "adapter_dim", "adapter_scale", "decoder_channels")
+    "schedule", "rampup_fraction", "w_csc", "w_cac", "csc_temperature", "pair_unlabelled",
+    "use_csc", "use_cac", "val_every", "seed", "fg_ratio", "intensity_jitter", "dice",
+    "spacing", "normalisation.MODALITY", "img_size", "vit_patch", "embed_dim", "depth",
+    "num_heads", "mlp_ratio", "window_size", "global_attn_indexes", "neck_channels",
+    "adapter_dim", "adapter_scale", "decoder_channels")
 NORMALISATIONS = ("ct-abdomen (window -175..250 HU), ct-brain (0..80 HU), zscore (non-zero "
                   "voxels), percentile (0.5-99.5 clip, then z-score), window:LOW:HIGH, "
                   "percentile:LOWER:UPPER")

@@ -193,6 +193,11 @@ class TrainConfig:
     # (bench/quality.py; the Dice of each weight in BENCHMARKS.md, "Why w_cac 0.1").
     w_cac: float = 0.1
     csc_temperature: float = 0.5
+    # Deviation from the method (docs/METHOD.md, 'Paired unlabelled patches'): item i of the
+    # unlabelled a and b batches share one augmentation draw (flips, crop corner where the
+    # shapes allow, intensity jitter), so CSC and CAC compare patches that show the body the
+    # same way round instead of independently flipped ones.
+    pair_unlabelled: bool = False
     use_csc: bool = True
     use_cac: bool = True
     val_every: int = 50

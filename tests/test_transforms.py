@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -224,3 +226,31 @@ def test_validation_volumes_are_whole_preprocessed_cases(study: Datalist) -> Non
         np.testing.assert_allclose(np.diag(v.affine)[:3], [3.0, 3.0, 3.0])
     with pytest.raises(ValueError, match="unknown split"):
         list(validation_volumes(study, _run_cfg().preprocess, split="train"))
+
+
+def _one_image_two_modalities(study: Datalist, tmp_path: Path) -> Datalist:
+    """A datalist whose two modalities are the same CT file (normalised alike: neither is
+    named ct), so two patches are equal exactly when they were augmented alike."""
+    case = study.labelled[0]
+    image, label = str(case.image["ct"]), str(case.label["ct"])
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({
+        "modalities": ["t1", "t2"], "classes": list(study.classes),
+        "labelled": [{"id": case.id, "image": {"t1": image, "t2": image},
+                      "label": {"t1": label, "t2": label}}],
+        "unlabelled": [], "validation": [], "test": []}))
+    return Datalist.load(path)
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_paired_unlabelled_patches_share_one_augmentation(study: Datalist, tmp_path: Path,
+                                                          paired: bool) -> None:
+    datalist = _one_image_two_modalities(study, tmp_path)
+    cfg = _run_cfg()
+    cfg = replace(cfg, preprocess=PreprocessConfig(modalities=("t1", "t2"),
+                                                   spacing=(3.0, 3.0, 3.0)),
+                  train=replace(cfg.train, pair_unlabelled=paired))
+    sampler = SemiSupervisedSampler(datalist, cfg)
+    same = [torch.equal(b["unlabelled_a"]["image"], b["unlabelled_b"]["image"])
+            for b in map(sampler.batch, range(4))]
+    assert same == [paired] * 4

@@ -86,7 +86,10 @@ class SemiSupervisedSampler:
     Indices: sample s = (step * world_size + rank) * B + i of a pool of n volumes is
     volume permutation_e[s mod n] with e = s // n, permutation_e drawn from
     (seed, pool, e): every volume is visited once per pool epoch, ranks take disjoint
-    slices. Augmentation of that sample is seeded from (seed, step, rank, pool, i).
+    slices. Augmentation of that sample is seeded from (seed, step, rank, pool, i); with
+    `train.pair_unlabelled` the unlabelled b pool uses unlabelled a's seed, so item i of both
+    is flipped alike (MONAI seeds each transform of the chain on its own, so a crop that
+    draws fewer numbers for a smaller volume does not shift the flips).
     """
 
     def __init__(self, datalist: Datalist, run_cfg: RunConfig, rank: int = 0,
@@ -128,6 +131,11 @@ class SemiSupervisedSampler:
                                augmentation_transforms(self.patch, False,
                                                        intensity_jitter=jitter)))
         self._pools = {p.name: p for p in pools}
+        # The pool whose augmentation seed each pool uses: its own, except that paired
+        # unlabelled b patches repeat unlabelled a's draw (TrainConfig.pair_unlabelled).
+        self._draw_as = {name: name for name in POOLS}
+        if run_cfg.train.pair_unlabelled:
+            self._draw_as["unlabelled_b"] = "unlabelled_a"
 
     @staticmethod
     def _tensors(samples: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], ...]:
@@ -166,7 +174,7 @@ class SemiSupervisedSampler:
             set_track_meta(tracking)
 
     def _pool_batch(self, name: str, step: int) -> dict[str, torch.Tensor]:
-        pool, pool_id = self._pools[name], POOLS.index(name)
+        pool, pool_id = self._pools[name], POOLS.index(self._draw_as[name])
         patches = []
         for i, index in enumerate(self.indices(name, step)):
             pool.augment.set_random_state(seed=_seed(self.seed, step, self.rank, pool_id, i))
