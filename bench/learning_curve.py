@@ -96,5 +96,6 @@ def report(rows: list[dict[str, Any]], ratios: tuple[int, ...], modalities: tupl
         lines.append(f"| {steps} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
+
 if __name__ == "__main__":
     sys.exit(main())
