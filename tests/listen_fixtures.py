@@ -22,8 +22,9 @@ from typing import Any
 import pydicom
 import segment_fixtures as fx
 from dicom_factory import ROOT_UID
-from orthanc_fixture import free_port
 from pydicom.uid import generate_uid
+
+from cmc_serve.triton.server import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_START_TIMEOUT = 60.0
@@ -72,8 +73,8 @@ class Node:
     def __init__(self, model: Path, spool: Path, *extra: str, ae_title: str = "CMC",
                  http: bool = False, study_timeout: float = 1.0) -> None:
         self.model, self.spool, self.extra, self.ae_title = model, spool, extra, ae_title
-        self.port = free_port()
-        self.http_port = free_port() if http else None
+        self.port, http_port = free_ports(2)
+        self.http_port = http_port if http else None
         self.study_timeout = study_timeout
         self.log = spool.parent / f"{spool.name}-node.log"
         self.process: subprocess.Popen[bytes] | None = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,17 +26,12 @@ from typing import Any
 
 import pytest
 
+from cmc_serve.triton.server import free_ports
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 START_TIMEOUT = 30.0
 HTTP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_orthanc() -> None:
@@ -55,7 +49,7 @@ class OrthancServer:
         self.root = root
         self.aet = aet
         self.lua_scripts = lua_scripts
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_ports(2)
         self.modalities = dict(modalities or {})
         self.process: subprocess.Popen[bytes] | None = None
         self.log = root / "orthanc.log"

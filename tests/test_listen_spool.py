@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import segment_fixtures as fx
 from cmc_cli.main import app
-from orthanc_fixture import free_port
 from typer.testing import CliRunner
 
 from cmc_serve.node.spool import DELIVERING, SEGMENTING, Delivery, Spool, SpoolError
+from cmc_serve.triton.server import free_port
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ from cmc_serve.triton.server import (
     check_loopback,
     docker_command,
     free_port,
+    free_ports,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,7 +306,7 @@ def test_model_failing_to_load_reports_its_error(triton_install: TritonInstall,
 @pytest.mark.triton
 def test_cmc_serve_starts_prints_endpoints_and_stops_on_sigterm(
         triton_install: TritonInstall, tiny_model_dir: Path, tmp_path: Path) -> None:
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     env = {**os.environ, "CMC_TRITON_PREFIX": str(triton_install.prefix)}
     log = tmp_path / "serve.log"  # a file: the forwarded server log must never block on a pipe
     with log.open("w") as stderr:

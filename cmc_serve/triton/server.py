@@ -130,11 +130,25 @@ def check_loopback(host: str) -> str:
     return host
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports that are free on `host` right now.
+
+    The sockets stay bound until all are drawn: ports drawn one at a time can repeat (the
+    kernel may hand out a just-closed port again), and a server told to listen twice on one
+    port refuses to start.
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(
+            socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+            for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (for tests and parallel servers)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that is free on `host` right now."""
+    return free_ports(1, host)[0]
 
 
 def docker_command(repository: str | Path, *, http_port: int = 8000, grpc_port: int = 8001,
@@ -176,8 +190,9 @@ class TritonServer:
             raise TritonServerError(f"{self.repository}: model repository does not exist")
         self.install = install or TritonInstall.locate()
         self.host = check_loopback(host)
-        self.http_port = http_port or free_port(host)
-        self.grpc_port = grpc_port or free_port(host)
+        spare = iter(free_ports(2, host))
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
         self.explicit = models is not None
         self.models = list(models) if models is not None else sorted(
             p.parent.name for p in self.repository.glob("*/config.pbtxt"))
