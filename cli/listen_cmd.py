@@ -2,8 +2,8 @@
 
 Only parses the command line: the node is `cmc_serve.node.service.listen` (CLI -> library).
 Exit codes: 0 after a clean stop (SIGTERM / Ctrl-C: the study in flight is finished first),
-2 when the node cannot start (the one-line reason is printed), 130 after a second Ctrl-C. Heavy imports live inside
-`command` so `cmc --help` stays fast.
+2 when the node cannot start (the one-line reason is printed), 130 after a second Ctrl-C.
+Heavy imports live inside `command` so `cmc --help` stays fast.
 """
 
 from __future__ import annotations
@@ -86,10 +86,11 @@ def command(
         options = ListenOptions(
             ae_title=ae_title, host=host, port=port, allow=_split(allow), spool=spool,
             study_timeout=study_timeout, send_to=_split(send_to), stow=tuple(stow or ()),
-            http_port=http_port, http_host=http_host, retry=RetryPolicy(attempts=retries, first_delay=retry_delay))
+            http_port=http_port, http_host=http_host,
+            retry=RetryPolicy(attempts=retries, first_delay=retry_delay))
         listen(model, options, seg)
     except SegmentOptionError as exc:
-        raise typer.BadParameter(exc.problem, param_hint=f"--{exc.option}") from None
+        raise typer.BadParameter(exc.problem, param_hint=so.flag(exc.option)) from None
     except ListenError as exc:
         raise fail("listen", exc) from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop without finishing the study in flight

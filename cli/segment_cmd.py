@@ -24,12 +24,6 @@ page: previews, class volumes with outliers flagged) and OUT/failures.csv (faile
 with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
 
 
-
-def _flag(option: str) -> str:
-    """The command-line flag of a SegmentOptions field."""
-    return "--output-type" if option == "output_types" else f"--{option.replace('_', '-')}"
-
-
 def command(
     input: Annotated[Path | None, typer.Argument(
         help="A NIfTI file, a DICOM series folder, or a folder tree of many studies (batch); "
@@ -84,26 +78,20 @@ def command(
         help="Store each new SEG with STOW-RS at this DICOMweb root URL.")] = None,
 ) -> None:
     """Segment NIfTI files or DICOM series (single case or whole folders) with an exported model."""
+    from dataclasses import replace
+
     from rich.console import Console
 
-    from cmc_serve.pipeline.api import (
-        SegmentError,
-        SegmentOptionError,
-        SegmentOptions,
-        parse_output_types,
-        parse_shard,
-        segment,
-    )
+    from cmc_serve.pipeline.api import SegmentError, SegmentOptionError, parse_shard, segment
 
     console = Console(stderr=True)
     try:
-        options = SegmentOptions(
-            mode=mode, runtime=runtime, server=server, device=device, precision=precision,
-            overlap=overlap, tta=tta, output_types=parse_output_types(output_type),
-            statistics=statistics, preview=preview, resume=resume,
-            shard=parse_shard(shard) if shard else None, jobs=jobs, pairing=pairing,
-            assume_registered=assume_registered, assume_orientation=assume_orientation,
-            skip_unreadable=skip_unreadable)
+        shared = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
+                                    output_type, statistics, preview, pairing)
+        options = replace(shared, resume=resume, shard=parse_shard(shard) if shard else None,
+                          jobs=jobs, assume_registered=assume_registered,
+                          assume_orientation=assume_orientation,
+                          skip_unreadable=skip_unreadable)
         if (input is None) == (from_dicomweb is None):
             raise typer.BadParameter("give INPUT or --from-dicomweb URL (one of them)",
                                      param_hint="INPUT")
@@ -119,7 +107,7 @@ def command(
             assert input is not None  # checked above: INPUT or --from-dicomweb
             result = segment(input, out, model, input_b, options, console)
     except SegmentOptionError as exc:
-        raise typer.BadParameter(exc.problem, param_hint=_flag(exc.option)) from None
+        raise typer.BadParameter(exc.problem, param_hint=so.flag(exc.option)) from None
     except SegmentError as exc:
         raise fail("segment", exc) from None
     say("segment", f"{result.done} done, {result.failed} failed, {result.skipped} skipped; "

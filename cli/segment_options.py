@@ -1,8 +1,8 @@
 """The segmentation options shared by commands that run `cmc segment`'s pipeline.
 
 `cmc listen` takes the same segmentation options as `cmc segment` (same names, help and
-defaults); they are declared here once as typer annotations, and `segment_options(...)`
-turns the parsed values into `SegmentOptions`.
+defaults); they are declared here once as typer annotations, `segment_options(...)` turns
+the parsed values into `SegmentOptions`, and `flag` names the flag of a field an error blames.
 """
 
 from __future__ import annotations
@@ -52,3 +52,8 @@ def segment_options(mode: str, runtime: str, server: str | None, device: str, pr
                           precision=precision, overlap=overlap, tta=tta,
                           output_types=parse_output_types(output_type), statistics=statistics,
                           preview=preview, pairing=pairing)
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a SegmentOptions field (`output_types` is `--output-type`)."""
+    return "--output-type" if option == "output_types" else f"--{option.replace('_', '-')}"

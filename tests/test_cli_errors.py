@@ -63,3 +63,17 @@ def test_refused_run_is_one_error_line_and_exit_2(command: str, tmp_path: Path) 
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"cmc {command}: error: ") and str(named) in lines[0], lines[0]
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["segment", "listen"])
+@pytest.mark.parametrize(("args", "flag"), [(["--output-type", "bogus"], "--output-type"),
+                                            (["--precision", "fp8"], "--precision")])
+def test_bad_segmentation_option_names_the_flag_typed(command: str, args: list[str], flag: str,
+                                                      tmp_path: Path) -> None:
+    """`cmc segment` and `cmc listen` share the segmentation options: a bad value is blamed
+    on the flag the user typed, not on the library field behind it (output_types)."""
+    where = [tmp_path / "in.nii.gz", "--out", tmp_path / "out"] if command == "segment" else []
+    r = fx.run_cli(command, *where, "--model", tmp_path / "model", *args)
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for {flag}:" in " ".join(r.stderr.split()), r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model").exists()
