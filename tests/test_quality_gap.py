@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from learning_curve import report
-from quality_bench.gap import closure_table, gap_closure
+from quality_bench.gap import closure_table, gap_closure, sweep_table
 
 CASES = [f"case_{i}" for i in range(8)]
 
@@ -62,6 +62,35 @@ def test_table_names_each_arm_and_needs_two_ratios() -> None:
     assert rows[0].fusion_gap.low <= 0 and "undefined: fusion's gap interval reaches 0" in text
     only_low = [r for r in study(0.0, 0.1) if r["ratio"] == 10]
     assert closure_table(only_low, ["cmc"], ["ct", "mr"])[1] == []
+
+
+def sweep(noise: float, cmc_gain: float) -> list[dict[str, Any]]:
+    """A sweep at 0 and 20 mm: CMC level with fusion at 0 mm, `cmc_gain` ahead at 20 mm."""
+    rng = np.random.default_rng(1)
+    case_level = rng.uniform(0.4, 0.6, len(CASES))
+    rows = []
+    for offset, gain in ((0.0, 0.0), (20.0, cmc_gain)):
+        for arm, level in (("fusion", 0.0), ("cmc", gain)):
+            for seed in range(3):
+                scores = case_level + level + rng.normal(0, noise, len(CASES))
+                rows.append({**record(arm, 10, seed, list(scores)), "part": "sweep",
+                             "offset_mm": offset})
+    return rows
+
+
+def test_sweep_gain_is_paired_over_seeds_and_cases() -> None:
+    text, rows = sweep_table(sweep(noise=0.0, cmc_gain=0.04), ["ct", "mr"])
+    assert [(g.offset_mm, g.modality) for g in rows] == [(0.0, "ct"), (20.0, "ct")]
+    level, ahead = rows
+    assert level.gain.value == pytest.approx(0.0) and ahead.gain.value == pytest.approx(0.04)
+    # The cases' shared difficulty cancels: without noise the interval is the point.
+    assert ahead.gain.low == pytest.approx(0.04) and ahead.gain.high == pytest.approx(0.04)
+    assert ahead.gain_per_seed == pytest.approx((0.04, 0.04, 0.04))
+    assert "| 20 | ct | 3 | 8 |" in text and "3 of 3 seeds |" in text
+    noisy = sweep_table(sweep(noise=0.05, cmc_gain=0.04), ["ct", "mr"])[1][1]
+    assert noisy.gain.low < noisy.gain.value < noisy.gain.high
+    fusion_only = [r for r in sweep(0.0, 0.04) if r["arm"] == "fusion"]
+    assert sweep_table(fusion_only, ["ct", "mr"]) == ("", [])
 
 
 def test_learning_curve_table_gives_each_step_count_its_gap() -> None:

@@ -197,13 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{describe_data(scale, ratio_studies)}; "
               f"training settings changed from --config: {train_options or 'none'}")
     data_kind = "the given datalists" if args.datalist else "unpaired CT / MR"
-    text, shortfalls, closures = report(records, out, header, info, data_kind)
+    found = report(records, out, header, info, data_kind)
     (out / "results.json").write_text(json.dumps(
         {"command": command, "wall_seconds": wall, "reused_runs": reused, "steps": steps,
          "train_options": train_options, "estimated_seconds": estimate,
          "timing": dataclasses.asdict(timing),
-         "scale": dataclasses.asdict(scale), "arms": arm_keys, "cmc_shortfalls": shortfalls,
-         "gap_closure": [dataclasses.asdict(g) for g in closures],
+         "scale": dataclasses.asdict(scale), "arms": arm_keys,
+         "cmc_shortfalls": found.cmc_shortfalls,
+         "gap_closure": [dataclasses.asdict(g) for g in found.gap_closures],
+         "sweep_gain": [dataclasses.asdict(g) for g in found.sweep_gains],
          "runs": records}, indent=1, allow_nan=False, default=_nan_free))
-    print(text)
+    print(found.text)
     return 0
