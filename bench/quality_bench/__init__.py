@@ -34,7 +34,8 @@ The lowest and the highest ratio (the two ends of the labelled-data gap) and the
 repeated over `--seeds` training seeds (mean +- std); the other ratios use the first seed.
 The report gives, per arm and modality, the share of supervised fusion's gap between the
 lowest and the highest ratio that the arm closes at the lowest, with a paired bootstrap
-interval over seeds and test cases (`quality_bench.gap`); `bench/learning_curve.py` says
+interval over seeds and test cases (`quality_bench.gap`), and the sweep CMC's gain over
+fusion at each offset with the same kind of interval; `bench/learning_curve.py` says
 whether the steps were enough for the highest ratio to converge. Without `--steps`, the steps are chosen from the steps/s
 measured here so the whole benchmark fits the budget (15 min `--quick`, 3 h full); the
 estimate is printed before training starts, with a warning when the steps are fewer than
