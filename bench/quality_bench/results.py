@@ -83,20 +83,26 @@ def cmc_shortfalls(summary: dict[tuple[float, str, str], dict[str, Any]], what: 
 def plot(ratio_sum: dict[tuple[float, str, str], dict[str, Any]],
          sweep_sum: dict[tuple[float, str, str], dict[str, Any]], modalities: Sequence[str],
          path: Path) -> None:
-    """Labelled-ratio curves per modality and, when measured, the misalignment sweep;
-    error bars = std."""
-    panels = [(m, ratio_sum, "labelled ratio (%)") for m in modalities]
+    """Labelled-ratio curves per modality (when more than one ratio was measured) and the
+    misalignment sweep per modality and fused; one colour per arm in every panel; error
+    bars = std."""
+    several_ratios = len({point for point, _, _ in ratio_sum}) > 1
+    panels = [(m, ratio_sum, "labelled ratio (%)") for m in modalities
+              if several_ratios or not sweep_sum]
     if sweep_sum:
-        fused = "+".join(modalities)
-        panels.append((fused, sweep_sum, f"{fused} rigid offset (mm)"))
+        panels += [(m, sweep_sum, f"rigid {'-'.join(modalities)} offset (mm), sweep")
+                   for m in (*modalities, "+".join(modalities))]
+    arms = dict.fromkeys(arm for summary in (ratio_sum, sweep_sum) for _, arm, _ in summary)
+    colour = {arm: f"C{i}" for i, arm in enumerate(arms)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (modality, summary, xlabel) in zip(axes[0], panels, strict=True):
-        for arm in dict.fromkeys(a for _, a, _ in summary):
+        for arm in arms:
             pts = sorted((p, s["mean"]) for (p, a, m), s in summary.items()
                          if a == arm and m == modality)
             if pts:
                 ax.errorbar([p for p, _ in pts], [s[0] for _, s in pts],
-                            yerr=[s[1] for _, s in pts], marker="o", capsize=3, label=arm)
+                            yerr=[s[1] for _, s in pts], marker="o", capsize=3, label=arm,
+                            color=colour[arm])
         ax.set(title=f"test Dice, {modality}", xlabel=xlabel, ylabel="mean foreground Dice")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
