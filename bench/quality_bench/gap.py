@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from quality_bench.plan import BASELINE, CMC
+from quality_bench.plan import BASELINE, CMC, mode_names
 
 RESAMPLES = 4000
 LEVEL = 0.95
@@ -209,9 +209,8 @@ def sweep_table(records: Sequence[dict[str, Any]],
                 modalities: Sequence[str]) -> tuple[str, list[SweepGain]]:
     """Markdown table of CMC's gain over fusion at every sweep offset and mode ("" when no
     sweep ran), and the rows."""
-    names = {"a": modalities[0], "b": modalities[1], "fused": "+".join(modalities)}
     offsets = sorted({r["offset_mm"] for r in records if r["part"] == "sweep"})
-    rows = [g for offset in offsets for mode, modality in names.items()
+    rows = [g for offset in offsets for mode, modality in mode_names(modalities).items()
             if (g := sweep_gain(records, offset, mode, modality)) is not None]
     if not rows:
         return "", []

@@ -155,6 +155,12 @@ class Job:
         return (*ROLES, "fused") if self.part == "sweep" else ROLES
 
 
+def mode_names(modalities: Sequence[str]) -> dict[str, str]:
+    """Scored mode -> the name tables and rows give it: a and b by their modality, the fused
+    prediction as "a+b"."""
+    return {"a": modalities[0], "b": modalities[1], "fused": "+".join(modalities)}
+
+
 def ratio_study(ratio: int, difficulty: str = "easy") -> SyntheticStudy:
     """AMOS-like: CT and MR of different subjects, the synthetic study's default motion."""
     return SyntheticStudy(f"ratio{ratio}", ratio, unpaired=True, offset_mm=10.0,

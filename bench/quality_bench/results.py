@@ -15,7 +15,7 @@ import numpy as np
 
 from quality_bench.floors import REFERENCE_ARMS, below_floor
 from quality_bench.gap import GapClosure, SweepGain, closure_table, sweep_table
-from quality_bench.plan import BASELINE, CMC, DataInfo
+from quality_bench.plan import BASELINE, CMC, DataInfo, mode_names
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -35,8 +35,7 @@ def summarise(records: Sequence[dict[str, Any]], part: str,
               info: DataInfo) -> dict[tuple[float, str, str], dict[str, Any]]:
     """(ratio or offset, arm, modality or "a+b" for the fused prediction) -> per-class and
     mean Dice stats over seeds."""
-    mode_names = {"a": info.modalities[0], "b": info.modalities[1],
-                  "fused": "+".join(info.modalities)}
+    names = mode_names(info.modalities)
     key_field = "ratio" if part == "ratio" else "offset_mm"
     groups: dict[tuple[float, str, str], list[dict[str, Any]]] = {}
     for rec in records:
@@ -44,7 +43,7 @@ def summarise(records: Sequence[dict[str, Any]], part: str,
             continue
         for mode, scored in rec["test"].items():
             if scored.get("num_cases"):
-                groups.setdefault((rec[key_field], rec["arm"], mode_names[mode]),
+                groups.setdefault((rec[key_field], rec["arm"], names[mode]),
                                   []).append(scored)
     classes = info.classes[1:]
     return {key: {"classes": {c: _stats([s["dice"][c] for s in scored]) for c in classes},
@@ -116,11 +115,10 @@ def dice_rows(records: Sequence[dict[str, Any]], info: DataInfo) -> list[dict[st
     """One row per trained run and scored mode: arm, ratio, offset, seed, mode, modality,
     per-class test Dice and the foreground mean (quality_results.json, for readers who
     recompute the tables or their own statistics)."""
-    mode_names = {"a": info.modalities[0], "b": info.modalities[1],
-                  "fused": "+".join(info.modalities)}
+    names = mode_names(info.modalities)
     return [{"part": rec["part"], "arm": rec["arm"], "ratio": rec["ratio"],
              "offset_mm": rec["offset_mm"], "seed": rec["seed"], "mode": mode,
-             "modality": mode_names[mode], "dice": dict(scored["dice"]),
+             "modality": names[mode], "dice": dict(scored["dice"]),
              "mean_fg_dice": scored["mean_fg_dice"], "cases": scored["num_cases"]}
             for rec in records for mode, scored in sorted(rec["test"].items())
             if scored.get("num_cases")]
