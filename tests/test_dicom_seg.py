@@ -107,3 +107,14 @@ def test_seg_refusals(tmp_path: Path) -> None:
     with pytest.raises(DicomSegError, match="label 4 has no class name"):
         write_dicom_seg(phantom_labels(shape), loaded.datasets, CLASSES[:3], tmp_path / "c.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_flagged_seg_says_needs_review(tmp_path: Path) -> None:
+    """Quality control's verdict reaches the PACS series list (DICOM LO: 64 characters)."""
+    loaded = load_only(CT5N)
+    review = "needs review: branch_disagreement, intensity_out_of_range, +2"
+    out = write_dicom_seg(phantom_labels(loaded.volume.shape), loaded.datasets, CLASSES,
+                          tmp_path / "seg.dcm", review=review)
+    seg = pydicom.dcmread(out)
+    assert seg.SeriesDescription == review and seg.ContentDescription == review
+    assert dciodvfy_errors(out) == []

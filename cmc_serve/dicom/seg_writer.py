@@ -63,10 +63,16 @@ def _descriptions(present: Sequence[int], class_names: Sequence[str]
 
 def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
                     class_names: Sequence[str], out_path: str | Path, *,
-                    series_number: int = 300, series_description: str = "CMC segmentation"
-                    ) -> Path:
+                    series_number: int = 300, series_description: str = "CMC segmentation",
+                    review: str | None = None) -> Path:
     """Write `labels` (uint8, [column, row, slice] on the source grid, slices in the order of
-    the sorted `source_datasets`, as `load_series` returns them) as a BINARY DICOM SEG."""
+    the sorted `source_datasets`, as `load_series` returns them) as a BINARY DICOM SEG.
+
+    `review` (`cmc_serve.qc.flags.review_text`, "needs review: <reasons>") replaces the
+    series and content descriptions, so a flagged SEG says so in any PACS series list.
+    """
+    if review is not None:
+        series_description = review
     out_path = Path(out_path)
     n = len(source_datasets)
     if n == 0:
@@ -95,7 +101,7 @@ def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
             series_instance_uid=hd.UID(), series_number=series_number,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="cmc",
             manufacturer_model_name="CMC", software_versions=__version__,
-            device_serial_number="0", series_description=series_description,
+            device_serial_number="0", series_description=series_description[:64],
             content_label="CMC", content_description=series_description[:64],
             omit_empty_frames=True)
     except (ValueError, TypeError, AttributeError) as exc:
