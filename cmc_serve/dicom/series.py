@@ -26,7 +26,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
-from cmc_serve.dicom.errors import DicomSeriesError
+from cmc_serve.dicom.decoders import syntax_label, undecodable_reason
+from cmc_serve.dicom.errors import DicomSeriesError, one_line
 from cmc_serve.dicom.scan import DERIVED, VOLUME, SeriesInfo
 from cmc_serve.volume import LPS_TO_RAS, Volume
 
@@ -84,9 +85,8 @@ def _read(path: Path) -> Dataset:
         for _ in ds:
             pass
     except Exception as exc:  # truncated/corrupt files raise many pydicom/OS error types
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise DicomSeriesError(f"{path}: unreadable or truncated DICOM ({type(exc).__name__}: "
-                               f"{first_line})") from exc
+                               f"{one_line(exc)})") from exc
     return ds
 
 
@@ -99,15 +99,17 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     if _int(ds, "NumberOfFrames", path, default=1) != 1:
         raise DicomSeriesError(f"{path}: multi-frame images are not supported")
     shape = (_int(ds, "Rows", path), _int(ds, "Columns", path))
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")).strip()
+    refusal = undecodable_reason(syntax) if syntax else None
+    if refusal:
+        raise DicomSeriesError(f"{path}: {refusal}")
     try:
         stored = ds.pixel_array
         values = apply_modality_lut(stored, ds)
-    except Exception as exc:  # missing decoder plugin, truncated data, inconsistent header
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        name = getattr(syntax, "name", str(syntax))
-        raise DicomSeriesError(f"{path}: cannot decode pixel data ({name}): "
-                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                               ) from exc
+    except Exception as exc:  # truncated data, inconsistent header, a plugin's own failure
+        raise DicomSeriesError(f"{path}: cannot decode pixel data "
+                               f"({syntax_label(syntax) if syntax else 'no transfer syntax'}): "
+                               f"{one_line(exc)}") from exc
     values = np.asarray(values, dtype=np.float32)
     if values.shape != shape:
         raise DicomSeriesError(f"{path}: pixel data shape {values.shape} != Rows x Columns "
