@@ -13,6 +13,7 @@ import pytest
 from dicom_factory import SeriesSpec, write_series
 
 from cmc_serve.dicom import DicomSegError, LoadedSeries, load_series, scan_folder
+from cmc_serve.dicom.derived import Provenance
 from cmc_serve.dicom.seg_writer import write_dicom_seg
 
 CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / \
@@ -67,8 +68,8 @@ def test_seg_for_real_ct_series_is_valid_and_round_trips(tmp_path: Path) -> None
     liver = seg.SegmentSequence[0]
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
     assert seg.SegmentSequence[1].SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
-    assert seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Tissue"
-    assert liver.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "CMC"
+    assert seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Lesion"
+    assert liver.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "CMC cmc"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == loaded.info.uid
     assert seg.StudyInstanceUID == loaded.datasets[0].StudyInstanceUID
     # empty frames are omitted: 2 + 3 + 1 non-empty (slice, segment) pairs
@@ -110,11 +111,49 @@ def test_seg_refusals(tmp_path: Path) -> None:
 
 
 def test_flagged_seg_says_needs_review(tmp_path: Path) -> None:
-    """Quality control's verdict reaches the PACS series list (DICOM LO: 64 characters)."""
+    """Quality control's verdict reaches the PACS series list (DICOM LO: 64 characters): with
+    the mode when both fit, the review alone when they do not."""
     loaded = load_only(CT5N)
-    review = "needs review: branch_disagreement, intensity_out_of_range, +2"
-    out = write_dicom_seg(phantom_labels(loaded.volume.shape), loaded.datasets, CLASSES,
-                          tmp_path / "seg.dcm", review=review)
+    labels = phantom_labels(loaded.volume.shape)
+    fused = Provenance(modalities=("ct", "mr"), mode="fused")
+    short = "needs review: branch_disagreement"
+    out = write_dicom_seg(labels, loaded.datasets, CLASSES, tmp_path / "a.dcm",
+                          provenance=fused, review=short)
     seg = pydicom.dcmread(out)
-    assert seg.SeriesDescription == review and seg.ContentDescription == review
+    assert seg.SeriesDescription == f"CMC CT+MR fused, {short}" == seg.ContentDescription
     assert dciodvfy_errors(out) == []
+    long = "needs review: branch_disagreement, intensity_out_of_range, +2"
+    out = write_dicom_seg(labels, loaded.datasets, CLASSES, tmp_path / "b.dcm",
+                          provenance=fused, review=long)
+    seg = pydicom.dcmread(out)
+    assert seg.SeriesDescription == long == seg.ContentDescription
+
+
+def test_seg_codes_laterality_and_provenance(tmp_path: Path) -> None:
+    """The demo's kidney_r / kidney_l are Kidney with a Right / Left modifier (SegDB), and
+    the SEG names the model, its checksum and the mode; series numbers differ per mode."""
+    loaded = load_only(CT5N)
+    classes = ["background", "liver", "spleen", "kidney_r", "kidney_l"]
+    labels = phantom_labels(loaded.volume.shape)
+    labels[0, 0, 0] = 3
+    sha = "ab" * 32
+    numbers = set()
+    for mode, text in (("fused", "CT+MR fused"), ("a", "CT only"), ("b", "MR only")):
+        provenance = Provenance(model_name="demo", model_sha256=sha, modalities=("ct", "mr"),
+                                mode=mode, runtime="openvino", precision="bf16")
+        out = write_dicom_seg(labels, loaded.datasets, classes, tmp_path / f"{mode}.dcm",
+                              provenance=provenance)
+        seg = pydicom.dcmread(out)
+        assert seg.SeriesDescription == f"CMC segmentation, {text}"
+        numbers.add(int(seg.SeriesNumber))
+    assert numbers == {300, 301, 302}
+    assert dciodvfy_errors(out) == []
+    right = seg.SegmentSequence[2].SegmentedPropertyTypeCodeSequence[0]
+    assert (right.CodeValue, right.CodeMeaning) == ("64033007", "Kidney")
+    assert right.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "CMC demo"
+    assert f"model_sha256={sha}" in algorithm.AlgorithmParameters
+    assert "mode=b" in algorithm.AlgorithmParameters
+    described = hd.seg.segread(out).get_segment_description(3)
+    assert described.segmented_property_type.value == "64033007"

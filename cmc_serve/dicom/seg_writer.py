@@ -2,78 +2,33 @@
 
 Choices, made for viewer compatibility: BINARY (dciodvfy predates LABELMAP and rejects it),
 one segment per foreground class present in the labels (a segment without frames confuses
-viewers), `omit_empty_frames=True`, coded SNOMED CT descriptions where the class is a known
-organ, algorithm identification "CMC" + version, and references to every source image. The
-file is written under a temporary name and renamed, so a present file is always complete.
+viewers), `omit_empty_frames=True`, and references to every source image. Each segment is
+described by its SNOMED CT codes with laterality (`cmc_serve.dicom.codes`) and the algorithm
+that made it (`cmc_serve.dicom.derived.Provenance`: model, checksum, mode); source series
+whose Type 2 patient/study attributes are absent get them empty. The file is written under
+a temporary name and renamed, so a present file is always complete.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from cmc_common.files import atomic_write
 from cmc_serve import __version__
+from cmc_serve.dicom.codes import GENERIC, ClassCode, resolve
+from cmc_serve.dicom.derived import Provenance, complete_type2
 from cmc_serve.dicom.errors import DicomSegError
 
-# SNOMED CT codes of organs we expect class names for (normalised: lower case, "_" for " ").
-ORGAN_CODES: dict[str, Code] = {
-    "liver": Code("10200004", "SCT", "Liver"),
-    "spleen": Code("78961009", "SCT", "Spleen"),
-    "kidney": Code("64033007", "SCT", "Kidney"),
-    "left_kidney": Code("18639004", "SCT", "Left kidney"),
-    "kidney_left": Code("18639004", "SCT", "Left kidney"),
-    "right_kidney": Code("9846003", "SCT", "Right kidney"),
-    "kidney_right": Code("9846003", "SCT", "Right kidney"),
-    "pancreas": Code("15776009", "SCT", "Pancreas"),
-    "gallbladder": Code("28231008", "SCT", "Gallbladder"),
-    "stomach": Code("69695003", "SCT", "Stomach"),
-    "aorta": Code("15825003", "SCT", "Aorta"),
-}
-ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
-TISSUE = Code("85756007", "SCT", "Tissue")
 
-
-def segment_codes(class_name: str) -> tuple[Code, Code]:
-    """(category, type) codes: a known organ, else the generic Tissue/Tissue pair."""
-    organ = ORGAN_CODES.get(class_name.strip().lower().replace(" ", "_").replace("-", "_"))
-    return (ANATOMICAL_STRUCTURE, organ) if organ else (TISSUE, TISSUE)
-
-
-def _descriptions(present: Sequence[int], class_names: Sequence[str]
-                  ) -> list[hd.seg.SegmentDescription]:
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="CMC", family=codes.cid7162.ArtificialIntelligence, version=__version__)
-    out = []
-    for number, cls in enumerate(present, start=1):
-        category, kind = segment_codes(class_names[cls])
-        out.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=class_names[cls][:64],
-            segmented_property_category=category, segmented_property_type=kind,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm))
-    return out
-
-
-def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
-                    class_names: Sequence[str], out_path: str | Path, *,
-                    series_number: int = 300, series_description: str = "CMC segmentation",
-                    review: str | None = None) -> Path:
-    """Write `labels` (uint8, [column, row, slice] on the source grid, slices in the order of
-    the sorted `source_datasets`, as `load_series` returns them) as a BINARY DICOM SEG.
-
-    `review` (`cmc_serve.qc.flags.review_text`, "needs review: <reasons>") replaces the
-    series and content descriptions, so a flagged SEG says so in any PACS series list.
-    """
-    if review is not None:
-        series_description = review
-    out_path = Path(out_path)
+def check_labels(labels: np.ndarray, source_datasets: Sequence[Dataset],
+                 class_names: Sequence[str], out_path: Path) -> list[int]:
+    """The foreground classes present in `labels`, after checking they fit the source series
+    ([column, row, slice]) and the class list; DicomSegError naming `out_path` otherwise."""
     n = len(source_datasets)
     if n == 0:
         raise DicomSegError(f"{out_path}: no source images to reference")
@@ -89,20 +44,62 @@ def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
     present = [int(c) for c in np.unique(labels) if c != 0]
     if not present:
         raise DicomSegError(f"{out_path}: no foreground voxels, nothing to write")
+    return present
+
+
+def _descriptions(present: Sequence[int], class_names: Sequence[str],
+                  codes: Mapping[str, ClassCode], provenance: Provenance
+                  ) -> list[hd.seg.SegmentDescription]:
+    algorithm = provenance.algorithm_identification()
+    out = []
+    for number, cls in enumerate(present, start=1):
+        code = codes.get(class_names[cls], GENERIC)
+        color = hd.color.CIELabColor.from_rgb(*code.color) if code.color else None
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=class_names[cls][:64],
+            segmented_property_category=code.category, segmented_property_type=code.type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm, display_color=color)
+        if code.modifier is not None:  # laterality: Kidney + Left, the SegDB convention
+            modifier = hd.sr.CodedConcept.from_code(code.modifier)
+            description.SegmentedPropertyTypeCodeSequence[0] \
+                .SegmentedPropertyTypeModifierCodeSequence = [modifier]
+        out.append(description)
+    return out
+
+
+def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
+                    class_names: Sequence[str], out_path: str | Path, *,
+                    codes: Mapping[str, ClassCode] | None = None,
+                    provenance: Provenance | None = None,
+                    review: str | None = None) -> Path:
+    """Write `labels` (uint8, [column, row, slice] on the source grid, slices in the order of
+    the sorted `source_datasets`, as `load_series` returns them) as a BINARY DICOM SEG.
+
+    `codes`: class name -> ClassCode (default: `codes.resolve(class_names)`, the shipped
+    table). `provenance`: model, mode and engine (series number and description follow it).
+    `review` (`cmc_serve.qc.flags.review_text`, "needs review: <reasons>") goes into the
+    series and content descriptions, so a flagged SEG says so in any PACS series list.
+    """
+    out_path = Path(out_path)
+    present = check_labels(labels, source_datasets, class_names, out_path)
+    codes = resolve(class_names) if codes is None else codes
+    provenance = provenance or Provenance()
+    description = provenance.series_description("seg", review)
     # class index -> consecutive segment number (highdicom's labelled-array input)
     lut = np.zeros(max(256, len(class_names)), dtype=np.uint8)
     lut[present] = np.arange(1, len(present) + 1)
     frames = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))  # (slice, row, column)
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(source_datasets), pixel_array=frames,
+            source_images=complete_type2(source_datasets), pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=_descriptions(present, class_names),
-            series_instance_uid=hd.UID(), series_number=series_number,
+            segment_descriptions=_descriptions(present, class_names, codes, provenance),
+            series_instance_uid=hd.UID(), series_number=provenance.series_number("seg"),
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="cmc",
-            manufacturer_model_name="CMC", software_versions=__version__,
-            device_serial_number="0", series_description=series_description[:64],
-            content_label="CMC", content_description=series_description[:64],
+            manufacturer_model_name=provenance.algorithm_name, software_versions=__version__,
+            device_serial_number="0", series_description=description,
+            content_label="CMC", content_description=description,
             omit_empty_frames=True)
     except (ValueError, TypeError, AttributeError) as exc:
         raise DicomSegError(f"{out_path}: highdicom rejected the segmentation: {exc}") from exc
