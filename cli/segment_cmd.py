@@ -46,9 +46,7 @@ def command(
     preview: so.Preview = False,
     resume: Annotated[bool, typer.Option("--continue",
                                          help="Skip cases already done in OUT.")] = False,
-    shard: Annotated[str | None, typer.Option(
-        help="I/N: run only the I-th of N shares of the cases (deterministic). The N shards "
-             "may run at once into one OUT; see cmc merge-shards.")] = None,
+    shard: so.Shard = None,
     jobs: Annotated[int, typer.Option(min=1, max=16, help="Reader threads (read + pre-process "
                                                           "the next cases during inference).")
                     ] = 1,
@@ -82,13 +80,13 @@ def command(
 
     from rich.console import Console
 
-    from cmc_serve.pipeline.api import SegmentError, SegmentOptionError, parse_shard, segment
+    from cmc_serve.pipeline.api import SegmentError, SegmentOptionError, segment
 
     console = Console(stderr=True)
     try:
         shared = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
                                     output_type, statistics, preview, pairing)
-        options = replace(shared, resume=resume, shard=parse_shard(shard) if shard else None,
+        options = replace(shared, resume=resume, shard=shard,
                           jobs=jobs, assume_registered=assume_registered,
                           assume_orientation=assume_orientation,
                           skip_unreadable=skip_unreadable)
@@ -107,6 +105,8 @@ def command(
             assert input is not None  # checked above: INPUT or --from-dicomweb
             result = segment(input, out, model, input_b, options, console)
     except SegmentOptionError as exc:
+        if exc.option == "shard":  # a refusal naming the environment read: one line
+            raise fail("segment", exc.problem) from None
         raise typer.BadParameter(exc.problem, param_hint=so.flag(exc.option)) from None
     except SegmentError as exc:
         raise fail("segment", exc) from None

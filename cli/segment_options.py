@@ -38,6 +38,12 @@ Statistics = Annotated[bool, typer.Option(
                                          "per class and modality.")]
 Preview = Annotated[bool, typer.Option(
     "--preview/--no-preview", help="preview.png: three slices with the label overlay.")]
+Shard = Annotated[str | None, typer.Option(
+    help="I/N: run only the I-th of N shares of the cases (deterministic); the N shards may "
+         "run at once into one OUT (see cmc merge-shards). auto: I and N from the Slurm array "
+         "task (SLURM_ARRAY_TASK_ID/MIN/MAX/STEP/COUNT) or Kubernetes Indexed Job pod "
+         "(JOB_COMPLETION_INDEX, N from CMC_SHARD_COUNT); auto/N also checks N. Never "
+         "implied: without --shard every case runs.")]
 Pairing = Annotated[Path | None, typer.Option(
     help="YAML rules mapping DICOM series to modalities a/b (Modality, description regex).")]
 

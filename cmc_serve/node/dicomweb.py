@@ -99,8 +99,8 @@ def select_studies(url: str, study_uids: Sequence[str], out: Path,
     if bad:
         raise SegmentError(f"--study {bad[0]!r}: not a DICOM UID (digits and dots)")
     uids = sorted(set(study_uids))
-    if options.shard:  # the folders' rule: every N-th of the sorted ids
-        index, count = options.shard
+    if options.share:  # the folders' rule: every N-th of the sorted ids
+        index, count = options.share
         uids = uids[index - 1::count]
     if not options.resume:
         return uids, []

@@ -23,6 +23,7 @@ Order of a run, and why:
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_
 from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
-from cmc_serve.pipeline import library_warnings, outputs, shards
+from cmc_serve.pipeline import library_warnings, outputs, shard_env, shards
 from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
 from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
@@ -59,7 +60,7 @@ MAX_JOBS = 16
 
 # The errors of the steps below that refuse a run; each already holds its one-line message.
 _REFUSALS = (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUnavailable,
-             outputs.OutputError)
+             outputs.OutputError, shard_env.ShardChoiceError)
 
 
 class SegmentError(CmcError):
@@ -93,20 +94,15 @@ def parse_output_types(text: str) -> tuple[str, ...]:
     return types
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """`--shard I/N` text -> (I, N) for `SegmentOptions.shard`; SegmentError when malformed."""
-    try:
-        return case_mod.parse_shard(text)
-    except case_mod.CaseDiscoveryError as exc:
-        raise SegmentError(str(exc)) from None
-
-
 @dataclass(frozen=True)
 class SegmentOptions:
     """How to segment: the options of `cmc segment` (same names, same defaults).
 
     `output_types` () means NIfTI, plus DICOM SEG for DICOM input. `shard` (I, N) runs only
-    the I-th of N deterministic shares of the cases. `resume` is `--continue`: cases whose
+    the I-th of N deterministic shares of the cases; the text "I/N", "auto" or "auto/N" is
+    resolved at construction (`shard_env`: auto reads the Slurm array's or Kubernetes
+    Indexed Job's environment) into (I, N), and `shard_source` says where it came from
+    (report.json records it). `resume` is `--continue`: cases whose
     `done` file exists in OUT are skipped. `pairing` is a YAML rules file mapping DICOM
     series to modalities a/b. Invalid values raise SegmentOptionError at construction.
     """
@@ -122,7 +118,8 @@ class SegmentOptions:
     statistics: bool = False
     preview: bool = False
     resume: bool = False
-    shard: tuple[int, int] | None = None
+    shard: tuple[int, int] | str | None = None
+    shard_source: shard_env.ShardSource | None = None
     jobs: int = 1
     pairing: Path | None = None
     assume_registered: bool = False
@@ -144,17 +141,32 @@ class SegmentOptions:
                                                 f"{MAX_OVERLAP}")
         if not 1 <= self.jobs <= MAX_JOBS:
             raise SegmentOptionError("jobs", f"{self.jobs} is not in the range 1 to {MAX_JOBS}")
-        if self.shard is not None:
+        if isinstance(self.shard, str):
+            try:
+                choice = shard_env.parse_shard_text(self.shard, os.environ)
+            except shard_env.ShardChoiceError as exc:
+                raise SegmentOptionError("shard", str(exc)) from None
+            object.__setattr__(self, "shard", (choice.index, choice.count))
+            object.__setattr__(self, "shard_source", choice.source)
+        elif self.shard is not None:
             index, count = self.shard
             if not 1 <= index <= count:
                 raise SegmentOptionError("shard", f"{self.shard}: expected (I, N) with "
                                                   "1 <= I <= N, e.g. (2, 4)")
+            if self.shard_source is None:
+                object.__setattr__(self, "shard_source", shard_env.ShardSource("option"))
         if self.assume_orientation is not None:
             try:
                 object.__setattr__(self, "assume_orientation",
                                    parse_axis_codes(self.assume_orientation))
             except CompatibilityError as exc:
                 raise SegmentOptionError("assume_orientation", str(exc)) from None
+
+    @property
+    def share(self) -> tuple[int, int] | None:
+        """`shard` as resolved at construction: (I, N), or None to run every case."""
+        assert not isinstance(self.shard, str)  # text was resolved in __post_init__
+        return self.shard
 
     @property
     def assumptions(self) -> Assumptions:
@@ -170,6 +182,7 @@ class SegmentOptions:
                 "statistics": self.statistics, "preview": self.preview,
                 "continue": self.resume,
                 "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
+                "shard_source": self.shard_source.record() if self.shard_source else None,
                 "jobs": self.jobs, "pairing": str(self.pairing) if self.pairing else None,
                 "assume_registered": self.assume_registered,
                 "assume_orientation": self.assume_orientation,
@@ -203,8 +216,8 @@ def _find_cases(input: Path, input_b: Path | None, out: Path,
                                   f"folder {input} (results would become inputs)")
     found = case_mod.discover_cases(input, input_b,
                                     single_role="b" if options.mode == "b" else "a")
-    if options.shard:
-        found = case_mod.select_shard(found, *options.shard)
+    if options.share:
+        found = case_mod.select_shard(found, *options.share)
     if "dicom-seg" in options.output_types and not any(c.is_dicom for c in found):
         raise case_mod.CaseDiscoveryError(f"{input}: --output-type dicom-seg needs DICOM "
                                           "input")
@@ -254,6 +267,8 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
                  else PairingRules.default(info.modalities))
         found = _find_cases(input, input_b, out, options)
+        if options.share and options.shard_source:
+            shard_env.check_out_sharding(out, *options.share, options.shard_source)
         segmenter = _open_checked(info, rules, found, options, given)
     except _REFUSALS as exc:
         raise SegmentError(str(exc)) from exc
@@ -262,7 +277,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
             outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
         except outputs.OutputError as exc:
             raise SegmentError(str(exc)) from exc
-        records = shards.shard_dir(out, *options.shard) if options.shard else out
+        records = shards.shard_dir(out, *options.share) if options.share else out
         report = RunReport(options=options.report_options(input, input_b),
                            model=_model_summary(model, info))
         batch = BatchOptions(mode=options.mode, output_types=options.output_types,
@@ -270,7 +285,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
                              resume=options.resume, jobs=options.jobs,
                              assumptions=options.assumptions)
         if console is not None:
-            shard = f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else ""
+            shard = f" (shard {options.share[0]}/{options.share[1]})" if options.share else ""
             console.print(f"cmc segment: {len(found)} case(s){shard} -> {out}",
                           highlight=False, markup=False, soft_wrap=True)
             if not info.checksums:
@@ -283,9 +298,9 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         except (RuntimeUnavailable, ModelDirError) as exc:
             raise SegmentError(str(exc)) from exc
         finally:
-            if options.shard:
-                shards.merge_shards(out, options.shard[1])  # also writes report.html
-    if not options.shard:
+            if options.share:
+                shards.merge_shards(out, options.share[1])  # also writes report.html
+    if not options.share:
         write_batch_report_html(out)  # the page a person opens: thumbnails, volumes, outliers
     counts = report.counts()
     return SegmentRunResult(out=out, report=out / outputs.REPORT,

@@ -103,6 +103,7 @@ def _shard_entry(out: Path, index: int, count: int, report: dict[str, Any] | Non
     if report is None:
         return {**entry, "state": "missing"}
     return {**entry, "state": "finished" if report.get("finished") else "running",
+            "shard_source": report.get("options", {}).get("shard_source"),
             **{k: report.get(k) for k in ("started", "wall_seconds", "command", "counts",
                                            "engine", "versions", "platform")}}
 
@@ -119,7 +120,7 @@ def merged_report(out: Path, count: int, reports: dict[int, dict[str, Any] | Non
         counts[case.get("status", "failed")] = counts.get(case.get("status", "failed"), 0) + 1
     shards = [_shard_entry(out, i, count, reports[i]) for i in range(1, count + 1)]
     options = dict(present[0].get("options", {})) if present else {}
-    options["shard"] = None
+    options["shard"] = options["shard_source"] = None  # per shard, in "shards"
     return {
         "format": "cmc-segment-report", "format_version": 1,
         "merged_shards": count,
