@@ -1,0 +1,195 @@
+"""Input fingerprint: does an image look like the images the model was trained on?
+
+One measuring function (`measure_image`) runs on the raw image (its own units, its own
+grid) both at training, over every training image of a modality (`cmc_train.qc_reference`
+summarises them into the checkpoint, export carries them into cmc.json), and at segment
+time on each input. It is deliberately modality-blind (no "this is CT" assumption in the
+measuring), so that an MR given in CT's role is measured as what it is and can be found to
+match the other role's fingerprint better.
+
+Foreground: voxels above 10 % of the way from the image's minimum to its 99.5th
+percentile (air and the zero padding of MR lie below, body tissue above, in HU and in MR
+units alike). Measured: the foreground's intensity percentiles, the spacing and field of
+view along each RAS axis, and the extent of the foreground (the body) along each RAS axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cmc_serve.qc.flags import QcFlag
+
+PERCENTILES = (5, 25, 50, 75, 95)
+INTENSITY_KEYS = tuple(f"p{p}" for p in PERCENTILES)
+AXES = ("R", "A", "S")
+_FOREGROUND_FRACTION = 0.1
+_MAX_SAMPLES = 2_000_000  # percentiles of a strided sample: the same numbers, bounded time
+
+# Tolerances around the training range, chosen to keep every training image inside with
+# room for scanners the few labelled cases did not show: intensity by a quarter of the
+# training foreground's spread (p95 - p5), geometry by a share of the training value.
+INTENSITY_TOLERANCE = 0.25
+SPACING_FACTOR = 2.0  # resampling absorbs spacing; only a gross mismatch is named
+FOV_TOLERANCE = 0.2
+EXTENT_TOLERANCE = 0.25
+# A role's profile is "the other modality's" when it lies this much closer to it (in units
+# of each modality's own spread) and outside its own role's intensity range.
+ROLE_MARGIN = 0.5
+
+
+def ras_axis_geometry(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(spacing_mm, fov_mm) along R, A, S: each voxel axis is attributed to the RAS axis its
+    direction is closest to, so an image stored LPS or sagittally reads like any other."""
+    cols = np.asarray(affine, np.float64)[:3, :3]
+    spacing, fov = np.zeros(3), np.zeros(3)
+    for axis in range(3):
+        ras = int(np.argmax(np.abs(cols[:, axis])))
+        size = float(np.linalg.norm(cols[:, axis]))
+        spacing[ras], fov[ras] = size, size * int(shape[axis])
+    return spacing, fov
+
+
+def measure_image(array: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
+    """The fingerprint of one raw image: intensity percentiles of its foreground, spacing,
+    field of view and body extent (mm) along R, A, S."""
+    data = np.asarray(array)
+    flat = data.ravel()
+    sample = flat[:: max(1, flat.size // _MAX_SAMPLES)].astype(np.float64)
+    sample = sample[np.isfinite(sample)]
+    low, high = (np.percentile(sample, [0, 99.5]) if sample.size else (0.0, 0.0))
+    threshold = low + _FOREGROUND_FRACTION * (high - low)
+    foreground = sample[sample > threshold]
+    values = foreground if foreground.size else sample
+    intensity = dict(zip(INTENSITY_KEYS, (float(v) for v in np.percentile(
+        values, PERCENTILES)) if values.size else [0.0] * len(PERCENTILES), strict=True))
+    spacing, fov = ras_axis_geometry(affine, data.shape)
+    extent = np.zeros(3)
+    mask = data > threshold
+    if mask.any():
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            hit = np.flatnonzero(mask.any(axis=other))
+            ras = int(np.argmax(np.abs(np.asarray(affine)[:3, axis])))
+            extent[ras] = (hit[-1] - hit[0] + 1) * spacing[ras]
+    return {"intensity": intensity, "spacing_mm": _rounded(spacing), "fov_mm": _rounded(fov),
+            "body_extent_mm": _rounded(extent)}
+
+
+def summarise(measures: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The training side's record of one modality: per measured number its min, median and
+    max over the training images (and how many there were)."""
+    if not measures:
+        raise ValueError("no training images to fingerprint")
+
+    def stats(values: Sequence[float]) -> dict[str, float]:
+        arr = np.asarray(values, np.float64)
+        return {"min": float(arr.min()), "median": float(np.median(arr)),
+                "max": float(arr.max())}
+
+    return {
+        "images": len(measures),
+        "intensity": {k: stats([m["intensity"][k] for m in measures]) for k in INTENSITY_KEYS},
+        **{key: [stats([m[key][i] for m in measures]) for i in range(3)]
+           for key in ("spacing_mm", "fov_mm", "body_extent_mm")},
+    }
+
+
+def _spread(fingerprint: Mapping[str, Any]) -> float:
+    """The training foreground's intensity spread (median p95 - median p5), at least 1."""
+    intensity = fingerprint["intensity"]
+    return max(1.0, intensity["p95"]["median"] - intensity["p5"]["median"])
+
+
+def profile_distance(measure: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> float:
+    """How far an image's intensity percentiles lie from a modality's training medians, in
+    units of that modality's spread (0: the typical training image)."""
+    spread = _spread(fingerprint)
+    return float(np.mean([abs(measure["intensity"][k] - fingerprint["intensity"][k]["median"])
+                          for k in INTENSITY_KEYS])) / spread
+
+
+def _excess(value: float, stats: Mapping[str, float], tolerance: float) -> float:
+    """0 inside [min, max]; beyond it, the distance in units of `tolerance` (1: at the
+    flagging edge)."""
+    below, above = stats["min"] - value, value - stats["max"]
+    return max(0.0, below, above) / max(tolerance, 1e-9)
+
+
+def check_role(role: str, measure: Mapping[str, Any], modality: str,
+               fingerprints: Mapping[str, Mapping[str, Any]]) -> tuple[list[QcFlag], float]:
+    """Compare one input with its role's training fingerprint. Returns the flags and the
+    largest normalised excess (0: all inside; above 1: flagged)."""
+    own = fingerprints.get(modality)
+    if own is None:
+        return [], 0.0
+    flags: list[QcFlag] = []
+    worst = 0.0
+    tol = INTENSITY_TOLERANCE * _spread(own)
+    for key in INTENSITY_KEYS:
+        value = measure["intensity"][key]
+        stats = own["intensity"][key]
+        excess = _excess(value, stats, tol)
+        worst = max(worst, excess)
+        if excess > 1.0:
+            flags.append(QcFlag(
+                "intensity_out_of_range",
+                f"{role}: intensity {key} {value:.0f}, training "
+                f"{stats['min']:.0f}-{stats['max']:.0f}",
+                role=role, values={"percentile": key, "value": round(value, 2),
+                                   "training_min": stats["min"], "training_max": stats["max"]}))
+    role_flag, role_excess = _wrong_role(role, measure, modality, fingerprints)
+    worst = max(worst, role_excess)
+    flags += role_flag
+    for key, code, what, tolerance in (
+            ("spacing_mm", "spacing_out_of_range", "spacing", None),
+            ("fov_mm", "fov_out_of_range", "field of view", FOV_TOLERANCE),
+            ("body_extent_mm", "body_extent_out_of_range", "body extent", EXTENT_TOLERANCE)):
+        for axis, name in enumerate(AXES):
+            value = float(measure[key][axis])
+            stats = own[key][axis]
+            if tolerance is None:  # spacing: a factor either way
+                excess = max(stats["min"] / max(value, 1e-9), value / max(stats["max"], 1e-9))
+                excess = max(0.0, np.log(excess) / np.log(SPACING_FACTOR))
+            else:
+                excess = _excess(value, stats, tolerance * max(stats["median"], 1.0))
+            worst = max(worst, excess)
+            if excess > 1.0:
+                flags.append(QcFlag(
+                    code, f"{role}: {what} {value:.0f} mm ({name}), training "
+                    f"{stats['min']:.0f}-{stats['max']:.0f} mm",
+                    role=role, values={"axis": name, "value": round(value, 2),
+                                       "training_min": stats["min"],
+                                       "training_max": stats["max"]}))
+    return flags, worst
+
+
+def _wrong_role(role: str, measure: Mapping[str, Any], modality: str,
+                fingerprints: Mapping[str, Mapping[str, Any]]) -> tuple[list[QcFlag], float]:
+    """An input whose intensity profile matches another modality's training images better
+    than its own role's: given in the wrong role (MR as CT, or the two swapped)."""
+    own = profile_distance(measure, fingerprints[modality])
+    others = {m: profile_distance(measure, fp) for m, fp in fingerprints.items() if m != modality}
+    if not others:
+        return [], 0.0
+    other, distance = min(others.items(), key=lambda item: item[1])
+    # How much closer the other modality is, in units of ROLE_MARGIN; counted only when
+    # the image is also no typical image of its own role.
+    excess = max(0.0, own - distance) / ROLE_MARGIN if own > ROLE_MARGIN else 0.0
+    if excess <= 1.0:
+        return [], excess
+    return [QcFlag(
+        "modality_role",
+        f"{role}: looks like {other}, not {modality} (intensity p50 "
+        f"{measure['intensity']['p50']:.0f}; training {modality} "
+        f"{fingerprints[modality]['intensity']['p50']['median']:.0f}, {other} "
+        f"{fingerprints[other]['intensity']['p50']['median']:.0f})",
+        role=role, values={"expected": modality, "closer_to": other,
+                           "distance_own": round(own, 3), "distance_other": round(distance, 3)},
+    )], excess
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    return [round(float(v), 3) for v in values]

@@ -1,0 +1,171 @@
+"""One verdict per case: every signal judged against the training reference, combined.
+
+`assess_case(reference, inputs)` measures the case (branch agreement, the cross-modal
+opinion when given, each input's fingerprint, the answer's anatomy) and judges each number
+against what the model directory recorded about its training (`ModelInfo.qc_reference`,
+written by `cmc_train.qc_reference`, docs/QC.md):
+
+- agreement signals (the decoders' mean foreground Dice, the mean fused margin, each
+  structure's Dice, the cross-modal Dice) against the same numbers on the validation
+  cases: a value at or above the validation mean scores 1, the floor scores 0.5 and twice
+  as far below the mean scores 0. The floor is the validation mean minus FLOOR_SIGMAS
+  standard deviations, and at least FLOOR_GAP below the lowest validation case, so that no
+  validation case sits at the floor; the validation data set the numbers, not a constant.
+- range checks (fingerprint, anatomy) report a normalised excess (0 inside the training
+  range, 1 at the tolerance edge) that maps the same way: score = 1 - excess / 2.
+
+The case's score is the lowest of them, each structure's the lowest of its own; a case is
+flagged when any check passes its edge (score below 0.5), and each such check is one flag.
+The minimum, rather than a weighted sum, keeps one clear failure (an MR in CT's role) from
+being averaged away by signals that did not see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cmc_serve.qc import anatomy, branches, fingerprint
+from cmc_serve.qc.flags import CaseQc, QcFlag
+from cmc_serve.qc.inputs import QcInputs
+
+REFERENCE_VERSION = 1
+FLOOR_SIGMAS = 3.0
+FLOOR_GAP = 0.05
+_MISSING = ("missing: the model directory records no training reference (exported before "
+            "quality control); only the checks that need no training data ran")
+
+
+def excess_score(excess: float) -> float:
+    """Map a normalised excess (0: as in training, 1: at the flagging edge) to [0, 1]."""
+    return float(np.clip(1.0 - 0.5 * excess, 0.0, 1.0))
+
+
+def calibrated_floor(stats: Mapping[str, float]) -> float:
+    """The lowest value still in keeping with the validation cases (module docstring)."""
+    return min(stats["mean"] - FLOOR_SIGMAS * stats["std"], stats["min"] - FLOOR_GAP)
+
+
+def low_excess(value: float, stats: Mapping[str, float]) -> float:
+    """How far below the validation mean a value lies, in units of mean - floor."""
+    span = max(stats["mean"] - calibrated_floor(stats), 1e-6)
+    return max(0.0, (stats["mean"] - value) / span)
+
+
+def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc:
+    """The verdict on one segmented case (module docstring); `reference` None: the model
+    records no training reference, which `signals["reference"]` says."""
+    flags: list[QcFlag] = []
+    case_excess: list[float] = [0.0]
+    structure_excess: dict[str, float] = {name: 0.0 for name in inputs.class_names[1:]}
+    signals: dict[str, Any] = {"reference": "present" if reference else _MISSING}
+    calibration = (reference or {}).get("calibration")
+    if reference and not calibration:
+        signals["calibration"] = "missing: trained without validation cases"
+
+    if inputs.branches is not None:
+        agreement = branches.branch_agreement(inputs.branches, inputs.class_names)
+        signals["branches"] = _rounded(agreement)
+        if calibration:
+            case_excess += _judge_branches(agreement, calibration, flags, structure_excess)
+    if inputs.single_modality:
+        cross = branches.cross_modal_agreement(inputs.single_modality, inputs.labels,
+                                               inputs.class_names)
+        signals["cross_modal"] = _rounded(cross)
+        if calibration:
+            case_excess += _judge_cross(cross, calibration, flags)
+
+    if reference and "fingerprint" in reference:
+        measures = {}
+        for role, image in sorted(inputs.images.items()):
+            measure = fingerprint.measure_image(image.array, image.affine)
+            measures[role] = measure
+            found, worst = fingerprint.check_role(role, measure, image.modality,
+                                                  reference["fingerprint"])
+            flags += found
+            case_excess.append(worst)
+        signals["fingerprint"] = measures
+
+    measure = anatomy.measure_labels(inputs.labels, inputs.affine, inputs.class_names)
+    signals["anatomy"] = measure
+    anatomy_reference = (reference or {}).get("anatomy") or _name_only_anatomy(inputs)
+    found, per_structure = anatomy.check_anatomy(measure, anatomy_reference)
+    flags += found
+    for name, value in per_structure.items():
+        structure_excess[name] = max(structure_excess.get(name, 0.0), value)
+
+    structures = {name: excess_score(v) for name, v in structure_excess.items()}
+    score = min([excess_score(v) for v in case_excess] + list(structures.values()))
+    return CaseQc(score=score, flagged=bool(flags), flags=tuple(flags),
+                  structures=structures, signals=signals)
+
+
+def _judge_branches(agreement: Mapping[str, Any], calibration: Mapping[str, Any],
+                    flags: list[QcFlag], structure_excess: dict[str, float]) -> list[float]:
+    """Branch agreement against the validation cases; returns the case-level excesses."""
+    out: list[float] = []
+    stats = calibration["signals"]
+    for key, code, what in (("mean_dice", "branch_disagreement", "the two branches agree"),
+                            ("mean_margin", "low_confidence", "mean fused margin")):
+        value = agreement.get(key)
+        if value is None or key not in stats:
+            continue
+        excess = low_excess(value, stats[key])
+        out.append(excess)
+        if excess > 1.0:
+            flags.append(_low_flag(code, what, value, stats[key]))
+    for name, row in agreement["structures"].items():
+        ref = calibration.get("structures", {}).get(name, {}).get("dice")
+        if ref is None or row["dice"] is None:
+            continue
+        excess = low_excess(row["dice"], ref)
+        structure_excess[name] = max(structure_excess.get(name, 0.0), excess)
+        if excess > 1.0:
+            flags.append(_low_flag("structure_disagreement", f"{name}: branches agree",
+                                   row["dice"], ref, structure=name))
+    return out
+
+
+def _judge_cross(cross: Mapping[str, Any], calibration: Mapping[str, Any],
+                 flags: list[QcFlag]) -> list[float]:
+    """Each single-modality answer against the fused one, judged by the validation cases."""
+    out: list[float] = []
+    for role, row in cross.items():
+        stats = calibration["signals"].get(f"cross_{role}")
+        if stats is None:
+            continue
+        excess = low_excess(row["mean_dice"], stats)
+        out.append(excess)
+        if excess > 1.0:
+            flags.append(_low_flag("cross_modal_disagreement", f"{role} alone agrees with fused",
+                                   row["mean_dice"], stats, role=role))
+    return out
+
+
+def _low_flag(code: str, what: str, value: float, stats: Mapping[str, float],
+              structure: str | None = None, role: str | None = None) -> QcFlag:
+    floor = calibrated_floor(stats)
+    return QcFlag(code, f"{what} {value:.2f}, validation {stats['mean']:.2f} "
+                  f"(floor {floor:.2f})", structure=structure, role=role,
+                  values={"value": round(value, 4), "validation_mean": stats["mean"],
+                          "validation_std": stats["std"], "floor": round(floor, 4)})
+
+
+def _name_only_anatomy(inputs: QcInputs) -> dict[str, Any]:
+    """Without a training reference: the checks that need none (left/right order by the
+    class names, a structure cut by the field of view judged by CUT_FLOOR alone)."""
+    return {"structures": {name: {"present_share": 0.0, "volume_ml": None,
+                                  "components_max": None, "cut_share_max": 0.0}
+                           for name in inputs.class_names[1:]},
+            "lateral_pairs": anatomy.anatomical_pairs(inputs.class_names)}
+
+
+def _rounded(value: Any) -> Any:
+    """JSON-ready copy with floats to 4 decimals."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, Mapping):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
