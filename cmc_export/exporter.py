@@ -329,7 +329,8 @@ class _Exporter:
             graphs=self.report_graphs, refused=self.refused,
             gate_thresholds=asdict(self.thresholds), triton_backend=backend,
             triton_patch_models=triton_models,
-            postprocessing=self.metadata.get("postprocessing"))
+            postprocessing=self.metadata.get("postprocessing"),
+            qc_reference=self.metadata.get("qc_reference"))
 
 
 def _cmc_version() -> str:

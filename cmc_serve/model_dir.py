@@ -131,6 +131,8 @@ class ModelInfo:
     repository_files: tuple[ModelFile, ...] = ()  # repository/ as exported (cmc serve)
     # Chosen by `cmc evaluate --choose-postprocessing` (cmc_serve.postprocess); None: none.
     postprocessing: dict[str, Any] | None = None
+    # What quality control judges cases by (cmc_train.qc_reference); None: exported before.
+    qc_reference: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -233,6 +235,9 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
             check_record(postprocessing, len(classes))
         except PostprocessError as exc:
             raise fail(str(exc)) from None
+    qc_reference = data.get("qc_reference")
+    if qc_reference is not None and not isinstance(qc_reference, dict):
+        raise fail("qc_reference must be an object")
     graphs = tuple(_parse_graph(root, fail, i, g) for i, g in enumerate(data["graphs"]))
     unchecked = [i for i, g in enumerate(graphs) if not g.files]
     if unchecked and len(unchecked) < len(graphs):
@@ -254,7 +259,8 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         modalities=(modalities[0], modalities[1]), classes=tuple(classes),
         patch_size=(patch[0], patch[1], patch[2]), max_batch=max_batch,
         preprocessing=data["preprocessing"], checkpoint_sha256=data.get("checkpoint_sha256"),
-        graphs=graphs, repository_files=repository, postprocessing=postprocessing)
+        graphs=graphs, repository_files=repository, postprocessing=postprocessing,
+        qc_reference=qc_reference)
 
 
 def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
@@ -350,6 +356,7 @@ def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Seq
                      triton_backend: str | None = None,
                      triton_patch_models: Mapping[str, str] | None = None,
                      postprocessing: Mapping[str, Any] | None = None,
+                     qc_reference: Mapping[str, Any] | None = None,
                      checksums: bool = True,
                      format_version: int = MODEL_FORMAT_VERSION) -> Path:
     """Write ROOT/cmc.json for the graph files already in ROOT (entries from `graph_entry`).
@@ -359,6 +366,8 @@ def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Seq
     the patch models and records every file of ROOT/repository. `format_version` other than
     the current one only serves tests of the reader's refusal. `postprocessing`: the record
     `cmc evaluate --choose-postprocessing` stored in the checkpoint, which serving applies.
+    `qc_reference`: the checkpoint's record of its training data and validation agreement
+    (`cmc_train.qc_reference`), which quality control judges each case by.
     """
     document: dict[str, Any] = {
         "format": MODEL_FORMAT, "format_version": format_version, "cmc_version": cmc_version,
@@ -373,6 +382,8 @@ def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Seq
         document["gate_thresholds"] = dict(gate_thresholds)
     if postprocessing:
         document["postprocessing"] = dict(postprocessing)
+    if qc_reference:
+        document["qc_reference"] = dict(qc_reference)
     if triton_backend is not None:
         repository = root / "repository"
         document["triton"] = {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicom_checks import dciodvfy_errors
 from dicom_factory import SeriesSpec, write_series
 
 from cmc_serve.dicom import DicomSegError, LoadedSeries, load_series, scan_folder
@@ -33,13 +32,6 @@ def phantom_labels(shape: tuple[int, int, int]) -> np.ndarray:
     labels[7:9, 6:9, 2:] = 2
     labels[3, 8, 0] = 4
     return labels
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy not installed (make system-deps installs dicom3tools)")
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
 def read_back(path: Path, loaded: LoadedSeries) -> np.ndarray:

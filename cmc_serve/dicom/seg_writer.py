@@ -26,24 +26,24 @@ from cmc_serve.dicom.errors import DicomSegError
 
 
 def check_labels(labels: np.ndarray, source_datasets: Sequence[Dataset],
-                 class_names: Sequence[str], out_path: Path) -> list[int]:
+                 class_names: Sequence[str], out_path: Path,
+                 error: type[DicomSegError] = DicomSegError) -> list[int]:
     """The foreground classes present in `labels`, after checking they fit the source series
-    ([column, row, slice]) and the class list; DicomSegError naming `out_path` otherwise."""
+    ([column, row, slice]) and the class list; `error` naming `out_path` otherwise."""
     n = len(source_datasets)
     if n == 0:
-        raise DicomSegError(f"{out_path}: no source images to reference")
+        raise error(f"{out_path}: no source images to reference")
     rows, cols = int(source_datasets[0].Rows), int(source_datasets[0].Columns)
     if labels.shape != (cols, rows, n):
-        raise DicomSegError(f"{out_path}: labels shape {labels.shape} does not match the source "
-                            f"series (columns, rows, slices) = {(cols, rows, n)}")
+        raise error(f"{out_path}: labels shape {labels.shape} does not match the source "
+                    f"series (columns, rows, slices) = {(cols, rows, n)}")
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and int(labels.min()) < 0):
-        raise DicomSegError(f"{out_path}: labels must be non-negative integers, "
-                            f"got {labels.dtype}")
+        raise error(f"{out_path}: labels must be non-negative integers, got {labels.dtype}")
     if labels.size and int(labels.max()) >= len(class_names):
-        raise DicomSegError(f"{out_path}: label {int(labels.max())} has no class name")
+        raise error(f"{out_path}: label {int(labels.max())} has no class name")
     present = [int(c) for c in np.unique(labels) if c != 0]
     if not present:
-        raise DicomSegError(f"{out_path}: no foreground voxels, nothing to write")
+        raise error(f"{out_path}: no foreground voxels, nothing to write")
     return present
 
 

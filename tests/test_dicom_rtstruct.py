@@ -1,0 +1,126 @@
+"""cmc_serve.dicom.rtstruct_writer: standard-valid RTSTRUCTs whose contours, filled again by
+an independent reader, give back the labels (holes and several components per slice too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_checks import dciodvfy_errors, dice, fill_rtstruct
+from dicom_factory import SeriesSpec, write_series
+
+from cmc_serve.dicom import LoadedSeries, load_series, scan_folder
+from cmc_serve.dicom.contours import mask_contours
+from cmc_serve.dicom.derived import Provenance
+from cmc_serve.dicom.rtstruct_writer import RtStructError, write_rtstruct
+
+CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / \
+    "98892001" / "CT5N"
+CLASSES = ["background", "liver", "spleen", "kidney_r", "kidney_l"]
+
+
+def load_only(folder: Path) -> LoadedSeries:
+    (series,) = scan_folder(folder).series
+    return load_series(series)
+
+
+def ring_and_islands(shape: tuple[int, int, int]) -> np.ndarray:
+    """A ring (a hole) with an island in the hole, two components of one class on a slice,
+    diagonal-only contact, a one-pixel structure and an empty class (spleen)."""
+    labels = np.zeros(shape, np.uint8)
+    labels[1:10, 1:10, 1:4] = 1
+    labels[3:8, 3:8, 1:4] = 0  # hole
+    labels[5, 5, 2] = 1  # island inside the hole
+    labels[11:13, 1:3, :] = 3
+    labels[11:13, 6:8, 2] = 3  # second component of kidney_r on slice 2
+    labels[13, 10, 0] = labels[14, 11, 0] = 4  # touching at a corner only
+    labels[15, 15, 4] = 4  # one pixel
+    return labels
+
+
+def test_rtstruct_is_valid_references_its_series_and_round_trips(tmp_path: Path) -> None:
+    loaded = load_only(CT5N)
+    labels = ring_and_islands(loaded.volume.shape)
+    provenance = Provenance(model_name="demo", model_sha256="cd" * 32, modalities=("ct", "mr"),
+                            mode="a")
+    out = write_rtstruct(labels, loaded.datasets, CLASSES, tmp_path / "case" / "rtstruct.dcm",
+                         provenance=provenance)
+    assert dciodvfy_errors(out) == []
+    assert list(out.parent.iterdir()) == [out]
+    rt = pydicom.dcmread(out)
+    assert rt.Modality == "RTSTRUCT" and int(rt.SeriesNumber) == 311
+    assert rt.SeriesDescription == "CMC contours, CT only"
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["liver", "kidney_r", "kidney_l"]
+    frame = rt.ReferencedFrameOfReferenceSequence[0]
+    assert frame.FrameOfReferenceUID == loaded.datasets[0].FrameOfReferenceUID
+    study = frame.RTReferencedStudySequence[0]
+    assert study.ReferencedSOPInstanceUID == loaded.datasets[0].StudyInstanceUID
+    series = study.RTReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == loaded.info.uid
+    assert [i.ReferencedSOPInstanceUID for i in series.ContourImageSequence] == \
+        [ds.SOPInstanceUID for ds in loaded.datasets]
+    kidney = rt.RTROIObservationsSequence[1].RTROIIdentificationCodeSequence[0]
+    assert (kidney.CodeValue, kidney.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning) \
+        == ("64033007", "Right")
+    assert "model_sha256=" + "cd" * 32 in rt.StructureSetDescription
+    filled = fill_rtstruct(out, list(loaded.datasets))
+    for name, mask in filled.items():
+        np.testing.assert_array_equal(mask, labels == CLASSES.index(name))
+    # slice 2 of the liver: ring outline, hole outline, island
+    liver = rt.ROIContourSequence[0].ContourSequence
+    on_slice_2 = [c for c in liver if c.ContourImageSequence[0].ReferencedSOPInstanceUID
+                  == loaded.datasets[2].SOPInstanceUID]
+    assert len(on_slice_2) == 3
+
+
+@pytest.mark.parametrize("orientation", [(0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
+                                         (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
+                                         (0.8, 0.6, 0.0, 0.0, 0.0, -1.0)])
+def test_rtstruct_geometry_on_sagittal_flipped_and_oblique_planes(
+        tmp_path: Path, orientation: tuple) -> None:
+    """Shuffled files, anisotropic pixels: contours land on the source voxels (Dice 1)."""
+    write_series(tmp_path / "s", SeriesSpec(orientation=orientation, rows=16, cols=17))
+    loaded = load_only(tmp_path / "s")
+    labels = ring_and_islands(loaded.volume.shape)
+    out = write_rtstruct(labels, loaded.datasets, CLASSES, tmp_path / "rt.dcm")
+    assert dciodvfy_errors(out) == []
+    for name, mask in fill_rtstruct(out, list(loaded.datasets)).items():
+        assert dice(mask, labels == CLASSES.index(name)) == 1.0
+
+
+def test_contours_refill_random_masks_exactly() -> None:
+    """Random masks (any holes, touching corners, borders): even-odd filling of the traced
+    polygons at pixel centres gives back the mask."""
+    from matplotlib.path import Path as PolygonPath
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        shape = (int(rng.integers(1, 18)), int(rng.integers(1, 18)))
+        mask = rng.random(shape) < rng.random()
+        xs, ys = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+        centres = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        filled = np.zeros(mask.size, bool)
+        for polygon in mask_contours(mask):
+            assert np.all(np.abs(polygon % 1 - 0.5) < 1e-9)  # vertices on pixel corners
+            filled ^= PolygonPath(polygon).contains_points(centres)
+        np.testing.assert_array_equal(filled.reshape(shape), mask)
+
+
+def test_rtstruct_refusals(tmp_path: Path) -> None:
+    loaded = load_only(CT5N)
+    with pytest.raises(RtStructError, match="no foreground voxels"):
+        write_rtstruct(np.zeros(loaded.volume.shape, np.uint8), loaded.datasets, CLASSES,
+                       tmp_path / "a.dcm")
+    sources = [pydicom.Dataset(ds) for ds in loaded.datasets]
+    no_frame = []
+    for ds in sources:
+        copy = pydicom.Dataset()
+        copy.update(ds)
+        del copy.FrameOfReferenceUID
+        no_frame.append(copy)
+    with pytest.raises(RtStructError, match="no FrameOfReferenceUID"):
+        write_rtstruct(ring_and_islands(loaded.volume.shape), no_frame, CLASSES,
+                       tmp_path / "b.dcm")
+    assert list(tmp_path.iterdir()) == []
