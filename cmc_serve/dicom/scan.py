@@ -31,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from cmc_serve.dicom.errors import DicomScanError
+from cmc_serve.dicom.multiframe import frame_value
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,16 @@ class SeriesInfo:
     frame_of_reference_uid: str = ""
     # files beside the series that look like part of it but cannot be read: (path, why)
     unreadable: tuple[tuple[Path, str], ...] = ()
+    n_frames: int = 0  # frames in all files (Enhanced multi-frame); 0: one per file
 
     @property
     def n_files(self) -> int:
         return len(self.paths)
+
+    @property
+    def n_slices(self) -> int:
+        """Images in the series: the frames of multi-frame files, else one per file."""
+        return self.n_frames or self.n_files
 
     @property
     def folder(self) -> Path:
@@ -78,7 +85,8 @@ class SeriesInfo:
         return Path(os.path.commonpath([str(p.parent) for p in self.paths]))
 
     def summary(self) -> str:
-        return (f"{self.uid} ({self.modality} '{self.description}', {self.n_files} files, "
+        frames = f", {self.n_frames} frames" if self.n_frames else ""
+        return (f"{self.uid} ({self.modality} '{self.description}', {self.n_files} files{frames}, "
                 f"{self.kind}: {self.reason})")
 
 
@@ -113,7 +121,9 @@ class _Header:
     sop_class: str
     has_image: bool
     frames: int
+    enhanced: bool  # has per-frame functional groups (Enhanced / Legacy Converted Enhanced)
     orientation: tuple[float, ...] | None
+    echo_time: str  # "" when absent
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -123,6 +133,8 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 def _orientation(ds: Dataset) -> tuple[float, ...] | None:
     iop = ds.get("ImageOrientationPatient")
+    if iop is None:  # Enhanced: in the functional groups (the first frame's, or shared)
+        iop = frame_value(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
     try:
         values = tuple(float(v) for v in iop) if iop is not None else None
     except (TypeError, ValueError):
@@ -189,7 +201,9 @@ def _read_header(path: Path) -> _Header | _Skip:
             series_number=int(number) if number not in (None, "") else None,
             image_type=tuple(str(t).strip().upper() for t in image_type),
             sop_class=sop_class, has_image="Rows" in ds and "Columns" in ds,
-            frames=int(ds.get("NumberOfFrames") or 1), orientation=_orientation(ds))
+            frames=int(ds.get("NumberOfFrames") or 1),
+            enhanced="PerFrameFunctionalGroupsSequence" in ds, orientation=_orientation(ds),
+            echo_time=f"{float(ds.EchoTime):g}" if ds.get("EchoTime") not in (None, "") else "")
     except Exception as exc:  # garbled values (wrong VR, bad numbers) surface on access
         return _Skip(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", DAMAGED)
 
@@ -243,16 +257,24 @@ def _classify(headers: list[_Header]) -> tuple[str, str]:
         return LOCALIZER, "ImageType contains LOCALIZER"
     if first.image_type[:1] == ("DERIVED",) or first.image_type[1:2] == ("SECONDARY",):
         return DERIVED, f"ImageType {'/'.join(first.image_type)}"
-    if any(h.frames > 1 for h in headers):
-        return UNSUPPORTED, "multi-frame (enhanced) images are not supported"
+    if any(h.frames > 1 and not h.enhanced for h in headers):
+        return UNSUPPORTED, ("multi-frame images without per-frame functional groups (cine "
+                             "or a private multi-frame format) are not supported")
+    echoes = sorted({h.echo_time for h in headers if h.echo_time}, key=float)
+    if len(echoes) > 1:
+        return UNSUPPORTED, (f"{len(echoes)} echoes in one series (EchoTime "
+                             f"{', '.join(echoes)} ms); export each echo as a series")
     orientations = [h.orientation for h in headers]
     if any(o is None for o in orientations):
         return UNSUPPORTED, "ImageOrientationPatient missing or invalid in some files"
     n_orient = _distinct_orientations(orientations)  # type: ignore[arg-type]
     if n_orient > 1:
         return LOCALIZER, f"slices in {n_orient} orientations (multi-planar localizer)"
-    if len(headers) == 1:
+    frames = sum(h.frames for h in headers)
+    if frames == 1:
         return LOCALIZER, "single slice (scout, localizer or 2D image), not a volume"
+    if any(h.enhanced for h in headers):
+        return VOLUME, f"{frames} frames in {len(headers)} multi-frame file(s)"
     return VOLUME, f"{len(headers)} slices"
 
 
@@ -268,7 +290,8 @@ def _series_info(headers: list[_Header], skipped: list[_Skip]) -> SeriesInfo:
         plane=_plane([h.orientation for h in headers if h.orientation is not None]),
         kind=kind, reason=reason, issuer_of_patient_id=first.issuer_of_patient_id,
         frame_of_reference_uid=first.frame_of_reference_uid,
-        unreadable=_unreadable_members(headers, skipped))
+        unreadable=_unreadable_members(headers, skipped),
+        n_frames=sum(h.frames for h in headers) if any(h.enhanced for h in headers) else 0)
 
 
 def scan_folder(folder: str | Path) -> ScanResult:

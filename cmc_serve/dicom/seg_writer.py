@@ -23,6 +23,7 @@ from cmc_serve import __version__
 from cmc_serve.dicom.codes import GENERIC, ClassCode, resolve
 from cmc_serve.dicom.derived import Provenance, complete_type2
 from cmc_serve.dicom.errors import DicomSegError
+from cmc_serve.dicom.multiframe import slice_count, source_frame_order
 
 
 def check_labels(labels: np.ndarray, source_datasets: Sequence[Dataset],
@@ -30,7 +31,7 @@ def check_labels(labels: np.ndarray, source_datasets: Sequence[Dataset],
                  error: type[DicomSegError] = DicomSegError) -> list[int]:
     """The foreground classes present in `labels`, after checking they fit the source series
     ([column, row, slice]) and the class list; `error` naming `out_path` otherwise."""
-    n = len(source_datasets)
+    n = slice_count(source_datasets)  # an Enhanced multi-frame source: its frames
     if n == 0:
         raise error(f"{out_path}: no source images to reference")
     rows, cols = int(source_datasets[0].Rows), int(source_datasets[0].Columns)
@@ -90,6 +91,9 @@ def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
     lut = np.zeros(max(256, len(class_names)), dtype=np.uint8)
     lut[present] = np.arange(1, len(present) + 1)
     frames = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))  # (slice, row, column)
+    order = source_frame_order(source_datasets)
+    if order is not None:  # one multi-frame source: highdicom wants its frame order
+        frames = frames[np.argsort(order)]
     try:
         seg = hd.seg.Segmentation(
             source_images=complete_type2(source_datasets), pixel_array=frames,

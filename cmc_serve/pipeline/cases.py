@@ -101,7 +101,7 @@ def _scan_dicom(folder: Path) -> tuple[list[Any], list[Any]]:
 def summarise(info: Any) -> SeriesSummary:
     """The pairing view of a scanned series."""
     return SeriesSummary(uid=info.uid, modality=info.modality, description=info.description,
-                         number=info.series_number, num_slices=info.n_files)
+                         number=info.series_number, num_slices=info.n_slices)
 
 
 def _study_case_id(info: Any) -> str:
