@@ -47,7 +47,10 @@ border-radius:10px;font-weight:600;font-size:12px;color:#fff}.done{background:#2
 font-weight:700}.outlier::after{content:" \\26A0 outlier";color:#b26a00;font-size:11px}
 .reason{color:#b71c1c;max-width:420px;overflow-wrap:anywhere}.uid{word-break:break-all;
 max-width:240px;display:inline-block}td:first-child{min-width:190px}.nowrap{white-space:nowrap}.muted{color:#78828c}dl{margin:0}dt{font-weight:600}
-dd{margin:0 0 4px}
+dd{margin:0 0 4px}.held{background:#b26a00}.flag{color:#b26a00}section.attention{background:#fff;
+border-left:4px solid #c62828;padding:8px 14px;margin:0 0 16px;box-shadow:0 1px 3px #0002}
+section.attention h2{font-size:15px;margin:4px 0}section.attention li{margin:4px 0;font-size:13px}
+form.act{display:inline;margin-left:6px}
 """
 
 
@@ -94,8 +97,9 @@ def thumb_cell(png: Path, alt: str) -> str:
 
 
 def page(title: str, subtitle: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
-         refresh_seconds: int | None = None) -> str:
-    """The whole document; cells are HTML already escaped by the caller."""
+         refresh_seconds: int | None = None, preamble: str = "") -> str:
+    """The whole document; cells and `preamble` (HTML above the table) are escaped by the
+    caller."""
     refresh = (f'<meta http-equiv="refresh" content="{refresh_seconds}">'
                if refresh_seconds else "")
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
@@ -104,7 +108,7 @@ def page(title: str, subtitle: str, columns: Sequence[str], rows: Sequence[Seque
         body = f'<tr><td colspan="{len(columns)}" class="muted">nothing yet</td></tr>'
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>{esc(title)}</h1><p class=\"sub\">{subtitle}</p>"
+            f"<h1>{esc(title)}</h1><p class=\"sub\">{subtitle}</p>{preamble}"
             f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
             "</body></html>\n")
 
