@@ -61,7 +61,10 @@ def prepare_output_root(out: Path, cmc_version: str) -> None:
     """Create or adopt OUT; refuse a file, a foreign non-empty folder, or an unwritable one."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+    # Entries first, marker second: a shard starting beside another may see the other's
+    # marker appear between the two looks, and cmc writes nothing into OUT before its marker.
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()) \
+            and not (out / MARKER).is_file():
         raise OutputError(f"{out}: folder exists, is not empty and was not written by cmc "
                           "(no .cmc-output); choose a new or empty output folder")
     try:
