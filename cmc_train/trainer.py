@@ -449,6 +449,9 @@ def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> T
                 if ctx.is_main:
                     run.save(LAST, with_trainer_state=True)
                 barrier(ctx)
+        if run.step == tc.steps and ctx.is_main:
+            _record_qc_reference(run, val_set, reporter)
+        barrier(ctx)
     return TrainSummary(run.run_dir, run.step, tc.steps, run.best_metric, run.best_step,
                         run.last_validation, run.elapsed,
                         run.step / run.elapsed if run.elapsed else 0.0)
@@ -481,6 +484,16 @@ def _validate_and_save(run: _Run, val_set: ValidationSet | None, log: _MetricsLo
                      f"{run.best_metric:.4f} at step {run.best_step}; "
                      f"{time.perf_counter() - started:.0f} s){dead}")
     barrier(run.ctx)
+
+
+def _record_qc_reference(run: _Run, val_set: ValidationSet | None, reporter: Reporter) -> None:
+    """The finished run's checkpoints get what quality control judges cases by: the
+    training data's fingerprint and anatomy, and each checkpoint's branch agreement on the
+    validation cases (`cmc_train.qc_reference`)."""
+    from cmc_train.qc_reference import record_reference
+
+    paths = [run.run_dir / name for name in (BEST, LAST) if (run.run_dir / name).is_file()]
+    record_reference(paths, run.datalist, val_set, run.ctx.device, say=reporter.say)
 
 
 def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:

@@ -35,9 +35,9 @@ INTENSITY_TOLERANCE = 0.25
 SPACING_FACTOR = 2.0  # resampling absorbs spacing; only a gross mismatch is named
 FOV_TOLERANCE = 0.2
 EXTENT_TOLERANCE = 0.25
-# A role's profile is "the other modality's" when it lies this much closer to it (in units
-# of each modality's own spread) and outside its own role's intensity range.
-ROLE_MARGIN = 0.5
+# A role's profile is "the other modality's" when its shape lies this much closer to the
+# other modality's typical shape than to its own (and at least this far from its own).
+ROLE_MARGIN = 0.15
 
 
 def ras_axis_geometry(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -103,12 +103,21 @@ def _spread(fingerprint: Mapping[str, Any]) -> float:
     return max(1.0, intensity["p95"]["median"] - intensity["p5"]["median"])
 
 
+def profile_shape(intensity: Mapping[str, float]) -> np.ndarray:
+    """The shape of an intensity profile, blind to the scale: each percentile's distance
+    from the median and the median itself, in units of the p5-p95 spread. A CT's
+    foreground is skewed towards fat (long low tail, values around 0), an MR's towards
+    bright fluid; an MR of another scanner (any scale) keeps its shape."""
+    spread = max(intensity["p95"] - intensity["p5"], 1e-6)
+    return np.array([(intensity[k] - intensity["p50"]) / spread
+                     for k in INTENSITY_KEYS if k != "p50"] + [intensity["p50"] / spread])
+
+
 def profile_distance(measure: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> float:
-    """How far an image's intensity percentiles lie from a modality's training medians, in
-    units of that modality's spread (0: the typical training image)."""
-    spread = _spread(fingerprint)
-    return float(np.mean([abs(measure["intensity"][k] - fingerprint["intensity"][k]["median"])
-                          for k in INTENSITY_KEYS])) / spread
+    """Mean absolute difference between an image's profile shape and that of a modality's
+    typical training image (its median percentiles); 0: the same shape."""
+    typical = {k: fingerprint["intensity"][k]["median"] for k in INTENSITY_KEYS}
+    return float(np.mean(np.abs(profile_shape(measure["intensity"]) - profile_shape(typical))))
 
 
 def _excess(value: float, stats: Mapping[str, float], tolerance: float) -> float:

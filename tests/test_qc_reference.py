@@ -1,0 +1,98 @@
+"""The quality-control reference travels: `cmc train` records it in the checkpoints, `cmc
+export` carries it into cmc.json, `ModelInfo.qc_reference` reads it; a model directory
+exported before it existed still loads and is still assessed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cmc_export.exporter import export
+from cmc_serve.model_dir import ModelInfo
+from cmc_serve.qc.inputs import QcInputs, RoleImage
+from cmc_serve.qc.verdict import assess_case
+from cmc_train.checkpoint import load_checkpoint
+from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from cmc_train.synth import write_synthetic_study
+from cmc_train.trainer import BEST, LAST, train
+
+MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2,
+                    neck_channels=16, adapter_dim=8, decoder_channels=4, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    study = write_synthetic_study(tmp_path_factory.mktemp("study"), cases=3, seed=0, size=32,
+                                  labelled_ratio=0.34, val_cases=2, test_cases=0)
+    cfg = RunConfig(MICRO, PreprocessConfig(modalities=("ct", "mr"), spacing=(3.0, 3.0, 3.0)),
+                    TrainConfig(steps=2, val_every=2, warmup_steps=1, batch_labelled=1,
+                                batch_unlabelled=1, seed=1), preset="micro")
+    out = tmp_path_factory.mktemp("run")
+    train(study, out, cfg, progress=False)
+    return out
+
+
+def _reference(path: Path) -> dict[str, Any]:
+    reference: dict[str, Any] = load_checkpoint(path).metadata["qc_reference"]
+    return reference
+
+
+def test_training_records_the_reference_in_both_checkpoints(run_dir: Path) -> None:
+    for name in (BEST, LAST):
+        reference = _reference(run_dir / name)
+        assert reference["version"] == 1
+        fingerprints = reference["fingerprint"]
+        assert set(fingerprints) == {"ct", "mr"}
+        assert fingerprints["ct"]["images"] == 3 and fingerprints["mr"]["images"] == 3
+        ct_p50 = fingerprints["ct"]["intensity"]["p50"]
+        assert ct_p50["min"] <= ct_p50["median"] <= ct_p50["max"]
+        assert -200 < ct_p50["median"] < 200  # HU of soft tissue, measured on the raw image
+        anatomy = reference["anatomy"]
+        assert anatomy["labels"] == 2  # one labelled case, both modalities labelled
+        assert set(anatomy["structures"]) == {"liver", "spleen", "kidney_r", "kidney_l"}
+        assert [p["right"] for p in anatomy["lateral_pairs"]] == ["kidney_r"]
+        calibration = reference["calibration"]
+        assert calibration["cases"] == 2
+        assert 0.0 <= calibration["validation_mean_dice"] <= 1.0
+        assert set(calibration["signals"]) == {"mean_dice", "mean_margin", "cross_a", "cross_b"}
+    # the resumable checkpoint keeps its trainer state through the rewrite
+    assert load_checkpoint(run_dir / LAST).trainer_state is not None
+
+
+@pytest.mark.slow  # one ONNX export of the micro network (about 20 s on 2 busy cores)
+def test_reference_survives_export_into_model_info(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    export(run_dir / BEST, out, formats=("onnx",), precisions=("fp32",), modes=("fused",),
+           max_batch=2, log=lambda _: None)
+    info = ModelInfo.load(out)
+    assert info.qc_reference == json.loads(json.dumps(_reference(run_dir / BEST)))
+
+
+def test_model_dir_without_reference_loads_and_is_assessed(model_dir: Path) -> None:
+    info = ModelInfo.load(model_dir)
+    assert info.qc_reference is None
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:5, 2:5, 2:5] = 1
+    image = RoleImage(info.modalities[0], np.zeros((8, 8, 8), np.float32), np.eye(4))
+    qc = assess_case(info.qc_reference, QcInputs(info.classes, "a", labels, np.eye(4),
+                                                 {"a": image}))
+    assert qc.signals["reference"].startswith("missing")
+    assert not qc.flagged
+
+
+def test_a_malformed_reference_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cmc_serve.model_dir import ModelDirError
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    document = json.loads((copy / "cmc.json").read_text())
+    document["qc_reference"] = [1, 2]
+    (copy / "cmc.json").write_text(json.dumps(document))
+    with pytest.raises(ModelDirError, match="qc_reference must be an object"):
+        ModelInfo.load(copy)
