@@ -32,7 +32,9 @@ Overlap = Annotated[float, typer.Option(min=0.0, max=MAX_OVERLAP,
 Tta = Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (4x slower).")]
 OutputType = Annotated[str, typer.Option(
     "--output-type", help="auto (NIfTI, plus DICOM SEG for DICOM input) | comma list of "
-                          "nifti,dicom-seg.")]
+                          "nifti, dicom-seg (seg), rtstruct, sr (TID 1500 measurement report, "
+                          "with the SEG). auto,rtstruct,sr adds RTSTRUCT and report to the "
+                          "DICOM cases; a DICOM type without auto fails NIfTI cases.")]
 Statistics = Annotated[bool, typer.Option(
     "--statistics/--no-statistics", help="statistics.json: volume (ml), mean/median intensity "
                                          "per class and modality.")]

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmc_common.contract import (
     GRAPH_OUTPUT,
@@ -39,6 +39,9 @@ from cmc_common.contract import (
 )
 from cmc_common.errors import CmcError
 from cmc_common.files import file_digest
+
+if TYPE_CHECKING:
+    from cmc_serve.dicom.codes import ClassCode
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,9 @@ class ModelInfo:
     repository_files: tuple[ModelFile, ...] = ()  # repository/ as exported (cmc serve)
     # Chosen by `cmc evaluate --choose-postprocessing` (cmc_serve.postprocess); None: none.
     postprocessing: dict[str, Any] | None = None
+    # Class name -> SNOMED CT codes for DICOM outputs (`cmc export --codes`,
+    # cmc_serve.dicom.codes); None: exported before codes were recorded, the shipped table.
+    codes: Mapping[str, ClassCode] | None = None
     # What quality control judges cases by (cmc_train.qc_reference); None: exported before.
     qc_reference: dict[str, Any] | None = None
 
@@ -238,6 +244,14 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
     qc_reference = data.get("qc_reference")
     if qc_reference is not None and not isinstance(qc_reference, dict):
         raise fail("qc_reference must be an object")
+    codes = None
+    if data.get("codes") is not None:
+        from cmc_serve.dicom.codes import CodesError, codes_from_json
+
+        try:
+            codes = codes_from_json(data["codes"], classes, "codes")
+        except CodesError as exc:
+            raise fail(str(exc)) from None
     graphs = tuple(_parse_graph(root, fail, i, g) for i, g in enumerate(data["graphs"]))
     unchecked = [i for i, g in enumerate(graphs) if not g.files]
     if unchecked and len(unchecked) < len(graphs):
@@ -260,7 +274,7 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         patch_size=(patch[0], patch[1], patch[2]), max_batch=max_batch,
         preprocessing=data["preprocessing"], checkpoint_sha256=data.get("checkpoint_sha256"),
         graphs=graphs, repository_files=repository, postprocessing=postprocessing,
-        qc_reference=qc_reference)
+        qc_reference=qc_reference, codes=codes)
 
 
 def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
@@ -357,6 +371,7 @@ def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Seq
                      triton_patch_models: Mapping[str, str] | None = None,
                      postprocessing: Mapping[str, Any] | None = None,
                      qc_reference: Mapping[str, Any] | None = None,
+                     codes: Mapping[str, Any] | None = None,
                      checksums: bool = True,
                      format_version: int = MODEL_FORMAT_VERSION) -> Path:
     """Write ROOT/cmc.json for the graph files already in ROOT (entries from `graph_entry`).
@@ -367,7 +382,8 @@ def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Seq
     the current one only serves tests of the reader's refusal. `postprocessing`: the record
     `cmc evaluate --choose-postprocessing` stored in the checkpoint, which serving applies.
     `qc_reference`: the checkpoint's record of its training data and validation agreement
-    (`cmc_train.qc_reference`), which quality control judges each case by.
+    (`cmc_train.qc_reference`), which quality control judges each case by. `codes`: class
+    name -> codes (`cmc_serve.dicom.codes.codes_to_json`) for the DICOM outputs.
     """
     document: dict[str, Any] = {
         "format": MODEL_FORMAT, "format_version": format_version, "cmc_version": cmc_version,
@@ -382,6 +398,8 @@ def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Seq
         document["gate_thresholds"] = dict(gate_thresholds)
     if postprocessing:
         document["postprocessing"] = dict(postprocessing)
+    if codes:
+        document["codes"] = dict(codes)
     if qc_reference:
         document["qc_reference"] = dict(qc_reference)
     if triton_backend is not None:

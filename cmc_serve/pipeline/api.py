@@ -55,7 +55,7 @@ from cmc_serve.runtimes import RuntimeUnavailable
 if TYPE_CHECKING:
     from rich.console import Console
 
-OUTPUT_TYPES = ("nifti", "dicom-seg")
+OUTPUT_TYPES = outputs.OUTPUT_TYPES
 MAX_JOBS = 16
 
 # The errors of the steps below that refuse a run; each already holds its one-line message.
@@ -83,23 +83,21 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def parse_output_types(text: str) -> tuple[str, ...]:
-    """`--output-type` text -> `SegmentOptions.output_types`: 'auto' -> () (NIfTI, plus DICOM
-    SEG for DICOM input), else a comma list of OUTPUT_TYPES."""
-    if text.strip() == "auto":
-        return ()
-    types = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not types or any(t not in OUTPUT_TYPES for t in types):
-        raise SegmentOptionError("output_types", f"{text!r}: use auto or a comma list of "
-                                                 f"{', '.join(OUTPUT_TYPES)}")
-    return types
+    """`--output-type` text -> `SegmentOptions.output_types`: 'auto' -> (), else the comma
+    list (`outputs.parse_output_types`: aliases, auto combined with DICOM types)."""
+    try:
+        return outputs.parse_output_types(text)
+    except ValueError as exc:
+        raise SegmentOptionError("output_types", str(exc)) from None
 
 
 @dataclass(frozen=True)
 class SegmentOptions:
     """How to segment: the options of `cmc segment` (same names, same defaults).
 
-    `output_types` () means NIfTI, plus DICOM SEG for DICOM input. `shard` (I, N) runs only
-    the I-th of N deterministic shares of the cases; the text "I/N", "auto" or "auto/N" is
+    `output_types` () means NIfTI, plus DICOM SEG for DICOM input; "auto" combined with
+    DICOM types adds them for DICOM cases (`outputs.resolve_output_types`). `shard` (I, N)
+    runs only the I-th of N deterministic shares of the cases; the text "I/N", "auto" or "auto/N" is
     resolved at construction (`shard_env`: auto reads the Slurm array's or Kubernetes
     Indexed Job's environment) into (I, N), and `shard_source` says where it came from
     (report.json records it). `resume` is `--continue`: cases whose
@@ -134,8 +132,11 @@ class SegmentOptions:
         if isinstance(self.output_types, str):
             raise SegmentOptionError("output_types", f"{self.output_types!r}: give a tuple of "
                                                      f"{', '.join(OUTPUT_TYPES)}, not a string")
-        for t in self.output_types:
-            _check_choice("output_types", t, OUTPUT_TYPES)
+        if self.output_types:
+            try:
+                outputs.check_output_types(self.output_types)
+            except ValueError as exc:
+                raise SegmentOptionError("output_types", str(exc)) from None
         if not 0.0 <= self.overlap <= MAX_OVERLAP:
             raise SegmentOptionError("overlap", f"{self.overlap} is not in the range 0 to "
                                                 f"{MAX_OVERLAP}")
@@ -218,9 +219,10 @@ def _find_cases(input: Path, input_b: Path | None, out: Path,
                                     single_role="b" if options.mode == "b" else "a")
     if options.share:
         found = case_mod.select_shard(found, *options.share)
-    if "dicom-seg" in options.output_types and not any(c.is_dicom for c in found):
-        raise case_mod.CaseDiscoveryError(f"{input}: --output-type dicom-seg needs DICOM "
-                                          "input")
+    dicom_types = [t for t in options.output_types if t in outputs.DICOM_TYPES]
+    if dicom_types and not any(c.is_dicom for c in found):
+        raise case_mod.CaseDiscoveryError(f"{input}: --output-type {','.join(dicom_types)} "
+                                          "needs DICOM input")
     return found
 
 

@@ -44,7 +44,7 @@ class BatchOptions:
     """What to compute and write for every case."""
 
     mode: str = "auto"
-    output_types: tuple[str, ...] = ()  # empty: NIfTI, plus DICOM SEG for DICOM input
+    output_types: tuple[str, ...] = ()  # empty: auto, see outputs.resolve_output_types
     statistics: bool = False
     preview: bool = False
     resume: bool = False
@@ -52,11 +52,10 @@ class BatchOptions:
     assumptions: Assumptions = Assumptions()
 
     def outputs_for(self, result: CaseResult) -> tuple[str, ...]:
-        """The explicit list, or NIfTI plus DICOM SEG when the labels' grid is a DICOM series."""
-        if self.output_types:
-            return self.output_types
+        """The explicit list, or with auto NIfTI plus the DICOM objects when the labels' grid
+        is a DICOM series (`outputs.resolve_output_types`)."""
         dicom = result.loaded.reference.datasets is not None
-        return ("nifti", "dicom-seg") if dicom else ("nifti",)
+        return outputs.resolve_output_types(self.output_types, dicom)
 
 
 def _inputs(case: Case) -> list[str]:
@@ -161,10 +160,12 @@ class BatchRunner:
             result = segment_case(loaded, self.segmenter)
             stage = "write"
             with loaded.timer.stage("write"):
-                record.outputs, notes = outputs.write_case_outputs(
+                written = outputs.write_case_outputs(
                     folder, result, self.info.classes, self.options.outputs_for(result),
-                    self.options.statistics, self.options.preview)
-            record.pairing += notes
+                    self.options.statistics, self.options.preview, model=self.info)
+            record.outputs = written.written
+            record.pairing += written.notes
+            record.warnings += written.warnings
             record.timings = dict(loaded.timer.seconds)
             record.engine = result.engine
             outputs.write_done(folder, record.to_dict())  # last: the case is now complete

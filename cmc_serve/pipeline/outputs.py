@@ -3,7 +3,17 @@
 Layout: OUT/.cmc-output (marks a folder as written by cmc), OUT/report.json,
 OUT/failures.csv (a sharded run keeps its own in OUT/.cmc-shards/shard-I-of-N/ and merges
 them into these, see `shards`), and per case OUT/<case>/ with seg.nii.gz + seg.json (class names),
-seg.dcm (DICOM SEG, DICOM input), statistics.json, preview.png and `done`.
+seg.dcm (DICOM SEG), rtstruct.dcm (RT Structure Set), sr.dcm (TID 1500 measurement report;
+these three for DICOM input), statistics.json, preview.png and `done`.
+
+Output types (`--output-type`, `SegmentOptions.output_types`): nifti, dicom-seg (alias seg),
+rtstruct (dicom-rtstruct), sr (dicom-sr), as a comma list; `auto` (the default) is NIfTI plus
+the SEG for DICOM input, and `auto,rtstruct,sr` adds the RTSTRUCT and the report for the
+DICOM cases of a run (NIfTI cases get NIfTI only), while a DICOM type named without `auto`
+is required: a NIfTI case then fails. `sr` reports on the SEG's segments, so it needs
+dicom-seg (or auto). The DICOM objects carry codes, provenance and the QC verdict alike
+(`cmc_serve.dicom.derived`); absent Type 2 patient/study attributes are written empty and
+the case record gets a warning line.
 
 Safety rules (documented in `cmc segment --help`):
 - OUT must be new, empty, or an earlier cmc output folder (it holds `.cmc-output`); any other
@@ -23,7 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -31,6 +41,8 @@ from cmc_common.errors import CmcError
 from cmc_common.files import atomic_write
 
 if TYPE_CHECKING:
+    from cmc_serve.dicom.derived import Provenance
+    from cmc_serve.model_dir import ModelInfo
     from cmc_serve.pipeline.run_case import CaseResult
 
 MARKER = ".cmc-output"
@@ -38,15 +50,65 @@ DONE = "done"
 SEG_NIFTI = "seg.nii.gz"
 SEG_SIDECAR = "seg.json"
 SEG_DICOM = "seg.dcm"
+RTSTRUCT_DICOM = "rtstruct.dcm"
+SR_DICOM = "sr.dcm"
 STATISTICS = "statistics.json"
 PREVIEW = "preview.png"
 REPORT = "report.json"
 FAILURES = "failures.csv"
-CASE_FILES = (SEG_NIFTI, SEG_SIDECAR, SEG_DICOM, STATISTICS, PREVIEW, DONE)
+CASE_FILES = (SEG_NIFTI, SEG_SIDECAR, SEG_DICOM, RTSTRUCT_DICOM, SR_DICOM, STATISTICS, PREVIEW,
+              DONE)
+AUTO_TYPES = "auto"
+OUTPUT_TYPES = ("nifti", "dicom-seg", "rtstruct", "sr")
+DICOM_TYPES = {"dicom-seg": SEG_DICOM, "rtstruct": RTSTRUCT_DICOM, "sr": SR_DICOM}
+OUTPUT_ALIASES = {"seg": "dicom-seg", "dicom-rtstruct": "rtstruct", "dicom-sr": "sr"}
 
 
 class OutputError(CmcError, ValueError):
     """OUT cannot be used, or an output failed its checks."""
+
+
+class CaseOutputs(NamedTuple):
+    """What `write_case_outputs` did: files written, notes (why something was not written)
+    and warnings for the case record (e.g. attributes written empty)."""
+
+    written: list[str]
+    notes: list[str]
+    warnings: list[str]
+
+
+def parse_output_types(text: str) -> tuple[str, ...]:
+    """`--output-type` text -> output types: "auto" alone -> (); else the comma list in
+    canonical names (aliases and "_" for "-" accepted, repeats dropped), "auto" kept as a
+    member when combined. ValueError saying what is accepted otherwise."""
+    names = [t.strip().lower().replace("_", "-") for t in text.split(",") if t.strip()]
+    types = tuple(dict.fromkeys(OUTPUT_ALIASES.get(n, n) for n in names))
+    if types == (AUTO_TYPES,):
+        return ()
+    check_output_types(types, text)
+    return types
+
+
+def check_output_types(types: Sequence[str], given: object = None) -> None:
+    """Refuse unknown types, and sr without the SEG it reports on (ValueError)."""
+    shown = repr(given if given is not None else ",".join(types))
+    unknown = [t for t in types if t not in (AUTO_TYPES, *OUTPUT_TYPES)]
+    if not types or unknown:
+        raise ValueError(f"{shown}: use auto or a comma list of {', '.join(OUTPUT_TYPES)} "
+                         "(e.g. auto,rtstruct,sr)")
+    if "sr" in types and not {"dicom-seg", AUTO_TYPES} & set(types):
+        raise ValueError(f"{shown}: sr reports on the DICOM SEG's segments; add dicom-seg "
+                         "(e.g. dicom-seg,sr or auto,sr)")
+
+
+def resolve_output_types(requested: Sequence[str], dicom: bool) -> tuple[str, ...]:
+    """The types to write for one case: `requested` as given, or with auto (() or "auto" in
+    it) NIfTI, plus the SEG and the other DICOM types asked for when the case is DICOM."""
+    if requested and AUTO_TYPES not in requested:
+        return tuple(requested)
+    extras = [t for t in requested if t != AUTO_TYPES and (dicom or t not in DICOM_TYPES)]
+    base = ("nifti", "dicom-seg") if dicom else ("nifti",)
+    return tuple(dict.fromkeys([*base, *extras]))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -146,13 +208,16 @@ def write_done(folder: Path, record: dict[str, Any]) -> None:
 
 
 def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[str],
-                       output_types: Sequence[str], statistics: bool, preview: bool
-                       ) -> tuple[list[str], list[str]]:
+                       output_types: Sequence[str], statistics: bool, preview: bool, *,
+                       model: ModelInfo | None = None, review: str | None = None
+                       ) -> CaseOutputs:
     """Write one case's files (not `done`); on any failure remove what was written.
 
-    Returns (files written, notes). An empty segmentation is a valid result: seg.nii.gz is
-    all background, but no seg.dcm is written (a SEG without segments is not valid DICOM)
-    and a note says so.
+    `model` gives the DICOM objects their codes and provenance (None: the shipped codes
+    table, mode only); `review` is quality control's "needs review: ..." for a flagged case
+    (`cmc_serve.qc.flags.review_text`), written into their descriptions. An empty
+    segmentation is a valid result: seg.nii.gz is all background, but no DICOM object is
+    written (a SEG without segments is not valid DICOM) and a note says so.
     """
     from cmc_serve.pipeline.preview import render_preview
     from cmc_serve.pipeline.statistics import class_statistics
@@ -161,8 +226,7 @@ def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[s
     volume = ref.volume
     clear_case(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written: list[str] = []
-    notes: list[str] = []
+    done = CaseOutputs([], [], [])
     try:
         if "nifti" in output_types:
             from cmc_serve.nifti_io import write_label_nifti
@@ -171,29 +235,77 @@ def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[s
                               ref.orientation_stated)
             check_nifti_geometry(folder / SEG_NIFTI, volume.shape, volume.affine,
                                  ref.orientation_stated)
-            written += [SEG_NIFTI, SEG_SIDECAR]
-        if "dicom-seg" in output_types:
-            if ref.datasets is None:
-                raise OutputError(f"{ref.source.path}: DICOM SEG output needs a DICOM input")
-            if result.labels.any():
-                from cmc_serve.dicom.seg_writer import write_dicom_seg
-
-                write_dicom_seg(result.labels, ref.datasets, class_names, folder / SEG_DICOM)
-                written.append(SEG_DICOM)
-            else:
-                notes.append("no foreground voxels: seg.dcm not written (a DICOM SEG needs "
-                             "at least one segment)")
+            done.written.extend([SEG_NIFTI, SEG_SIDECAR])
+        stats = (class_statistics(result.labels, class_names, volume.affine,
+                                  result.loaded.on_reference)
+                 if statistics or "sr" in output_types else None)
+        dicom_types = [t for t in DICOM_TYPES if t in output_types]
+        if dicom_types:
+            _write_dicom(folder, result, class_names, dicom_types, stats, model, review, done)
         if statistics:
-            stats = class_statistics(result.labels, class_names, volume.affine,
-                                     result.loaded.on_reference)
             write_json(folder / STATISTICS, stats)
-            written.append(STATISTICS)
+            done.written.append(STATISTICS)
         if preview:
             atomic_write(folder / PREVIEW,
                          lambda tmp: render_preview(volume.array, result.labels, volume.affine,
                                                     tmp))
-            written.append(PREVIEW)
+            done.written.append(PREVIEW)
     except BaseException:
         clear_case(folder)
         raise
-    return written, notes
+    return done
+
+
+def dicom_provenance(result: CaseResult, model: ModelInfo | None) -> Provenance:
+    """The provenance of a case's DICOM objects: the model, the mode it ran in, the engine."""
+    from cmc_serve.dicom.derived import Provenance
+
+    engine = result.engine or {}
+    if model is None:
+        return Provenance(mode=result.loaded.mode, runtime=engine.get("runtime"),
+                          precision=engine.get("precision"))
+    return Provenance(model_name=model.name, model_sha256=model.checkpoint_sha256,
+                      modalities=model.modalities, mode=result.loaded.mode,
+                      runtime=engine.get("runtime"), precision=engine.get("precision"))
+
+
+def _write_dicom(folder: Path, result: CaseResult, class_names: Sequence[str],
+                 types: Sequence[str], stats: dict[str, Any] | None, model: ModelInfo | None,
+                 review: str | None, done: CaseOutputs) -> None:
+    """The SEG, RTSTRUCT and measurement report of a DICOM case, as `types` asks."""
+    from cmc_serve.dicom.codes import resolve
+    from cmc_serve.dicom.derived import missing_type2, type2_warning
+
+    ref = result.loaded.reference
+    names = ", ".join(DICOM_TYPES[t] for t in types)
+    if ref.datasets is None:
+        raise OutputError(f"{ref.source.path}: --output-type {','.join(types)} needs a DICOM "
+                          "input")
+    if not result.labels.any():
+        done.notes.append(f"no foreground voxels: {names} not written (DICOM objects need at "
+                          "least one structure)")
+        return
+    missing = missing_type2(ref.datasets)
+    if missing:
+        done.warnings.append(type2_warning(names, missing))
+    codes = model.codes if model is not None and model.codes else resolve(class_names)
+    common: dict[str, Any] = {"codes": codes, "provenance": dicom_provenance(result, model),
+                              "review": review}
+    if "dicom-seg" in types:
+        from cmc_serve.dicom.seg_writer import write_dicom_seg
+
+        write_dicom_seg(result.labels, ref.datasets, class_names, folder / SEG_DICOM, **common)
+        done.written.append(SEG_DICOM)
+    if "rtstruct" in types:
+        from cmc_serve.dicom.rtstruct_writer import write_rtstruct
+
+        write_rtstruct(result.labels, ref.datasets, class_names, folder / RTSTRUCT_DICOM,
+                       **common)
+        done.written.append(RTSTRUCT_DICOM)
+    if "sr" in types:
+        from cmc_serve.dicom.sr_writer import write_measurement_report
+
+        assert stats is not None  # computed whenever sr is asked for
+        write_measurement_report(folder / SEG_DICOM, ref.datasets, stats, class_names,
+                                 folder / SR_DICOM, **common)
+        done.written.append(SR_DICOM)
