@@ -21,6 +21,16 @@ MODE_INPUTS: dict[str, tuple[str, ...]] = {
     "b": ("image_b",),
 }
 GRAPH_OUTPUT = "probs"
+# The fused graph also returns each decoder's own softmax (outputs after `probs`), so quality
+# control can compare the two branches at no extra network time. Graphs exported before
+# these outputs existed have `probs` only and are still served (the branch signal is then
+# reported unavailable). Single-modality graphs have `probs` only.
+BRANCH_OUTPUTS: tuple[str, str] = ("probs_a", "probs_b")
+MODE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "fused": (GRAPH_OUTPUT, *BRANCH_OUTPUTS),
+    "a": (GRAPH_OUTPUT,),
+    "b": (GRAPH_OUTPUT,),
+}
 
 # `auto`: the choice is left to cmc (mode from the images present, runtime, precision).
 AUTO = "auto"
@@ -28,7 +38,8 @@ AUTO = "auto"
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt")
 # Runtimes a segmentation can run on: a graph file, or the patch models of a Triton server.
 SERVING_RUNTIMES: tuple[str, ...] = (*RUNTIMES, "triton")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+# int8: an NNCF-quantised OpenVINO IR of its own (cmc_export.quantise), judged by its own gate.
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # Export formats and the runtime that runs each.
 RUNTIME_OF_FORMAT: dict[str, str] = {"onnx": "onnxruntime", "openvino": "openvino",

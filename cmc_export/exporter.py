@@ -31,6 +31,7 @@ from cmc_common.contract import (
     EXPORT_FORMATS,
     GRAPH_OUTPUT,
     MODE_INPUTS,
+    MODE_OUTPUTS,
     MODEL_JSON,
     MODES,
     PRECISIONS,
@@ -44,9 +45,10 @@ from cmc_export.gates import (
     Thresholds,
     describe_gate,
     fp32_parity,
+    outputs_parity,
     run_batched,
-    segmentation_parity,
 )
+from cmc_export.quantise import INT8, Int8Stage
 from cmc_export.staging import check_output, staged
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
 from cmc_serve.model_dir import graph_entry, refused_entry, write_model_json
@@ -135,7 +137,8 @@ class _Exporter:
         self.half_required = half_required
         self.refused: list[dict[str, Any]] = []
         self.fp32_graphs: dict[str, Any] = {}  # mode -> fp32 ONNX ModelProto
-        self.noise: dict[tuple[str, str], RoundingNoise] = {}
+        # (mode, precision) -> output -> the emulated rounding noise of that output
+        self.noise: dict[tuple[str, str], dict[str, RoundingNoise]] = {}
         self.patch = int(net.cfg.img_size)
         self.classes = list(metadata["classes"])
         self.work = root / ".work"
@@ -143,6 +146,7 @@ class _Exporter:
         self.skipped: list[str] = []
         self.preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
         self._tiles: dict[str, np.ndarray] | None = None
+        self.int8: Int8Stage | None = None  # set by `export` when int8 is wanted
 
     def skip(self, message: str) -> None:
         if message not in self.skipped:
@@ -179,8 +183,8 @@ class _Exporter:
         probs = run_batched(runner, mode_inputs(self.tiles(), mode), self.max_batch)
         noise = self.rounding_noise(mode, precision, reference)
         try:
-            gate = segmentation_parity(label, reference, probs, self.classes, noise,
-                                       self.thresholds)
+            gate = outputs_parity(label, reference, probs, MODE_OUTPUTS[mode], self.classes,
+                                  noise, self.thresholds)
         except GateFailed as exc:
             if self.half_required or precision == "fp32":
                 raise
@@ -210,11 +214,13 @@ class _Exporter:
         model = export_onnx(graph, mode, self.patch, fp32_path, self.props(mode, "fp32"))
         sets = {"random": random_patches(mode, self.patch),
                 "synthetic": mode_inputs(self.tiles(), mode)}
-        torch_run, ort_run = torch_runner(graph), onnxruntime_runner(fp32_path)
+        outputs = MODE_OUTPUTS[mode]
+        torch_run = torch_runner(graph, outputs)
+        ort_run = onnxruntime_runner(fp32_path, outputs=outputs)
         candidate = {k: run_batched(ort_run, v, self.max_batch) for k, v in sets.items()}
         gate = fp32_parity(f"{fp32_path.name} (onnxruntime fp32 vs PyTorch)",
                            {k: run_batched(torch_run, v, self.max_batch) for k, v in sets.items()},
-                           candidate, self.thresholds)
+                           candidate, self.thresholds, outputs)
         gate = {"kind": "fp32_parity", "reference": "pytorch", **gate}
         if keep_fp32:
             self.add(mode, "onnxruntime", "fp32", fp32_path, gate)
@@ -230,7 +236,7 @@ class _Exporter:
             check_and_save(fp16, path)
             if not self.gate_candidate(mode, "onnxruntime", "fp16", path,
                                        f"{path.name} (onnxruntime fp16)",
-                                       onnxruntime_runner(path), reference):
+                                       onnxruntime_runner(path, outputs=outputs), reference):
                 path.unlink()
         if "onnx" in formats and "bf16" in precisions:
             self.skip("onnx bf16: ONNX Runtime has no bf16 CPU kernels; bf16 is served by OpenVINO")
@@ -239,21 +245,25 @@ class _Exporter:
         if "tensorrt" in formats:
             self.export_tensorrt(mode, fp32_path, precisions, reference)
 
-    def rounding_noise(self, mode: str, precision: str, reference: np.ndarray) -> RoundingNoise:
-        """The rounding noise of `precision` on the mode's fp32 graph, emulated in ONNX
-        Runtime (measured once per mode and precision; none for fp32)."""
+    def rounding_noise(self, mode: str, precision: str, reference: np.ndarray
+                       ) -> dict[str, RoundingNoise]:
+        """The rounding noise of `precision` on each output of the mode's fp32 graph,
+        emulated in ONNX Runtime (measured once per mode and precision; none for fp32)."""
         from cmc_export.emulated_precision import emulate
         from cmc_export.gate_inputs import mode_inputs
         from cmc_export.onnx_export import onnxruntime_runner
 
+        outputs = MODE_OUTPUTS[mode]
         if precision == "fp32":
-            return RoundingNoise(precision, 0.0, 0.0)
+            return {name: RoundingNoise(precision, 0.0, 0.0) for name in outputs}
         if (mode, precision) not in self.noise:
-            emulated = run_batched(onnxruntime_runner(emulate(self.fp32_graphs[mode], precision)),
+            emulated = run_batched(onnxruntime_runner(emulate(self.fp32_graphs[mode], precision),
+                                                      outputs=outputs),
                                    mode_inputs(self.tiles(), mode), self.max_batch)
-            noise = RoundingNoise.measure(precision, reference, emulated)
+            noise = RoundingNoise.measure_outputs(precision, reference, emulated, outputs)
+            probs = noise[GRAPH_OUTPUT]
             self.log(f"rounding noise {mode}/{precision} (emulated): probability error p99.9 "
-                     f"{noise.prob_error_p999:.4f}, max {noise.prob_error_max:.4f}")
+                     f"{probs.prob_error_p999:.4f}, max {probs.prob_error_max:.4f}")
             self.noise[mode, precision] = noise
         return self.noise[mode, precision]
 
@@ -268,15 +278,20 @@ class _Exporter:
                 self.skip(reason)
             else:
                 wanted.append(precision)
+        hinted = [p for p in wanted if p != INT8]  # precisions the fp32 IR runs at
         if not wanted:
             return
-        xml = self.root / "openvino" / f"{mode}_fp32.xml"
+        # The fp32 IR is also int8's source; asked for int8 alone, it is not kept.
+        xml = (self.root / "openvino" if hinted else self.work) / f"{mode}_fp32.xml"
         export_openvino(onnx_path, xml, self.props(mode, "fp32"))
-        for precision in wanted:
+        if INT8 in wanted and self.int8 is not None:
+            self.int8.export(self, mode, xml, onnx_path)
+        for precision in hinted:
             self.gate_candidate(mode, "openvino", precision, xml,
                                 f"{xml.name} (openvino {precision})",
                                 openvino_runner(xml, precision, MODE_INPUTS[mode],
-                                                self.max_batch), reference)
+                                                self.max_batch, outputs=MODE_OUTPUTS[mode]),
+                                reference)
 
     def export_tensorrt(self, mode: str, onnx_path: Path, precisions: Sequence[str],
                         reference: np.ndarray) -> None:
@@ -291,7 +306,7 @@ class _Exporter:
                          precision, timing_cache=self.root / "tensorrt" / "timing.cache")
             if not self.gate_candidate(mode, "tensorrt", precision, plan,
                                        f"{plan.name} (tensorrt {precision})",
-                                       tensorrt_runner(plan, GRAPH_OUTPUT), reference):
+                                       tensorrt_runner(plan, MODE_OUTPUTS[mode]), reference):
                 plan.unlink()
 
     def write_triton(self, name: str, backend: str, modes: Sequence[str]) -> dict[str, str]:
@@ -344,10 +359,13 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
            precisions: Sequence[str] = (AUTO,),
            modes: Sequence[str] = MODES, max_batch: int = 8, triton_backend: str = "python",
            force: bool = False, thresholds: Thresholds = THRESHOLDS,
-           log: Callable[[str], None] = print) -> ExportReport:
+           log: Callable[[str], None] = print,
+           calibration: Path | str | None = None) -> ExportReport:
     """Export a checkpoint to MODEL_DIR (docs/DESIGN.md layout); all or nothing.
 
-    `precisions` ("auto", or a list of fp32/fp16/bf16): see the module docstring.
+    `precisions` ("auto", or a list of fp32/fp16/bf16/int8): see the module docstring.
+    `calibration`: the datalist int8 is calibrated on (default: the checkpoint's own,
+    `cmc_export.calibration`).
     """
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir).absolute()
     formats = _check_choices("format", formats, EXPORT_FORMATS)
@@ -375,6 +393,9 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
                         half_required)
         for message in skipped:
             job.skip(message)
+        if INT8 in precisions and "openvino" in formats:
+            job.int8 = Int8Stage(ckpt_path, metadata, job.patch,
+                                 Path(calibration) if calibration else None)
         for mode in modes:
             job.export_mode(mode, formats, precisions)
         if not job.report_graphs:

@@ -18,6 +18,10 @@
   enough decided voxels keeps its Dice. Voxels whose label is a coin toss at that precision,
   and classes with a handful of voxels, measure noise, not the graph. docs/GATES.md gives
   the measurements behind each limit.
+- every output of a graph is gated, not only `probs`: the fused graph's branch outputs
+  (`probs_a`, `probs_b`, read by quality control) against the same reference outputs, each
+  judged on its own (its own rounding noise at half precision). A runner returns its
+  outputs joined along the class axis (`join_outputs`); the gates split them again.
 A failing gate raises `GateFailed` with the numbers; the exporter then writes nothing (or,
 for a half precision it chose itself, records the refusal and goes on).
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import GRAPH_OUTPUT
 from cmc_export.errors import GateFailed
 
 Runner = Callable[[Mapping[str, np.ndarray]], np.ndarray]
@@ -62,6 +67,13 @@ class RoundingNoise:
         error = np.abs(emulated_probs - reference_probs).max(axis=1)
         return cls(precision, float(np.quantile(error, 0.999)), float(error.max()))
 
+    @classmethod
+    def measure_outputs(cls, precision: str, reference: np.ndarray, emulated: np.ndarray,
+                        outputs: Sequence[str]) -> dict[str, RoundingNoise]:
+        """The noise of each output of joined runner results (`join_outputs`)."""
+        ref, emu = split_outputs(reference, outputs), split_outputs(emulated, outputs)
+        return {name: cls.measure(precision, ref[name], emu[name]) for name in outputs}
+
     def limits(self, thresholds: Thresholds) -> dict[str, float]:
         """The limits a candidate of this precision must meet, as cmc.json records them."""
         low, high = thresholds.decided_margin
@@ -78,6 +90,19 @@ class RoundingNoise:
 THRESHOLDS = Thresholds()
 
 
+def join_outputs(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Graph outputs [N, K, ...] as one runner result [N, len * K, ...] (one: itself)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+
+
+def split_outputs(joined: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """A joined runner result back to its outputs by name (the inverse of `join_outputs`)."""
+    if joined.ndim < 2 or joined.shape[1] % len(outputs):
+        raise GateFailed(f"graph returned shape {joined.shape}, which does not hold "
+                         f"{len(outputs)} outputs {list(outputs)} of equal class count")
+    return dict(zip(outputs, np.split(joined, len(outputs), axis=1), strict=True))
+
+
 def run_batched(runner: Runner, inputs: Mapping[str, np.ndarray], max_batch: int) -> np.ndarray:
     """Run `inputs` through `runner` in chunks of at most `max_batch` patches."""
     total = next(iter(inputs.values())).shape[0]
@@ -86,13 +111,25 @@ def run_batched(runner: Runner, inputs: Mapping[str, np.ndarray], max_batch: int
 
 
 def fp32_parity(label: str, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
-                thresholds: Thresholds = THRESHOLDS) -> dict[str, Any]:
-    """Max abs probability difference per input set; GateFailed if any exceeds the limit.
+                thresholds: Thresholds = THRESHOLDS,
+                outputs: Sequence[str] = (GRAPH_OUTPUT,)) -> dict[str, Any]:
+    """Max abs probability difference per input set and output; GateFailed if any exceeds
+    the limit.
 
-    `reference` / `candidate` map an input-set name (e.g. "random", "synthetic") to probs.
+    `reference` / `candidate` map an input-set name (e.g. "random", "synthetic") to the
+    graph's `outputs` joined (`join_outputs`). `max_abs_diff_<set>` is `probs`'s, as before
+    graphs had more outputs; `max_abs_diff_<set>_<output>` that of each further output.
     """
-    numbers: dict[str, Any] = {f"max_abs_diff_{name}": float(np.abs(candidate[name] - ref).max())
-                               for name, ref in reference.items()}
+    numbers: dict[str, Any] = {}
+    for name, joined in reference.items():
+        if candidate[name].shape != joined.shape:
+            raise GateFailed(f"{label}: fp32 parity gate failed: output shape "
+                             f"{candidate[name].shape} differs from the reference's "
+                             f"{joined.shape}")
+        ref, cand = split_outputs(joined, outputs), split_outputs(candidate[name], outputs)
+        for output in outputs:
+            key = f"max_abs_diff_{name}" + ("" if output == GRAPH_OUTPUT else f"_{output}")
+            numbers[key] = float(np.abs(cand[output] - ref[output]).max())
     numbers["tolerance"] = thresholds.max_abs_diff
     worst = max(v for k, v in numbers.items() if k.startswith("max_abs_diff_"))
     if not np.isfinite(worst) or worst > thresholds.max_abs_diff:
@@ -176,13 +213,37 @@ def segmentation_parity(label: str, reference_probs: np.ndarray, candidate_probs
     return numbers
 
 
+def outputs_parity(label: str, reference: np.ndarray, candidate: np.ndarray,
+                   outputs: Sequence[str], classes: Sequence[str],
+                   noise: Mapping[str, RoundingNoise],
+                   thresholds: Thresholds = THRESHOLDS) -> dict[str, Any]:
+    """`segmentation_parity` of every output of joined results, each against its own
+    rounding `noise`; `probs`'s numbers at the top level (the record of a graph with one
+    output), the others' under "branch_outputs". The first output to fail raises."""
+    if candidate.shape != reference.shape:
+        raise GateFailed(f"{label}: precision gate failed: output shape {candidate.shape} "
+                         f"differs from the reference's {reference.shape}")
+    ref, cand = split_outputs(reference, outputs), split_outputs(candidate, outputs)
+    numbers = {name: segmentation_parity(label if name == GRAPH_OUTPUT else f"{label} {name}",
+                                         ref[name], cand[name], classes, noise[name],
+                                         thresholds)
+               for name in outputs}
+    gate = numbers.pop(GRAPH_OUTPUT)
+    if numbers:
+        gate["branch_outputs"] = numbers
+    return gate
+
+
 def describe_gate(numbers: Mapping[str, Any]) -> str:
     """One line with a gate's numbers, for the export log and GateFailed messages."""
     parts = []
     for key, value in numbers.items():
         if key in ("limits", "tolerance", "noise"):
             continue
-        if isinstance(value, dict):
+        if key == "branch_outputs":
+            parts += [f"{name} prob_error_p999 {v['prob_error_p999']:.4f} decided_agreement "
+                      f"{v['decided_agreement']:.5f}" for name, v in value.items()]
+        elif isinstance(value, dict):
             inner = ", ".join(f"{k} {v:.4f}" for k, v in value.items())
             parts.append(f"{key} {{{inner}}}")
         elif isinstance(value, float):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import nn
 
-from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
+from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS, MODE_OUTPUTS
 from cmc_export.errors import ExportError
 
 OPSET = 17
@@ -45,6 +45,7 @@ def cmc_metadata_props(checkpoint_metadata: Mapping[str, Any], mode: str, precis
         "mode": mode,
         "inputs": list(MODE_INPUTS[mode]),
         "output": GRAPH_OUTPUT,
+        "outputs": list(MODE_OUTPUTS[mode]),
         "classes": list(checkpoint_metadata["classes"]),
         "modalities": list(checkpoint_metadata["modalities"]),
         "patch_size": [size, size, size],
@@ -76,6 +77,7 @@ def trace_to_onnx(graph: nn.Module, mode: str, patch_size: int) -> onnx.ModelPro
     """Trace `graph` (a `patch_graph` wrapper) to an in-memory opset-17 model, batch axis dynamic."""
     inputs = example_inputs(mode, patch_size)
     names = list(MODE_INPUTS[mode])
+    outputs = list(MODE_OUTPUTS[mode])
     with (tempfile.TemporaryDirectory(prefix="cmc-trace-") as tmp, warnings.catch_warnings(),
           torch.no_grad()):
         # The legacy exporter announces its deprecation and tracer shape warnings on every call.
@@ -83,11 +85,36 @@ def trace_to_onnx(graph: nn.Module, mode: str, patch_size: int) -> onnx.ModelPro
         path = Path(tmp) / "graph.onnx"
         torch.onnx.export(
             graph, tuple(inputs[n] for n in names), path,
-            input_names=names, output_names=[GRAPH_OUTPUT],
-            dynamic_axes={n: {0: BATCH_AXIS_NAME} for n in [*names, GRAPH_OUTPUT]},
+            input_names=names, output_names=outputs,
+            dynamic_axes={n: {0: BATCH_AXIS_NAME} for n in [*names, *outputs]},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
-        return onnx.load(str(path))
+        model = onnx.load(str(path))
+    separate_graph_outputs(model)
+    return model
+
+
+def separate_graph_outputs(model: onnx.ModelProto) -> None:
+    """Give every graph output that other nodes also read its own Identity (in place).
+
+    The fused graph's `probs_a` / `probs_b` are graph outputs and the inputs of its mean;
+    the float16 converter (`keep_io_types`) casts such an output back to float32 for the
+    graph's caller and then also feeds that float32 value to the consumers inside, whose
+    other input is float16 (ONNX Runtime refuses the fp16 graph). Behind an Identity the
+    inner value stays internal; `cmc_export.fp16` keeps identities that feed graph outputs.
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    consumed = {name for node in graph.node for name in node.input} & outputs
+    for node in list(graph.node):
+        for i, name in enumerate(node.input):
+            if name in consumed:
+                node.input[i] = f"{name}__value"
+        for i, name in enumerate(node.output):
+            if name in consumed:
+                node.output[i] = f"{name}__value"
+                graph.node.append(onnx.helper.make_node("Identity", [f"{name}__value"],
+                                                        [name], name=f"{name}__output"))
 
 
 def check_and_save(model: onnx.ModelProto, path: Path) -> None:
@@ -109,10 +136,14 @@ def export_onnx(graph: nn.Module, mode: str, patch_size: int, path: Path,
     return model
 
 
-def onnxruntime_runner(model: Path | onnx.ModelProto, threads: int = 0
+def onnxruntime_runner(model: Path | onnx.ModelProto, threads: int = 0,
+                       outputs: Sequence[str] = (GRAPH_OUTPUT,)
                        ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-    """An ONNX Runtime CPU session as a gate runner (named inputs -> probs)."""
+    """An ONNX Runtime CPU session as a gate runner (named inputs -> the named `outputs`
+    joined along the class axis, `cmc_export.gates.join_outputs`)."""
     import onnxruntime as ort
+
+    from cmc_export.gates import join_outputs
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -121,6 +152,6 @@ def onnxruntime_runner(model: Path | onnx.ModelProto, threads: int = 0
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
     def run(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(session.run([GRAPH_OUTPUT], dict(inputs))[0])
+        return join_outputs([np.asarray(a) for a in session.run(list(outputs), dict(inputs))])
 
     return run

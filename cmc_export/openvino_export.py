@@ -39,10 +39,14 @@ def export_openvino(onnx_path: Path, xml_path: Path, props: Mapping[str, str]) -
 
 
 def openvino_runner(xml_path: Path, precision: str, inputs: Sequence[str], max_batch: int,
-                    threads: int = 0) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+                    threads: int = 0, outputs: Sequence[str] = (GRAPH_OUTPUT,)
+                    ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
     """The IR compiled as `cmc segment` and the Triton patch model run it (cmc_serve's
     OpenVinoRuntime: one-tile static shape, `precision` as the inference-precision hint),
-    so that the parity gate checks the kernels that will serve."""
+    so that the parity gate checks the kernels that will serve; returns the named `outputs`
+    joined along the class axis (`cmc_export.gates.join_outputs`)."""
+    from cmc_export.gates import join_outputs
+
     try:
         runtime = OpenVinoRuntime(xml_path, inputs=tuple(inputs), output=GRAPH_OUTPUT,
                                   precision=precision, max_batch=max_batch,
@@ -51,6 +55,6 @@ def openvino_runner(xml_path: Path, precision: str, inputs: Sequence[str], max_b
         raise ExportError(str(exc)) from exc
 
     def run(feed: Mapping[str, np.ndarray]) -> np.ndarray:
-        return runtime.run(dict(feed))
+        return join_outputs(runtime.run_outputs(dict(feed), tuple(outputs)))
 
     return run

@@ -169,8 +169,13 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: Sequence[str], patch_
     return record
 
 
-def tensorrt_runner(plan_path: Path, output: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
-    """The engine as a gate runner; device buffers are CUDA torch tensors."""
+def tensorrt_runner(plan_path: Path, output: str | Sequence[str]
+                    ) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """The engine as a gate runner; device buffers are CUDA torch tensors. Several outputs
+    come back joined along the class axis (`cmc_export.gates.join_outputs`)."""
+    from cmc_export.gates import join_outputs
+
+    outputs = [output] if isinstance(output, str) else list(output)
     torch: Any = importlib.import_module("torch")
     if not torch.cuda.is_available():
         raise ExportError(f"{plan_path.name}: gating a TensorRT engine needs CUDA-enabled torch")
@@ -186,14 +191,19 @@ def tensorrt_runner(plan_path: Path, output: str) -> Callable[[Mapping[str, np.n
         for name, tensor in device.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, int(tensor.data_ptr()))
-        dims = context.get_tensor_shape(output)
-        shape = tuple(int(dims[i]) for i in range(len(dims)))
-        probs = torch.empty(shape, dtype=torch.float32, device="cuda")
-        context.set_tensor_address(output, int(probs.data_ptr()))
+        results = {}
+        for index in range(engine.num_io_tensors):  # TensorRT needs every output's address
+            name = engine.get_tensor_name(index)
+            if engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
+                continue
+            dims = context.get_tensor_shape(name)
+            shape = tuple(int(dims[i]) for i in range(len(dims)))
+            results[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            context.set_tensor_address(name, int(results[name].data_ptr()))
         stream = torch.cuda.current_stream()
         if not context.execute_async_v3(stream.cuda_stream):
             raise ExportError(f"{plan_path.name}: TensorRT execution failed")
         stream.synchronize()
-        return np.asarray(probs.cpu().numpy())
+        return join_outputs([np.asarray(results[name].cpu().numpy()) for name in outputs])
 
     return run

@@ -21,7 +21,7 @@ from typing import Any
 
 import cmc_model_repository
 
-from cmc_common.contract import GRAPH_OUTPUT, MODE_INPUTS
+from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
 from cmc_export.errors import ExportError
 
 BACKENDS = ("python", "onnxruntime", "openvino", "tensorrt")
@@ -86,8 +86,9 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
         head,
         f"max_batch_size: {max_batch}",
         "input [\n" + ",\n".join(_tensor(n, "TYPE_FP32", patch) for n in inputs) + "\n]",
-        "output [\n" + _tensor(GRAPH_OUTPUT, "TYPE_FP32",
-                               [num_classes, patch_size, patch_size, patch_size]) + "\n]",
+        "output [\n" + ",\n".join(_tensor(n, "TYPE_FP32",
+                                           [num_classes, patch_size, patch_size, patch_size])
+                                   for n in MODE_OUTPUTS[graph.mode]) + "\n]",
         f"dynamic_batching {{\n  preferred_batch_size: {_dims(preferred_batch_sizes(max_batch))}\n"
         f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}",
         f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]",

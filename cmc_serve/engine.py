@@ -11,6 +11,12 @@ Arrays carry no identity: a caller that fuses two images passes what each states
 itself (`identity_a`, `identity_b`: `cmc_serve.compatibility.ImageFacts`) and the fused
 call is refused, by the same rules as `cmc segment`, when they are different patients or
 unrelated frames of reference (unless `assumptions.registered`).
+
+`segment(..., branches=True)` (quality control) also returns the fused pass's two decoders
+(`SegmentResult.branches`, `cmc_serve.qc.inputs.BranchOutputs`) from the same graph calls,
+stitched in the same bounded slabs. A fused graph exported before it had the branch
+outputs (or a Triton repository that does not declare them) gives None: QC then reports
+the branch signal unavailable rather than invent it.
 """
 
 from __future__ import annotations
@@ -23,10 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cmc_common.contract import AUTO, MODE_INPUTS, MODES, check_overlap
+from cmc_common.contract import (
+    AUTO,
+    BRANCH_OUTPUTS,
+    GRAPH_OUTPUT,
+    MODE_INPUTS,
+    MODES,
+    check_overlap,
+)
 from cmc_common.errors import CmcError
 from cmc_serve.compatibility import Assumptions, ImageFacts, check_combination
 from cmc_serve.model_dir import ModelInfo
+from cmc_serve.qc.inputs import BranchOutputs
 from cmc_serve.runtimes import PatchRuntime, open_runtime
 from cmc_serve.runtimes.select import check_server, resolve_precision
 from cmc_serve.stitching import SlabStitcher
@@ -47,7 +61,8 @@ class SegmenterInputError(CmcError, ValueError):
 @dataclass(frozen=True)
 class SegmentResult:
     """Labels uint8 [D, H, W], probabilities float32 [K, D, H, W] if requested, and what ran
-    (`precision_reason`: "requested", or why `auto` chose the precision)."""
+    (`precision_reason`: "requested", or why `auto` chose the precision). `branches`: the
+    fused pass's two decoders when asked for and the graph returns them, else None."""
 
     labels: np.ndarray
     probs: np.ndarray | None
@@ -56,6 +71,7 @@ class SegmentResult:
     device: str
     precision: str
     precision_reason: str = "requested"
+    branches: BranchOutputs | None = None
 
 
 class Segmenter:
@@ -113,11 +129,13 @@ class Segmenter:
     def segment(self, image_a: np.ndarray | None = None, image_b: np.ndarray | None = None,
                 mode: str = "auto", *, identity_a: ImageFacts | None = None,
                 identity_b: ImageFacts | None = None,
-                assumptions: Assumptions | None = None) -> SegmentResult:
+                assumptions: Assumptions | None = None,
+                branches: bool = False) -> SegmentResult:
         """Segment one case; `mode` "auto" fuses when both images are given.
 
         With `identity_a`/`identity_b`, a fused call first passes
         `compatibility.check_combination` (CompatibilityError, a ValueError, if refused).
+        `branches`: also return the fused pass's two decoders (module docstring).
         """
         mode = self._resolve_mode(image_a, image_b, mode)
         if mode == "fused" and (identity_a is not None or identity_b is not None):
@@ -126,10 +144,11 @@ class Segmenter:
         images = {"image_a": image_a, "image_b": image_b}
         volumes, shape = _check_volumes({name: images[name] for name in MODE_INPUTS[mode]})
         runtime = self.runtime_for(mode)
+        outputs = self._outputs(runtime, mode, branches)
         grid = TileGrid.build(shape, self.model.patch_size, self.overlap)
         stitcher = SlabStitcher(grid, self.model.num_classes, self.weights,
                                 accumulator_dtype=self.accumulator_dtype,
-                                keep_probs=self.return_probs)
+                                keep_probs=self.return_probs, branches=len(outputs) > 1)
         origins = list(grid.origins())
         batches = [origins[i:i + runtime.max_batch]
                    for i in range(0, len(origins), runtime.max_batch)]
@@ -137,13 +156,25 @@ class Segmenter:
                  shape, len(origins), grid.patch, len(batches), runtime.name, runtime.device,
                  runtime.precision)
         for batch, inputs in zip(batches, self._prefetch(volumes, batches, grid), strict=True):
-            probs = self._infer(runtime, inputs)
+            probs = self._infer(runtime, inputs, outputs)
             for origin, tile in zip(batch, probs, strict=True):
                 stitcher.add(origin, tile)
         labels, probs_out = stitcher.result()
         return SegmentResult(labels=labels, probs=probs_out, mode=mode, runtime=runtime.name,
                              device=runtime.device, precision=runtime.precision,
-                             precision_reason=self._precision_reasons.get(mode, "requested"))
+                             precision_reason=self._precision_reasons.get(mode, "requested"),
+                             branches=stitcher.branch_result() if len(outputs) > 1 else None)
+
+    def _outputs(self, runtime: PatchRuntime, mode: str, branches: bool) -> tuple[str, ...]:
+        """The graph outputs to fetch: `probs`, and the branches where asked and offered."""
+        if not branches or mode != "fused":
+            return (GRAPH_OUTPUT,)
+        if not set(BRANCH_OUTPUTS) <= set(runtime.outputs):
+            log.info("segment: the fused graph on %s has no branch outputs %s (exported "
+                     "before them): branch agreement unavailable", runtime.name,
+                     list(BRANCH_OUTPUTS))
+            return (GRAPH_OUTPUT,)
+        return (GRAPH_OUTPUT, *BRANCH_OUTPUTS)
 
     def _resolve_mode(self, image_a: np.ndarray | None, image_b: np.ndarray | None,
                       mode: str) -> str:
@@ -188,13 +219,20 @@ class Segmenter:
                     pending = pool.submit(gather, batches[i + 1])
                 yield ready
 
-    def _infer(self, runtime: PatchRuntime, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _infer(self, runtime: PatchRuntime, inputs: dict[str, np.ndarray],
+               outputs: tuple[str, ...]) -> np.ndarray:
+        """The batch's `outputs` joined along the class axis ([N, len(outputs) * K, ...])."""
+        def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+            if len(outputs) == 1:
+                return runtime.run(feed)
+            return np.concatenate(runtime.run_outputs(feed, outputs), axis=1)
+
         if not self.tta:
-            return runtime.run(inputs)
+            return run(inputs)
         total: np.ndarray | None = None
         for axes in TTA_FLIPS:
             flipped = {k: np.flip(v, axes) if axes else v for k, v in inputs.items()}
-            out = runtime.run(flipped)
+            out = run(flipped)
             out = np.flip(out, axes) if axes else out
             total = out.copy() if total is None else total + out
         assert total is not None

@@ -14,6 +14,13 @@ dividing a voxel's K sums by the same positive number cannot change which is lar
 argmax of the sums is the label (it can differ only where rounding the quotients would make
 two classes tie exactly). That saves 4 bytes per voxel of every live slab, a fifth of the
 accumulators with K = 8 in float16.
+
+With `branches` (quality control's branch agreement) a tile carries the fused graph's three
+outputs joined along the class axis, [probs, probs_a, probs_b] (3K channels), blended alike
+in the same slab accumulators, so the bound stays one patch depth (three times the
+channels). Each finished slab gives each decoder's argmax into a uint8 volume and, per
+fused label, the sum and count of the fused probability margin (top-1 minus top-2 of the
+normalised probabilities): nothing volume-sized in float is ever allocated for them.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cmc_serve.qc.inputs import BranchOutputs
 from cmc_serve.tiling import TileGrid, clip_box
 
 FINALISE_SLICES = 4  # slices of a slab normalised at once (bounds the temporaries)
@@ -33,8 +41,8 @@ class _Slab:
     start: int
     stop: int
     remaining: int
-    acc: np.ndarray | None = None  # [K, d, H, W] weighted probability sum
-    weight: np.ndarray | None = None  # [d, H, W] weight sum (float32), probs only
+    acc: np.ndarray | None = None  # [C, d, H, W] weighted sum (C = K, or 3K with branches)
+    weight: np.ndarray | None = None  # [d, H, W] weight sum (float32): probs or branches
 
 
 def _nbytes(slab: _Slab) -> int:
@@ -42,11 +50,12 @@ def _nbytes(slab: _Slab) -> int:
 
 
 class SlabStitcher:
-    """Accumulates tiles of one TileGrid; `result()` returns (labels, probs or None)."""
+    """Accumulates tiles of one TileGrid; `result()` returns (labels, probs or None) and,
+    with `branches`, `branch_result()` the two decoders' outputs (module docstring)."""
 
     def __init__(self, grid: TileGrid, num_classes: int, weights: np.ndarray, *,
                  accumulator_dtype: type[np.floating] | np.dtype = np.float32,
-                 keep_probs: bool = False) -> None:
+                 keep_probs: bool = False, branches: bool = False) -> None:
         if not 2 <= num_classes <= 255:
             raise ValueError(f"num_classes must be in 2..255 for uint8 labels, got {num_classes}")
         if weights.shape != grid.patch:
@@ -61,6 +70,12 @@ class SlabStitcher:
         self.labels = np.empty(grid.shape, dtype=np.uint8)
         self.probs = (np.empty((num_classes, depth, height, width), dtype=np.float32)
                       if keep_probs else None)
+        self.branches = branches
+        self.channels = num_classes * (3 if branches else 1)
+        self.branch_labels = (np.empty((2, depth, height, width), dtype=np.uint8)
+                              if branches else None)
+        self.margin_sum = np.zeros(num_classes, dtype=np.float64)
+        self.voxel_count = np.zeros(num_classes, dtype=np.int64)
         self._slabs = self._make_slabs()
         self._added = 0
         self.live_bytes = 0
@@ -78,9 +93,10 @@ class SlabStitcher:
         return slabs
 
     def add(self, origin: tuple[int, int, int], tile: np.ndarray) -> None:
-        """Blend one tile's probabilities [K, P0, P1, P2] at `origin`."""
-        if tile.shape != (self.num_classes, *self.grid.patch):
-            raise ValueError(f"tile shape {tile.shape} != {(self.num_classes, *self.grid.patch)}")
+        """Blend one tile's probabilities [C, P0, P1, P2] at `origin` (C: K, or 3K joined
+        [probs, probs_a, probs_b] with branches)."""
+        if tile.shape != (self.channels, *self.grid.patch):
+            raise ValueError(f"tile shape {tile.shape} != {(self.channels, *self.grid.patch)}")
         (d0, d1, od), (h0, h1, oh), (w0, w1, ow) = (
             clip_box(o, p, n) for o, p, n in zip(origin, self.grid.patch, self.grid.shape, strict=True))
         for slab in self._slabs:
@@ -106,8 +122,8 @@ class SlabStitcher:
     def _allocate(self, slab: _Slab) -> None:
         _, height, width = self.grid.shape
         d = slab.stop - slab.start
-        slab.acc = np.zeros((self.num_classes, d, height, width), dtype=self.acc_dtype)
-        if self.probs is not None:
+        slab.acc = np.zeros((self.channels, d, height, width), dtype=self.acc_dtype)
+        if self.probs is not None or self.branches:
             slab.weight = np.zeros((d, height, width), dtype=np.float32)
         self.live_bytes += _nbytes(slab)
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
@@ -116,19 +132,46 @@ class SlabStitcher:
         """Argmax (and normalise, if probabilities are kept) the slab a few slices at a time:
         a whole-slab float32 copy and int64 argmax would double the slab's memory at its peak."""
         assert slab.acc is not None
+        k = self.num_classes
         for lo in range(0, slab.stop - slab.start, FINALISE_SLICES):
             hi = min(lo + FINALISE_SLICES, slab.stop - slab.start)
             out = slice(slab.start + lo, slab.start + hi)
-            if self.probs is None:
+            if self.probs is None and not self.branches:
                 self.labels[out] = np.argmax(slab.acc[:, lo:hi], axis=0)
                 continue
             assert slab.weight is not None
-            probs = slab.acc[:, lo:hi].astype(np.float32)
+            probs = slab.acc[:k, lo:hi].astype(np.float32)
             probs /= slab.weight[lo:hi]
-            self.labels[out] = np.argmax(probs, axis=0)
-            self.probs[:, out] = probs
+            if self.probs is None:  # the labels of a labels-only run, whatever QC asks
+                self.labels[out] = np.argmax(slab.acc[:k, lo:hi], axis=0)
+            else:
+                self.labels[out] = np.argmax(probs, axis=0)
+                self.probs[:, out] = probs
+            if self.branches:
+                self._finalise_branches(slab.acc[k:, lo:hi], probs, self.labels[out], out)
         self.live_bytes -= _nbytes(slab)
         slab.acc = slab.weight = None
+
+    def _finalise_branches(self, branch_acc: np.ndarray, probs: np.ndarray, labels: np.ndarray,
+                           out: slice) -> None:
+        """Each decoder's labels and, per fused label, the fused margin's sum and count."""
+        assert self.branch_labels is not None
+        k = self.num_classes
+        self.branch_labels[0, out] = np.argmax(branch_acc[:k], axis=0)
+        self.branch_labels[1, out] = np.argmax(branch_acc[k:], axis=0)
+        top_two = np.partition(probs, k - 2, axis=0)[k - 2:]
+        flat = labels.ravel()
+        self.margin_sum += np.bincount(flat, weights=(top_two[1] - top_two[0]).ravel(),
+                                       minlength=k)
+        self.voxel_count += np.bincount(flat, minlength=k)
+
+    def branch_result(self) -> BranchOutputs:
+        """The two decoders' labels and the fused margin per class (needs `branches`)."""
+        if self.branch_labels is None:
+            raise ValueError("branch_result() needs a stitcher made with branches=True")
+        self.result()  # raises if incomplete
+        return BranchOutputs(labels_a=self.branch_labels[0], labels_b=self.branch_labels[1],
+                             margin_sum=self.margin_sum, voxel_count=self.voxel_count)
 
     @property
     def complete(self) -> bool:

@@ -6,7 +6,10 @@ the correct answer stays known: after pre-processing,
   class 1 ("bright_a") where the modality-a image is above 0.5 (CT window: above ~37 HU),
   class 2 ("bright_b") where the modality-b image is above 0 (z-score: brighter than mean).
 The fused graph sees both channels, so swapping a and b changes the answer: a pipeline that
-silently feeds the channels in the wrong order fails the tests.
+silently feeds the channels in the wrong order fails the tests. Like an exported CMC graph it
+also returns each decoder's softmax (`probs_a`, `probs_b`); here both decoders give the
+fused answer (they agree everywhere), so `probs` is their mean exactly as DESIGN.md says.
+`make_model_dir(branch_outputs=False)` writes a fused graph exported before those outputs.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def _conv_weights(mode: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return w.reshape(k, len(inputs), 1, 1, 1), b, inputs
 
 
-def patch_graph(mode: str) -> onnx.ModelProto:
-    """The ONNX patch graph for one inference mode (DESIGN.md "Graph I/O")."""
+def patch_graph(mode: str, branch_outputs: bool = True) -> onnx.ModelProto:
+    """The ONNX patch graph for one inference mode (DESIGN.md "Graph I/O"); the fused graph
+    with `branch_outputs` also returns `probs_a` and `probs_b`."""
     w, b, inputs = _conv_weights(mode)
     spatial = [PATCH, PATCH, PATCH]
     graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 1, *spatial])
@@ -67,11 +71,21 @@ def patch_graph(mode: str) -> onnx.ModelProto:
         nodes.append(helper.make_node("Concat", inputs, ["x"], axis=1))
         x = "x"
     nodes.append(helper.make_node("Conv", [x, "w", "b"], ["logits"]))
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
-    out = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", len(CLASSES), *spatial])
-    graph = helper.make_graph(nodes, f"cmc_test_{mode}", graph_inputs, [out],
+    outputs = ["probs"]
+    if mode == "fused" and branch_outputs:
+        outputs += ["probs_a", "probs_b"]
+        nodes += [helper.make_node("Softmax", ["logits"], ["probs_a"], axis=1),
+                  helper.make_node("Identity", ["probs_a"], ["probs_b"]),
+                  helper.make_node("Add", ["probs_a", "probs_b"], ["both"]),
+                  helper.make_node("Mul", ["both", "half"], ["probs"])]
+    else:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", len(CLASSES), *spatial])
+            for n in outputs]
+    graph = helper.make_graph(nodes, f"cmc_test_{mode}", graph_inputs, outs,
                               initializer=[numpy_helper.from_array(w, "w"),
-                                           numpy_helper.from_array(b, "b")])
+                                           numpy_helper.from_array(b, "b"),
+                                           numpy_helper.from_array(np.float32(0.5), "half")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -80,18 +94,22 @@ def patch_graph(mode: str) -> onnx.ModelProto:
 
 def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
                    format_version: int = 1, checksums: bool = True,
-                   postprocessing: dict[str, Any] | None = None) -> Path:
+                   postprocessing: dict[str, Any] | None = None,
+                   branch_outputs: bool = True,
+                   qc_reference: dict[str, Any] | None = None) -> Path:
     """Write MODEL_DIR (cmc.json + onnx/<mode>_fp32.onnx) for the threshold model; with
     `checksums` each graph entry records its file's size and sha256 as `cmc export` does
     (False: a cmc.json of an export made before checksums existed); `postprocessing` as
-    `cmc evaluate --choose-postprocessing` records it."""
+    `cmc evaluate --choose-postprocessing` records it; `branch_outputs` False: a fused graph
+    exported before the branch outputs; `qc_reference` as `cmc export` carries it from the
+    checkpoint (`cmc_train.qc_reference`)."""
     from cmc_serve.model_dir import graph_entry, write_model_json
 
     (root / "onnx").mkdir(parents=True, exist_ok=True)
     graphs = []
     for mode in modes:
         rel = f"onnx/{mode}_fp32.onnx"
-        onnx.save(patch_graph(mode), str(root / rel))
+        onnx.save(patch_graph(mode, branch_outputs), str(root / rel))
         graphs.append(graph_entry(mode, "onnxruntime", "fp32", rel))
     write_model_json(
         root, name="cmc-test", cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
@@ -102,7 +120,8 @@ def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
                                                 "high": 250.0},
                                          "mr": {"kind": "zscore_nonzero"}}},
         checkpoint_sha256="0" * 64, graphs=graphs, checksums=checksums,
-        format_version=format_version, postprocessing=postprocessing)
+        format_version=format_version, postprocessing=postprocessing,
+        qc_reference=qc_reference)
     return root
 
 

@@ -40,8 +40,10 @@ def test_patch_config_parses_with_graph_io(backend: str, mode: str) -> None:
     assert [i.name for i in config.input] == inputs
     assert all(list(i.dims) == [1, S, S, S] and i.data_type == model_config_pb2.TYPE_FP32
                for i in config.input)
-    assert [o.name for o in config.output] == ["probs"]
-    assert list(config.output[0].dims) == [K, S, S, S]
+    # the fused graph also serves each decoder's softmax (quality control's branch agreement)
+    assert [o.name for o in config.output] == (["probs", "probs_a", "probs_b"]
+                                               if mode == "fused" else ["probs"])
+    assert all(list(o.dims) == [K, S, S, S] for o in config.output)
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
     assert config.dynamic_batching.max_queue_delay_microseconds > 0
     kind = config.instance_group[0].kind

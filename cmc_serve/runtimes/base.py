@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -20,16 +21,31 @@ class PatchRuntime(Protocol):
 
     `run` takes the graph's inputs by name (`image_a`/`image_b`, float32 [N, 1, P, P, P],
     N <= max_batch) and returns softmax probabilities float32 [N, K, P, P, P].
+    `run_outputs` returns the named outputs of one graph call, in that order; `outputs`
+    lists those the graph offers (`probs` first; the fused graph's `probs_a` / `probs_b`
+    where it was exported with them and the runtime returns them).
     """
 
     name: str  # "onnxruntime" | "openvino" | "tensorrt"
     device: str  # "cpu" | "cuda"
     precision: str  # "fp32" | "fp16" | "bf16"
     max_batch: int
+    outputs: tuple[str, ...]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
+    def run_outputs(self, inputs: dict[str, np.ndarray],
+                    names: Sequence[str]) -> list[np.ndarray]: ...
+
     def close(self) -> None: ...
+
+
+def check_outputs(names: Sequence[str], offered: Sequence[str], runtime: str) -> None:
+    """ValueError unless every output asked of `run_outputs` is one the graph offers."""
+    missing = [n for n in names if n not in offered]
+    if missing or not names:
+        raise ValueError(f"{runtime}: graph outputs are {list(offered)}, asked for "
+                         f"{list(names)}")
 
 
 def check_batch(inputs: dict[str, np.ndarray], names: tuple[str, ...], max_batch: int,

@@ -9,12 +9,13 @@ where it was asked to.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
+from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class OnnxRuntimeRuntime:
                                      f"match cmc.json ({list(inputs)} -> {output})")
         self.inputs = inputs
         self.output = output
+        offered = [o.name for o in self._session.get_outputs()]
+        self.outputs = (output, *(n for n in offered if n != output))
         self.device = "cpu" if execution_provider == "cpu" else "cuda"
         self.precision = precision
         self.max_batch = max_batch
@@ -80,12 +83,16 @@ class OnnxRuntimeRuntime:
                  primary, got)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_outputs(inputs, (self.output,))[0]
+
+    def run_outputs(self, inputs: dict[str, np.ndarray],
+                    names: Sequence[str]) -> list[np.ndarray]:
         if self._session is None:
             raise RuntimeError("onnxruntime: run() after close()")
         check_batch(inputs, self.inputs, self.max_batch, self.name)
+        check_outputs(names, self.outputs, self.name)
         feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
-        (probs,) = self._session.run([self.output], feed)
-        return np.asarray(probs, dtype=np.float32)
+        return [np.asarray(a, dtype=np.float32) for a in self._session.run(list(names), feed)]
 
     def close(self) -> None:
         self._session = None

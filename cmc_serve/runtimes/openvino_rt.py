@@ -21,17 +21,20 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cmc_serve.model_dir import ModelFileError
-from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
+from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
 
 log = logging.getLogger(__name__)
 
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# An int8 IR carries its own quantised layers; the rest of it runs in fp32 on every CPU
+# (VNNI / AMX-INT8 make it fast, without them it still runs), so int8 needs no capability.
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
 
 
@@ -56,6 +59,8 @@ def unsupported_reason(precision: str) -> str | None:
         return f"openvino is not installed ({exc})"
     if precision not in OV_PRECISION:
         return f"OpenVINO has no {precision} inference precision on CPU"
+    if precision not in CAPABILITY:
+        return None
     name, capabilities = cpu_capabilities()
     if CAPABILITY[precision] not in capabilities:
         return (f"OpenVINO {precision}: this CPU ({name}) has no native {precision} "
@@ -100,33 +105,41 @@ class OpenVinoRuntime:
         self._requests: list[Any] = [self._compiled.create_infer_request() for _ in range(jobs)]
         self.inputs = inputs
         self.output = output
+        offered = [port.get_any_name() for port in model.outputs]
+        self.outputs = (output, *(n for n in offered if n != output))
         self.precision = precision
         self.max_batch = max_batch
         log.info("openvino %s: %s on CPU, %s, %d threads, %d infer requests", ov.__version__,
                  path.name, OV_PRECISION[precision], threads, jobs)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_outputs(inputs, (self.output,))[0]
+
+    def run_outputs(self, inputs: dict[str, np.ndarray],
+                    names: Sequence[str]) -> list[np.ndarray]:
         if self._compiled is None:
             raise RuntimeError("openvino: run() after close()")
         n = check_batch(inputs, self.inputs, self.max_batch, self.name)
+        check_outputs(names, self.outputs, self.name)
         # Tile `row` goes to request `row % jobs`; that request last ran tile `row - jobs`,
         # the oldest one still running, so collecting before reuse keeps the tiles in order.
         jobs = len(self._requests)
-        outputs: list[np.ndarray] = []
+        tiles: list[list[np.ndarray]] = []
         for row in range(n):
             request = self._requests[row % jobs]
             if row >= jobs:
-                outputs.append(self._output(request))
+                tiles.append(self._outputs(request, names))
             request.start_async({k: np.ascontiguousarray(v[row:row + 1], dtype=np.float32)
                                  for k, v in inputs.items()})
-        outputs += [self._output(self._requests[row % jobs])
-                    for row in range(max(0, n - jobs), n)]
-        return np.concatenate(outputs, axis=0)
+        tiles += [self._outputs(self._requests[row % jobs], names)
+                  for row in range(max(0, n - jobs), n)]
+        return [np.concatenate([tile[i] for tile in tiles], axis=0) for i in range(len(names))]
 
-    def _output(self, request: Any) -> np.ndarray:
-        """Wait for `request` and copy its output out of the request's buffer."""
+    @staticmethod
+    def _outputs(request: Any, names: Sequence[str]) -> list[np.ndarray]:
+        """Wait for `request` and copy the named outputs out of the request's buffers."""
         request.wait()
-        return np.array(request.get_tensor(self.output).data, dtype=np.float32)
+        return [np.array(request.get_tensor(name).data, dtype=np.float32) for name in names]
 
     def close(self) -> None:
         self._requests = []

@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch
+from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
 
 try:
     import tensorrt as trt  # type: ignore[import-untyped,unused-ignore]
@@ -110,6 +111,7 @@ class TensorRtRuntime:
         self.max_batch = min(max_batch, int(profile_max))
         self.inputs = inputs
         self.output = output
+        self.outputs = (output, *(n for n in io if n not in in_names and n != output))
         self.precision = precision
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in io}
 
@@ -127,9 +129,14 @@ class TensorRtRuntime:
                  path.name, here, precision, self.max_batch)
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_outputs(inputs, (self.output,))[0]
+
+    def run_outputs(self, inputs: dict[str, np.ndarray],
+                    names: Sequence[str]) -> list[np.ndarray]:
         if not self._buffers:
             raise RuntimeError("tensorrt: run() after close()")
         check_batch(inputs, self.inputs, self.max_batch, self.name)
+        check_outputs(names, self.outputs, self.name)
         cudart = self._cudart
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -139,14 +146,15 @@ class TensorRtRuntime:
                 raise ValueError(f"tensorrt: input {n} shape {arr.shape} outside the profile")
             _check(cudart.cudaMemcpyAsync(self._buffers[n], arr.ctypes.data, arr.nbytes, h2d,
                                           self._stream), "cudaMemcpyAsync")
-        out = np.empty(tuple(_dims(self._context.get_tensor_shape(self.output))),
-                       dtype=self._dtypes[self.output])
+        outs = [np.empty(tuple(_dims(self._context.get_tensor_shape(n))), dtype=self._dtypes[n])
+                for n in names]
         if not self._context.execute_async_v3(int(self._stream)):
             raise RuntimeError("tensorrt: execute_async_v3 failed")
-        _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[self.output], out.nbytes,
-                                      d2h, self._stream), "cudaMemcpyAsync")
+        for name, out in zip(names, outs, strict=True):
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name], out.nbytes,
+                                          d2h, self._stream), "cudaMemcpyAsync")
         _check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        return out.astype(np.float32, copy=False)
+        return [out.astype(np.float32, copy=False) for out in outs]
 
     def close(self) -> None:
         for ptr in self._buffers.values():

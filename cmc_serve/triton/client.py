@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from cmc_common.contract import MODE_INPUTS
+from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
 from cmc_common.errors import CmcError
 from cmc_serve.model_dir import ModelInfo
-from cmc_serve.runtimes.base import check_batch
+from cmc_serve.runtimes.base import check_batch, check_outputs
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limit; the default 4 MiB is below one 128^3 tile pair
 TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
@@ -286,6 +286,7 @@ class TritonPatchRuntime:
         self._conn.check_ready(self.model)
         meta, config = self._conn.metadata(self.model)
         self.wire_dtypes = self._check(meta, model_info)
+        self.outputs = self._offered(meta, model_info, mode)
         served_batch = max(1, int(config.get("max_batch_size", 1)))
         self.request_batch = min(request_batch or served_batch, served_batch)
         self.max_batch = self.request_batch * max_in_flight
@@ -317,16 +318,32 @@ class TritonPatchRuntime:
                                       f"({info.num_classes} classes)")
         return dtypes
 
+    @staticmethod
+    def _offered(meta: dict[str, Any], info: ModelInfo, mode: str) -> tuple[str, ...]:
+        """`probs` and those of the mode's further outputs (the fused graph's branches) that
+        the served model declares with probs's shape; a repository exported before them
+        declares `probs` only."""
+        shapes = {o["name"]: _shape(o["shape"])[1:] for o in meta.get("outputs", [])}
+        expected = [info.num_classes, *info.patch_size]
+        return tuple(n for n in MODE_OUTPUTS[mode] if shapes.get(n) == expected)
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """probs float32 [N, K, P, P, P] for tiles [N, 1, P, P, P], N <= max_batch."""
+        return self.run_outputs(inputs, ("probs",))[0]
+
+    def run_outputs(self, inputs: dict[str, np.ndarray],
+                    names: Sequence[str]) -> list[np.ndarray]:
+        """The named outputs (float32) of one pass over tiles [N, 1, P, P, P]."""
         n = check_batch(inputs, self.inputs, self.max_batch, self.name)
+        check_outputs(names, self.outputs, self.name)
         requests = [{k: np.ascontiguousarray(v[i:i + self.request_batch],
                                              dtype=self.wire_dtypes[k])
                      for k, v in inputs.items()}
                     for i in range(0, n, self.request_batch)]
-        results = self._conn.infer_many(self.model, requests, ["probs"], self.max_in_flight,
+        results = self._conn.infer_many(self.model, requests, list(names), self.max_in_flight,
                                         self.retries)
-        return np.concatenate([r["probs"] for r in results]).astype(np.float32, copy=False)
+        return [np.concatenate([r[name] for r in results]).astype(np.float32, copy=False)
+                for name in names]
 
     def close(self) -> None:
         self._conn.close()

@@ -1,7 +1,8 @@
 """Triton python-backend model `<name>_patch`: one exported patch graph, batched.
 
 Serves `image_a` / `image_b` [N, 1, P, P, P] (FP16 or FP32, as the config declares) ->
-`probs` [N, K, P, P, P] (FP32 or FP16, as declared). The graph runs in the server venv with
+`probs` [N, K, P, P, P] (FP32 or FP16, as declared), and every further output the config
+declares (the fused graph's `probs_a` / `probs_b`, which quality control reads). The graph runs in the server venv with
 cmc's own patch runtimes (`cmc_serve.runtimes`: ONNX Runtime or OpenVINO), so Triton and
 `cmc segment` execute the same graph the same way; the server venv has cmc installed
 without dependencies (`python -m cmc_serve.triton.setup`).
@@ -57,9 +58,9 @@ class TritonPythonModel:
         if not graph.is_file():
             raise pb_utils.TritonModelException(f"{self.name}: graph file {graph} does not exist")
         self.inputs = tuple(i["name"] for i in config["input"])
-        (output,) = config["output"]
-        self.output = output["name"]
-        self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
+        # output name -> numpy dtype, `probs` first (the runtime's main output)
+        self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"])
+                        for o in config["output"]}
         self.max_batch = max(1, int(config.get("max_batch_size", 0)))
         precision = parameter(config, "precision", "fp32")
         if precision == AUTO:
@@ -67,21 +68,28 @@ class TritonPythonModel:
             choice = choose_precision(runtime, "cpu", gated)
             pb_utils.Logger.log_info(f"{self.name}: precision {choice.reason}")
             precision = choice.precision
-        self.runtime = PATCH_RUNTIMES[runtime](graph, inputs=self.inputs, output=self.output,
-                                         precision=precision, max_batch=self.max_batch)
+        self.runtime = PATCH_RUNTIMES[runtime](graph, inputs=self.inputs,
+                                               output=next(iter(self.outputs)),
+                                               precision=precision, max_batch=self.max_batch)
+        missing = [n for n in self.outputs if n not in self.runtime.outputs]
+        if missing:
+            raise pb_utils.TritonModelException(
+                f"{self.name}: graph {graph.name} has no output {missing} (it has "
+                f"{list(self.runtime.outputs)})")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
             sizes, feeds = self._gather(requests)
-            probs = self._run(feeds)
+            results = self._run(feeds)
         except Exception as exc:  # reported per request; the model stays loaded
             error = pb_utils.TritonError(f"{self.name}: {type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
-        responses = []
-        for part in np.split(probs, np.cumsum(sizes)[:-1]):
-            tensor = pb_utils.Tensor(self.output, part.astype(self.output_dtype, copy=False))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
-        return responses
+        bounds = np.cumsum(sizes)[:-1]
+        per_output = {name: np.split(array, bounds) for name, array in results.items()}
+        return [pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor(name, parts[i].astype(self.outputs[name], copy=False))
+                    for name, parts in per_output.items()])
+                for i in range(len(sizes))]
 
     def _gather(self, requests: list[Any]) -> tuple[list[int], dict[str, np.ndarray]]:
         """Concatenate every request's tiles per input (float32, what the runtimes take)."""
@@ -96,11 +104,14 @@ class TritonPythonModel:
             sizes.append(int(batch or 0))
         return sizes, {name: np.concatenate(parts) for name, parts in per_input.items()}
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every declared output of the tiles, run in chunks of at most max_batch."""
         total = next(iter(feeds.values())).shape[0]
-        chunks = [self.runtime.run({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+        names = tuple(self.outputs)
+        chunks = [self.runtime.run_outputs({k: v[i:i + self.max_batch] for k, v in feeds.items()},
+                                           names)
                   for i in range(0, total, self.max_batch)]
-        return np.concatenate(chunks)
+        return {name: np.concatenate([c[j] for c in chunks]) for j, name in enumerate(names)}
 
     def finalize(self) -> None:
         self.runtime.close()
