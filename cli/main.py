@@ -7,8 +7,18 @@ inside its function, so `cmc --help` answers without loading PyTorch.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import typer
+import typer.rich_utils
+
+# Rich draws --help 80 columns wide when stdout is no terminal (piped to a file or `less`) and
+# cuts what does not fit ("--skip-unreada…"), while refusals name those options: piped help is
+# drawn wide enough for every option name and value. TERMINAL_WIDTH or COLUMNS still win.
+PIPED_HELP_WIDTH = 160
+if not sys.stdout.isatty() and not {"TERMINAL_WIDTH", "COLUMNS"} & set(os.environ):
+    typer.rich_utils.MAX_WIDTH = PIPED_HELP_WIDTH
 
 app = typer.Typer(
     name="cmc",

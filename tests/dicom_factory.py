@@ -6,11 +6,15 @@ positions, gantry tilt, ...); real scanner data has only a few fixed cases.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -38,6 +42,10 @@ class SeriesSpec:
     series_uid: str = field(default_factory=lambda: generate_uid(ROOT_UID))
     study_uid: str = "1.2.826.0.1.3680043.8.498.1"
     seed: int = 0
+    bits_allocated: int = 16  # 8: stored as uint8 (what JPEG Baseline can hold)
+    position_format: str = ".6g"  # how ImagePositionPatient is written (".2f": two decimals)
+    orientation_format: str = ".6g"
+    echo_time: float | None = None
 
     def normal(self) -> np.ndarray:
         o = np.asarray(self.orientation)
@@ -86,8 +94,10 @@ def make_dataset(spec: SeriesSpec, index: int, position: Sequence[float],
     ds.PositionReferenceIndicator = ""
     ds.InstanceNumber = spec.n_slices - index  # reversed: loaders must not sort by it
     ds.ImageType = list(spec.image_type)
-    ds.ImagePositionPatient = [f"{v:.6g}" for v in position]
-    ds.ImageOrientationPatient = [f"{v:.6g}" for v in spec.orientation]
+    ds.ImagePositionPatient = [f"{v:{spec.position_format}}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:{spec.orientation_format}}" for v in spec.orientation]
+    if spec.echo_time is not None:
+        ds.EchoTime = f"{spec.echo_time:g}"
     ds.PixelSpacing = [f"{v:.6g}" for v in spec.pixel_spacing]
     ds.SliceThickness = f"{spec.slice_spacing:.6g}"
     ds.KVP = "120"
@@ -95,14 +105,17 @@ def make_dataset(spec: SeriesSpec, index: int, position: Sequence[float],
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = spec.photometric
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsAllocated = ds.BitsStored = spec.bits_allocated
+    ds.HighBit = spec.bits_allocated - 1
     ds.PixelRepresentation = 0
     ds.RescaleSlope = f"{spec.slope:.6g}"
     ds.RescaleIntercept = f"{spec.intercept:.6g}"
     ds.RescaleType = "HU"
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    dtype = np.uint8 if spec.bits_allocated == 8 else np.uint16
+    if pixels.max() > np.iinfo(dtype).max:
+        raise ValueError(f"stored values up to {pixels.max()} do not fit {spec.bits_allocated} "
+                         "bits")
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=dtype).tobytes()
     return ds
 
 
@@ -123,3 +136,63 @@ def write_series(folder: Path, spec: SeriesSpec | None = None,
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------- other transfer syntaxes
+
+# dcmtk's command per target syntax; dcmcjpeg's default true-lossless codec writes SV1.
+DCMTK_ENCODERS: dict[str, tuple[str, ...]] = {
+    uid.JPEGLosslessSV1: ("dcmcjpeg", "+e1"),
+    uid.JPEGLossless: ("dcmcjpeg", "+el"),
+    uid.JPEGBaseline8Bit: ("dcmcjpeg", "+eb", "+sr", "+q", "95"),  # +sr: values kept
+    uid.JPEGLSLossless: ("dcmcjpls", "+el"),
+    uid.JPEGLSNearLossless: ("dcmcjpls", "+en", "+md", "2"),
+    uid.RLELossless: ("dcmcrle",),
+    uid.DeflatedExplicitVRLittleEndian: ("dcmconv", "+td"),
+}
+
+
+def recode_dcmtk(paths: Sequence[Path], folder: Path, syntax: str) -> list[Path]:
+    """Copies of `paths` in `folder`, written by dcmtk in transfer syntax `syntax`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        target = folder / path.name
+        subprocess.run([*DCMTK_ENCODERS[syntax], str(path), str(target)], check=True,
+                       capture_output=True, timeout=60)
+        out.append(target)
+    return out
+
+
+def recode_pydicom(paths: Sequence[Path], folder: Path, syntax: str,
+                   **encoder_options: Any) -> list[Path]:
+    """Copies of `paths` in `folder`, encoded by pydicom's own encoders (JPEG 2000 through
+    pylibjpeg-openjpeg, JPEG-LS through pyjpegls, RLE; Deflated is written, not encoded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        if syntax == uid.DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax
+        else:
+            ds.compress(syntax, **encoder_options)
+        target = folder / path.name
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+def write_enhanced_ct(folder: Path, sources: Sequence[Path], series_number: int = 9) -> Path:
+    """One Legacy Converted Enhanced CT instance of the single-frame CT files `sources`
+    (highdicom's conversion: per-frame positions, shared orientation, pixel measures and
+    rescale)."""
+    import highdicom as hd
+
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in sources], series_instance_uid=generate_uid(ROOT_UID),
+        series_number=series_number, sop_instance_uid=generate_uid(ROOT_UID),
+        instance_number=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    return path

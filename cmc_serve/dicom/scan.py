@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTDOSE", "PR",
                                   "KO", "REG", "DOC", "RWV", "FID", "PLAN"})
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+# DCM 113040 "Lossy Compression": an image DERIVED only by this (dcmtk and PACS archives mark
+# lossy-compressed originals so) is still the acquisition, not a reformat or a map.
+LOSSY_COMPRESSION_CODE = ("113040", "DCM")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 # How a skipped file relates to the series beside it (see the module docstring).
@@ -124,6 +127,7 @@ class _Header:
     enhanced: bool  # has per-frame functional groups (Enhanced / Legacy Converted Enhanced)
     orientation: tuple[float, ...] | None
     echo_time: str  # "" when absent
+    lossy_copy: bool  # derived from an original by lossy compression only
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -140,6 +144,14 @@ def _orientation(ds: Dataset) -> tuple[float, ...] | None:
     except (TypeError, ValueError):
         return None
     return values if values is not None and len(values) == 6 else None
+
+
+def _lossy_copy(ds: Dataset) -> bool:
+    """Whether every derivation code says "Lossy Compression" (and there is one)."""
+    codes = ds.get("DerivationCodeSequence") or []
+    return bool(codes) and all(
+        (str(c.get("CodeValue", "")), str(c.get("CodingSchemeDesignator", "")))
+        == LOSSY_COMPRESSION_CODE for c in codes)
 
 
 @dataclass(frozen=True)
@@ -203,7 +215,8 @@ def _read_header(path: Path) -> _Header | _Skip:
             sop_class=sop_class, has_image="Rows" in ds and "Columns" in ds,
             frames=int(ds.get("NumberOfFrames") or 1),
             enhanced="PerFrameFunctionalGroupsSequence" in ds, orientation=_orientation(ds),
-            echo_time=f"{float(ds.EchoTime):g}" if ds.get("EchoTime") not in (None, "") else "")
+            echo_time=f"{float(ds.EchoTime):g}" if ds.get("EchoTime") not in (None, "") else "",
+            lossy_copy=_lossy_copy(ds))
     except Exception as exc:  # garbled values (wrong VR, bad numbers) surface on access
         return _Skip(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", DAMAGED)
 
@@ -255,7 +268,8 @@ def _classify(headers: list[_Header]) -> tuple[str, str]:
     image_type = {t for h in headers for t in h.image_type}
     if image_type & {"LOCALIZER", "SCOUT"}:
         return LOCALIZER, "ImageType contains LOCALIZER"
-    if first.image_type[:1] == ("DERIVED",) or first.image_type[1:2] == ("SECONDARY",):
+    derived = first.image_type[:1] == ("DERIVED",) and not all(h.lossy_copy for h in headers)
+    if derived or first.image_type[1:2] == ("SECONDARY",):
         return DERIVED, f"ImageType {'/'.join(first.image_type)}"
     if any(h.frames > 1 and not h.enhanced for h in headers):
         return UNSUPPORTED, ("multi-frame images without per-frame functional groups (cine "
