@@ -42,6 +42,11 @@ def command(
                                  "tensorrt.")] = "python",
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing MODEL_DIR (atomically).")] = False,
+    codes: Annotated[Path | None, typer.Option(
+        "--codes", help="CSV of SNOMED CT codes per class for the DICOM outputs (columns "
+                        "name,category,type,modifier,color; a code is SCHEME:VALUE:MEANING, "
+                        "e.g. SCT:64033007:Kidney), over the shipped table; recorded in "
+                        "cmc.json.")] = None,
 ) -> None:
     """Export a checkpoint; every graph must pass its parity gate or nothing is written."""
     from cmc_export.errors import ExportError
@@ -50,7 +55,8 @@ def command(
     try:
         report = export(ckpt, out, name=name, formats=_split(formats),
                         precisions=_split(precisions), modes=_split(modes), max_batch=max_batch,
-                        triton_backend=triton_backend, force=force, log=typer.echo)
+                        triton_backend=triton_backend, force=force, log=typer.echo,
+                        codes=codes)
     except ExportError as exc:
         raise fail("export", exc) from None
     typer.echo(f"{report.out_dir / 'cmc.json'}: {len(report.graphs)} graphs; Triton models "

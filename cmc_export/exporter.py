@@ -345,7 +345,8 @@ class _Exporter:
             gate_thresholds=asdict(self.thresholds), triton_backend=backend,
             triton_patch_models=triton_models,
             postprocessing=self.metadata.get("postprocessing"),
-            qc_reference=self.metadata.get("qc_reference"))
+            qc_reference=self.metadata.get("qc_reference"),
+            codes=self.metadata.get("codes"))
 
 
 def _cmc_version() -> str:
@@ -354,18 +355,33 @@ def _cmc_version() -> str:
     return __version__
 
 
+def _class_codes(path: Path | str | None, classes: Sequence[str]) -> dict[str, Any]:
+    """cmc.json's `codes`: the user's table (`--codes`) over the shipped one, checked
+    against the model's classes before anything is exported (ExportError naming the row)."""
+    from cmc_serve.dicom.codes import CodesError, codes_to_json, read_table, resolve
+
+    try:
+        overrides = read_table(path) if path is not None else None
+        return codes_to_json(resolve(classes, overrides, where=str(path)))
+    except CodesError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
            formats: Sequence[str] = ("onnx", "openvino"),
            precisions: Sequence[str] = (AUTO,),
            modes: Sequence[str] = MODES, max_batch: int = 8, triton_backend: str = "python",
            force: bool = False, thresholds: Thresholds = THRESHOLDS,
            log: Callable[[str], None] = print,
-           calibration: Path | str | None = None) -> ExportReport:
+           calibration: Path | str | None = None,
+           codes: Path | str | None = None) -> ExportReport:
     """Export a checkpoint to MODEL_DIR (docs/DESIGN.md layout); all or nothing.
 
     `precisions` ("auto", or a list of fp32/fp16/bf16/int8): see the module docstring.
     `calibration`: the datalist int8 is calibrated on (default: the checkpoint's own,
-    `cmc_export.calibration`).
+    `cmc_export.calibration`). `codes`: a CSV of SNOMED CT codes per class overriding
+    the shipped table (`cmc_serve.dicom.codes`); the codes of every class are recorded in
+    cmc.json for the DICOM outputs.
     """
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir).absolute()
     formats = _check_choices("format", formats, EXPORT_FORMATS)
@@ -388,6 +404,7 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     _check_backend(triton_backend, formats)
     check_output(out_dir, force)
     net, metadata = _load(ckpt_path)
+    metadata = {**metadata, "codes": _class_codes(codes, metadata["classes"])}
     with staged(out_dir) as tmp:
         job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log,
                         half_required)

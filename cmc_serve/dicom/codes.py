@@ -71,12 +71,21 @@ class ClassCode:
             color = data.get("color")
             return cls(_code_from_json(data["category"]), _code_from_json(data["type"]),
                        _code_from_json(modifier) if modifier is not None else None,
-                       _check_color(color, where) if color is not None else None)
+                       _check_color(color) if color is not None else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CodesError(f"{where}: not a class code ({exc})") from None
 
 
 GENERIC = ClassCode(TISSUE, TISSUE)
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of a codes table: the class name as written, its CSV row number, its codes."""
+
+    name: str
+    row: int
+    code: ClassCode
 
 
 def _code_json(code: Code) -> list[str]:
@@ -118,7 +127,7 @@ def _parse_code(text: str, column: str) -> Code:
         raise ValueError(f"{column} {text!r}: {exc}") from None
 
 
-def _check_color(value: Any, where: str) -> tuple[int, int, int]:
+def _check_color(value: Any) -> tuple[int, int, int]:
     if (not isinstance(value, (list, tuple)) or len(value) != 3
             or not all(isinstance(v, int) and 0 <= v <= 255 for v in value)):
         raise ValueError(f"color {value!r} is not three integers 0-255")
@@ -127,36 +136,37 @@ def _check_color(value: Any, where: str) -> tuple[int, int, int]:
 
 def _parse_color(text: str) -> tuple[int, int, int]:
     try:
-        values = [int(v) for v in text.replace(",", " ").split()]
+        return _check_color([int(v) for v in text.replace(",", " ").split()])
     except ValueError:
         raise ValueError(f"color {text!r} is not three integers 0-255 (e.g. 212 126 151)") \
             from None
-    return _check_color(values, text)
 
 
-def parse_table(text: str, where: str) -> dict[str, ClassCode]:
-    """A codes CSV -> {normalised name: ClassCode}; CodesError "WHERE row N: problem"."""
+def parse_table(text: str, where: str) -> dict[str, TableRow]:
+    """A codes CSV -> {normalised name: TableRow}; CodesError "WHERE row N: problem"."""
     reader = csv.DictReader(io.StringIO(text))
     header = tuple(reader.fieldnames or ())
     if header[:3] != COLUMNS[:3] or not set(header) <= set(COLUMNS):
         raise CodesError(f"{where} row 1: header {','.join(header) or '(empty)'} is not "
                          f"{','.join(COLUMNS)} (modifier and color optional)")
-    table: dict[str, ClassCode] = {}
+    table: dict[str, TableRow] = {}
     for row in reader:
         line = reader.line_num
         try:
-            if None in row or any(v is None for v in row.values()):
-                raise ValueError(f"expected {len(header)} columns")
+            if None in row:
+                raise ValueError(f"more than the {len(header)} columns of the header")
+            if any(row[c] is None for c in COLUMNS[:3]):
+                raise ValueError("name, category and type are required")
             name = normalise(row["name"])
             if not name:
                 raise ValueError("empty name")
             if name in table:
                 raise ValueError(f"class {row['name']!r} is listed twice")
             modifier, color = (row.get("modifier") or "").strip(), (row.get("color") or "")
-            table[name] = ClassCode(
+            table[name] = TableRow(row["name"], line, ClassCode(
                 _parse_code(row["category"], "category"), _parse_code(row["type"], "type"),
                 _parse_code(modifier, "modifier") if modifier else None,
-                _parse_color(color) if color.strip() else None)
+                _parse_color(color) if color.strip() else None))
         except ValueError as exc:
             raise CodesError(f"{where} row {line}: {exc}") from None
     if not table:
@@ -164,13 +174,13 @@ def parse_table(text: str, where: str) -> dict[str, ClassCode]:
     return table
 
 
-def default_table() -> dict[str, ClassCode]:
+def default_table() -> dict[str, TableRow]:
     """The table shipped with cmc (`codes.csv`)."""
     text = resources.files("cmc_serve.dicom").joinpath("codes.csv").read_text("utf-8")
     return parse_table(text, "cmc_serve/dicom/codes.csv")
 
 
-def read_table(path: str | Path) -> dict[str, ClassCode]:
+def read_table(path: str | Path) -> dict[str, TableRow]:
     """A user's codes CSV (`cmc export --codes FILE`); CodesError naming the file."""
     path = Path(path)
     try:
@@ -180,7 +190,7 @@ def read_table(path: str | Path) -> dict[str, ClassCode]:
     return parse_table(text, str(path))
 
 
-def resolve(class_names: Sequence[str], overrides: Mapping[str, ClassCode] | None = None,
+def resolve(class_names: Sequence[str], overrides: Mapping[str, TableRow] | None = None,
             where: str = "codes") -> dict[str, ClassCode]:
     """{class name: ClassCode} for every foreground class (the first name is the
     background): the user's rows first, then the default table, else the generic Tissue.
@@ -189,17 +199,17 @@ def resolve(class_names: Sequence[str], overrides: Mapping[str, ClassCode] | Non
     otherwise be ignored without a word).
     """
     foreground = list(class_names[1:])
-    if overrides:
-        known = {normalise(n) for n in foreground}
-        unknown = [n for n in overrides if n not in known]
-        if unknown:
-            raise CodesError(f"{where}: {', '.join(unknown)} is not a class of the model "
-                             f"(classes: {', '.join(foreground)})")
+    overrides = overrides or {}
+    known = {normalise(n) for n in foreground}
+    for key, entry in overrides.items():
+        if key not in known:
+            raise CodesError(f"{where} row {entry.row}: {entry.name} is not a class of the "
+                             f"model (classes: {', '.join(foreground)})")
     table = default_table()
     out = {}
     for name in foreground:
-        key = normalise(name)
-        out[name] = (overrides or {}).get(key) or table.get(key) or GENERIC
+        found = overrides.get(normalise(name)) or table.get(normalise(name))
+        out[name] = found.code if found else GENERIC
     return out
 
 
