@@ -69,6 +69,7 @@ def command(
     statistics: so.Statistics = True,
     preview: so.Preview = True,
     pairing: so.Pairing = None,
+    qc: so.Qc = "on",
 ) -> None:
     """Receive studies by DICOM C-STORE, segment each complete study, send the SEG back."""
     import logging
@@ -82,7 +83,7 @@ def command(
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         seg = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
-                                 output_type, statistics, preview, pairing)
+                                 output_type, statistics, preview, pairing, qc)
         options = ListenOptions(
             ae_title=ae_title, host=host, port=port, allow=_split(allow), spool=spool,
             study_timeout=study_timeout, send_to=_split(send_to), stow=tuple(stow or ()),

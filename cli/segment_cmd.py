@@ -51,6 +51,7 @@ def command(
                                                           "the next cases during inference).")
                     ] = 1,
     pairing: so.Pairing = None,
+    qc: so.Qc = "on",
     assume_registered: Annotated[bool, typer.Option(
         "--assume-registered", help="Combine a and b although their frames of reference "
                                     "differ (or one's orientation was supplied): you assert "
@@ -85,7 +86,7 @@ def command(
     console = Console(stderr=True)
     try:
         shared = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
-                                    output_type, statistics, preview, pairing)
+                                    output_type, statistics, preview, pairing, qc)
         options = replace(shared, resume=resume, shard=shard,
                           jobs=jobs, assume_registered=assume_registered,
                           assume_orientation=assume_orientation,

@@ -48,18 +48,24 @@ Shard = Annotated[str | None, typer.Option(
          "implied: without --shard every case runs.")]
 Pairing = Annotated[Path | None, typer.Option(
     help="YAML rules mapping DICOM series to modalities a/b (Modality, description regex).")]
+Qc = Annotated[str, typer.Option(
+    help="Quality control: on (a score and flags per case and structure from the fused "
+         "pass's two decoders, the input against the training data and the anatomy; a "
+         "flagged case is written and marked 'needs review') | full (also the a-only and "
+         "b-only passes: the cross-modal opinion, two more network passes) | off (speed "
+         "runs: none of it).")]
 
 
 def segment_options(mode: str, runtime: str, server: str | None, device: str, precision: str,
                     overlap: float, tta: bool, output_type: str, statistics: bool,
-                    preview: bool, pairing: Path | None) -> SegmentOptions:
+                    preview: bool, pairing: Path | None, qc: str = "on") -> SegmentOptions:
     """SegmentOptions from the parsed flags; SegmentOptionError names a bad field."""
     from cmc_serve.pipeline.api import SegmentOptions, parse_output_types
 
     return SegmentOptions(mode=mode, runtime=runtime, server=server, device=device,
                           precision=precision, overlap=overlap, tta=tta,
                           output_types=parse_output_types(output_type), statistics=statistics,
-                          preview=preview, pairing=pairing)
+                          preview=preview, pairing=pairing, qc=qc)
 
 
 def flag(option: str) -> str:

@@ -85,7 +85,7 @@ def patch_graph(mode: str, branch_outputs: bool = True) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, f"cmc_test_{mode}", graph_inputs, outs,
                               initializer=[numpy_helper.from_array(w, "w"),
                                            numpy_helper.from_array(b, "b"),
-                                           numpy_helper.from_array(np.float32(0.5), "half")])
+                                           numpy_helper.from_array(np.array(0.5, np.float32), "half")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

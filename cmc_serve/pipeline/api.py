@@ -49,7 +49,7 @@ from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
 from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
-from cmc_serve.pipeline.run_case import planned_modes
+from cmc_serve.pipeline.run_case import QC_FULL, QC_LEVELS, QC_ON, planned_modes
 from cmc_serve.runtimes import RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -102,7 +102,11 @@ class SegmentOptions:
     Indexed Job's environment) into (I, N), and `shard_source` says where it came from
     (report.json records it). `resume` is `--continue`: cases whose
     `done` file exists in OUT are skipped. `pairing` is a YAML rules file mapping DICOM
-    series to modalities a/b. Invalid values raise SegmentOptionError at construction.
+    series to modalities a/b. `qc`: quality control, "on" (the default: the fused pass's two
+    decoders, the input fingerprint, the anatomy), "full" (also the a-only and b-only
+    passes: the cross-modal opinion, about two more network passes per fused case) or
+    "off" (speed runs: none of it, no `qc` in any record). Invalid values raise
+    SegmentOptionError at construction.
     """
 
     mode: str = "auto"
@@ -123,9 +127,11 @@ class SegmentOptions:
     assume_registered: bool = False
     assume_orientation: str | None = None
     skip_unreadable: bool = False
+    qc: str = QC_ON
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, (AUTO, *MODES))
+        _check_choice("qc", self.qc, QC_LEVELS)
         _check_choice("runtime", self.runtime, (AUTO, *SERVING_RUNTIMES))
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, (AUTO, *PRECISIONS))
@@ -187,7 +193,7 @@ class SegmentOptions:
                 "jobs": self.jobs, "pairing": str(self.pairing) if self.pairing else None,
                 "assume_registered": self.assume_registered,
                 "assume_orientation": self.assume_orientation,
-                "skip_unreadable": self.skip_unreadable}
+                "skip_unreadable": self.skip_unreadable, "qc": self.qc}
 
 
 @dataclass(frozen=True)
@@ -252,8 +258,11 @@ def _open_checked(info: ModelInfo, rules: PairingRules, found: list[case_mod.Cas
     segmenter = given or Segmenter(info, runtime=options.runtime, device=options.device,
                                    precision=options.precision, overlap=options.overlap,
                                    tta=options.tta, server=options.server)
+    modes = planned_modes(found, info, rules, options.mode)
+    if options.qc == QC_FULL and "fused" in modes:  # the cross-modal opinion's graphs
+        modes += [m for m in ("a", "b") if m in info.modes and m not in modes]
     try:
-        for mode in planned_modes(found, info, rules, options.mode):
+        for mode in modes:
             segmenter.runtime_for(mode)
     except BaseException:
         if given is None:
@@ -285,7 +294,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         batch = BatchOptions(mode=options.mode, output_types=options.output_types,
                              statistics=options.statistics, preview=options.preview,
                              resume=options.resume, jobs=options.jobs,
-                             assumptions=options.assumptions)
+                             assumptions=options.assumptions, qc=options.qc)
         if console is not None:
             shard = f" (shard {options.share[0]}/{options.share[1]})" if options.share else ""
             console.print(f"cmc segment: {len(found)} case(s){shard} -> {out}",

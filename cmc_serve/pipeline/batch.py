@@ -8,6 +8,9 @@
   each failure, so it survives a killed run) and the batch goes on. report.json and
   failures.csv go to `records` (OUT, or a shard's own folder, see `shards`).
 - `resume` (`--continue`) skips cases whose `done` file exists.
+- Quality control (`qc`, `run_case.QC_LEVELS`) judges each case; a flagged case is done
+  like any other (its outputs written, the DICOM objects' descriptions saying "needs
+  review: ..."), its verdict in report.json and `done`, and the console says why.
 - A runtime that cannot run here (RuntimeUnavailable: not installed, no GPU, engine built
   for another GPU) stops the run at the first case instead of failing every case alike.
 """
@@ -30,12 +33,14 @@ from cmc_serve.pipeline.cases import Case
 from cmc_serve.pipeline.pairing import PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport, failures_csv
 from cmc_serve.pipeline.run_case import (
+    QC_ON,
     CaseError,
     CaseResult,
     LoadedCase,
     load_case,
     segment_case,
 )
+from cmc_serve.qc.flags import review_text
 from cmc_serve.runtimes import RuntimeUnavailable
 
 
@@ -50,6 +55,7 @@ class BatchOptions:
     resume: bool = False
     jobs: int = 1
     assumptions: Assumptions = Assumptions()
+    qc: str = QC_ON
 
     def outputs_for(self, result: CaseResult) -> tuple[str, ...]:
         """The explicit list, or with auto NIfTI plus the DICOM objects when the labels' grid
@@ -157,12 +163,15 @@ class BatchRunner:
             record.mode, record.pairing = loaded.mode, loaded.pairing
             record.assumptions, record.warnings = loaded.assumptions, loaded.warnings
             stage = "infer"
-            result = segment_case(loaded, self.segmenter)
+            result = segment_case(loaded, self.segmenter, self.options.qc)
+            record.qc = result.qc.to_json() if result.qc else None
             stage = "write"
             with loaded.timer.stage("write"):
                 written = outputs.write_case_outputs(
                     folder, result, self.info.classes, self.options.outputs_for(result),
-                    self.options.statistics, self.options.preview, model=self.info)
+                    self.options.statistics, self.options.preview, model=self.info,
+                    review=review_text(result.qc.flags) if result.qc and result.qc.flagged
+                    else None)
             record.outputs = written.written
             record.pairing += written.notes
             record.warnings += written.warnings
@@ -190,6 +199,9 @@ class BatchRunner:
             self._say(f"  [yellow]--{key.replace('_', '-')}[/yellow]: {escape(what)}")
         for warning in record.warnings:
             self._say(f"  [yellow]warning[/yellow]: {escape(warning)}")
+        if result.qc and result.qc.flagged:
+            self._say(f"  [yellow]needs review[/yellow] (QC score {result.qc.score:.2f}): "
+                      + escape("; ".join(f.message for f in result.qc.flags)))
         self._flush()
 
 

@@ -11,6 +11,9 @@ the others' by the modified z-score of Iglewicz and Hoaglin, |x - median| / (1.4
 > 3.5, computed only with at least `MIN_CASES_FOR_OUTLIERS` cases (a MAD of fewer is
 noise). The scale has a floor of 5 % of the median so that near-identical volumes do not
 turn a 1 % difference into an outlier. A flag asks for a look, it is not a verdict.
+
+Quality control: cases its verdict flagged come first (then the others in run order), with
+"needs review", the score and each flag's sentence in the column beside the preview.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ border-radius:10px;font-weight:600;font-size:12px;color:#fff}.done{background:#2
 .failed{background:#c62828}.segmenting{background:#1565c0}.delivering{background:#6a1b9a}
 .received{background:#546e7a}.skipped{background:#8d6e63}.outlier{background:#fff3cd;
 font-weight:700}.outlier::after{content:" \\26A0 outlier";color:#b26a00;font-size:11px}
-.reason{color:#b71c1c;max-width:420px;overflow-wrap:anywhere}.uid{word-break:break-all;
+.reason{color:#b71c1c;max-width:420px;overflow-wrap:anywhere}.review{background:#e65100}
+ul.qc{margin:4px 0 0;padding-left:18px;color:#8a3b00;max-width:420px}.qcok{color:#2e7d32}.uid{word-break:break-all;
 max-width:240px;display:inline-block}td:first-child{min-width:190px}.nowrap{white-space:nowrap}.muted{color:#78828c}dl{margin:0}dt{font-weight:600}
 dd{margin:0 0 4px}.held{background:#b26a00}.flag{color:#b26a00}section.attention{background:#fff;
 border-left:4px solid #c62828;padding:8px 14px;margin:0 0 16px;box-shadow:0 1px 3px #0002}
@@ -168,6 +172,22 @@ def volume_cell(case: str, volumes: Mapping[str, float] | None,
     return "<dl>" + "".join(items) + "</dl>"
 
 
+def qc_cell(qc: Mapping[str, Any] | None) -> str:
+    """Quality control's verdict: the score, and for a flagged case each flag's sentence."""
+    if not qc:
+        return ""
+    score = f"QC score {float(qc.get('score', 0.0)):.2f}"
+    if not qc.get("flagged"):
+        return f'<div class="qcok">{esc(score)}</div>'
+    reasons = "".join(f"<li>{esc(f.get('message'))}</li>" for f in qc.get("flags", []))
+    return f'<div>{badge("review")} {esc(score)}</div><ul class="qc">{reasons}</ul>'
+
+
+def flagged_first(cases: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The cases with those quality control flagged first, each group in run order."""
+    return sorted(cases, key=lambda c: not (c.get("qc") or {}).get("flagged"))
+
+
 def engine_text(engine: Mapping[str, str]) -> str:
     return esc(" / ".join(engine.get(k, "?") for k in ("runtime", "device", "precision"))
                if engine else "-")
@@ -183,11 +203,11 @@ def batch_report_html(out: Path, report: dict[str, Any]) -> str:
                and (v := class_volumes(outputs.case_dir(out, c["case_id"]), classes))}
     flagged = outliers(volumes)
     rows = []
-    for c in cases:
+    for c in flagged_first(cases):
         folder = outputs.case_dir(out, c["case_id"])
         total = c.get("timings", {}).get("total")
         detail = (f'<div class="reason">{esc(c.get("stage"))}: {esc(c.get("error"))}</div>'
-                  if c["status"] == "failed" else esc(c.get("mode") or ""))
+                  if c["status"] == "failed" else esc(c.get("mode") or "") + qc_cell(c.get("qc")))
         rows.append([f"<b>{esc(c['case_id'])}</b><br>{badge(c['status'])}", detail,
                      thumb_cell(folder / outputs.PREVIEW, c["case_id"]),
                      volume_cell(c["case_id"], volumes.get(c["case_id"]), flagged),
@@ -198,9 +218,11 @@ def batch_report_html(out: Path, report: dict[str, Any]) -> str:
     subtitle = (f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed, "
                 f"{counts.get('skipped', 0)} skipped &middot; model {esc(model.get('name'))} "
                 f"&middot; started {esc(report.get('started'))} &middot; "
-                f"{len(flagged)} outlier volume(s) flagged")
+                f"{len(flagged)} outlier volume(s) flagged &middot; "
+                f"{sum(1 for c in cases if (c.get('qc') or {}).get('flagged'))} case(s) "
+                "need review (quality control)")
     return page("cmc segment report", subtitle,
-                ["case", "mode / reason", "preview", "class volumes", "runtime / device / "
+                ["case", "mode / reason / quality", "preview", "class volumes", "runtime / device / "
                  "precision", "time"], rows)
 
 

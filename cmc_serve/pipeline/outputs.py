@@ -237,7 +237,7 @@ def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[s
                                  ref.orientation_stated)
             done.written.extend([SEG_NIFTI, SEG_SIDECAR])
         stats = (class_statistics(result.labels, class_names, volume.affine,
-                                  result.loaded.on_reference)
+                                  result.loaded.on_reference, result.qc)
                  if statistics or "sr" in output_types else None)
         dicom_types = [t for t in DICOM_TYPES if t in output_types]
         if dicom_types:

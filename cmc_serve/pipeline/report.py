@@ -4,6 +4,9 @@ The report answers the questions users otherwise open issues about: which packag
 ran, which runtime/device/precision was really used (no silent CPU fallback), and where the
 time went per case and stage (read, pre-process, infer, post-process, write): end-to-end
 time is dominated by I/O and pre/post-processing far more often than by the network.
+Each case record carries quality control's verdict (`qc`, `CaseQc.to_json()`, also in the
+case's `done` record) and the report counts the flagged cases (`flagged`): a flagged case
+is done, with its outputs written, and only asks for a person's look.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-STAGES = ("read", "preprocess", "infer", "postprocess", "write")
+STAGES = ("read", "preprocess", "infer", "postprocess", "qc", "write")
 PACKAGES = ("cmc", "numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "openvino",
             "tensorrt", "tritonclient", "pydicom", "highdicom", "pillow", "rich")
 
@@ -74,6 +77,11 @@ class CaseRecord:
     # --skip-unreadable) -> what it covered in this case; and the inputs' geometry warnings
     assumptions: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    qc: dict[str, Any] | None = None  # CaseQc.to_json(); None with --qc off
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.qc and self.qc.get("flagged"))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,7 +125,8 @@ class RunReport:
             "command": sys.argv, "versions": package_versions(),
             "platform": {"machine": platform.machine(), "system": platform.system()},
             "model": self.model, "engine": self.engine, "options": self.options,
-            "counts": self.counts(), "stage_seconds": stage_totals,
+            "counts": self.counts(), "flagged": sum(c.flagged for c in self.cases),
+            "stage_seconds": stage_totals,
             "cases": [c.to_dict() for c in self.cases],
         }
 

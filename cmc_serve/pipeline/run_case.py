@@ -12,6 +12,12 @@ Geometry rules (orientation/flip errors are the most reported bug class of such 
   channels see the same anatomy voxel for voxel; the two are never paired by array index;
 - labels come back to the reference image's own grid by nearest neighbour (uint8 labels,
   never per-class probabilities), and their shape must equal the input's.
+
+Quality control (`qc`: "off" | "on" | "full", `QC_LEVELS`) judges each case after
+post-processing, on the model grid, from what segmenting produced: the fused pass's two
+decoders (same graph calls), the images as read, and with "full" also the a-only and
+b-only answers (two more passes, the cost of the cross-modal opinion). A flagged case is
+not a failed one: its outputs are written and say so (`CaseResult.qc`).
 """
 
 from __future__ import annotations
@@ -39,8 +45,14 @@ from cmc_serve.pipeline import library_warnings
 from cmc_serve.pipeline.cases import Case, Source
 from cmc_serve.pipeline.pairing import PairingError, PairingRules, pair_series
 from cmc_serve.pipeline.report import StageTimer
+from cmc_serve.qc.flags import CaseQc
+from cmc_serve.qc.inputs import RoleImage
 from cmc_serve.runtimes import RuntimeUnavailable
 from cmc_serve.volume import Volume
+
+# Quality control: none (speed runs), the signals of one fused pass, plus the cross-modal opinion.
+QC_OFF, QC_ON, QC_FULL = "off", "on", "full"
+QC_LEVELS = (QC_OFF, QC_ON, QC_FULL)
 
 
 class CaseError(CmcError):
@@ -80,6 +92,7 @@ class LoadedCase:
     timer: StageTimer = field(default_factory=StageTimer)
     assumptions: dict[str, str] = field(default_factory=dict)  # Assumptions.record
     warnings: list[str] = field(default_factory=list)
+    images: dict[str, RoleImage] = field(default_factory=dict)  # role -> image as read
 
 
 @dataclass
@@ -87,6 +100,7 @@ class CaseResult:
     loaded: LoadedCase
     labels: np.ndarray  # uint8, on the reference image's source grid
     engine: dict[str, str]
+    qc: CaseQc | None = None  # None with qc "off"
 
 
 # --------------------------------------------------------------------------- roles & mode
@@ -118,9 +132,13 @@ def assign_roles(case: Case, rules: PairingRules,
         pick = pair_series([s.summary for s in fixed if s.summary], rules, (role,),
                            where=str(fixed[0].path))
         series = pick.a if role == "a" else pick.b
-        if series is None:
-            raise PairingError(f"{fixed[0].path}: given as {role} ({name}) but "
-                               f"{'; '.join(pick.reasons)}")
+        if series is None:  # e.g. the MR folder given first: say what it holds instead
+            why = "; ".join(r.removeprefix(f"{role} ({name}): ") for r in pick.reasons)
+            held = ", ".join(s.summary.label() for s in fixed if s.summary)
+            slot = "INPUT" if role == "a" else "INPUT_B"
+            raise PairingError(f"{fixed[0].path}: given as {role} ({name}) but {why}; it holds "
+                               f"{held or 'no usable series'}: give the {name} series as "
+                               f"{slot}")
         chosen[role] = next(s for s in fixed if s.summary == series)
         reasons.extend(pick.reasons)
     rest = [r for r in roles if r not in chosen]
@@ -285,11 +303,14 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
         except PreprocessError as exc:
             raise CaseError("preprocess", f"{case.case_id}: {exc}") from exc
     return LoadedCase(case, mode, reference, prepared, on_reference, reasons, timer,
-                      assumptions.record(provenance.applied), provenance.warnings)
+                      assumptions.record(provenance.applied), provenance.warnings,
+                      {role: RoleImage(image.modality, image.volume.array, image.volume.affine)
+                       for role, image in images.items()})
 
 
-def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
-    """Infer on the prepared grid, then return uint8 labels to the reference's source grid."""
+def segment_case(loaded: LoadedCase, segmenter: Any, qc: str = QC_ON) -> CaseResult:
+    """Infer on the prepared grid, then return uint8 labels to the reference's source grid;
+    with `qc` other than "off", judge the answer (module docstring)."""
     from cmc_serve import postprocess
     from cmc_serve.preprocess import labels_to_source
 
@@ -299,7 +320,8 @@ def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
         try:
             result = segmenter.segment(
                 prep["a"].array if "a" in prep else None,
-                prep["b"].array if "b" in prep else None, loaded.mode)
+                prep["b"].array if "b" in prep else None, loaded.mode,
+                branches=qc != QC_OFF)
         except (RuntimeUnavailable, ModelFileError):
             raise  # the runtime or the model, not the case, is the problem: the run stops
         except Exception as exc:
@@ -311,10 +333,57 @@ def segment_case(loaded: LoadedCase, segmenter: Any) -> CaseResult:
         if labels.shape != ref.volume.shape:
             raise CaseError("postprocess", f"{loaded.case.case_id}: labels {labels.shape} do "
                                            f"not match the input shape {ref.volume.shape}")
+    verdict = None
+    if qc != QC_OFF:
+        with timer.stage("qc"):
+            verdict = assess_quality(loaded, segmenter, cleaned, result.branches, qc)
     engine = {k: str(getattr(result, k))
               for k in ("runtime", "device", "precision", "precision_reason")
               if getattr(result, k, None) is not None}
-    return CaseResult(loaded, labels, engine)
+    return CaseResult(loaded, labels, engine, verdict)
+
+
+def assess_quality(loaded: LoadedCase, segmenter: Any, labels: np.ndarray,
+                   branches: Any, qc: str) -> CaseQc:
+    """The verdict on one case from its model-grid `labels` (after post-processing), the
+    fused pass's `branches` and, with qc "full", the single-modality answers; signals that
+    could not be had are named in `signals` as unavailable, never filled in."""
+    from dataclasses import replace
+
+    from cmc_serve.qc.inputs import QcInputs
+    from cmc_serve.qc.verdict import assess_case
+
+    info = segmenter.model
+    prep = loaded.prepared
+    unavailable: dict[str, str] = {}
+    if loaded.mode == "fused" and branches is None:
+        unavailable["branches"] = ("unavailable: the fused graph returns no branch outputs "
+                                   "(exported before them, or a Triton repository that "
+                                   "does not declare them)")
+    single: dict[str, np.ndarray] = {}
+    if qc == QC_FULL and loaded.mode == "fused":
+        missing = [role for role in ROLES if role not in info.modes]
+        if missing:
+            unavailable["cross_modal"] = (f"unavailable: the model has no graph for mode "
+                                          f"{', '.join(missing)}")
+        else:
+            single = {role: _single_modality(prep, segmenter, role) for role in ROLES}
+    inputs = QcInputs(class_names=tuple(info.classes), mode=loaded.mode, labels=labels,
+                      affine=prep[loaded.reference.role].affine, images=loaded.images,
+                      branches=branches, single_modality=single)
+    verdict = assess_case(info.qc_reference, inputs)
+    if not unavailable:
+        return verdict
+    return replace(verdict, signals={**verdict.signals, **unavailable})
+
+
+def _single_modality(prep: dict[str, Any], segmenter: Any, role: str) -> np.ndarray:
+    """The `role`-only answer on the same model grid, post-processed as that mode is."""
+    from cmc_serve import postprocess
+
+    result = segmenter.segment(prep["a"].array if role == "a" else None,
+                               prep["b"].array if role == "b" else None, role)
+    return postprocess.apply(result.labels, segmenter.model.postprocessing, role)
 
 
 def _one_line(exc: BaseException) -> str:

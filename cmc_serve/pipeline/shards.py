@@ -131,6 +131,7 @@ def merged_report(out: Path, count: int, reports: dict[int, dict[str, Any] | Non
         "versions": _same_in_all(present, "versions"),
         "platform": _same_in_all(present, "platform"),
         "options": options, "shards": shards, "counts": counts,
+        "flagged": sum(1 for c in cases if (c.get("qc") or {}).get("flagged")),
         "stage_seconds": {s: round(sum(r.get("stage_seconds", {}).get(s, 0.0)
                                        for r in present), 4) for s in STAGES},
         "cases": cases,

@@ -2,7 +2,9 @@
 
 Measured on the user's own voxels (not the network's resampled grid), so the volumes agree
 with what a viewer shows for seg.nii.gz / seg.dcm. Intensities are raw scanner values (HU for
-CT); modality b is read on modality a's grid, where the labels are.
+CT); modality b is read on modality a's grid, where the labels are. With quality control on,
+each class also carries its QC score and the flags that concern it, and the file the case's
+verdict (`qc`: score, flagged, the case-level flags).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from cmc_serve.qc.flags import CaseQc
+
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
     """Volume of one voxel in millilitres (|det| of the affine's 3x3 part, mm^3 / 1000)."""
@@ -19,8 +23,10 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 
 
 def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.ndarray,
-                     images: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """{class name: {label, voxels, volume_ml, intensity: {modality: {mean, median}}}}.
+                     images: Mapping[str, np.ndarray], qc: CaseQc | None = None
+                     ) -> dict[str, Any]:
+    """{class name: {label, voxels, volume_ml, intensity: {modality: {mean, median}}}}, and
+    with `qc` per class {qc: {score, flags}} and the case's {qc: {score, flagged, flags}}.
 
     The background (label 0) is left out; an empty class has volume 0 and no intensities.
     """
@@ -44,4 +50,11 @@ def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.
         classes[class_names[label]] = {"label": label, "voxels": int(counts[label]),
                                        "volume_ml": round(float(counts[label]) * ml, 4),
                                        "intensity": intensity}
-    return {"voxel_volume_ml": ml, "classes": classes}
+    if qc is None:
+        return {"voxel_volume_ml": ml, "classes": classes}
+    for name, row in classes.items():
+        row["qc"] = {"score": round(float(qc.structures.get(name, 1.0)), 4),
+                     "flags": [f.to_json() for f in qc.flags if f.structure == name]}
+    return {"voxel_volume_ml": ml, "classes": classes,
+            "qc": {"score": round(float(qc.score), 4), "flagged": qc.flagged,
+                   "flags": [f.to_json() for f in qc.flags if f.structure is None]}}
