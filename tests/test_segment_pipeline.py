@@ -191,7 +191,9 @@ def test_input_b_with_the_wrong_modality_is_refused(tmp_path: Path, model_dir: P
     out = tmp_path / "out"
     r = fx.segment(tmp_path / "mr", tmp_path / "ct", "-o", out, "--model", model_dir)
     assert r.exit_code == 1
-    assert "given as a (ct) but a (ct): no series matches (Modality in ['CT']" in r.stderr
+    assert "given as a (ct) but no series matches (Modality in ['CT']" in r.stderr
+    assert "it holds series 5 't1 coronal' [MR" in r.stderr
+    assert "give the ct series as INPUT" in r.stderr
     assert not [p for p in out.iterdir() if p.is_dir()]
 
 
