@@ -1,0 +1,1 @@
+"""bench/qc.py's parts: the failure set (`cases`) and its scoring (`scoring`)."""

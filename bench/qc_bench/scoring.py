@@ -1,0 +1,82 @@
+"""Scoring the quality-control benchmark: each case's true Dice, AUROC of the QC score for
+a failed case, flag rates per kind.
+
+A case's true Dice is the mean over foreground classes of the Dice between `cmc segment`'s
+labels and the truth, on a's grid; a class absent from both counts as 1 (nothing to find,
+nothing found), so a head with no organ predicted scores 1 and one with organs predicted
+scores below. A failed case is one whose Dice lies more than FAILURE_MARGIN below the
+model's validation mean (recorded in the reference), or below ABSOLUTE_FAILURE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+
+FAILURE_MARGIN = 0.15
+ABSOLUTE_FAILURE = 0.5
+
+
+def mean_fg_dice(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    scores = []
+    for k in range(1, num_classes):
+        p, t = pred == k, truth == k
+        total = int(p.sum() + t.sum())
+        scores.append(1.0 if total == 0 else 2.0 * int((p & t).sum()) / total)
+    return float(np.mean(scores))
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of `scores` ranking the positives first (Mann-Whitney U,
+    ties counted half); None when one class is empty."""
+    pos = np.asarray(positive, bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(np.asarray(scores, np.float64))
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def summarise(rows: Sequence[dict[str, Any]], validation_mean: float,
+              ood_kinds: Sequence[str]) -> dict[str, Any]:
+    """The benchmark's figures from per-case rows {kind, dice, score, flagged}."""
+    threshold = validation_mean - FAILURE_MARGIN
+    doubt = [1.0 - r["score"] for r in rows]  # high: QC doubts the case
+    failed_rel = [r["dice"] < threshold for r in rows]
+    failed_abs = [r["dice"] < ABSOLUTE_FAILURE for r in rows]
+    kinds: dict[str, Any] = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        mine = [r for r in rows if r["kind"] == kind]
+        kinds[kind] = {"cases": len(mine),
+                       "flagged": sum(r["flagged"] for r in mine),
+                       "failed": sum(r["dice"] < threshold for r in mine),
+                       "mean_dice": round(float(np.mean([r["dice"] for r in mine])), 4),
+                       "mean_score": round(float(np.mean([r["score"] for r in mine])), 4)}
+    clean = [r for r in rows if r["kind"] == "in_distribution"]
+    ood = [r for r in rows if r["kind"] in ood_kinds]
+    flagged = [r["flagged"] for r in rows]
+    return {
+        "validation_mean_dice": round(validation_mean, 4),
+        "failure_threshold": round(threshold, 4),
+        "cases": len(rows), "failed": sum(failed_rel), "failed_absolute": sum(failed_abs),
+        "auroc_failed": auroc(doubt, failed_rel),
+        "auroc_dice_below_0.5": auroc(doubt, failed_abs),
+        "flagged_in_distribution": _share(clean),
+        "flagged_ood": _share(ood),
+        "flagged_among_failed": _share([r for r, f in zip(rows, failed_rel, strict=True) if f]),
+        "flagged_among_not_failed": _share([r for r, f in zip(rows, failed_rel, strict=True)
+                                            if not f]),
+        "flagged_total": sum(flagged),
+        "kinds": kinds,
+    }
+
+
+def _share(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    flagged = sum(r["flagged"] for r in rows)
+    return {"flagged": flagged, "cases": len(rows),
+            "share": round(flagged / len(rows), 4) if rows else None}
