@@ -58,6 +58,21 @@ def command(
                                                      "the study is failed.")] = 10,
     retry_delay: Annotated[float, typer.Option(
         min=0.0, help="Seconds before the first retry; doubles each time, at most 300.")] = 5.0,
+    flagged_to: Annotated[list[str] | None, typer.Option(
+        help="Send the results of a case quality control flagged to AET@HOST:PORT or a "
+             "DICOMweb URL (a review worklist) instead of --send-to/--stow (repeatable).")
+    ] = None,
+    hold_flagged: Annotated[bool, typer.Option(
+        "--hold-flagged", help="Keep flagged results in the spool until a person releases "
+                               "them on the status page (or with --release).")] = False,
+    redeliver: Annotated[list[str] | None, typer.Option(
+        help="At start: deliver again the results of this study (Study Instance UID) to the "
+             "destinations given now, skipping those that acknowledged them; 'all': every "
+             "failed delivery (failed ones also resume by themselves at every start).")
+    ] = None,
+    release: Annotated[list[str] | None, typer.Option(
+        help="At start: release this held study (UID, or 'all') to --send-to/--stow.")
+    ] = None,
     mode: so.Mode = "auto",
     runtime: so.Runtime = "auto",
     server: so.Server = None,
@@ -88,7 +103,9 @@ def command(
             ae_title=ae_title, host=host, port=port, allow=_split(allow), spool=spool,
             study_timeout=study_timeout, send_to=_split(send_to), stow=tuple(stow or ()),
             http_port=http_port, http_host=http_host,
-            retry=RetryPolicy(attempts=retries, first_delay=retry_delay))
+            retry=RetryPolicy(attempts=retries, first_delay=retry_delay),
+            flagged_to=_split(flagged_to), hold_flagged=hold_flagged,
+            redeliver=_split(redeliver), release=_split(release))
         listen(model, options, seg)
     except SegmentOptionError as exc:
         raise typer.BadParameter(exc.problem, param_hint=so.flag(exc.option)) from None

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +47,12 @@ class Study:
         return self.ct + self.mr
 
 
-def write_study(folder: Path, patient_id: str = "PAT1") -> Study:
+def write_study(folder: Path, patient_id: str = "PAT1", square: bool = False) -> Study:
+    """`square`: 32 x 32 slices (JPEG 2000's default six resolution levels need 32 pixels)."""
     study_uid = generate_uid(ROOT_UID)[:60]  # dicom_factory appends ".9" for the frame UID
-    ct = fx.ct_spec(study_uid)
-    mr = fx.mr_spec(study_uid)
+    size: dict[str, Any] = {"rows": 32, "cols": 32} if square else {}
+    ct = fx.ct_spec(study_uid, **size, **({"origin": (-32.0, -32.0, -11.0)} if square else {}))
+    mr = fx.mr_spec(study_uid, **size)
     ct_files = fx.write_phantom_series(folder / "ct", ct)
     mr_files = fx.write_phantom_series(folder / "mr", mr)
     for path in ct_files + mr_files:
@@ -123,6 +128,26 @@ class Node:
                 self.process.kill()
                 self.process.wait(timeout=30)
 
+    def health(self) -> dict[str, Any]:
+        """GET /health (the node was started with http=True)."""
+        return dict(json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{self.http_port}/health", timeout=10).read()))
+
+    def page(self) -> str:
+        """GET / : the status page's HTML."""
+        return str(urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/",
+                                          timeout=30).read().decode())
+
+    def press(self, action: str, study: str) -> int:
+        """Press a status page button: POST the form (with the page's token) like a browser;
+        returns the HTTP status after redirects."""
+        token = re.search(r'name="token" value="([^"]+)"', self.page())
+        assert token, "no action form on the status page"
+        body = urllib.parse.urlencode({"token": token[1], "study": study}).encode()
+        with urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{self.http_port}/{action}", data=body), timeout=30) as r:
+            return int(r.status)
+
     def state(self, study_uid: str) -> dict[str, Any] | None:
         path = self.spool / "studies" / study_uid / "study.json"
         try:
@@ -137,12 +162,14 @@ class Node:
 
 
 def send(files: Sequence[Path | pydicom.Dataset], port: int, calling_ae: str = "SENDER",
-         called_ae: str = "CMC", contexts: Sequence[str] | None = None) -> list[int]:
-    """C-STORE `files` to the node (pynetdicom SCU); returns each status (-1: no response).
+         called_ae: str = "CMC", contexts: Sequence[str] | None = None,
+         syntaxes: Sequence[str] = ("1.2.840.10008.1.2.1",)) -> list[int]:
+    """C-STORE `files` to the node (pynetdicom SCU) offering only `syntaxes` (default
+    Explicit VR Little Endian; a dataset is sent in the syntax it is stored in, so offer
+    that one for compressed files); returns each status (-1: no response).
 
     Raises AssertionError when the association is not established.
     """
-    from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom import AE
 
     datasets = [f if isinstance(f, pydicom.Dataset) else pydicom.dcmread(f) for f in files]
@@ -150,7 +177,7 @@ def send(files: Sequence[Path | pydicom.Dataset], port: int, calling_ae: str = "
     for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
         setattr(ae, name, 20)
     for uid in contexts or sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(uid, ExplicitVRLittleEndian)
+        ae.add_requested_context(uid, list(syntaxes))
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     assert assoc.is_established, f"association {'rejected' if assoc.is_rejected else 'failed'}"
     try:

@@ -66,7 +66,7 @@ def _exactly_one_seg(pacs: OrthancServer, study: Study, state: dict) -> pydicom.
     (instance,) = pacs.wait_for_seg(study.study_uid)
     seg = _seg(pacs, instance)
     _assert_seg_of(seg, study)
-    assert state["seg_uids"] == [seg.SOPInstanceUID]
+    assert state["result_uids"] == [seg.SOPInstanceUID]
     return seg
 
 
@@ -152,7 +152,7 @@ def test_destination_down_retried_then_delivered_once_across_sigkill(
     health = json.loads(urllib.request.urlopen(
         f"http://127.0.0.1:{node.http_port}/health", timeout=10).read())
     assert health["status"] == "degraded" and health["studies"]["delivering"] == 1
-    seg_uid = state["seg_uids"][0]
+    seg_uid = state["result_uids"][0]
     node.kill()  # while the delivery is being retried
     before = attempts()
 
@@ -162,7 +162,7 @@ def test_destination_down_retried_then_delivered_once_across_sigkill(
         later.start()  # the destination comes up: the next retry delivers
         state = node.wait_state(study.study_uid, ["done", "failed"])
         assert state["state"] == "done", state
-        assert state["seg_uids"] == [seg_uid]  # the SEG made before the kill, not a new one
+        assert state["result_uids"] == [seg_uid]  # the SEG made before the kill, not a new one
         seg = _exactly_one_seg(later, study, state)
         assert seg.SOPInstanceUID == seg_uid
         assert state["deliveries"][later.send_to]["delivered"] == [seg_uid]
@@ -220,15 +220,19 @@ def test_dcmtk_echoscu_sees_the_same_rules(guarded_node: Node) -> None:
     assert echo("INTRUDER") != 0
 
 
-def test_non_image_sop_class_is_refused(guarded_node: Node, tmp_path: Path) -> None:
+def test_non_image_sop_class_is_accepted_and_ignored(guarded_node: Node, tmp_path: Path) -> None:
+    """Objects the node does not segment are "stored" for the sender (its job goes on) and
+    kept nowhere: no study is opened for them."""
     sr = pydicom.Dataset()
     sr.SOPClassUID, sr.SOPInstanceUID = BASIC_TEXT_SR, generate_uid(ROOT_UID)
     sr.StudyInstanceUID, sr.SeriesInstanceUID = generate_uid(ROOT_UID), generate_uid(ROOT_UID)
     sr.Modality, sr.PatientID = "SR", "PAT-SR"
     sr.file_meta = FileMetaDataset()
     sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    assert send([sr], guarded_node.port) == [0x0122]  # Refused: SOP Class not supported
+    assert send([sr], guarded_node.port) == [0]
     assert not (guarded_node.spool / "studies" / sr.StudyInstanceUID).exists()
+    assert (f"ignored Basic Text SR Storage instance {sr.SOPInstanceUID} of study "
+            f"{sr.StudyInstanceUID} from SENDER (not segmented)") in guarded_node.output()
 
 
 def test_truncated_instance_refused_without_affecting_the_study(

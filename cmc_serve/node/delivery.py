@@ -1,19 +1,23 @@
-"""Sending a study's DICOM SEG back: C-STORE (`--send-to AET@HOST:PORT`) and STOW-RS (`--stow URL`).
+"""Sending a study's DICOM results back: C-STORE (`--send-to AET@HOST:PORT`) and STOW-RS (`--stow URL`).
+
+The results are every DICOM file `cmc segment` wrote in the case folder (`result_files`:
+the SEG first, then RTSTRUCT, then SR, which references the SEG), each sent with its own SOP
+class and its written transfer syntax.
 
 Rules, from what goes wrong in deployments:
 - C-STORE uses the node's own AE title as calling AE: that is the title the PACS was told
   about (Orthanc: `DicomModalities`). A PACS that does not know it rejects the association,
   or (Orthanc 1.10) accepts it and aborts at the C-STORE; either way the error says so and
   what to configure, instead of a bare "association rejected" or "no response".
-- A SEG is only ever sent with the SOP Instance UID it was written with (it is kept in the
-  spool), and the ledger (`spool.Delivery.delivered`) records every UID a destination
+- A result is only ever sent with the SOP Instance UID it was written with (it is kept in
+  the spool), and the ledger (`spool.Delivery.delivered`) records every UID a destination
   acknowledged, persisted right after the acknowledgement: a resumed or retried delivery
   skips those, so a destination never gets a SEG twice. (If the node dies between the
   acknowledgement and the ledger write, the same instance is sent again with the same UID,
   which a PACS stores as the same object, not a second SEG.)
 - A failed send is retried with exponential backoff (`RetryPolicy`); the study waits in
   `delivering` meanwhile without holding up other studies, and after the last attempt it is
-  `failed` with the destination's last error.
+  `failed` with the destination's last error; it stays re-deliverable (`spool.requeue_delivery`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from cmc_common.errors import CmcError
 from cmc_serve.node.spool import Delivery
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 NETWORK_TIMEOUT = 30.0  # seconds for connects, DIMSE responses and HTTP requests
 
 _SEND_TO = re.compile(r"^(?P<aet>[^@\s\\]{1,16})@(?P<host>[^:\s]+):(?P<port>\d{1,5})$")
@@ -44,7 +50,7 @@ class Destination(Protocol):
         """The destination as the user gave it (the ledger's key)."""
 
     def send(self, path: Path) -> None:
-        """Send one SEG file; raise DeliveryError when the destination did not store it."""
+        """Send one result file; raise DeliveryError when the destination did not store it."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,11 @@ class CStoreDestination:
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE
 
+        ds = pydicom.dcmread(path)
+        written = str(ds.file_meta.TransferSyntaxUID)
         ae = AE(ae_title=self.calling_ae)
-        ae.add_requested_context(SEGMENTATION_STORAGE,
-                                 [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(str(ds.SOPClassUID), list(dict.fromkeys(
+            [written, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
         for name in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
             setattr(ae, name, NETWORK_TIMEOUT)
         assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
@@ -92,7 +100,7 @@ class CStoreDestination:
             raise DeliveryError(f"C-STORE to {self.name}: no association (destination down, "
                                 "unreachable or aborted)")
         try:
-            status = assoc.send_c_store(pydicom.dcmread(path))
+            status = assoc.send_c_store(ds)
         except (ValueError, RuntimeError) as exc:
             raise DeliveryError(f"C-STORE to {self.name}: {exc}") from exc
         finally:
@@ -137,29 +145,46 @@ class StowDestination:
         failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
         if failed:
             reason = failed[0].get("FailureReason", "?")
-            raise DeliveryError(f"STOW-RS to {self.url}: the service refused the SEG "
+            raise DeliveryError(f"STOW-RS to {self.url}: the service refused {path.name} "
                                 f"(FailureReason {reason})")
 
 
-def parse_send_to(text: str, calling_ae: str) -> CStoreDestination:
+def parse_send_to(text: str, calling_ae: str, flag: str = "--send-to") -> CStoreDestination:
     m = _SEND_TO.match(text.strip())
     if not m or not 1 <= int(m["port"]) <= 65535:
-        raise ValueError(f"--send-to {text!r}: expected AET@HOST:PORT, e.g. ORTHANC@pacs:4242")
+        raise ValueError(f"{flag} {text!r}: expected AET@HOST:PORT, e.g. ORTHANC@pacs:4242")
     return CStoreDestination(m["aet"], m["host"], int(m["port"]), calling_ae)
 
 
-def parse_stow(text: str) -> StowDestination:
+def parse_stow(text: str, flag: str = "--stow") -> StowDestination:
     if not re.match(r"^https?://[^\s/]+", text.strip()):
-        raise ValueError(f"--stow {text!r}: expected the DICOMweb root URL, e.g. "
+        raise ValueError(f"{flag} {text!r}: expected the DICOMweb root URL, e.g. "
                          "http://pacs:8042/dicom-web")
     return StowDestination(text.strip())
 
 
-def deliver(ledger: dict[str, Delivery], seg_files: Sequence[tuple[Path, str]],
+def result_order(sop_class: str) -> int:
+    """Where a result goes in the sending order: SEG, RTSTRUCT, others, SR (which
+    references the others, so a PACS has them when it reads the report)."""
+    if sop_class == SEGMENTATION_STORAGE:
+        return 0
+    if sop_class == RTSTRUCT_STORAGE:
+        return 1
+    return 3 if sop_class.startswith(SR_PREFIX) else 2
+
+
+def parse_destination(text: str, calling_ae: str) -> Destination:
+    """`--flagged-to`: a DICOMweb root URL or AET@HOST:PORT."""
+    if re.match(r"^https?://", text.strip()):
+        return parse_stow(text, "--flagged-to")
+    return parse_send_to(text, calling_ae, "--flagged-to")
+
+
+def deliver(ledger: dict[str, Delivery], results: Sequence[tuple[Path, str]],
             destinations: Sequence[Destination], policy: RetryPolicy,
             save: Callable[[], None], say: Callable[[str], Any]) -> None:
-    """One delivery pass: every due destination gets the SEGs (path, SOP Instance UID) it
-    has not acknowledged; the ledger is updated and `save`d after every acknowledgement and
+    """One delivery pass: every due destination gets the results (path, SOP Instance UID)
+    it has not acknowledged; the ledger is updated and `save`d after every acknowledgement and
     every failure. Destinations waiting for their next try are left alone."""
     now = time.time()
     for dest in destinations:
@@ -167,13 +192,13 @@ def deliver(ledger: dict[str, Delivery], seg_files: Sequence[tuple[Path, str]],
         if entry.status != "pending" or entry.next_try > now:
             continue
         try:
-            for path, uid in seg_files:
+            for path, uid in results:
                 if uid in entry.delivered:
                     continue
                 dest.send(path)
                 entry.delivered.append(uid)
                 save()
-                say(f"delivered SEG {uid} to {dest.name}")
+                say(f"delivered {path.name} {uid} to {dest.name}")
         except DeliveryError as exc:
             entry.attempts += 1
             entry.last_error = str(exc)

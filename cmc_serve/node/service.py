@@ -6,7 +6,9 @@ malformed destination, a spool that is not a spool, a non-loopback address witho
 allow-list, a port in use. Then: the Storage SCP and (optionally) the status page serve in
 background threads and the worker runs in the calling thread until `stop` is set or
 SIGTERM/SIGINT arrives; the study in flight is finished (segmented and its delivery
-attempted) before the node exits, and whatever is left resumes at the next start.
+attempted) before the node exits, and whatever is left resumes at the next start, failed
+deliveries included (with the destinations given now). `redeliver` / `release` (study UIDs
+or "all") are carried out once the node is up, like the status page's buttons.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any
 from cmc_serve.node.delivery import (
     Destination,
     RetryPolicy,
+    parse_destination,
     parse_send_to,
     parse_stow,
 )
 from cmc_serve.node.scp import ListenError, StorageSCP, check_listen_address
-from cmc_serve.node.spool import Spool, SpoolError
-from cmc_serve.node.worker import Worker
+from cmc_serve.node.spool import Spool, SpoolError, valid_uid
+from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, Routing, Worker
 from cmc_serve.pipeline.api import SegmentOptions
 
 POLL_SECONDS = 0.25
@@ -49,6 +52,10 @@ class ListenOptions:
     http_port: int | None = None  # status page and /health
     http_host: str = "127.0.0.1"  # the page shows patient IDs: loopback unless asked
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    flagged_to: tuple[str, ...] = ()  # flagged results go here instead (AET@HOST:PORT, URL)
+    hold_flagged: bool = False  # flagged results wait in the spool for a person
+    redeliver: tuple[str, ...] = ()  # study UIDs or "all", re-queued once the node is up
+    release: tuple[str, ...] = ()  # held study UIDs or "all"
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title) <= 16 or "\\" in self.ae_title:
@@ -57,13 +64,22 @@ class ListenOptions:
             raise ListenError(f"--study-timeout {self.study_timeout}: must be above 0 seconds")
         if self.retry.attempts < 1 or self.retry.first_delay < 0:
             raise ListenError("--retries must be at least 1 and --retry-delay not negative")
+        if self.flagged_to and self.hold_flagged:
+            raise ListenError("--flagged-to and --hold-flagged: choose one (send flagged "
+                              "results to a review destination, or hold them in the spool)")
+        for flag, values in (("--redeliver", self.redeliver), ("--release", self.release)):
+            for value in values:
+                if value != ALL and not valid_uid(value):
+                    raise ListenError(f"{flag} {value!r}: give a Study Instance UID or 'all'")
 
-    def destinations(self) -> list[Destination]:
+    def routing(self) -> Routing:
         try:
-            found: list[Destination] = [parse_send_to(t, self.ae_title) for t in self.send_to]
-            return found + [parse_stow(t) for t in self.stow]
+            normal: list[Destination] = [parse_send_to(t, self.ae_title) for t in self.send_to]
+            normal += [parse_stow(t) for t in self.stow]
+            flagged = [parse_destination(t, self.ae_title) for t in self.flagged_to]
         except ValueError as exc:
             raise ListenError(str(exc)) from None
+        return Routing(tuple(normal), tuple(flagged), self.hold_flagged)
 
 
 def _say_to_stderr(text: str) -> None:
@@ -138,21 +154,28 @@ def listen(model: Path | str, options: ListenOptions | None = None,
     # the node segments each study completely: no shard, no --continue
     seg_options = replace(seg_options, resume=False, shard=None)
     stop = stop or threading.Event()
-    destinations = options.destinations()
-    if destinations and seg_options.output_types and "dicom-seg" not in seg_options.output_types:
-        raise ListenError("--send-to/--stow deliver the DICOM SEG: --output-type must include "
-                          "dicom-seg (or be auto)")
+    routing = options.routing()
+    if ((routing.normal or routing.flagged_to) and seg_options.output_types
+            and all(t == "nifti" for t in seg_options.output_types)):
+        raise ListenError("--send-to/--stow/--flagged-to deliver DICOM results: --output-type "
+                          "must include dicom-seg (or be auto)")
     check_listen_address(options.host, options.allow)
     with _open_segmenter(model, seg_options) as segmenter:
         try:
             # last check (a refused start creates nothing); held until the node stops
             spool = Spool.open(options.spool, exclusive=True)
         except SpoolError as exc:
-            raise ListenError(str(exc)) from exc
+            hint = ("; a running node takes --redeliver / --release from its status page's "
+                    "buttons (--http-port)" if options.redeliver or options.release else "")
+            raise ListenError(f"{exc}{hint}") from exc
         scp = StorageSCP(spool, options.ae_title, options.host, options.port, options.allow,
                          say)
-        worker = Worker(spool, model, seg_options, segmenter, destinations, options.retry,
+        worker = Worker(spool, model, seg_options, segmenter, routing, options.retry,
                         options.study_timeout, say)
+        worker.resume_failed_deliveries()
+        for action, uids in ((REDELIVER, options.redeliver), (RELEASE, options.release)):
+            for uid in uids:
+                worker.request(action, uid)
         status = None
         scp.start()
         try:
@@ -162,7 +185,7 @@ def listen(model: Path | str, options: ListenOptions | None = None,
                 status = StatusServer(spool, worker, scp, options.http_host,
                                       options.http_port)
                 status.start()
-            _announce(options, destinations, spool, say)
+            _announce(options, routing, spool, say)
             with _Signals(stop, say):
                 while not stop.is_set():
                     if not worker.step():
@@ -175,14 +198,19 @@ def listen(model: Path | str, options: ListenOptions | None = None,
     say("stopped")
 
 
-def _announce(options: ListenOptions, destinations: list[Destination], spool: Spool,
+def _announce(options: ListenOptions, routing: Routing, spool: Spool,
               say: Callable[[str], Any]) -> None:
     allow = ",".join(options.allow) or "any calling AE title (loopback)"
     say(f"{options.ae_title} listening on {options.host}:{options.port}, accepting {allow}; "
         f"spool {spool.root}; study complete after {options.study_timeout:g} s without "
         "instances")
-    say("deliver to: " + (", ".join(d.name for d in destinations) or "nowhere (SEGs stay in "
-                                                                       "the spool)"))
+    say("deliver to: " + (", ".join(d.name for d in routing.normal)
+                          or "nowhere (results stay in the spool)"))
+    if routing.flagged_to:
+        say("flagged results to: " + ", ".join(d.name for d in routing.flagged_to)
+            + " (instead)")
+    elif routing.hold:
+        say("flagged results: held in the spool until released on the status page")
     if options.http_port is not None:
         say(f"status page http://{options.http_host}:{options.http_port}/  health "
             f"http://{options.http_host}:{options.http_port}/health")

@@ -12,16 +12,23 @@ Why it is safe to kill the node at any moment (SIGKILL included):
   *before* the C-STORE response says "stored": what the sender was told is on disk;
 - study.json is replaced the same way at every state change, so it is always a complete
   record of one state: received -> segmenting -> delivering -> done | failed (with the
-  one-line reason);
+  one-line reason), or held (a flagged result waiting for a person, `--hold-flagged`);
 - on start-up (`Spool.open`) a study left in `segmenting` goes back to `received` (it is
   segmented again; nothing of it was sent yet), a study in `delivering` is retried at once
-  (its SEG files and the delivery ledger are on disk, see `delivery`), and temporaries of
+  (its result files and the delivery ledger are on disk, see `delivery`), and temporaries of
   interrupted writes are removed.
+Nothing is lost after an outage: a study whose delivery failed after the retries keeps its
+results and ledger (state `failed`, `delivery_failed`); `requeue_delivery` puts it back in
+`delivering` with fresh attempts for the destinations that did not acknowledge it (the
+node does this at every start, and on `--redeliver` or the status page's button), and a
+destination that acknowledged a result is never sent it again.
 Instances that arrive for a study that is already segmented reopen it once the current
 round is finished: the study is segmented again with every instance received (a PACS that
 sends a study in several associations, spread over minutes, is common). An instance re-sent
 byte for byte unchanged is not new and reopens nothing, so a PACS routing rule that fires
-again when the SEG arrives cannot start a loop.
+again when the SEG arrives cannot start a loop (a re-send of a study whose delivery failed
+does requeue that delivery: the PACS is evidently back). Objects the node does not segment
+are never stored here; the SCP only counts them on their study (`record_ignored`).
 UIDs are used as file names only when they are valid UIDs (digits and dots, <= 64
 characters), so a crafted UID cannot escape the spool.
 """
@@ -47,10 +54,11 @@ STUDY_FILE = "study.json"
 INSTANCES = "instances"
 OUT = "out"
 
-RECEIVED, SEGMENTING, DELIVERING, DONE, FAILED = (
-    "received", "segmenting", "delivering", "done", "failed")
-STATES = (RECEIVED, SEGMENTING, DELIVERING, DONE, FAILED)
-FINISHED = (DONE, FAILED)
+RECEIVED, SEGMENTING, DELIVERING, DONE, FAILED, HELD = (
+    "received", "segmenting", "delivering", "done", "failed", "held")
+STATES = (RECEIVED, SEGMENTING, DELIVERING, DONE, FAILED, HELD)
+FINISHED = (DONE, FAILED, HELD)  # the worker has nothing more to do (held: a person has)
+NORMAL, FLAGGED = "normal", "flagged"  # which destinations a study's results go to
 
 _UID = re.compile(r"^[0-9](?:[0-9.]{0,63})$")
 
@@ -112,21 +120,36 @@ class Study:
     segment_seconds: float | None = None
     case_id: str | None = None
     engine: dict[str, str] = field(default_factory=dict)
-    seg_files: list[str] = field(default_factory=list)  # relative to the study folder
-    seg_uids: list[str] = field(default_factory=list)
+    # the DICOM results to deliver, SEG first (relative to the study folder), and their
+    # SOP Instance UIDs; empty until a round's segmentation succeeded
+    result_files: list[str] = field(default_factory=list)
+    result_uids: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    qc: dict[str, Any] | None = None  # the case's quality verdict: score, flagged, flags
+    route: str = NORMAL  # FLAGGED: the results go to --flagged-to instead
     deliveries: dict[str, Delivery] = field(default_factory=dict)
     refused: list[list[str]] = field(default_factory=list)  # [SOP Instance UID, reason]
+    ignored: dict[str, int] = field(default_factory=dict)  # SOP class name -> count
     finished: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Study:
         data = dict(data)
+        # spools written before RTSTRUCT / SR outputs named the results after the SEG
+        for old, new in (("seg_files", "result_files"), ("seg_uids", "result_uids")):
+            if old in data:
+                data[new] = data.pop(old)
         data["deliveries"] = {k: Delivery(**v) for k, v in data.get("deliveries", {}).items()}
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def delivery_failed(self) -> bool:
+        """Failed because a destination gave up (its results wait to be delivered)."""
+        return self.state == FAILED and bool(self.result_files) and any(
+            d.status == "failed" for d in self.deliveries.values())
 
     def set_state(self, state: str, note: str = "", reason: str | None = None) -> None:
         self.state, self.reason = state, reason
@@ -152,9 +175,10 @@ class Spool:
         self.root = Path(root)
         self._lock = threading.RLock()
         self._last_arrival: dict[str, float] = {}
-        # study UID -> (state, first_received), kept in step with every study.json written,
-        # so the worker's poll and /health never read thousands of finished studies' files
-        self._index: dict[str, tuple[str, float]] = {}
+        # study UID -> (state, first_received, delivery_failed), kept in step with every
+        # study.json written, so the worker's poll and /health never read thousands of
+        # finished studies' files
+        self._index: dict[str, tuple[str, float, bool]] = {}
         self._held: Any = None  # the open lock file of an exclusive spool
 
     # ------------------------------------------------------------------ opening
@@ -194,7 +218,7 @@ class Spool:
                 leftover.unlink(missing_ok=True)
             study = self.get(folder.name)
             if study is not None:
-                self._index[study.study_uid] = (study.state, study.first_received)
+                self._index_study(study)
             if study is None:  # killed between its first instance and its study.json
                 if valid_uid(folder.name) and any(folder.glob(f"{INSTANCES}/*.dcm")):
                     study = Study(folder.name, first_received=time.time())
@@ -259,7 +283,8 @@ class Spool:
         that many of the most recent."""
         with self._lock:
             index = sorted(self._index.items(), key=lambda item: item[1][1])
-        uids = [uid for uid, (state, _) in index if not unfinished_only or state not in FINISHED]
+        uids = [uid for uid, (state, _, _) in index
+                if not unfinished_only or state not in FINISHED]
         if newest is not None:
             uids = uids[-newest:] if newest else []
         found = (self.get(uid) for uid in uids)
@@ -268,26 +293,38 @@ class Spool:
     def counts(self) -> dict[str, int]:
         """How many studies are in each state."""
         with self._lock:
-            states = [state for state, _ in self._index.values()]
+            states = [state for state, _, _ in self._index.values()]
         return {state: states.count(state) for state in STATES}
+
+    def failed_deliveries(self) -> list[Study]:
+        """The studies whose delivery failed after the retries, oldest first."""
+        with self._lock:
+            uids = [uid for uid, (_, first, failed) in sorted(
+                self._index.items(), key=lambda item: item[1][1]) if failed]
+        found = (self.get(uid) for uid in uids)
+        return [s for s in found if s is not None and s.delivery_failed]
+
+    def _index_study(self, study: Study) -> None:
+        with self._lock:
+            self._index[study.study_uid] = (study.state, study.first_received,
+                                            study.delivery_failed)
 
     def _save(self, study: Study) -> None:
         data = json.dumps(study.to_dict(), indent=1).encode()
         durable_write(self.study_dir(study.study_uid) / STUDY_FILE, data)
-        with self._lock:
-            self._index[study.study_uid] = (study.state, study.first_received)
+        self._index_study(study)
 
     def update(self, study: Study) -> None:
         """Persist `study` (a copy obtained from `get`, changed by the caller); the refusals
-        the SCP recorded meanwhile are kept."""
+        and ignored objects the SCP recorded meanwhile are kept."""
         with self._lock:
-            self._keep_refusals(study)
+            self._keep_receipts(study)
             self._save(study)
 
-    def _keep_refusals(self, study: Study) -> None:
+    def _keep_receipts(self, study: Study) -> None:
         current = self.get(study.study_uid)
         if current is not None:
-            study.refused = current.refused
+            study.refused, study.ignored = current.refused, current.ignored
 
     def finish_round(self, study: Study, state: str, note: str = "",
                      reason: str | None = None) -> None:
@@ -295,7 +332,7 @@ class Spool:
         arrived since its segmentation started: then it goes back to `received` for a new
         round (under the lock the SCP takes, so a late instance reopens a study once)."""
         with self._lock:
-            self._keep_refusals(study)
+            self._keep_receipts(study)
             if self.arrived_since(study):
                 study.round += 1
                 study.set_state(RECEIVED, f"instances arrived during round {study.round - 1}: "
@@ -321,7 +358,11 @@ class Spool:
         worker finishes in between is reopened here, so no instance is left unsegmented."""
         path = self.instances_dir(study_uid) / f"{sop_uid}.dcm"
         if _same_content(path, data):
-            return  # re-sent unchanged (a PACS rule fired again): nothing new to segment
+            # re-sent unchanged (a PACS rule fired again): nothing new to segment; but a
+            # PACS that sends again is up again, so a failed delivery is tried again
+            self.requeue_delivery(study_uid, "instances re-sent: delivery tried again",
+                                  only_failed=True)
+            return
         durable_write(path, data)
         with self._lock:
             self._last_arrival[study_uid] = time.time()
@@ -343,6 +384,43 @@ class Spool:
             if study is not None:
                 study.refused.append([sop_uid, reason])
                 self._save(study)
+
+    def record_ignored(self, study_uid: str, sop_class_name: str) -> None:
+        """Count an object the SCP accepted without storing it (known studies only)."""
+        with self._lock:
+            study = self.get(study_uid) if valid_uid(study_uid) else None
+            if study is not None:
+                study.ignored[sop_class_name] = study.ignored.get(sop_class_name, 0) + 1
+                self._save(study)
+
+    # ------------------------------------------------------------------ after a failure
+    def requeue_delivery(self, study_uid: str, note: str, only_failed: bool = False,
+                         route: str | None = None) -> str | None:
+        """Put a study's results back in `delivering`; None when done, else why not.
+
+        A study that failed delivery, or one that is done or held (`only_failed` False),
+        qualifies when it has results; every destination that gave up gets fresh attempts,
+        the ledger of what each acknowledged is kept (so nothing is sent twice), and a
+        destination given now that is not in the ledger yet is tried too. `route` changes
+        which destinations the results go to (releasing a held study: NORMAL)."""
+        with self._lock:
+            if only_failed and not self._index.get(study_uid, (RECEIVED, 0.0, False))[2]:
+                return f"study {study_uid}: no failed delivery"  # the index says so: no read
+            study = self.get(study_uid) if valid_uid(study_uid) else None
+            if study is None:
+                return f"study {study_uid}: not in the spool"
+            if only_failed and not study.delivery_failed:
+                return f"study {study_uid}: no failed delivery"
+            if study.state not in FINISHED or not study.result_files:
+                return (f"study {study_uid}: nothing to deliver (state {study.state}"
+                        f"{'' if study.result_files else ', no results'})")
+            for entry in study.deliveries.values():
+                if entry.status == "failed":
+                    entry.status, entry.attempts, entry.next_try = "pending", 0, 0.0
+            study.route = route or study.route
+            study.set_state(DELIVERING, note)
+            self._save(study)
+            return None
 
     # ------------------------------------------------------------------ the worker's view
     def reset_output(self, study_uid: str) -> Path:
