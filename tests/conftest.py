@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import segment_fixtures as fx
 
-# triton_install, tiny_model_dir, triton_server: a real tritonserver (tests marked triton).
-pytest_plugins = ["triton_fixture"]
+# triton_install, tiny_model_dir, triton_server: a real tritonserver (tests marked triton);
+# slurm_cluster: a real single-node Slurm (munged, slurmctld, slurmd).
+pytest_plugins = ["triton_fixture", "slurm_fixture"]
 
 
 @pytest.fixture(scope="module")
