@@ -3,13 +3,18 @@ an independent reader, give back the labels (holes and several components per sl
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import segment_fixtures as fx
 from dicom_checks import dciodvfy_errors, dice, fill_rtstruct
 from dicom_factory import SeriesSpec, write_series
+from pydicom.sr.codedict import codes
 
 from cmc_serve.dicom import LoadedSeries, load_series, scan_folder
 from cmc_serve.dicom.contours import mask_contours
@@ -124,3 +129,59 @@ def test_rtstruct_refusals(tmp_path: Path) -> None:
         write_rtstruct(ring_and_islands(loaded.volume.shape), no_frame, CLASSES,
                        tmp_path / "b.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+def _case_objects(out: Path) -> tuple[Path, dict]:
+    (case,) = [p for p in out.iterdir() if p.is_dir()]
+    return case, json.loads((case / "done").read_text())
+
+
+def test_segment_writes_rtstruct_and_report_beside_the_seg(tmp_path: Path,
+                                                           model_dir: Path) -> None:
+    """`--output-type auto,rtstruct,sr`: the RTSTRUCT's contours filled again agree with
+    seg.nii.gz (Dice >= 0.95 per structure; pixel-edge contours give 1.0), the report's
+    volumes are statistics.json's, each mode gets its own series numbers and says its mode,
+    and Orthanc stores all three objects and returns them unchanged."""
+    from orthanc_fixture import orthanc_server, require_orthanc
+
+    require_orthanc()
+
+    uid = "1.2.826.0.1.3680043.8.498.94"
+    ct = fx.ct_spec(uid)
+    fx.write_phantom_series(tmp_path / "study" / "ct", ct)
+    fx.write_phantom_series(tmp_path / "study" / "mr", fx.mr_spec(uid))
+    sources = sorted((pydicom.dcmread(p) for p in (tmp_path / "study" / "ct").iterdir()),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    objects = []
+    for mode, numbers, text in (("fused", (300, 310, 320), "CT+MR fused"),
+                                ("a", (301, 311, 321), "CT only")):
+        out = tmp_path / f"out-{mode}"
+        r = fx.segment(tmp_path / "study", "-o", out, "--model", model_dir, "--runtime",
+                       "onnxruntime", "--mode", mode, "--output-type", "auto,rtstruct,sr",
+                       "--statistics")
+        assert r.exit_code == 0, r.output
+        case, record = _case_objects(out)
+        assert {"seg.nii.gz", "seg.dcm", "rtstruct.dcm", "sr.dcm"} <= set(record["outputs"])
+        labels, _ = fx.read_labels(case / "seg.nii.gz")
+        filled = fill_rtstruct(case / "rtstruct.dcm", sources)
+        assert set(filled) == {fx.CLASSES[k] for k in np.unique(labels) if k}
+        for name, mask in filled.items():
+            assert dice(mask, labels == fx.CLASSES.index(name)) >= 0.95
+        stats = json.loads((case / "statistics.json").read_text())["classes"]
+        for group in hd.sr.srread(case / "sr.dcm").content \
+                .get_volumetric_roi_measurement_groups():
+            (volume,) = group.get_measurements(name=codes.SCT.Volume)
+            assert volume.value == pytest.approx(stats[group.tracking_identifier]["volume_ml"])
+        for name, number in zip(("seg.dcm", "rtstruct.dcm", "sr.dcm"), numbers, strict=True):
+            assert dciodvfy_errors(case / name) == []
+            ds = pydicom.dcmread(case / name, stop_before_pixels=True)
+            assert int(ds.SeriesNumber) == number and text in ds.SeriesDescription
+            objects.append(case / name)
+
+    with contextmanager(orthanc_server)(tmp_path / "orthanc") as pacs:
+        ids = [pacs.post("/instances", p.read_bytes())["ID"] for p in objects]
+        for path, instance in zip(objects, ids, strict=True):
+            assert pacs.get_bytes(f"/instances/{instance}/file") == path.read_bytes()
+        modalities = sorted(pacs.get(f"/series/{pacs.get(f'/instances/{i}')['ParentSeries']}")
+                            ["MainDicomTags"]["Modality"] for i in ids)
+        assert modalities == ["RTSTRUCT", "RTSTRUCT", "SEG", "SEG", "SR", "SR"]

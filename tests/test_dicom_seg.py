@@ -12,6 +12,7 @@ from dicom_checks import dciodvfy_errors
 from dicom_factory import SeriesSpec, write_series
 
 from cmc_serve.dicom import DicomSegError, LoadedSeries, load_series, scan_folder
+from cmc_serve.dicom.derived import TYPE2_ATTRIBUTES as TYPE2
 from cmc_serve.dicom.derived import Provenance
 from cmc_serve.dicom.seg_writer import write_dicom_seg
 
@@ -149,3 +150,39 @@ def test_seg_codes_laterality_and_provenance(tmp_path: Path) -> None:
     assert "mode=b" in algorithm.AlgorithmParameters
     described = hd.seg.segread(out).get_segment_description(3)
     assert described.segmented_property_type.value == "64033007"
+
+
+def test_series_without_type2_attributes_is_written_with_them_empty(
+        tmp_path: Path, model_dir: Path) -> None:
+    """Some anonymisers remove PatientBirthDate, PatientSex, StudyID, AccessionNumber and
+    ReferringPhysicianName instead of emptying them: the SEG, RTSTRUCT and report are written
+    with them empty (as the standard allows), the source files are left as they were, and
+    the case record says so."""
+    import json
+
+    import segment_fixtures as fx
+
+    removed = ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+               "ReferringPhysicianName")
+    folder = tmp_path / "ct"
+    for path in fx.write_phantom_series(folder, fx.ct_spec("1.2.826.0.1.3680043.8.498.95")):
+        ds = pydicom.dcmread(path)
+        for keyword in removed:
+            delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    r = fx.segment(folder, "-o", tmp_path / "out", "--model", model_dir, "--runtime",
+                   "onnxruntime", "--output-type", "auto,rtstruct,sr")
+    assert r.exit_code == 0, r.output
+    (case,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    record = json.loads((case / "done").read_text())
+    (warning,) = [w for w in record["warnings"] if "Type 2" in w]
+    assert warning == ("seg.dcm, rtstruct.dcm, sr.dcm: the source series lacks the Type 2 "
+                       "attributes " + ", ".join(sorted(removed, key=TYPE2.index))
+                       + "; written empty, as the standard allows")
+    assert "Type 2 attributes" in r.stderr  # said on the console too
+    for name in ("seg.dcm", "rtstruct.dcm", "sr.dcm"):
+        written = pydicom.dcmread(case / name, stop_before_pixels=True)
+        assert all(keyword in written and not written[keyword].value for keyword in removed)
+        assert dciodvfy_errors(case / name) == []
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
