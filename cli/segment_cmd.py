@@ -81,6 +81,7 @@ def command(
 
     from rich.console import Console
 
+    from cmc_common.interrupts import sigterm_as_interrupt
     from cmc_serve.pipeline.api import SegmentError, SegmentOptionError, segment
 
     console = Console(stderr=True)
@@ -97,14 +98,15 @@ def command(
         if study and from_dicomweb is None:
             raise typer.BadParameter("--study is only used with --from-dicomweb URL",
                                      param_hint="--study")
-        if from_dicomweb is not None:
-            from cmc_serve.node.dicomweb import segment_from_dicomweb
+        with sigterm_as_interrupt():  # a killed run cleans up as on Ctrl-C: no temporary files
+            if from_dicomweb is not None:
+                from cmc_serve.node.dicomweb import segment_from_dicomweb
 
-            result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
-                                           console)
-        else:
-            assert input is not None  # checked above: INPUT or --from-dicomweb
-            result = segment(input, out, model, input_b, options, console)
+                result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
+                                               console)
+            else:
+                assert input is not None  # checked above: INPUT or --from-dicomweb
+                result = segment(input, out, model, input_b, options, console)
     except SegmentOptionError as exc:
         if exc.option == "shard":  # a refusal naming the environment read: one line
             raise fail("segment", exc.problem) from None

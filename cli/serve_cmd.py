@@ -28,6 +28,7 @@ def command(
         help="Seconds to wait for the models to load.")] = 180.0,
 ) -> None:
     """Serve MODEL_DIR/repository with a local Triton server until interrupted."""
+    from cmc_common.interrupts import sigterm_as_interrupt
     from cmc_serve.model_dir import ModelDirError, ModelInfo, verify_files
     from cmc_serve.triton.server import (
         TritonInstall,
@@ -37,7 +38,6 @@ def command(
         docker_command,
         format_command,
         ignore_stop_signals,
-        sigterm_as_interrupt,
     )
 
     try:

@@ -53,18 +53,20 @@ def atomic_write(path: Path, write: Callable[[Path], object], fsync: bool = Fals
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    tmp: Path | None = None
+    try:  # created inside: an interrupt just after mkstemp still removes it
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        tmp = Path(name)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, plain_file_mode())
         if fsync:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException:  # KeyboardInterrupt too (Ctrl-C, SIGTERM: cmc_common.interrupts)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
