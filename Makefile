@@ -25,12 +25,15 @@ install: $(STAMP)
 
 # dciodvfy (dicom3tools) validates the DICOM we write; dcmdump helps debugging. Orthanc and
 # its DICOMweb plugin play the PACS in the `cmc listen` tests, Chromium (headless) opens the
-# status page and report.html. apt/dpkg take a lock: a busy one is waited for and retried.
-SYSTEM_PACKAGES := dicom3tools dcmtk orthanc orthanc-dicomweb chromium
+# status page and report.html. slurm-wlm and munge make the single-node Slurm cluster the
+# scale-out tests submit deploy/slurm/ to. apt/dpkg take a lock: a busy one is waited for
+# and retried.
+SYSTEM_PACKAGES := dicom3tools dcmtk orthanc orthanc-dicomweb chromium slurm-wlm munge
 system-deps:
 	@if ! command -v dciodvfy >/dev/null 2>&1 || ! command -v storescu >/dev/null 2>&1 \
 		|| [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
-		|| ! command -v chromium >/dev/null 2>&1; then \
+		|| ! command -v chromium >/dev/null 2>&1 \
+		|| [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/sbin/munged ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		for try in 1 2 3 4 5 6; do \
 			$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
