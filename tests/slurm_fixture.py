@@ -5,7 +5,7 @@ Everything the cluster writes (configuration, state, spool, logs, munge socket) 
 fresh folder; the daemons listen on free loopback ports and use their own munge socket, so a
 Slurm or munge already running on the host is left alone. Settings that need no cgroups
 (proctrack/linuxproc, task/none, no accounting) make it run in a container as root. munged
-runs as user munge with the key the package installed; its socket folder is created under
+runs as user munge with a key of its own (written for the cluster); its folder is created under
 /tmp (not pytest's private tmp tree) because munged refuses a socket whose path is not
 traversable by everyone. The node gets the host's CPU count (2 on CI), so array tasks run
 two at a time there. Every wait is bounded and a daemon that dies fails with its log.
@@ -29,7 +29,6 @@ from cmc_serve.triton.server import free_ports
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "scancel", "sinfo")
-MUNGE_KEY = Path("/etc/munge/munge.key")
 START_TIMEOUT = 60.0
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -100,11 +99,15 @@ class SlurmCluster:
         munge = self.root / "munge"
         munge.mkdir(mode=0o755)
         shutil.chown(munge, "munge", "munge")
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        shutil.chown(key, "munge", "munge")
         ctld_port, node_port = free_ports(2)
         self.conf.write_text(slurm_conf(self.root, ctld_port, node_port,
                                         socket.gethostname().split(".")[0]))
         self._spawn("munged", ["munged", "--foreground", f"--socket={munge / 'munge.socket'}",
-                               f"--key-file={MUNGE_KEY}", f"--pid-file={munge / 'munged.pid'}",
+                               f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
                                f"--log-file={munge / 'munged.log'}",
                                f"--seed-file={munge / 'munged.seed'}"], user="munge")
         self._wait("munge socket", lambda: (munge / "munge.socket").exists())
