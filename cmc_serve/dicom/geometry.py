@@ -4,9 +4,10 @@ Every check compares numbers a header wrote as decimal strings, so each toleranc
 from the precision the header actually wrote, never from a fixed guess:
 
 - A value written with d decimals is off by at most e = 0.5 * 10**-d. Writers drop trailing
-  zeros, so d is the most decimals any value of the series shows (at least 2: whole numbers
-  alone show no rounding); it sets e_pos (ImagePositionPatient) and e_ori
-  (ImageOrientationPatient).
+  zeros, so d is the most decimals any value of the series shows; it sets e_pos
+  (ImagePositionPatient; at least 2 decimals assumed, as whole numbers alone show no
+  rounding) and e_ori (ImageOrientationPatient; whole numbers alone, the 0 and 1 of an
+  axis-aligned plane, are exact: e_ori = 0).
 - Orientation: each cosine vector is off by at most sqrt(3) * e_ori in length; the cosines
   must be unit and orthogonal within max(1e-3, 2 * sqrt(3) * e_ori), and are normalised
   before use. The slice normal (their cross product) is then off by at most
@@ -58,12 +59,16 @@ def written_decimals(value: object) -> int:
         return decimals
 
 
-def rounding_error(values: Sequence[Sequence[object] | None]) -> float:
+def rounding_error(values: Sequence[Sequence[object] | None], whole_is_exact: bool = False
+                   ) -> float:
     """Half a unit of the last decimal the writer kept: the most decimals any value shows
     (writers drop trailing zeros, so "40" beside "42.55" was written to 2 decimals too), and
-    at least MIN_DECIMALS (whole numbers alone show no rounding at all)."""
+    at least MIN_DECIMALS, as whole numbers alone show no rounding; `whole_is_exact`: whole
+    numbers alone are exact (cosines 0 and 1 of an axis-aligned orientation)."""
     decimals = max((written_decimals(v) for vs in values if vs is not None for v in vs),
                    default=MIN_DECIMALS)
+    if decimals == 0 and whole_is_exact:
+        return 0.0
     return 0.5 * 10.0 ** -max(decimals, MIN_DECIMALS)
 
 
@@ -77,7 +82,7 @@ class Tolerances:
 
     @classmethod
     def of(cls, slices: Sequence[FrameSlice]) -> Tolerances:
-        e_ori = rounding_error([s.orientation for s in slices])
+        e_ori = rounding_error([s.orientation for s in slices], whole_is_exact=True)
         e_pos = rounding_error([s.position for s in slices])
         return cls(orientation=max(ORIENTATION_TOL, 2 * SQRT3 * e_ori),
                    normal=2 * SQRT3 * e_ori, position=2 * SQRT3 * e_pos)
