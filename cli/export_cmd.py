@@ -26,12 +26,17 @@ def command(
     formats: Annotated[str, typer.Option(
         "--format", help="Comma-separated: onnx, openvino, tensorrt.")] = "onnx,openvino",
     precisions: Annotated[str, typer.Option(
-        "--precision", help="auto, or comma-separated fp32, fp16, bf16. auto: fp32 (must pass "
-                            "its gate) and every half precision this host can produce, each "
-                            "written if it passes its gate, else left out with a line and "
-                            "listed under `refused` in cmc.json. Named precisions must all "
-                            "pass, or nothing is written. Combinations this host cannot run "
-                            "are skipped with a message.")] = "auto",
+        "--precision", help="auto, or comma-separated fp32, fp16, bf16, int8. auto: fp32 "
+                            "(must pass its gate), every half precision this host can "
+                            "produce and an int8 OpenVINO graph where calibration data exist, "
+                            "each written if it passes its gate, else left out with a line "
+                            "and listed under `refused` in cmc.json. Named precisions must "
+                            "all pass, or nothing is written. Combinations this host cannot "
+                            "run are skipped with a message.")] = "auto",
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="Datalist whose training images calibrate the int8 graphs "
+                              "(held-out cases gate them). Default: the datalist recorded in "
+                              "the checkpoint, when its files are on this host.")] = None,
     modes: Annotated[str, typer.Option(
         "--modes", help="Comma-separated inference modes: fused, a, b.")] = "fused,a,b",
     max_batch: Annotated[int, typer.Option(
@@ -56,7 +61,7 @@ def command(
         report = export(ckpt, out, name=name, formats=_split(formats),
                         precisions=_split(precisions), modes=_split(modes), max_batch=max_batch,
                         triton_backend=triton_backend, force=force, log=typer.echo,
-                        codes=codes)
+                        codes=codes, calibration=calibration)
     except ExportError as exc:
         raise fail("export", exc) from None
     typer.echo(f"{report.out_dir / 'cmc.json'}: {len(report.graphs)} graphs; Triton models "

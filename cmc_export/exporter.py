@@ -326,7 +326,9 @@ class _Exporter:
         openvino = tuple(p for p in PRECISIONS if ("openvino", p) in entries)
         if backend == "python" and openvino:
             file = self.root / entries["openvino", openvino[0]]["file"]
-            return PatchGraph(mode, "openvino", AUTO, file, openvino)
+            int8 = entries.get(("openvino", INT8))
+            return PatchGraph(mode, "openvino", AUTO, file, openvino,
+                              self.root / int8["file"] if int8 else None)
         preference = (PYTHON_BACKEND_PREFERENCE if backend == "python"
                       else NATIVE_BACKEND_PREFERENCE[backend])
         key = next((k for k in preference if k in entries), None)

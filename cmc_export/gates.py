@@ -238,7 +238,7 @@ def describe_gate(numbers: Mapping[str, Any]) -> str:
     """One line with a gate's numbers, for the export log and GateFailed messages."""
     parts = []
     for key, value in numbers.items():
-        if key in ("limits", "tolerance", "noise"):
+        if key in ("limits", "tolerance", "noise", "calibration"):
             continue
         if key == "branch_outputs":
             parts += [f"{name} prob_error_p999 {v['prob_error_p999']:.4f} decided_agreement "

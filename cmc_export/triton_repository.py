@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class PatchGraph:
     precision: str  # or "auto" (python backend): the server picks among `gated`
     file: Path
     gated: tuple[str, ...] = ()
+    int8_file: Path | None = None  # the int8 IR beside an OpenVINO fp32 IR at "auto"
 
 
 def patch_model_name(name: str, mode: str) -> str:
@@ -70,7 +71,7 @@ def preferred_batch_sizes(max_batch: int) -> list[int]:
 
 def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_size: int,
                        num_classes: int, max_batch: int, graph_file: str,
-                       max_queue_delay_us: int = 2000) -> str:
+                       max_queue_delay_us: int = 2000, int8_graph_file: str | None = None) -> str:
     """config.pbtxt of a patch model serving `graph` (graph_file: path inside the model folder)."""
     if backend not in BACKENDS:
         raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
@@ -98,6 +99,8 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
         parameters = {"graph": graph_file, "runtime": graph.runtime, "precision": graph.precision}
         if graph.gated:
             parameters["gated_precisions"] = ",".join(graph.gated)
+        if int8_graph_file:
+            parameters["int8_graph"] = int8_graph_file
         sections.append(_parameters(parameters))
     else:
         sections.append(f'default_model_filename: "{graph_file.split("/")[-1]}"')
@@ -159,8 +162,11 @@ def write_repository(repo_dir: Path, name: str, backend: str, graphs: Sequence[P
         if backend == "python":
             shutil.copy2(_model_code("cmc_patch/1/model.py"), version_dir / "model.py")
         graph_file = _copy_graph(graph, version_dir, backend)
+        int8_file = (_copy_graph(replace(graph, file=graph.int8_file), version_dir, backend)
+                     if graph.int8_file and backend == "python" else None)
         (repo_dir / model_name / "config.pbtxt").write_text(patch_model_config(
-            model_name, backend, graph, patch_size, num_classes, max_batch, graph_file))
+            model_name, backend, graph, patch_size, num_classes, max_batch, graph_file,
+            int8_graph_file=int8_file))
         patch_models[graph.mode] = model_name
     volume_dir = repo_dir / name / "1"
     volume_dir.mkdir(parents=True)

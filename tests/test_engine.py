@@ -415,7 +415,7 @@ def test_auto_precision_logic_on_every_kind_of_host(monkeypatch: pytest.MonkeyPa
 
 def test_unknown_choices_are_value_errors(model_dir: Path) -> None:
     info = ModelInfo.load(model_dir)
-    for kwargs in ({"runtime": "tflite"}, {"device": "tpu"}, {"precision": "int8"}):
+    for kwargs in ({"runtime": "tflite"}, {"device": "tpu"}, {"precision": "int4"}):
         with pytest.raises(ValueError, match="unknown"):
             open_runtime(info, "fused", **kwargs)
 

@@ -17,9 +17,18 @@ unreachable server or a served model that is not this cmc.json's is RuntimeUnava
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from cmc_common.contract import AUTO, DEVICES, MODEL_JSON, PRECISIONS, SERVING_RUNTIMES
+from cmc_common.contract import (
+    AUTO,
+    DEVICES,
+    MODE_INPUTS,
+    MODEL_JSON,
+    PRECISIONS,
+    SERVING_RUNTIMES,
+)
 from cmc_serve.model_dir import (
     GraphInfo,
     ModelDirError,
@@ -28,7 +37,12 @@ from cmc_serve.model_dir import (
     verify_files,
 )
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
-from cmc_serve.runtimes.precision import PrecisionChoice, choose_precision
+from cmc_serve.runtimes.precision import (
+    INT8,
+    PrecisionChoice,
+    choose_precision,
+    measure_tile_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +64,13 @@ def _open_openvino(model: ModelInfo, mode: str, device: str, precision: str,
 
     if device != "cpu":
         raise RuntimeUnavailable("openvino runs on cpu here (no CUDA support)")
-    # OpenVINO reads ONNX directly, so a model dir without IR still runs on it.
+    # OpenVINO reads ONNX directly, so a model dir without IR still runs on it (not int8,
+    # which is a quantised IR of its own).
     try:
         graph = _graph(model, mode, "openvino", precision)
     except RuntimeUnavailable:
+        if precision == INT8:
+            raise
         graph = _graph(model, mode, "onnxruntime", "fp32")
     return OpenVinoRuntime(graph.path, inputs=graph.inputs, output=graph.output,
                            precision=precision, max_batch=batch)
@@ -98,14 +115,36 @@ def gated_precisions(model: ModelInfo, mode: str, runtime: str) -> set[str]:
     return gated | {"fp32"} if runtime == "openvino" else gated
 
 
+# (model folder, mode, precisions) -> seconds per tile: auto measures once per process.
+_MEASURED: dict[tuple[Path, str, tuple[str, ...]], dict[str, float]] = {}
+_MEASURED_LOCK = threading.Lock()
+
+
+def measured_seconds(model: ModelInfo, mode: str, runtime: str, device: str,
+                     precisions: Sequence[str]) -> dict[str, float]:
+    """Seconds per tile of `mode`'s graph at each precision on `runtime` (measured once per
+    model, mode and process: `precision.measure_tile_seconds`)."""
+    key = (model.root.resolve(), mode, tuple(precisions))
+    with _MEASURED_LOCK:
+        if key not in _MEASURED:
+            _MEASURED[key] = measure_tile_seconds(
+                lambda p: OPENERS[runtime](model, mode, device, p, model.max_batch),
+                precisions, MODE_INPUTS[mode], model.patch_size)
+            log.info("precision auto: %s", ", ".join(
+                f"{p} {1e3 * s:.1f} ms per tile" for p, s in _MEASURED[key].items()))
+        return _MEASURED[key]
+
+
 def resolve_precision(model: ModelInfo, mode: str, runtime: str, device: str,
                       precision: str) -> PrecisionChoice:
-    """What `precision` means for `runtime` on `device`: auto chooses, anything else stays."""
+    """What `precision` means for `runtime` on `device`: auto chooses (timing the gated
+    int8 graph against the rule's choice where there is one), anything else stays."""
     if precision != AUTO:
         return PrecisionChoice(precision, "requested")
     if runtime == "triton":
         return PrecisionChoice(precision, TRITON_PRECISION_REASON)
-    return choose_precision(runtime, device, gated_precisions(model, mode, runtime))
+    return choose_precision(runtime, device, gated_precisions(model, mode, runtime),
+                            lambda chosen: measured_seconds(model, mode, runtime, device, chosen))
 
 
 def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphInfo:

@@ -10,9 +10,11 @@ without dependencies (`python -m cmc_serve.triton.setup`).
 config.pbtxt `parameters` (string values):
   graph      path of the .onnx / .xml graph, relative to this model's folder or absolute
   runtime    onnxruntime (default) | openvino
-  precision  fp32 (default) | fp16 | bf16 (bf16: OpenVINO inference-precision hint) | auto
-             (the fastest of `gated_precisions`, comma-separated, that this server's CPU
-             runs natively: `cmc_serve.runtimes.precision`, as `cmc segment` chooses)
+  precision  fp32 (default) | fp16 | bf16 (bf16: OpenVINO inference-precision hint) | int8
+             (`graph` is an int8 IR) | auto (the fastest of `gated_precisions`,
+             comma-separated, that this server's CPU runs natively, int8 where measured
+             faster: `cmc_serve.runtimes.precision`, as `cmc segment` chooses)
+  int8_graph the gated int8 IR beside an auto `graph`, relative like `graph`
 The dynamic batcher hands us several requests at once: their tiles are concatenated, run in
 chunks of at most `max_batch_size`, and the probabilities are split back per request.
 """
@@ -29,7 +31,7 @@ import triton_python_backend_utils as pb_utils
 from cmc_common.contract import AUTO
 from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
-from cmc_serve.runtimes.precision import choose_precision
+from cmc_serve.runtimes.precision import INT8, choose_precision, measure_tile_seconds
 
 # The runtimes a python-backend patch model can run its graph on.
 PATCH_RUNTIMES: dict[str, Any] = {"onnxruntime": OnnxRuntimeRuntime, "openvino": OpenVinoRuntime}
@@ -64,10 +66,7 @@ class TritonPythonModel:
         self.max_batch = max(1, int(config.get("max_batch_size", 0)))
         precision = parameter(config, "precision", "fp32")
         if precision == AUTO:
-            gated = parameter(config, "gated_precisions", "fp32").split(",")
-            choice = choose_precision(runtime, "cpu", gated)
-            pb_utils.Logger.log_info(f"{self.name}: precision {choice.reason}")
-            precision = choice.precision
+            precision, graph = self._choose(config, runtime, graph, Path(args["model_repository"]))
         self.runtime = PATCH_RUNTIMES[runtime](graph, inputs=self.inputs,
                                                output=next(iter(self.outputs)),
                                                precision=precision, max_batch=self.max_batch)
@@ -76,6 +75,29 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{self.name}: graph {graph.name} has no output {missing} (it has "
                 f"{list(self.runtime.outputs)})")
+
+    def _choose(self, config: dict[str, Any], runtime: str, graph: Path,
+                folder: Path) -> tuple[str, Path]:
+        """Precision auto, as `cmc segment` chooses (`cmc_serve.runtimes.precision`): the
+        rule among `gated_precisions`, and int8 (its IR in `int8_graph`) where timing a few
+        tiles on this server's CPU finds it faster. Returns the precision and its graph."""
+        graphs = dict.fromkeys(parameter(config, "gated_precisions", "fp32").split(","), graph)
+        graphs.pop(INT8, None)
+        int8 = parameter(config, "int8_graph", "")
+        if int8:
+            graphs[INT8] = folder / int8
+        patch = [int(d) for d in config["input"][0]["dims"]][1:]
+
+        def measure(precisions: Any) -> dict[str, float]:
+            return measure_tile_seconds(
+                lambda p: PATCH_RUNTIMES[runtime](graphs[p], inputs=self.inputs,
+                                                  output=next(iter(self.outputs)),
+                                                  precision=p, max_batch=self.max_batch),
+                precisions, self.inputs, patch)
+
+        choice = choose_precision(runtime, "cpu", graphs, measure)
+        pb_utils.Logger.log_info(f"{self.name}: precision {choice.reason}")
+        return choice.precision, graphs[choice.precision]
 
     def execute(self, requests: list[Any]) -> list[Any]:
         try:
