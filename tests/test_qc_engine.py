@@ -228,3 +228,20 @@ def test_branch_stitching_allocates_nothing_volume_sized_in_float(branch_dir: Pa
     shallow, deep = _peak_bytes(branch_dir, 48), _peak_bytes(branch_dir, 192)
     added_voxels = (192 - 48) * 40 * 40
     assert (deep - shallow) / added_voxels < 3.5, (shallow, deep)
+
+
+@pytest.mark.triton
+def test_triton_patch_model_serves_the_branch_outputs(triton_server, tiny_model_dir: Path
+                                                      ) -> None:
+    """The Triton runtime returns the fused graph's branches as the local runtime does."""
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(2, 24, 20, 12)).astype(np.float32)
+    with Segmenter(tiny_model_dir, runtime="onnxruntime") as local, \
+            Segmenter(tiny_model_dir, runtime="triton",
+                      server=f"grpc://{triton_server.grpc_url}") as remote:
+        expected = local.segment(a, b, branches=True).branches
+        served = remote.segment(a, b, branches=True).branches
+    assert expected is not None and served is not None
+    for field in ("labels_a", "labels_b", "voxel_count"):
+        np.testing.assert_array_equal(getattr(served, field), getattr(expected, field))
+    np.testing.assert_allclose(served.margin_sum, expected.margin_sum, rtol=1e-3)

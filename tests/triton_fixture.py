@@ -35,7 +35,9 @@ OPENVINO_AUTO_PATCH = f"{NAME}_patch_openvino_auto"
 
 
 def write_tiny_onnx(path: Path, seed: int = 0) -> None:
-    """image_a, image_b [N, 1, P, P, P] -> probs [N, K, P, P, P] (opset 17, dynamic N)."""
+    """image_a, image_b [N, 1, P, P, P] -> probs [N, K, P, P, P] (opset 17, dynamic N), and
+    like an exported fused graph each decoder's softmax `probs_a` / `probs_b` (here both
+    the one softmax, so `probs`, their mean, is that softmax to the bit)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -47,13 +49,17 @@ def write_tiny_onnx(path: Path, seed: int = 0) -> None:
     graph = helper.make_graph(
         [helper.make_node("Concat", ["image_a", "image_b"], ["x"], axis=1),
          helper.make_node("Conv", ["x", "w", "b"], ["logits"], pads=[1] * 6),
-         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+         helper.make_node("Softmax", ["logits"], ["probs_a"], axis=1),
+         helper.make_node("Identity", ["probs_a"], ["probs_b"]),
+         helper.make_node("Add", ["probs_a", "probs_b"], ["both"]),
+         helper.make_node("Mul", ["both", "half"], ["probs"])],
         "tiny_cmc",
         [helper.make_tensor_value_info("image_a", TensorProto.FLOAT, shape),
          helper.make_tensor_value_info("image_b", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT,
-                                       ["N", k, PATCH, PATCH, PATCH])],
-        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", k, PATCH, PATCH, PATCH])
+         for name in ("probs", "probs_a", "probs_b")],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b"),
+                     numpy_helper.from_array(np.array(0.5, np.float32), "half")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
