@@ -47,12 +47,25 @@ class Study:
         return self.ct + self.mr
 
 
-def write_study(folder: Path, patient_id: str = "PAT1", square: bool = False) -> Study:
-    """`square`: 32 x 32 slices (JPEG 2000's default six resolution levels need 32 pixels)."""
+# (CT, MR) geometry overrides of segment_fixtures' specs per kind of study:
+# "small": the default grids; the MR's field of view cuts ball B (quality control flags it,
+#   fov_cut); "square": 32 x 32 slices (JPEG 2000's six resolution levels need 32 pixels);
+#   "whole": both balls well inside both fields of view (quality control finds nothing)
+GRIDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "small": ({}, {}),
+    "square": ({"rows": 32, "cols": 32, "origin": (-32.0, -32.0, -11.0)},
+               {"rows": 32, "cols": 32}),
+    "whole": ({"rows": 40, "cols": 40, "n_slices": 24, "origin": (-40.0, -40.0, -24.0)},
+              {"rows": 40, "cols": 44, "n_slices": 30, "origin": (-33.0, -37.0, 35.0)}),
+}
+
+
+def write_study(folder: Path, patient_id: str = "PAT1", grid: str = "small") -> Study:
+    """A CT + MR study of the phantom on one of `GRIDS`."""
     study_uid = generate_uid(ROOT_UID)[:60]  # dicom_factory appends ".9" for the frame UID
-    size: dict[str, Any] = {"rows": 32, "cols": 32} if square else {}
-    ct = fx.ct_spec(study_uid, **size, **({"origin": (-32.0, -32.0, -11.0)} if square else {}))
-    mr = fx.mr_spec(study_uid, **size)
+    ct_grid, mr_grid = GRIDS[grid]
+    ct = fx.ct_spec(study_uid, **ct_grid)
+    mr = fx.mr_spec(study_uid, **mr_grid)
     ct_files = fx.write_phantom_series(folder / "ct", ct)
     mr_files = fx.write_phantom_series(folder / "mr", mr)
     for path in ct_files + mr_files:

@@ -15,7 +15,14 @@ import segment_fixtures as fx
 from cmc_cli.main import app
 from typer.testing import CliRunner
 
-from cmc_serve.node.spool import DELIVERING, SEGMENTING, Delivery, Spool, SpoolError
+from cmc_serve.node.spool import (
+    DELIVERING,
+    FAILED,
+    SEGMENTING,
+    Delivery,
+    Spool,
+    SpoolError,
+)
 from cmc_serve.triton.server import free_port
 
 
@@ -37,6 +44,11 @@ def _listen(*args: object):
     (["--runtime", "tensorrt"], "tensorrt runs on cuda only"),
     (["--send-to", "PACS@127.0.0.1:4242", "--output-type", "nifti"],
      "--output-type must include dicom-seg"),
+    (["--flagged-to", "REVIEW@127.0.0.1:4243", "--hold-flagged"],
+     "--flagged-to and --hold-flagged: choose one"),
+    (["--flagged-to", "REVIEW:4243"], "--flagged-to 'REVIEW:4243': expected AET@HOST:PORT"),
+    (["--redeliver", "../1.2.3"], "--redeliver '../1.2.3': give a Study Instance UID or 'all'"),
+    (["--release", "1.2.x"], "--release '1.2.x': give a Study Instance UID or 'all'"),
 ])
 def test_listen_refuses_to_start_in_one_line(tmp_path: Path, model_dir: Path,
                                               extra: list[str], message: str) -> None:
@@ -80,6 +92,36 @@ def test_spool_recovers_every_state_a_kill_can_leave(tmp_path: Path) -> None:
     assert states["1.2.5"].state == "received"
     assert not list(again.instances_dir("1.2.3").glob(".*"))
     assert again.instance_count("1.2.3") == 1
+
+
+def test_failed_delivery_is_requeued_with_its_ledger_and_an_older_spool_still_reads(
+        tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool")
+    spool.add_instance("1.2.3", "1.2.3.1", "P", b"slice one")
+    study = spool.get("1.2.3")
+    study.result_files, study.result_uids = ["out/c/seg.dcm", "out/c/sr.dcm"], ["9.1", "9.2"]
+    study.deliveries = {"A@h:1": Delivery(["9.1"], 2, 0.0, "down", "failed"),
+                        "B@h:2": Delivery(["9.1", "9.2"], 0, 0.0, None, "done")}
+    study.set_state(FAILED, reason="delivery to A@h:1 failed after 2 attempts: down")
+    spool.update(study)
+    assert [s.study_uid for s in spool.failed_deliveries()] == ["1.2.3"]
+    assert spool.requeue_delivery("1.2.4", "asked") == "study 1.2.4: not in the spool"
+    assert spool.requeue_delivery("1.2.3", "asked") is None
+    again = spool.get("1.2.3")
+    assert again.state == DELIVERING and not spool.failed_deliveries()
+    a, b = again.deliveries["A@h:1"], again.deliveries["B@h:2"]
+    assert (a.status, a.attempts, a.delivered) == ("pending", 0, ["9.1"])  # 9.1 not again
+    assert (b.status, b.delivered) == ("done", ["9.1", "9.2"])
+    # a re-sent, unchanged instance requeues only a failed delivery, and reopens nothing
+    spool.add_instance("1.2.3", "1.2.3.1", "P", b"slice one")
+    assert spool.get("1.2.3").round == 1
+    # study.json written before the results were more than a SEG
+    old = json.loads((spool.study_dir("1.2.3") / "study.json").read_text())
+    old["seg_files"], old["seg_uids"] = old.pop("result_files"), old.pop("result_uids")
+    for key in ("qc", "route", "ignored"):
+        old.pop(key)
+    (spool.study_dir("1.2.3") / "study.json").write_text(json.dumps(old))
+    assert Spool.open(tmp_path / "spool").get("1.2.3").result_uids == ["9.1", "9.2"]
 
 
 def test_spool_never_takes_a_foreign_folder(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def plain_labels(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> n
     """What `cmc segment` makes of the uncompressed study (every study here is the same
     phantom on the same grid)."""
     root = tmp_path_factory.mktemp("plain")
-    write_study(root / "study", square=True)
+    write_study(root / "study", grid="square")
     r = fx.segment(root / "study", "-o", root / "out", "--model", model_dir,
                    "--runtime", "onnxruntime")
     assert r.exit_code == 0, r.output
@@ -85,7 +85,7 @@ def _compressed_study(root: Path, syntax: str, encoder: str, patient_id: str) ->
     if encoder == "dcmtk" and shutil.which("dcmcjpeg") is None:
         pytest.skip("dcmtk is not installed (make system-deps installs it)")
     recode = recode_dcmtk if encoder == "dcmtk" else recode_pydicom
-    plain = write_study(root / "plain", patient_id=patient_id, square=True)
+    plain = write_study(root / "plain", patient_id=patient_id, grid="square")
     ct = recode(plain.ct, root / "ct", syntax)
     mr = recode(plain.mr, root / "mr", syntax)
     return Study(plain.study_uid, ct, mr, plain.ct_series_uid)
@@ -137,7 +137,7 @@ def test_orthanc_sends_a_study_it_transcoded_and_a_study_level_resend_makes_no_s
         # the node as a modality Orthanc must not transcode for: it sends what it stores
         pacs.put("/modalities/cmc", {"AET": node.ae_title, "Host": "127.0.0.1",
                                      "Port": node.port, "AllowTranscoding": False})
-        study = write_study(tmp_path / "study", patient_id="PAT-ORTHANC-TS", square=True)
+        study = write_study(tmp_path / "study", patient_id="PAT-ORTHANC-TS", grid="square")
         orthanc_study = pacs.upload(study.files)
         instance = pacs.get(f"/studies/{orthanc_study}/instances")[0]["ID"]
         assert pacs.get_bytes(f"/instances/{instance}/metadata/TransferSyntax").decode() == syntax

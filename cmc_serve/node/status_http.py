@@ -53,11 +53,15 @@ def _when(epoch: float | None) -> str:
     return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
 
 
+def _score(qc: dict[str, Any] | None) -> str:
+    score = (qc or {}).get("score")
+    return f"{score:.2f}" if isinstance(score, (int, float)) else "-"
+
+
 def _qc_cell(s: Study) -> str:
     if not s.qc:
         return '<span class="muted">-</span>'
-    score = s.qc.get("score")
-    text = f"score {score:.2f}" if isinstance(score, (int, float)) else "score -"
+    text = f"score {_score(s.qc)}"
     if not s.qc.get("flagged"):
         return esc(text)
     return (f'<b class="flag">{esc(text)}: needs review</b>'
@@ -73,7 +77,11 @@ def _study_row(spool: Spool, s: Study) -> list[str]:
         f"{esc(name)}: {esc(d.status)}"
         + (f' <span class="reason">{esc(d.last_error)}</span>' if d.last_error else "")
         for name, d in s.deliveries.items()) or '<span class="muted">-</span>'
-    detail = f'<div class="reason">{esc(s.reason)}</div>' if s.reason else ""
+    # a failed delivery's error is in the deliveries column, a held study's reasons in the
+    # quality column (and both above the table)
+    reason = ("delivery failed (see deliveries)" if s.delivery_failed
+              else "held for review (see quality)" if s.state == HELD else s.reason)
+    detail = f'<div class="reason">{esc(reason)}</div>' if reason else ""
     if s.state == "done" and s.history and s.history[-1][2]:
         detail += f'<div class="muted">{esc(s.history[-1][2])}</div>'  # e.g. "no SEG ..."
     if s.refused:
@@ -107,7 +115,7 @@ def attention(spool: Spool, refused_syntaxes: list[Any], token: str) -> str:
     failed = spool.failed_deliveries()
     if failed:
         items = "".join(
-            f'<li><span class="uid">{esc(s.study_uid)}</span> (patient {esc(s.patient_id)}): '
+            f'<li><b>{esc(s.study_uid)}</b> (patient {esc(s.patient_id)}): '
             f'<span class="reason">{esc(s.reason)}</span> '
             f'{_button(REDELIVER, s.study_uid, "Redeliver", token)}</li>' for s in failed)
         parts.append(f'<section class="attention"><h2>Failed deliveries ({len(failed)}) '
@@ -116,8 +124,8 @@ def attention(spool: Spool, refused_syntaxes: list[Any], token: str) -> str:
     held = [s for s in spool.studies() if s.state == HELD]
     if held:
         items = "".join(
-            f'<li><span class="uid">{esc(s.study_uid)}</span> (patient {esc(s.patient_id)}, '
-            f'QC score {esc(s.qc.get("score") if s.qc else "-")}): '
+            f'<li><b>{esc(s.study_uid)}</b> (patient {esc(s.patient_id)}, '
+            f"QC score {_score(s.qc)}): "
             f'<span class="reason">{esc(qc_reasons(s.qc))}</span> '
             f'{_button(RELEASE, s.study_uid, "Release", token)}</li>' for s in held)
         parts.append(f'<section class="attention"><h2>Held for review ({len(held)}) '

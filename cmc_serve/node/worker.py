@@ -108,7 +108,8 @@ class Worker:
             why = f"study {study_uid}: held for review; release it instead"
         else:
             why = self.spool.requeue_delivery(study_uid, "re-delivery asked for")
-        self.say(why or f"study {study_uid}: {action}d, delivering")
+        done = "released" if action == RELEASE else "re-queued for delivery"
+        self.say(why or f"study {study_uid}: {done}")
 
     # ------------------------------------------------------------------ the loop
     def _due(self, study: Study, now: float) -> bool:
