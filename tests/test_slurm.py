@@ -32,6 +32,13 @@ MERGE_SCRIPT = ROOT / "deploy" / "slurm" / "merge-shards.sh"
 CMC = Path(sys.executable).with_name("cmc")  # the venv's console script
 
 
+def test_readme_shows_the_shipped_array_script() -> None:
+    """README's "Scaling out" quotes deploy/slurm/segment-array.sh whole: what users read is
+    what these tests submit."""
+    readme = (ROOT / "README.md").read_text()
+    assert f"```bash\n{ARRAY_SCRIPT.read_text()}```" in readme
+
+
 def write_studies(folder: Path, count: int, shape: tuple[int, int, int]) -> Path:
     """`count` two-modality cases (nnU-Net channel suffixes) of the threshold phantom, each
     shifted a little so that no two label maps are alike."""
@@ -165,3 +172,26 @@ def test_a_task_cancelled_mid_run_and_requeued_loses_nothing_and_redoes_nothing(
         assert status[case_id] == "skipped"
         assert (out / case_id / "seg.nii.gz").stat().st_mtime_ns == mtime
     assert all(status[c] == "done" for c in set(status) - set(finished))
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_array_tasks_against_one_triton_server_give_a_local_runs_labels(
+        slurm_cluster: SlurmCluster, triton_server: Any, tiny_model_dir: Path,
+        tmp_path: Path) -> None:
+    studies = write_studies(tmp_path / "studies", 6, (40, 40, 32))
+    out, reference = tmp_path / "out", tmp_path / "local"
+    single_process(studies, reference, tiny_model_dir, "--runtime", "onnxruntime")
+    server = f"grpc://{triton_server.grpc_url}"
+    env = job_env(studies, out, tiny_model_dir, CMC_SERVER=server)
+
+    array = slurm_cluster.sbatch("--array=1-3", f"--chdir={tmp_path}", str(ARRAY_SCRIPT),
+                                 env=env)
+    merge = submit_merge(slurm_cluster, array, env, tmp_path)
+    assert merge["ExitCode"] == "0:0", merge
+    merged = assert_merged_equals(out, reference, shards=3)
+    for shard in merged["shards"]:  # each task ran on the one server
+        record = json.loads((out / shard["report"]).read_text())
+        assert record["options"]["runtime"] == "triton"
+        assert record["options"]["server"] == server
+    assert len(np.unique(fx.read_labels(out / "case00" / "seg.nii.gz")[0])) > 1  # non-trivial
