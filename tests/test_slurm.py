@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -174,16 +175,30 @@ def test_a_task_cancelled_mid_run_and_requeued_loses_nothing_and_redoes_nothing(
     assert all(status[c] == "done" for c in set(status) - set(finished))
 
 
+def with_normalisation(model: Path, copy: Path) -> Path:
+    """A copy of the Triton fixture's model dir whose cmc.json normalises CT and MR as an
+    export does (the fixture's engine-level model has none, which whole cases refuse); the
+    graphs, and so what the server computes, are the same files."""
+    shutil.copytree(model, copy)
+    document = json.loads((copy / "cmc.json").read_text())
+    document["preprocessing"]["normalisation"] = {
+        "ct": {"kind": "ct_window", "low": -175.0, "high": 250.0},
+        "mr": {"kind": "zscore_nonzero"}}
+    (copy / "cmc.json").write_text(json.dumps(document))
+    return copy
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_array_tasks_against_one_triton_server_give_a_local_runs_labels(
         slurm_cluster: SlurmCluster, triton_server: Any, tiny_model_dir: Path,
         tmp_path: Path) -> None:
+    model = with_normalisation(tiny_model_dir, tmp_path / "model")
     studies = write_studies(tmp_path / "studies", 6, (40, 40, 32))
     out, reference = tmp_path / "out", tmp_path / "local"
-    single_process(studies, reference, tiny_model_dir, "--runtime", "onnxruntime")
+    single_process(studies, reference, model, "--runtime", "onnxruntime")
     server = f"grpc://{triton_server.grpc_url}"
-    env = job_env(studies, out, tiny_model_dir, CMC_SERVER=server)
+    env = job_env(studies, out, model, CMC_SERVER=server)
 
     array = slurm_cluster.sbatch("--array=1-3", f"--chdir={tmp_path}", str(ARRAY_SCRIPT),
                                  env=env)
