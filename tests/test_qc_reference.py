@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from export_fixtures import PREPROCESS, write_micro_checkpoint
 
 from cmc_export.exporter import export
 from cmc_serve.model_dir import ModelInfo
@@ -17,6 +19,9 @@ from cmc_serve.qc.inputs import QcInputs, RoleImage
 from cmc_serve.qc.verdict import assess_case
 from cmc_train.checkpoint import load_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from cmc_train.data.datalist import Datalist
+from cmc_train.evaluate import ValidationSet
+from cmc_train.qc_reference import record_reference
 from cmc_train.synth import write_synthetic_study
 from cmc_train.trainer import BEST, LAST, train
 
@@ -25,15 +30,19 @@ MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    study = write_synthetic_study(tmp_path_factory.mktemp("study"), cases=3, seed=0, size=32,
-                                  labelled_ratio=0.34, val_cases=2, test_cases=0)
-    cfg = RunConfig(MICRO, PreprocessConfig(modalities=("ct", "mr"), spacing=(3.0, 3.0, 3.0)),
-                    TrainConfig(steps=2, val_every=2, warmup_steps=1, batch_labelled=1,
-                                batch_unlabelled=1, seed=1), preset="micro")
-    out = tmp_path_factory.mktemp("run")
-    train(study, out, cfg, progress=False)
-    return out
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_study(tmp_path_factory.mktemp("study"), cases=3, seed=0, size=32,
+                                 labelled_ratio=0.34, val_cases=2, test_cases=0)
+
+
+@pytest.fixture(scope="module")
+def recorded(study: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro checkpoint with the reference recorded as the end of `cmc train` does."""
+    path = write_micro_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro.pt")
+    datalist = Datalist.load(study)
+    val_set = ValidationSet.from_datalist(datalist, PREPROCESS)
+    record_reference([path], datalist, val_set, torch.device("cpu"))
+    return path
 
 
 def _reference(path: Path) -> dict[str, Any]:
@@ -41,35 +50,47 @@ def _reference(path: Path) -> dict[str, Any]:
     return reference
 
 
-def test_training_records_the_reference_in_both_checkpoints(run_dir: Path) -> None:
+def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Path) -> None:
+    reference = _reference(recorded)
+    assert reference["version"] == 1
+    fingerprints = reference["fingerprint"]
+    assert set(fingerprints) == {"ct", "mr"}
+    assert fingerprints["ct"]["images"] == 3 and fingerprints["mr"]["images"] == 3
+    ct_p50 = fingerprints["ct"]["intensity"]["p50"]
+    assert ct_p50["min"] <= ct_p50["median"] <= ct_p50["max"]
+    assert -200 < ct_p50["median"] < 200  # HU of soft tissue, measured on the raw image
+    anatomy = reference["anatomy"]
+    assert anatomy["labels"] == 2  # one labelled case, both modalities labelled
+    assert set(anatomy["structures"]) == {"liver", "spleen", "kidney_r", "kidney_l"}
+    assert [p["right"] for p in anatomy["lateral_pairs"]] == ["kidney_r"]
+    calibration = reference["calibration"]
+    assert calibration["cases"] == 2
+    assert 0.0 <= calibration["validation_mean_dice"] <= 1.0
+    assert set(calibration["signals"]) == {"mean_dice", "mean_margin", "cross_a", "cross_b"}
+    for stats in calibration["signals"].values():
+        assert stats["min"] <= stats["mean"] <= stats["max"]
+
+
+@pytest.mark.slow  # a micro training run (about 40 s on 2 busy cores)
+def test_training_records_the_reference_in_both_checkpoints(study: Path, tmp_path: Path) -> None:
+    cfg = RunConfig(MICRO, PreprocessConfig(modalities=("ct", "mr"), spacing=(3.0, 3.0, 3.0)),
+                    TrainConfig(steps=2, val_every=2, warmup_steps=1, batch_labelled=1,
+                                batch_unlabelled=1, seed=1), preset="micro")
+    train(study, tmp_path, cfg, progress=False)
     for name in (BEST, LAST):
-        reference = _reference(run_dir / name)
-        assert reference["version"] == 1
-        fingerprints = reference["fingerprint"]
-        assert set(fingerprints) == {"ct", "mr"}
-        assert fingerprints["ct"]["images"] == 3 and fingerprints["mr"]["images"] == 3
-        ct_p50 = fingerprints["ct"]["intensity"]["p50"]
-        assert ct_p50["min"] <= ct_p50["median"] <= ct_p50["max"]
-        assert -200 < ct_p50["median"] < 200  # HU of soft tissue, measured on the raw image
-        anatomy = reference["anatomy"]
-        assert anatomy["labels"] == 2  # one labelled case, both modalities labelled
-        assert set(anatomy["structures"]) == {"liver", "spleen", "kidney_r", "kidney_l"}
-        assert [p["right"] for p in anatomy["lateral_pairs"]] == ["kidney_r"]
-        calibration = reference["calibration"]
-        assert calibration["cases"] == 2
-        assert 0.0 <= calibration["validation_mean_dice"] <= 1.0
-        assert set(calibration["signals"]) == {"mean_dice", "mean_margin", "cross_a", "cross_b"}
+        reference = _reference(tmp_path / name)
+        assert set(reference) == {"version", "fingerprint", "anatomy", "calibration"}
+        assert reference["calibration"]["cases"] == 2
     # the resumable checkpoint keeps its trainer state through the rewrite
-    assert load_checkpoint(run_dir / LAST).trainer_state is not None
+    assert load_checkpoint(tmp_path / LAST).trainer_state is not None
 
 
-@pytest.mark.slow  # one ONNX export of the micro network (about 20 s on 2 busy cores)
-def test_reference_survives_export_into_model_info(run_dir: Path, tmp_path: Path) -> None:
+def test_reference_survives_export_into_model_info(recorded: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    export(run_dir / BEST, out, formats=("onnx",), precisions=("fp32",), modes=("fused",),
+    export(recorded, out, formats=("onnx",), precisions=("fp32",), modes=("fused",),
            max_batch=2, log=lambda _: None)
     info = ModelInfo.load(out)
-    assert info.qc_reference == json.loads(json.dumps(_reference(run_dir / BEST)))
+    assert info.qc_reference == json.loads(json.dumps(_reference(recorded)))
 
 
 def test_model_dir_without_reference_loads_and_is_assessed(model_dir: Path) -> None:
