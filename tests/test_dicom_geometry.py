@@ -124,3 +124,20 @@ def test_two_echoes_in_one_mr_series_are_refused_naming_the_echo_times(tmp_path:
                    "--model", tmp_path / "model")
     assert r.exit_code == 2  # refused before any case runs
     assert "2 echoes in one series (EchoTime 2.3, 4.6 ms)" in r.stderr
+
+
+def test_two_echoes_in_one_enhanced_instance_are_named_at_the_duplicate_position() -> None:
+    """An Enhanced MR keeps its echoes per frame (MREchoSequence): the scan sees one file,
+    so the stack's duplicate positions name the echo times."""
+    from cmc_serve.dicom.geometry import stack_geometry
+
+    def frame(k: int, z: str, echo: str) -> FrameSlice:
+        return FrameSlice(f"mr.dcm frame {k}", Path("mr.dcm"), 0, k - 1,
+                          ("1", "0", "0", "0", "1", "0"), ("0", "0", z), ("1", "1"), 2, 2, echo)
+
+    frames = [frame(1, "0", "2.3"), frame(2, "2.5", "2.3"), frame(3, "0", "4.6"),
+              frame(4, "2.5", "4.6")]
+    with pytest.raises(DicomSeriesError, match=r"duplicate slice position 0.000 mm in mr.dcm "
+                                               r"frame 1 and mr.dcm frame 3 \(EchoTime 2.3 and "
+                                               r"4.6 ms: two echoes in one series"):
+        stack_geometry(frames, Path("study"))
