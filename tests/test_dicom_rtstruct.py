@@ -185,3 +185,19 @@ def test_segment_writes_rtstruct_and_report_beside_the_seg(tmp_path: Path,
         modalities = sorted(pacs.get(f"/series/{pacs.get(f'/instances/{i}')['ParentSeries']}")
                             ["MainDicomTags"]["Modality"] for i in ids)
         assert modalities == ["RTSTRUCT", "RTSTRUCT", "SEG", "SEG", "SR", "SR"]
+
+
+def test_a_contour_longer_than_64_kib_survives(tmp_path: Path) -> None:
+    """A double comb of 1-pixel teeth is one polygon of ~4800 corners (Contour Data over the
+    64 KiB an explicit-VR DS holds): written whole, valid, and filled back exactly."""
+    write_series(tmp_path / "s", SeriesSpec(rows=5, cols=1200, n_slices=2))
+    loaded = load_only(tmp_path / "s")
+    labels = np.zeros(loaded.volume.shape, np.uint8)  # [column, row, slice]
+    labels[:, 2, 1] = 1
+    labels[::2, 1, 1] = labels[::2, 3, 1] = 1
+    out = write_rtstruct(labels, loaded.datasets, CLASSES, tmp_path / "rt.dcm")
+    (contour,) = pydicom.dcmread(out).ROIContourSequence[0].ContourSequence
+    assert int(contour.NumberOfContourPoints) > 4000
+    assert dciodvfy_errors(out) == []
+    np.testing.assert_array_equal(fill_rtstruct(out, list(loaded.datasets))["liver"],
+                                  labels == 1)

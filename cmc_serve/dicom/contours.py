@@ -28,7 +28,13 @@ def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
     """The boundary polygons of `mask` (2D bool, indexed [x, y]) as float arrays (N, 2) of
     corner coordinates (x, y) in pixel-index units, pixel centres at integers: a vertex is
     at half-integers. Collinear vertices are dropped; each polygon is closed implicitly."""
-    inside = np.pad(np.asarray(mask, dtype=bool), 1)
+    mask = np.asarray(mask, dtype=bool)
+    xs_any, ys_any = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if xs_any.size == 0:
+        return []
+    # traced on the bounding box (a structure is small against a 512 x 512 slice)
+    x0, y0 = int(xs_any[0]), int(ys_any[0])
+    inside = np.pad(mask[x0:int(xs_any[-1]) + 1, y0:int(ys_any[-1]) + 1], 1)
     width = inside.shape[1] + 1  # corner keys: x * width + y, in padded corner coordinates
     starts, ends, owners = [], [], []
     for (dx, dy), (sx, sy), (ex, ey) in _SIDES:
@@ -55,13 +61,14 @@ def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
                 break
             # a corner shared by two diagonal pixels: stay with the pixel we came along
             edge = next((e for e in choices if owner[e] == owner[edge]), choices[0])
-        polygons.append(_corners(np.array(loop), width))
+        polygons.append(_corners(np.array(loop), width, (x0, y0)))
     return polygons
 
 
-def _corners(keys: np.ndarray, width: int) -> np.ndarray:
+def _corners(keys: np.ndarray, width: int, origin: tuple[int, int]) -> np.ndarray:
     """Vertex keys of one loop -> (x, y) pixel-index coordinates of its corners only."""
     points = np.stack([keys // width, keys % width], axis=1).astype(np.float64) - 1.5
+    points += origin
     incoming = points - np.roll(points, 1, axis=0)
     outgoing = np.roll(points, -1, axis=0) - points
     turn = incoming[:, 0] * outgoing[:, 1] != incoming[:, 1] * outgoing[:, 0]

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-from pydicom.valuerep import format_number_as_ds
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 
 from cmc_common.files import atomic_write
 from cmc_serve import __version__
@@ -41,6 +42,7 @@ RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # The Referenced SOP Class of RT Referenced Study items: Detached Study Management (retired),
 # which the RT modules still name and RT systems expect.
 STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
+CONTOUR_DATA = Tag(0x3006, 0x0050)
 _COPIED = (*TYPE2_ATTRIBUTES, "IssuerOfPatientID", "StudyInstanceUID", "StudyDescription",
            "FrameOfReferenceUID", "PositionReferenceIndicator")
 
@@ -68,9 +70,18 @@ class _SliceGeometry:
         return self.origin + corners @ self.axes
 
 
-def _ds_values(points: np.ndarray) -> list[str]:
-    """Contour Data as DS strings of at most 16 characters (0.1 micrometre resolution)."""
-    return [format_number_as_ds(round(float(v), 4) + 0.0) for v in points.ravel()]
+def _contour_data(points: np.ndarray) -> RawDataElement:
+    """Contour Data as one encoded DS value: numbers of at most 16 characters, micrometre
+    resolution. Encoded here, not by pydicom, which converts and validates every number
+    (90 % of the writing time of a large structure set)."""
+    text = "\\".join(_ds(float(v)) for v in points.ravel())
+    value = text.encode("ascii") + (b" " if len(text) % 2 else b"")
+    return RawDataElement(CONTOUR_DATA, "DS", len(value), value, 0, True, True)
+
+
+def _ds(number: float) -> str:
+    text = f"{number:.3f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
 
 
 def _image_reference(ds: Dataset) -> Dataset:
@@ -130,17 +141,18 @@ def _referenced_frame(sources: Sequence[Dataset]) -> Dataset:
     return frame
 
 
-def _contours(mask: np.ndarray, sources: Sequence[Dataset],
+def _contours(slices: np.ndarray, label: int, sources: Sequence[Dataset],
               geometry: Sequence[_SliceGeometry]) -> list[Dataset]:
+    """The contours of `label` on every slice of `slices` (labels [slice, column, row])."""
     items: list[Dataset] = []
-    for k in np.nonzero(mask.any(axis=(0, 1)))[0].tolist():
-        for corners in mask_contours(mask[:, :, k]):
+    for k in np.nonzero((slices == label).any(axis=(1, 2)))[0].tolist():
+        for corners in mask_contours(slices[k] == label):
             contour = Dataset()
             contour.ContourImageSequence = [_image_reference(sources[k])]
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(corners)
             contour.ContourNumber = len(items) + 1
-            contour.ContourData = _ds_values(geometry[k].to_patient(corners))
+            contour[CONTOUR_DATA] = _contour_data(geometry[k].to_patient(corners))
             items.append(contour)
     return items
 
@@ -165,6 +177,7 @@ def write_rtstruct(labels: np.ndarray, source_datasets: Sequence[Dataset],
     ds = _header(sources[0], provenance, review)
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(sources)]
     rois, contours, observations = [], [], []
+    slices = np.ascontiguousarray(labels.transpose(2, 0, 1))  # one slice = one memory block
     generation = f"{provenance.algorithm_name} {provenance.cmc_version}"
     for number, cls in enumerate(present, start=1):
         code = codes.get(class_names[cls], GENERIC)
@@ -179,7 +192,7 @@ def write_rtstruct(labels: np.ndarray, source_datasets: Sequence[Dataset],
         contour = Dataset()
         contour.ROIDisplayColor = list(code.color or (255, 0, 0))
         contour.ReferencedROINumber = number
-        contour.ContourSequence = _contours(labels == cls, sources, geometry)
+        contour.ContourSequence = _contours(slices, cls, sources, geometry)
         contours.append(contour)
         observation = Dataset()
         observation.ObservationNumber = number
@@ -194,7 +207,9 @@ def write_rtstruct(labels: np.ndarray, source_datasets: Sequence[Dataset],
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # Implicit VR: Contour Data of a long outline can pass the 64 KiB that an explicit-VR
+    # DS length field holds (pydicom would silently turn it into UN); RT systems read both.
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     atomic_write(out_path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
     return out_path
