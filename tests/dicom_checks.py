@@ -23,28 +23,32 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def fill_rtstruct(path: Path, sources: list[pydicom.Dataset]) -> dict[str, np.ndarray]:
     """{ROI name: mask [column, row, slice]} from an RTSTRUCT's contours, filled by the
-    even-odd rule at the pixel centres of the referenced images (matplotlib's polygon test),
-    each contour placed on the image its Contour Image Sequence names."""
+    even-odd rule at the pixel centres of the single-frame `sources` (matplotlib's polygon
+    test), each contour placed on the source image whose plane holds its points; when that
+    image is the one the Contour Image Sequence names, it must be that one."""
     rt = pydicom.dcmread(path)
-    index = {ds.SOPInstanceUID: k for k, ds in enumerate(sources)}
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     names = {roi.ROINumber: roi.ROIName for roi in rt.StructureSetROISequence}
     cc, rr = np.meshgrid(np.arange(cols), np.arange(rows), indexing="ij")
     centres = np.stack([cc.ravel(), rr.ravel()], axis=1)
+    origins = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in sources])
     out = {}
     for roi in rt.ROIContourSequence:
         mask = np.zeros((cols, rows, len(sources)), bool)
         for contour in roi.ContourSequence:
             assert contour.ContourGeometricType == "CLOSED_PLANAR"
-            k = index[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
-            ds = sources[k]
-            iop = np.array([float(v) for v in ds.ImageOrientationPatient])
-            row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
             points = np.array([float(v) for v in contour.ContourData]).reshape(-1, 3)
             assert len(points) == int(contour.NumberOfContourPoints)
-            offset = points - np.array([float(v) for v in ds.ImagePositionPatient])
+            iop = np.array([float(v) for v in sources[0].ImageOrientationPatient])
             normal = np.cross(iop[:3], iop[3:])
-            assert np.abs(offset @ normal).max() < 1e-3  # in the image's plane
+            distance = np.abs((points[None] - origins[:, None]) @ normal).max(axis=1)
+            (k,) = np.nonzero(distance < 1e-3)[0]  # in exactly one image's plane
+            ds = sources[k]
+            referenced = contour.ContourImageSequence[0].ReferencedSOPInstanceUID
+            assert referenced == ds.SOPInstanceUID or referenced not in {
+                s.SOPInstanceUID for s in sources}
+            row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+            offset = points - origins[k]
             pixel = np.stack([offset @ iop[:3] / col_spacing, offset @ iop[3:] / row_spacing], 1)
             inside = PolygonPath(pixel).contains_points(centres).reshape(cols, rows)
             mask[:, :, k] ^= inside

@@ -201,3 +201,29 @@ def test_a_contour_longer_than_64_kib_survives(tmp_path: Path) -> None:
     assert dciodvfy_errors(out) == []
     np.testing.assert_array_equal(fill_rtstruct(out, list(loaded.datasets))["liver"],
                                   labels == 1)
+
+
+def test_rtstruct_of_an_enhanced_ct_references_its_frames(tmp_path: Path) -> None:
+    """An Enhanced (multi-frame) CT source: each contour names the instance and the frame
+    whose plane holds it, and filled on the single-frame twin the contours are the labels."""
+    from dicom_factory import write_enhanced_ct
+
+    files = write_series(tmp_path / "single", SeriesSpec(rows=16, cols=17))
+    write_enhanced_ct(tmp_path / "enhanced", files)
+    single, enhanced = load_only(tmp_path / "single"), load_only(tmp_path / "enhanced")
+    (instance,) = enhanced.datasets
+    labels = ring_and_islands(enhanced.volume.shape)
+    out = write_rtstruct(labels, enhanced.datasets, CLASSES, tmp_path / "rt.dcm")
+    assert dciodvfy_errors(out) == []
+    for name, mask in fill_rtstruct(out, list(single.datasets)).items():
+        np.testing.assert_array_equal(mask, labels == CLASSES.index(name))
+    iop = np.array([float(v) for v in single.datasets[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    for roi in pydicom.dcmread(out).ROIContourSequence:
+        for contour in roi.ContourSequence:
+            (image,) = contour.ContourImageSequence
+            assert image.ReferencedSOPInstanceUID == instance.SOPInstanceUID
+            frame = instance.PerFrameFunctionalGroupsSequence[image.ReferencedFrameNumber - 1]
+            position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+            point = [float(v) for v in contour.ContourData[:3]]
+            assert abs((np.array(point) - position) @ normal) < 1e-3

@@ -20,6 +20,7 @@ Written under a temporary name and renamed, like every cmc output.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from cmc_serve.dicom.codes import GENERIC, ClassCode, resolve
 from cmc_serve.dicom.contours import mask_contours
 from cmc_serve.dicom.derived import TYPE2_ATTRIBUTES, Provenance, complete_type2
 from cmc_serve.dicom.errors import DicomSegError
+from cmc_serve.dicom.multiframe import frame_slices, source_frame_order
 from cmc_serve.dicom.seg_writer import check_labels
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -51,23 +53,53 @@ class RtStructError(DicomSegError):
     """Labels or source images that cannot be written as an RTSTRUCT."""
 
 
-class _SliceGeometry:
-    """Pixel-corner coordinates of one image -> patient coordinates (mm)."""
+@dataclass(frozen=True)
+class _SourceSlice:
+    """One slice of the source, in label order: the image (and frame) it is, and its plane
+    (pixel-corner coordinates -> patient coordinates, mm)."""
 
-    def __init__(self, ds: Dataset, where: Path) -> None:
-        try:
-            self.origin = np.array([float(v) for v in ds.ImagePositionPatient])
-            iop = [float(v) for v in ds.ImageOrientationPatient]
-            row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise RtStructError(f"{where}: source image {ds.get('SOPInstanceUID', '?')} has "
-                                f"no usable plane geometry ({exc})") from None
-        # x: column index, along the row direction; y: row index, along the column direction
-        self.axes = np.array([np.array(iop[:3]) * column_spacing,
-                              np.array(iop[3:]) * row_spacing])
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None  # 1-based, for a frame of a multi-frame instance
+    origin: np.ndarray
+    axes: np.ndarray  # x: column index, along the row direction; y: row index
 
     def to_patient(self, corners: np.ndarray) -> np.ndarray:
         return self.origin + corners @ self.axes
+
+    def reference(self) -> Dataset:
+        """A Contour Image Sequence item naming this image (and frame)."""
+        item = Dataset()
+        item.ReferencedSOPClassUID = self.sop_class_uid
+        item.ReferencedSOPInstanceUID = self.sop_instance_uid
+        if self.frame_number is not None:
+            item.ReferencedFrameNumber = self.frame_number
+        return item
+
+
+def _source_slices(datasets: Sequence[Dataset], where: Path) -> list[_SourceSlice]:
+    """The slices in label order: single-frame files as given, or the frames of one
+    Enhanced multi-frame instance in slice order (referenced by frame number)."""
+    order = source_frame_order(datasets)
+    slices = [s for i, ds in enumerate(datasets) for s in frame_slices(ds, where, i)]
+    if order is not None:
+        slices = [slices[k] for k in order]
+    out = []
+    for piece in slices:
+        ds = datasets[piece.source]
+        try:
+            origin = np.array([float(v) for v in piece.position])
+            iop = [float(v) for v in piece.orientation]
+            row_spacing, column_spacing = (float(v) for v in piece.pixel_spacing)
+        except (TypeError, ValueError) as exc:
+            raise RtStructError(f"{where}: source image {piece.name} "
+                                f"({ds.get('SOPInstanceUID', '?')}) has no usable plane "
+                                f"geometry ({exc})") from None
+        out.append(_SourceSlice(
+            ds.SOPClassUID, ds.SOPInstanceUID, piece.frame + 1 if order is not None else None,
+            origin, np.array([np.array(iop[:3]) * column_spacing,
+                              np.array(iop[3:]) * row_spacing])))
+    return out
 
 
 def _contour_data(points: np.ndarray) -> RawDataElement:
@@ -82,13 +114,6 @@ def _contour_data(points: np.ndarray) -> RawDataElement:
 def _ds(number: float) -> str:
     text = f"{number:.3f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
-
-
-def _image_reference(ds: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = ds.SOPClassUID
-    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-    return item
 
 
 def _code_item(code: ClassCode) -> Dataset:
@@ -127,10 +152,10 @@ def _header(source: Dataset, provenance: Provenance, review: str | None) -> Data
     return ds
 
 
-def _referenced_frame(sources: Sequence[Dataset]) -> Dataset:
+def _referenced_frame(sources: Sequence[Dataset], slices: Sequence[_SourceSlice]) -> Dataset:
     series = Dataset()
     series.SeriesInstanceUID = sources[0].SeriesInstanceUID
-    series.ContourImageSequence = [_image_reference(ds) for ds in sources]
+    series.ContourImageSequence = [piece.reference() for piece in slices]
     study = Dataset()
     study.ReferencedSOPClassUID = STUDY_REFERENCE_CLASS
     study.ReferencedSOPInstanceUID = sources[0].StudyInstanceUID
@@ -141,18 +166,18 @@ def _referenced_frame(sources: Sequence[Dataset]) -> Dataset:
     return frame
 
 
-def _contours(slices: np.ndarray, label: int, sources: Sequence[Dataset],
-              geometry: Sequence[_SliceGeometry]) -> list[Dataset]:
-    """The contours of `label` on every slice of `slices` (labels [slice, column, row])."""
+def _contours(labels: np.ndarray, label: int, slices: Sequence[_SourceSlice]
+              ) -> list[Dataset]:
+    """The contours of `label` on every slice of `labels` ([slice, column, row])."""
     items: list[Dataset] = []
-    for k in np.nonzero((slices == label).any(axis=(1, 2)))[0].tolist():
-        for corners in mask_contours(slices[k] == label):
+    for k in np.nonzero((labels == label).any(axis=(1, 2)))[0].tolist():
+        for corners in mask_contours(labels[k] == label):
             contour = Dataset()
-            contour.ContourImageSequence = [_image_reference(sources[k])]
+            contour.ContourImageSequence = [slices[k].reference()]
             contour.ContourGeometricType = "CLOSED_PLANAR"
             contour.NumberOfContourPoints = len(corners)
             contour.ContourNumber = len(items) + 1
-            contour[CONTOUR_DATA] = _contour_data(geometry[k].to_patient(corners))
+            contour[CONTOUR_DATA] = _contour_data(slices[k].to_patient(corners))
             items.append(contour)
     return items
 
@@ -173,11 +198,11 @@ def write_rtstruct(labels: np.ndarray, source_datasets: Sequence[Dataset],
     codes = resolve(class_names) if codes is None else codes
     provenance = provenance or Provenance()
     sources = complete_type2(source_datasets)
-    geometry = [_SliceGeometry(ds, out_path) for ds in sources]
+    slices = _source_slices(sources, out_path)
     ds = _header(sources[0], provenance, review)
-    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(sources)]
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(sources, slices)]
     rois, contours, observations = [], [], []
-    slices = np.ascontiguousarray(labels.transpose(2, 0, 1))  # one slice = one memory block
+    by_slice = np.ascontiguousarray(labels.transpose(2, 0, 1))  # one slice, one memory block
     generation = f"{provenance.algorithm_name} {provenance.cmc_version}"
     for number, cls in enumerate(present, start=1):
         code = codes.get(class_names[cls], GENERIC)
@@ -192,7 +217,7 @@ def write_rtstruct(labels: np.ndarray, source_datasets: Sequence[Dataset],
         contour = Dataset()
         contour.ROIDisplayColor = list(code.color or (255, 0, 0))
         contour.ReferencedROINumber = number
-        contour.ContourSequence = _contours(slices, cls, sources, geometry)
+        contour.ContourSequence = _contours(by_slice, cls, slices)
         contours.append(contour)
         observation = Dataset()
         observation.ObservationNumber = number
