@@ -17,8 +17,9 @@ from .errors import EXIT_FAILED, fail, say
 
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
-overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm
-(DICOM input), statistics.json, preview.png, and `done`, written last: a folder without it is
+overwritten by results. Per case: OUT/<case>/seg.nii.gz, seg.json (class names), seg.dcm,
+rtstruct.dcm, sr.dcm (DICOM input, see --output-type), statistics.json, preview.png, and
+`done`, written last: a folder without it is
 incomplete. OUT/report.json (versions, engine, timings), OUT/report.html (one self-contained
 page: previews, class volumes with outliers flagged) and OUT/failures.csv (failed cases);
 with --shard each shard keeps its own in OUT/.cmc-shards/ and merges all shards' into these."""
