@@ -85,7 +85,8 @@ def patch_graph(mode: str, branch_outputs: bool = True) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, f"cmc_test_{mode}", graph_inputs, outs,
                               initializer=[numpy_helper.from_array(w, "w"),
                                            numpy_helper.from_array(b, "b"),
-                                           numpy_helper.from_array(np.array(0.5, np.float32), "half")])
+                                           numpy_helper.from_array(np.array(0.5, np.float32),
+                                                                   "half")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -214,7 +215,7 @@ def write_phantom_series(folder: Path, spec: SeriesSpec) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, position in enumerate(spec.positions()):
-        ds = make_dataset(spec, k, position, np.round(stored[:, :, k].T).astype(np.uint16))
+        ds = make_dataset(spec, k, position, np.round(stored[:, :, k].T).astype(np.int32))
         if spec.modality == "MR":
             ds.SOPClassUID = MRImageStorage
             ds.file_meta.MediaStorageSOPClassUID = MRImageStorage

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -57,7 +58,10 @@ def swapped_branches(model: onnx.ModelProto) -> onnx.ModelProto:
     return broken
 
 
-def test_fused_graph_has_branch_outputs_whose_mean_is_probs(fused) -> None:
+Fused = tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray]
+
+
+def test_fused_graph_has_branch_outputs_whose_mean_is_probs(fused: Fused) -> None:
     model, inputs, reference = fused
     assert [o.name for o in model.graph.output] == list(OUTPUTS)
     probs, probs_a, probs_b = np.split(reference, 3, axis=1)
@@ -65,7 +69,7 @@ def test_fused_graph_has_branch_outputs_whose_mean_is_probs(fused) -> None:
     assert np.abs(probs_a - probs_b).max() > 0.05  # two decoders, two answers
 
 
-def test_fp32_gate_checks_every_output_and_refuses_swapped_branches(fused) -> None:
+def test_fp32_gate_checks_every_output_and_refuses_swapped_branches(fused: Fused) -> None:
     model, inputs, reference = fused
     good = run_batched(onnxruntime_runner(model, outputs=OUTPUTS), inputs, 8)
     numbers = fp32_parity("fused_fp32.onnx", {"random": reference}, {"random": good},
@@ -79,7 +83,7 @@ def test_fp32_gate_checks_every_output_and_refuses_swapped_branches(fused) -> No
         fp32_parity("fused_fp32.onnx", {"random": reference}, {"random": bad}, outputs=OUTPUTS)
 
 
-def test_half_precision_gate_judges_each_branch_output(fused) -> None:
+def test_half_precision_gate_judges_each_branch_output(fused: Fused) -> None:
     model, inputs, _ = fused
     reference = run_batched(onnxruntime_runner(model, outputs=OUTPUTS), inputs, 8)
     emulated = run_batched(onnxruntime_runner(emulate(model, "fp16"), outputs=OUTPUTS),
@@ -147,7 +151,8 @@ def branch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(11)
-    return tuple(rng.normal(size=(29, 23, 19)).astype(np.float32) for _ in range(2))
+    a, b = rng.normal(size=(2, 29, 23, 19)).astype(np.float32)
+    return a, b
 
 
 def direct_branches(model_dir: Path, a: np.ndarray, b: np.ndarray
@@ -170,7 +175,7 @@ def direct_branches(model_dir: Path, a: np.ndarray, b: np.ndarray
         vol = tuple(slice(lo, hi) for lo, hi, _ in boxes)
         loc = tuple(slice(off, off + hi - lo) for lo, hi, off in boxes)
         for i, tile in enumerate(tiles):
-            acc[(i, slice(None), *vol)] += tile[(slice(None), *loc)] * weights[loc]
+            acc[i][(slice(None), *vol)] += tile[(slice(None), *loc)] * weights[loc]
         wsum[vol] += weights[loc]
     probs = acc[0] / wsum
     ordered = np.sort(probs, axis=0)
@@ -231,7 +236,7 @@ def test_branch_stitching_allocates_nothing_volume_sized_in_float(branch_dir: Pa
 
 
 @pytest.mark.triton
-def test_triton_patch_model_serves_the_branch_outputs(triton_server, tiny_model_dir: Path
+def test_triton_patch_model_serves_the_branch_outputs(triton_server: Any, tiny_model_dir: Path
                                                       ) -> None:
     """The Triton runtime returns the fused graph's branches as the local runtime does."""
     rng = np.random.default_rng(2)

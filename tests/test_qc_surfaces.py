@@ -56,7 +56,7 @@ def flagged_run(studies: Path, model_dir: Path, tmp_path_factory: pytest.TempPat
     return out, result
 
 
-def test_a_flagged_case_is_done_exit_zero_and_counted(flagged_run) -> None:
+def test_a_flagged_case_is_done_exit_zero_and_counted(flagged_run: tuple[Path, Any]) -> None:
     out, result = flagged_run
     assert result.exit_code == 0, result.output
     report = _report(out)
@@ -72,7 +72,7 @@ def test_a_flagged_case_is_done_exit_zero_and_counted(flagged_run) -> None:
     assert "needs review" in result.output and "cut off by the field of view" in result.output
 
 
-def test_done_and_statistics_carry_the_verdict(flagged_run) -> None:
+def test_done_and_statistics_carry_the_verdict(flagged_run: tuple[Path, Any]) -> None:
     out, _ = flagged_run
     flagged, quiet = _by_flag(_report(out))
     for record in (flagged, quiet):
@@ -85,7 +85,7 @@ def test_done_and_statistics_carry_the_verdict(flagged_run) -> None:
     assert stats["classes"]["bright_b"]["qc"] == {"score": 1.0, "flags": []}
 
 
-def test_the_flagged_seg_says_needs_review(flagged_run) -> None:
+def test_the_flagged_seg_says_needs_review(flagged_run: tuple[Path, Any]) -> None:
     out, _ = flagged_run
     flagged, quiet = _by_flag(_report(out))
     seg = pydicom.dcmread(out / flagged["case_id"] / "seg.dcm")
@@ -96,7 +96,8 @@ def test_the_flagged_seg_says_needs_review(flagged_run) -> None:
     assert "needs review" not in str(calm.get("ContentDescription", ""))
 
 
-def test_report_html_lists_flagged_cases_first_with_their_reasons(flagged_run) -> None:
+def test_report_html_lists_flagged_cases_first_with_their_reasons(
+        flagged_run: tuple[Path, Any]) -> None:
     require_chromium()
     out, _ = flagged_run
     flagged, quiet = _by_flag(_report(out))

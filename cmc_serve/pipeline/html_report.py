@@ -49,7 +49,8 @@ border-radius:10px;font-weight:600;font-size:12px;color:#fff}.done{background:#2
 .received{background:#546e7a}.skipped{background:#8d6e63}.outlier{background:#fff3cd;
 font-weight:700}.outlier::after{content:" \\26A0 outlier";color:#b26a00;font-size:11px}
 .reason{color:#b71c1c;max-width:420px;overflow-wrap:anywhere}.review{background:#e65100}
-ul.qc{margin:4px 0 0;padding-left:18px;color:#8a3b00;max-width:420px}.qcok{color:#2e7d32}.uid{word-break:break-all;
+ul.qc{margin:4px 0 0;padding-left:18px;color:#8a3b00;max-width:420px}.qcok{color:#2e7d32}
+.uid{word-break:break-all;
 max-width:240px;display:inline-block}td:first-child{min-width:190px}.nowrap{white-space:nowrap}.muted{color:#78828c}dl{margin:0}dt{font-weight:600}
 dd{margin:0 0 4px}.held{background:#b26a00}.flag{color:#b26a00}section.attention{background:#fff;
 border-left:4px solid #c62828;padding:8px 14px;margin:0 0 16px;box-shadow:0 1px 3px #0002}
@@ -222,7 +223,8 @@ def batch_report_html(out: Path, report: dict[str, Any]) -> str:
                 f"{sum(1 for c in cases if (c.get('qc') or {}).get('flagged'))} case(s) "
                 "need review (quality control)")
     return page("cmc segment report", subtitle,
-                ["case", "mode / reason / quality", "preview", "class volumes", "runtime / device / "
+                ["case", "mode / reason / quality", "preview", "class volumes",
+                 "runtime / device / "
                  "precision", "time"], rows)
 
 

@@ -2,7 +2,8 @@
 
 Serves `image_a` / `image_b` [N, 1, P, P, P] (FP16 or FP32, as the config declares) ->
 `probs` [N, K, P, P, P] (FP32 or FP16, as declared), and every further output the config
-declares (the fused graph's `probs_a` / `probs_b`, which quality control reads). The graph runs in the server venv with
+declares (the fused graph's `probs_a` / `probs_b`, which quality control reads). The graph
+runs in the server venv with
 cmc's own patch runtimes (`cmc_serve.runtimes`: ONNX Runtime or OpenVINO), so Triton and
 `cmc segment` execute the same graph the same way; the server venv has cmc installed
 without dependencies (`python -m cmc_serve.triton.setup`).
