@@ -43,6 +43,8 @@ class SeriesSpec:
     study_uid: str = "1.2.826.0.1.3680043.8.498.1"
     seed: int = 0
     bits_allocated: int = 16  # 8: stored as uint8 (what JPEG Baseline can hold)
+    bits_stored: int | None = None  # None: bits_allocated (12: a 12-bit CT in 16-bit words)
+    signed: bool = False  # PixelRepresentation 1 (stored values may be negative)
     position_format: str = ".6g"  # how ImagePositionPatient is written (".2f": two decimals)
     orientation_format: str = ".6g"
     echo_time: float | None = None
@@ -105,17 +107,20 @@ def make_dataset(spec: SeriesSpec, index: int, position: Sequence[float],
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = spec.photometric
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = ds.BitsStored = spec.bits_allocated
-    ds.HighBit = spec.bits_allocated - 1
-    ds.PixelRepresentation = 0
+    ds.BitsAllocated = spec.bits_allocated
+    ds.BitsStored = spec.bits_stored or spec.bits_allocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(spec.signed)
     ds.RescaleSlope = f"{spec.slope:.6g}"
     ds.RescaleIntercept = f"{spec.intercept:.6g}"
     ds.RescaleType = "HU"
-    dtype = np.uint8 if spec.bits_allocated == 8 else np.uint16
-    if pixels.max() > np.iinfo(dtype).max:
-        raise ValueError(f"stored values up to {pixels.max()} do not fit {spec.bits_allocated} "
-                         "bits")
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=dtype).tobytes()
+    dtype = np.dtype(f"{'i' if spec.signed else 'u'}{spec.bits_allocated // 8}")
+    bits = int(ds.BitsStored)
+    low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if spec.signed else (0, (1 << bits) - 1)
+    if pixels.min() < low or pixels.max() > high:
+        raise ValueError(f"stored values {pixels.min()}..{pixels.max()} do not fit {bits} "
+                         f"{'signed' if spec.signed else 'unsigned'} bits")
+    ds.PixelData = np.ascontiguousarray(pixels).astype(dtype).tobytes()
     return ds
 
 

@@ -147,6 +147,20 @@ def test_lossy_syntax_segments_like_uncompressed(
     np.testing.assert_array_equal(segment_labels(recoded, tmp_path / "out", model_dir), labels)
 
 
+@pytest.mark.parametrize("name,recode", LOSSLESS, ids=[n for n, _ in LOSSLESS])
+def test_signed_12_bit_ct_decodes_exactly(name: str, recode: Recoder, tmp_path: Path) -> None:
+    """CT archives often store HU directly: signed (PixelRepresentation 1) 12-bit values in
+    16-bit words, RescaleIntercept 0; the sign and the unused high bits must survive."""
+    require_dcmtk()
+    spec = fx.ct_spec(STUDY_UID, rows=32, cols=32, intercept=0.0, signed=True, bits_stored=12)
+    paths = fx.write_phantom_series(tmp_path / "plain", spec)
+    recode(paths, tmp_path / "recoded")
+    plain = load_series(scan_folder(tmp_path / "plain").volumes[0]).volume.array
+    assert plain.min() == fx.CT_BACKGROUND  # negative stored values
+    np.testing.assert_array_equal(
+        load_series(scan_folder(tmp_path / "recoded").volumes[0]).volume.array, plain)
+
+
 def test_decodable_syntaxes_cover_what_pacs_store() -> None:
     for syntax in (uid.JPEGBaseline8Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
                    uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless,
