@@ -84,3 +84,35 @@ def test_intensity_concepts_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(SrError, match="cannot read the SEG"):
         write_measurement_report(tmp_path / "missing.dcm", [], {}, CLASSES, tmp_path / "sr.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("text", "types"), [
+    ("auto", ()), ("seg,sr", ("dicom-seg", "sr")), ("nifti,dicom_rtstruct", ("nifti", "rtstruct")),
+    ("auto,rtstruct,sr,sr", ("auto", "rtstruct", "sr")), ("dicom-seg, dicom-sr", ("dicom-seg", "sr"))])
+def test_output_types_parse(text: str, types: tuple[str, ...]) -> None:
+    from cmc_serve.pipeline.api import SegmentOptions, parse_output_types
+
+    assert parse_output_types(text) == types
+    assert SegmentOptions(output_types=types).output_types == types
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("nifti,sr", "sr reports on the DICOM SEG's segments; add dicom-seg"),
+    ("rtstruct,png", "use auto or a comma list of nifti, dicom-seg, rtstruct, sr"),
+    ("", "use auto or a comma list")])
+def test_output_types_refused(text: str, problem: str) -> None:
+    from cmc_serve.pipeline.api import SegmentOptionError, parse_output_types
+
+    with pytest.raises(SegmentOptionError, match=problem) as info:
+        parse_output_types(text)
+    assert info.value.option == "output_types"
+
+
+def test_auto_adds_dicom_types_to_dicom_cases_only() -> None:
+    from cmc_serve.pipeline.outputs import resolve_output_types
+
+    assert resolve_output_types((), True) == ("nifti", "dicom-seg")
+    assert resolve_output_types(("auto", "rtstruct", "sr"), True) == \
+        ("nifti", "dicom-seg", "rtstruct", "sr")
+    assert resolve_output_types(("auto", "rtstruct", "sr"), False) == ("nifti",)
+    assert resolve_output_types(("rtstruct",), False) == ("rtstruct",)  # required: fails
