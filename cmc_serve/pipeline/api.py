@@ -289,6 +289,8 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         except outputs.OutputError as exc:
             raise SegmentError(str(exc)) from exc
         records = shards.shard_dir(out, *options.share) if options.share else out
+        # Made now, not with the first record: a shard of another N starting later sees it.
+        records.mkdir(parents=True, exist_ok=True)
         report = RunReport(options=options.report_options(input, input_b),
                            model=_model_summary(model, info))
         batch = BatchOptions(mode=options.mode, output_types=options.output_types,
