@@ -130,13 +130,13 @@ def write_series(folder: Path, spec: SeriesSpec | None = None,
     """Write the series as one file per slice; file order shuffled so sorting is tested."""
     spec = spec or SeriesSpec()
     folder.mkdir(parents=True, exist_ok=True)
-    positions = list(positions) if positions is not None else spec.positions()
+    origins = list(positions) if positions is not None else spec.positions()
     values = spec.stored_values()
-    order = np.random.default_rng(spec.seed + 1).permutation(len(positions)) if shuffle \
-        else np.arange(len(positions))
+    order = np.random.default_rng(spec.seed + 1).permutation(len(origins)) if shuffle \
+        else np.arange(len(origins))
     paths = []
     for file_no, k in enumerate(order):
-        ds = make_dataset(spec, int(k), positions[k], values[k % len(values)])
+        ds = make_dataset(spec, int(k), origins[k], values[k % len(values)])
         path = folder / f"{prefix}{file_no:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -178,7 +178,7 @@ def recode_pydicom(paths: Sequence[Path], folder: Path, syntax: str,
     for path in paths:
         ds = pydicom.dcmread(path)
         if syntax == uid.DeflatedExplicitVRLittleEndian:
-            ds.file_meta.TransferSyntaxUID = syntax
+            ds.file_meta.TransferSyntaxUID = uid.UID(syntax)
         else:
             ds.compress(syntax, **encoder_options)
         target = folder / path.name
