@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,13 +123,14 @@ class SlurmCluster:
             extra_groups=[] if user else None)
         log.close()
 
-    def _wait(self, what: str, ready: object, timeout: float = START_TIMEOUT) -> None:
+    def _wait(self, what: str, ready: Callable[[], bool], timeout: float = START_TIMEOUT
+              ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             dead = [n for n, p in self.processes.items() if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"{dead[0]} exited while waiting for {what}:\n{self.logs()}")
-            if ready():  # type: ignore[operator]
+            if ready():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}:\n{self.logs()}")

@@ -105,7 +105,9 @@ def _slurm(environ: Mapping[str, str], given: int | None) -> ShardChoice:
                                f"beside {SLURM_ID} ({where})")
     task, low, high = (_integer(n, read, where) for n in (SLURM_ID, SLURM_MIN, SLURM_MAX))
     step = _integer(SLURM_STEP, read, where) if SLURM_STEP in read else 1
-    if step < 1 or high < low or not low <= task <= high:
+    if step < 1:
+        raise ShardChoiceError(f"--shard auto: {SLURM_STEP}={step} is not a step ({where})")
+    if high < low or not low <= task <= high:
         raise ShardChoiceError(f"--shard auto: task {task} is outside the Slurm array "
                                f"{low}-{high}:{step} ({where})")
     span = (high - low) // step + 1
