@@ -33,12 +33,17 @@ from cmc_export.errors import ExportError, GateFailed
 from cmc_export.int8_gate import INT8_THRESHOLDS, Int8Thresholds, int8_parity
 
 INT8 = "int8"
+# NNCF's settings (module docstring): ModelType and QuantizationPreset values.
+MODEL_TYPE = "transformer"
+PRESET = "mixed"
 
 
 def quantise_ir(fp32_xml: Path, int8_xml: Path, tiles: Mapping[str, np.ndarray],
-                inputs: Sequence[str], props: Mapping[str, str]) -> None:
+                inputs: Sequence[str], props: Mapping[str, str],
+                model_type: str | None = MODEL_TYPE, preset: str = PRESET) -> None:
     """NNCF post-training quantisation of `fp32_xml` on `tiles`, saved at `int8_xml` (+ .bin)
-    with cmc's metadata in rt_info. ExportError when NNCF is missing or fails."""
+    with cmc's metadata in rt_info. ExportError when NNCF is missing or fails. `model_type`
+    and `preset` name NNCF's ModelType and QuantizationPreset (bench/int8.py compares them)."""
     try:
         import nncf  # type: ignore[import-untyped,unused-ignore]
     except ImportError as exc:
@@ -49,9 +54,10 @@ def quantise_ir(fp32_xml: Path, int8_xml: Path, tiles: Mapping[str, np.ndarray],
     count = next(iter(tiles.values())).shape[0]
     items = [{name: tiles[name][i:i + 1] for name in inputs} for i in range(count)]
     try:
-        quantised = nncf.quantize(model, nncf.Dataset(items), subset_size=count,
-                                  preset=nncf.QuantizationPreset.MIXED,
-                                  model_type=nncf.ModelType.TRANSFORMER)
+        quantised = nncf.quantize(
+            model, nncf.Dataset(items), subset_size=count,
+            preset=nncf.QuantizationPreset(preset),
+            model_type=nncf.ModelType(model_type) if model_type else None)
     except Exception as exc:  # NNCF raises its own and OpenVINO's runtime errors
         raise ExportError(f"{fp32_xml.name}: NNCF could not quantise the graph "
                           f"({' '.join(str(exc).split())})") from exc
