@@ -12,7 +12,7 @@ pipeline (`cmc_serve.pipeline.segment`, QC at its default), scores each case's t
 against the truth and reports (`qc_bench.scoring`): AUROC of the QC score for a failed case
 (mean foreground Dice more than 0.15 below the model's validation mean) and for Dice < 0.5,
 the flag rate on in-distribution cases, the share of swapped-role and non-abdominal inputs
-flagged, and the wall time QC adds to `cmc segment` (off / default / full, on the same
+flagged, and the wall time QC adds to `cmc segment` (--qc off / on / full, on the same
 in-distribution cases, alternating, median of the rounds). Writes qc_results.json and
 qc_results.md into `--out`.
 """
@@ -34,7 +34,7 @@ import numpy as np
 from qc_bench import cases as case_set
 from qc_bench import scoring
 
-QC_SETTINGS = ("off", "default", "full")
+QC_SETTINGS = ("off", "on", "full")  # SegmentOptions.qc; "on" is the default
 CPU_FEATURES = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_fp16", "avx512_vnni")
 
 
@@ -109,7 +109,7 @@ def score_cases(set_dir: Path, out: Path, built: list[case_set.BenchCase],
                 num_classes: int) -> list[dict[str, Any]]:
     """One row per case: kind, severity, true Dice, QC score, flagged, flag codes."""
     report = json.loads((out / "report.json").read_text())
-    records = {c["case"] if "case" in c else c["id"]: c for c in report["cases"]}
+    records = {c["case_id"]: c for c in report["cases"]}
     rows = []
     for case in built:
         record = records[case.case_id]
@@ -150,7 +150,7 @@ def time_settings(set_dir: Path, work: Path, model: Path, built: list[case_set.B
     return {"cases": len(chosen), "rounds": rounds,
             "seconds": {s: [round(x, 2) for x in v] for s, v in seconds.items()},
             "median_seconds": {s: round(v, 2) for s, v in median.items()},
-            "added": {s: round(median[s] / median["off"] - 1.0, 4) for s in ("default", "full")}}
+            "added": {s: round(median[s] / median["off"] - 1.0, 4) for s in ("on", "full")}}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -182,7 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     timing = result.get("timing")
     if timing:
-        lines.append(f"| QC time added, default | {timing['added']['default']:+.1%} | <= 15 % |")
+        lines.append(f"| QC time added, default (on) | {timing['added']['on']:+.1%} | <= 15 % |")
         lines.append(f"| QC time added, full (cross-modal) | {timing['added']['full']:+.1%} | |")
     lines += ["", f"{s['cases']} cases, {s['failed']} failed.", "",
               "| kind | cases | failed | flagged | mean Dice | mean score |",
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(set_dir)
     for case in built:
         case.write(set_dir)
-    out = work / "segment_default"
-    segment_seconds = segment_set(set_dir / "cases", out, model, "default")
+    out = work / "segment_on"
+    segment_seconds = segment_set(set_dir / "cases", out, model, "on")
     rows = score_cases(set_dir, out, built, info.num_classes)
     validation = float(info.qc_reference["calibration"]["validation_mean_dice"])
     result: dict[str, Any] = {
