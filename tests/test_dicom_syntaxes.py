@@ -260,12 +260,9 @@ def test_jpeg2000_study_from_orthanc_files_segments_like_uncompressed(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "cmc_serve.node.dicomweb retrieves without transfer-syntax=*, so Orthanc's DICOMweb plugin "
-    "transcodes to Explicit VR Little Endian and cannot decode JPEG 2000 (HTTP 500, 'Cannot "
-    "transcode image'); asking for transfer-syntax=* gets the stored JPEG 2000, which cmc "
-    "decodes"))
 def test_jpeg2000_study_from_dicomweb_segments_like_uncompressed(
         j2k_pacs: OrthancServer, plain: Study, tmp_path: Path, model_dir: Path) -> None:
+    """WADO-RS asks for the stored syntax (transfer-syntax=*): Orthanc cannot transcode JPEG
+    2000 and answered HTTP 500 while cmc asked for Explicit VR Little Endian."""
     labels = _from_dicomweb(j2k_pacs, STUDY_UID, tmp_path, model_dir)
     np.testing.assert_array_equal(labels, plain[1])

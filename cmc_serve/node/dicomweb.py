@@ -26,6 +26,8 @@ from cmc_serve.node.spool import valid_uid
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.api import SegmentError, SegmentOptions, SegmentRunResult, segment
 
+DICOM_MEDIA_TYPE = "application/dicom"
+
 
 @dataclass(frozen=True)
 class StowResult:
@@ -75,11 +77,16 @@ def _patient_id(client: Any, url: str, study_uid: str) -> str:
 
 
 def retrieve_study(client: Any, url: str, study_uid: str, folder: Path) -> int:
-    """Write every instance of the study (WADO-RS) to `folder`; returns how many."""
+    """Write every instance of the study (WADO-RS) to `folder`; returns how many.
+
+    Asked for as stored (`transfer-syntax=*`), like the node keeps what it is sent: without
+    it a server transcodes to Explicit VR Little Endian, which Orthanc cannot do for JPEG
+    2000 (HTTP 500); the pipeline decodes every syntax `decoders.decodable_syntaxes()`
+    lists and names any other in one line."""
     import requests
 
     try:
-        datasets = client.retrieve_study(study_uid)
+        datasets = client.retrieve_study(study_uid, media_types=((DICOM_MEDIA_TYPE, "*"),))
     except requests.RequestException as exc:
         raise _http_error(url, f"WADO-RS retrieve of study {study_uid}", exc) from exc
     if not datasets:
