@@ -96,6 +96,29 @@ def test_orthanc_stores_study_to_node_and_seg_comes_back(tmp_path: Path, model_d
         node.stop()
 
 
+def test_rtstruct_and_measurement_report_travel_with_the_seg(
+        tmp_path: Path, model_dir: Path, pacs: OrthancServer) -> None:
+    """Every DICOM result of the case is delivered, SEG first and the SR (which references
+    it) last, each acknowledged in the ledger."""
+    study = write_study(tmp_path / "study", patient_id="PAT-RT")
+    node = Node(model_dir, tmp_path / "spool", "--send-to", pacs.send_to, "--output-type",
+                "auto,rtstruct,sr").start()
+    try:
+        assert set(send(study.files, node.port)) == {0}
+        state = node.wait_state(study.study_uid, ["done", "failed"])
+    finally:
+        node.stop()
+    assert state["state"] == "done", state
+    names = [Path(f).name for f in state["result_files"]]
+    assert names[0] == "seg.dcm" and names[-1].startswith("sr") and len(names) == 3, names
+    assert state["deliveries"][pacs.send_to]["delivered"] == state["result_uids"]
+    modalities = set()
+    for series in pacs.post("/tools/find", {"Level": "Series", "Expand": True, "Query": {
+            "StudyInstanceUID": study.study_uid}}):
+        modalities.add(series["MainDicomTags"]["Modality"])
+    assert {"SEG", "RTSTRUCT", "SR"} <= modalities, modalities
+
+
 def test_seg_stored_back_through_stow_rs(tmp_path: Path, model_dir: Path,
                                          pacs: OrthancServer) -> None:
     study = write_study(tmp_path / "study", patient_id="PAT-STOW")

@@ -173,6 +173,18 @@ def result_order(sop_class: str) -> int:
     return 3 if sop_class.startswith(SR_PREFIX) else 2
 
 
+def case_results(case: Path) -> list[tuple[Path, str]]:
+    """Every DICOM file a case folder holds (SEG, RTSTRUCT, SR...), in sending order, with
+    its SOP Instance UID."""
+    import pydicom
+
+    found = []
+    for path in sorted(case.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        found.append((result_order(str(ds.SOPClassUID)), path, str(ds.SOPInstanceUID)))
+    return [(path, uid) for _, path, uid in sorted(found)]
+
+
 def parse_destination(text: str, calling_ae: str) -> Destination:
     """`--flagged-to`: a DICOMweb root URL or AET@HOST:PORT."""
     if re.match(r"^https?://", text.strip()):

@@ -8,8 +8,9 @@ report.json and failures.csv. Batch options keep their meaning:
   given the same list each download and segment only their share;
 - `--continue` asks QIDO-RS for each study's PatientID, and studies whose case is already
   done in OUT are neither retrieved nor segmented again.
-`--stow URL` (also for folder input) stores the SEG of every case finished in this run with
-STOW-RS; a refused or failed store is reported per case and makes the run exit 1.
+`--stow URL` (also for folder input) stores the DICOM results (SEG, RTSTRUCT, SR) of every
+case finished in this run with STOW-RS; a refused or failed store is reported per case and
+makes the run exit 1.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cmc_serve.node.delivery import NETWORK_TIMEOUT, DeliveryError, parse_stow
+from cmc_serve.node.delivery import NETWORK_TIMEOUT, DeliveryError, case_results, parse_stow
 from cmc_serve.node.spool import valid_uid
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.api import SegmentError, SegmentOptions, SegmentRunResult, segment
@@ -146,19 +147,20 @@ def segment_from_dicomweb(url: str, study_uids: Sequence[str], out: Path | str,
 
 
 def stow_results(result: SegmentRunResult, url: str) -> StowResult:
-    """STOW-RS the seg.dcm of every case done in this run (skipped cases were stored by the
-    run that made them)."""
+    """STOW-RS the DICOM results of every case done in this run, SEG first (skipped cases
+    were stored by the run that made them); a case counts as stored when all of them are."""
     try:
         destination = parse_stow(url)
     except ValueError as exc:
         raise SegmentError(str(exc)) from None
     stored, failed = [], []
     for record in result.cases:
-        seg = outputs.case_dir(result.out, record.case_id) / outputs.SEG_DICOM
-        if record.status != "done" or not seg.is_file():
+        results = case_results(outputs.case_dir(result.out, record.case_id))
+        if record.status != "done" or not results:
             continue
         try:
-            destination.send(seg)
+            for path, _ in results:
+                destination.send(path)
             stored.append(record.case_id)
         except DeliveryError as exc:
             failed.append((record.case_id, str(exc)))

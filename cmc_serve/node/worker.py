@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmc_serve.node.delivery import Destination, RetryPolicy, deliver, result_order
+from cmc_serve.node.delivery import Destination, RetryPolicy, case_results, deliver
 from cmc_serve.node.spool import (
     DELIVERING,
     DONE,
@@ -171,7 +171,7 @@ class Worker:
         study.notes = list(record.pairing)
         case = outputs.case_dir(out, record.case_id)
         study.qc = _qc_verdict(case)
-        results = _dicom_results(case)
+        results = case_results(case)
         study.result_files = [p.relative_to(self.spool.study_dir(uid)).as_posix()
                               for p, _ in results]
         study.result_uids = [sop_uid for _, sop_uid in results]
@@ -247,15 +247,3 @@ def _qc_verdict(case: Path) -> dict[str, Any] | None:
     return {"score": qc.get("score"), "flagged": bool(qc.get("flagged")),
             "flags": [{k: f.get(k) for k in ("code", "message", "structure") if k in f}
                       for f in qc.get("flags") or []]}
-
-
-def _dicom_results(case: Path) -> list[tuple[Path, str]]:
-    """Every DICOM file the case wrote (SEG, RTSTRUCT, SR...), in sending order, with its
-    SOP Instance UID."""
-    import pydicom
-
-    found = []
-    for path in sorted(case.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        found.append((result_order(str(ds.SOPClassUID)), path, str(ds.SOPInstanceUID)))
-    return [(path, uid) for _, path, uid in sorted(found)]
