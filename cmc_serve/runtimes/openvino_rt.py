@@ -105,7 +105,7 @@ class OpenVinoRuntime:
         self._requests: list[Any] = [self._compiled.create_infer_request() for _ in range(jobs)]
         self.inputs = inputs
         self.output = output
-        offered = [port.get_any_name() for port in model.outputs]
+        offered = sorted(outs)  # every name of every output port (a port may have several)
         self.outputs = (output, *(n for n in offered if n != output))
         self.precision = precision
         self.max_batch = max_batch
