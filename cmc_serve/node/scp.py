@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmc_common.errors import CmcError
-from cmc_serve.dicom.decoders import decodable_syntaxes, syntax_label
+from cmc_serve.dicom.decoders import decodable_syntaxes, syntax_label, undecodable_reason
 from cmc_serve.node.spool import Spool, valid_uid
 
 SEGMENTED_SOP_CLASSES = {
@@ -79,11 +79,11 @@ class RefusedSyntax:
 
     @property
     def message(self) -> str:
-        offered = ", ".join(syntax_label(uid) for uid in self.syntaxes)
+        """One line: the SOP class, the sender, and per syntax why it cannot be decoded
+        (no decoder exists, or which package would decode it)."""
+        why = "; ".join(undecodable_reason(uid) or syntax_label(uid) for uid in self.syntaxes)
         name = SEGMENTED_SOP_CLASSES.get(self.sop_class, self.sop_class)
-        return (f"refused {name} from {self.calling_ae} in {offered}: this install cannot "
-                "decode it; have the sender offer an uncompressed syntax (or install a "
-                "decoder: pip install 'cmc[serve]')")
+        return f"refused {name} from {self.calling_ae}: {why}"
 
 
 def negotiable_syntaxes() -> list[str]:
