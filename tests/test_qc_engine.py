@@ -250,3 +250,36 @@ def test_triton_patch_model_serves_the_branch_outputs(triton_server: Any, tiny_m
     for field in ("labels_a", "labels_b", "voxel_count"):
         np.testing.assert_array_equal(getattr(served, field), getattr(expected, field))
     np.testing.assert_allclose(served.margin_sum, expected.margin_sum, rtol=1e-3)
+
+
+def test_tta_flips_the_branch_outputs_with_the_tiles(branch_dir: Path,
+                                                     images: tuple[np.ndarray, np.ndarray]
+                                                     ) -> None:
+    with Segmenter(branch_dir, runtime="onnxruntime", tta=True) as seg:
+        result = seg.segment(*images, branches=True)
+        single = seg.segment(*images)
+    assert result.branches is not None
+    np.testing.assert_array_equal(result.labels, single.labels)
+    np.testing.assert_array_equal(result.branches.voxel_count,
+                                  np.bincount(result.labels.ravel(), minlength=K))
+
+
+def test_export_writes_and_gates_the_fused_branch_outputs(tmp_path: Path) -> None:
+    from export_fixtures import write_micro_checkpoint
+
+    from cmc_export.exporter import export
+    from cmc_serve.model_dir import ModelInfo
+
+    ckpt = write_micro_checkpoint(tmp_path / "micro.pt")
+    report = export(ckpt, tmp_path / "model", formats=("onnx",), precisions=("fp32",),
+                    modes=("fused", "a"), log=lambda line: None)
+    gates = {g["mode"]: g["gate"] for g in report.graphs}
+    assert gates["fused"]["max_abs_diff_synthetic_probs_b"] <= gates["fused"]["tolerance"]
+    assert not any(k.endswith(("_probs_a", "_probs_b")) for k in gates["a"])
+    info = ModelInfo.load(tmp_path / "model")
+    model = onnx.load(info.graph("fused", "onnxruntime", "fp32").path)
+    assert [o.name for o in model.graph.output] == list(OUTPUTS)
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(2, 20, 18, 17)).astype(np.float32)
+    with Segmenter(info, runtime="onnxruntime") as seg:
+        assert seg.segment(a, b, branches=True).branches is not None

@@ -164,3 +164,13 @@ def test_an_older_fused_graph_says_the_branch_signal_is_unavailable(
     assert result.done == 1
     (case,) = _report(tmp_path / "out")["cases"]
     assert case["qc"]["signals"]["branches"].startswith("unavailable: the fused graph")
+
+
+def test_merged_shards_count_the_flagged_cases(studies: Path, model_dir: Path,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for index in (1, 2):
+        segment(studies, out, model_dir, options=SegmentOptions(mode="a", shard=(index, 2)))
+    merged = _report(out)
+    assert merged["merged_shards"] == 2 and merged["counts"]["done"] == 2
+    assert merged["flagged"] == 1
