@@ -60,6 +60,15 @@ def test_failed_delivery_resumes_at_restart_and_is_delivered_exactly_once(
     finally:
         node.stop()
 
+    # started without a destination, the node has nowhere to resume it: it stays failed
+    node = Node(model_dir, spool, "--redeliver", "all").start()
+    try:
+        wait_until(lambda: "not re-queued for delivery: no destination given" in node.output(),
+                   30, "the refused re-delivery")
+        assert node.state(study.study_uid)["state"] == "failed"
+    finally:
+        node.stop()
+
     pacs.start()  # the PACS is back; the node comes back after it
     node = Node(model_dir, spool, "--send-to", pacs.send_to, *RETRIES, http=True).start()
     try:

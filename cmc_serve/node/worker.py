@@ -100,7 +100,13 @@ class Worker:
                 self.say(f"{action} all: no study to {action}")
             return
         study = self.spool.get(study_uid)
-        if action == RELEASE:
+        nowhere = not (self.routing.normal if action == RELEASE or study is None
+                       else self.routing.destinations(study))
+        done = "released" if action == RELEASE else "re-queued for delivery"
+        why: str | None
+        if nowhere:  # requeued, it would end "done" with nothing sent: keep it as it is
+            why = f"study {study_uid}: not {done}: no destination given (--send-to, --stow)"
+        elif action == RELEASE:
             why = (f"study {study_uid}: not held" if study is None or study.state != HELD
                    else self.spool.requeue_delivery(study_uid, "released for delivery",
                                                     route=NORMAL))
@@ -108,7 +114,6 @@ class Worker:
             why = f"study {study_uid}: held for review; release it instead"
         else:
             why = self.spool.requeue_delivery(study_uid, "re-delivery asked for")
-        done = "released" if action == RELEASE else "re-queued for delivery"
         self.say(why or f"study {study_uid}: {done}")
 
     # ------------------------------------------------------------------ the loop
