@@ -42,6 +42,7 @@ def _failed(node: Node, study_uid: str, pacs: OrthancServer) -> dict:
     return state
 
 
+@pytest.mark.slow  # four node starts (~35 s)
 def test_failed_delivery_resumes_at_restart_and_is_delivered_exactly_once(
         tmp_path: Path, model_dir: Path) -> None:
     pacs = _down_pacs(tmp_path / "pacs")

@@ -299,7 +299,7 @@ class Spool:
     def failed_deliveries(self) -> list[Study]:
         """The studies whose delivery failed after the retries, oldest first."""
         with self._lock:
-            uids = [uid for uid, (_, first, failed) in sorted(
+            uids = [uid for uid, (_, _, failed) in sorted(
                 self._index.items(), key=lambda item: item[1][1]) if failed]
         found = (self.get(uid) for uid in uids)
         return [s for s in found if s is not None and s.delivery_failed]
