@@ -206,3 +206,29 @@ def test_int8_named_without_an_int8_graph_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeUnavailable, match="no graph for mode=b runtime=openvino "
                                                  "precision=int8"):
         open_runtime(ModelInfo.load(out), "b", "openvino", precision="int8")
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_triton_patch_model_chooses_int8_as_segment_does(exported, triton_install) -> None:
+    # The exported repository as `cmc serve` starts it: the patch model times its int8 IR
+    # against the rule's precision at load and says which it runs in the server log.
+    from cmc_serve.triton.client import TritonPatchRuntime
+    from cmc_serve.triton.server import TritonServer
+
+    out, _ = exported
+    info = ModelInfo.load(out)
+    log: list[str] = []
+    with TritonServer(out / "repository", install=triton_install, log=log.append,
+                      ready_timeout_s=90) as server:
+        served = TritonPatchRuntime(f"http://{server.http_url}", info, "b")
+        tiles = {"image_b": np.random.default_rng(5).normal(0.5, 0.3, (2, 1, S, S, S))
+                 .astype(np.float32)}
+        got = served.run(tiles)
+        served.close()
+    (line,) = [entry for entry in log if "cmc_patch_b: precision auto: " in entry]
+    chosen = line.split("precision auto: ")[1].split(",")[0].split(" ")[0]
+    assert chosen in ("int8", "fp32", "bf16") and "ms per tile in int8" in line
+    local = open_runtime(info, "b", "openvino", precision=chosen, max_batch=2)
+    np.testing.assert_allclose(got, local.run(tiles), atol=1e-5)
+    local.close()
