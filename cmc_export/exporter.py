@@ -9,8 +9,9 @@ pre-processed synthetic volume (`cmc_export.gates.segmentation_parity`). Combina
 host cannot produce or that make no sense (bf16 in ONNX Runtime, a precision the CPU lacks,
 TensorRT without a GPU) are skipped with a one-line message.
 
-Precisions: `auto` (the default) exports fp32, whose failure stays fatal, and every half
-precision this host can produce; a half-precision graph that fails its gate is then left
+Precisions: `auto` (the default) exports fp32, whose failure stays fatal, every half
+precision this host can produce and int8 OpenVINO graphs where calibration data exist
+(`cmc_export.quantise`, its own gate); a half-precision graph that fails its gate is then left
 out with one line and recorded in cmc.json's `refused` list with its numbers, so one noisy
 precision never costs the user the whole export. Precisions named explicitly are all
 required: any failure fails the export and nothing is written.
