@@ -47,6 +47,7 @@ def _listen(*args: object):
     (["--flagged-to", "REVIEW@127.0.0.1:4243", "--hold-flagged"],
      "--flagged-to and --hold-flagged: choose one"),
     (["--flagged-to", "REVIEW:4243"], "--flagged-to 'REVIEW:4243': expected AET@HOST:PORT"),
+    (["--hold-flagged", "--qc", "off"], "--qc off would never flag a case"),
     (["--redeliver", "../1.2.3"], "--redeliver '../1.2.3': give a Study Instance UID or 'all'"),
     (["--release", "1.2.x"], "--release '1.2.x': give a Study Instance UID or 'all'"),
 ])

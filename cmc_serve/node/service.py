@@ -33,6 +33,7 @@ from cmc_serve.node.scp import ListenError, StorageSCP, check_listen_address
 from cmc_serve.node.spool import Spool, SpoolError, valid_uid
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, Routing, Worker
 from cmc_serve.pipeline.api import SegmentOptions
+from cmc_serve.pipeline.run_case import QC_OFF
 
 POLL_SECONDS = 0.25
 
@@ -159,6 +160,9 @@ def listen(model: Path | str, options: ListenOptions | None = None,
             and all(t == "nifti" for t in seg_options.output_types)):
         raise ListenError("--send-to/--stow/--flagged-to deliver DICOM results: --output-type "
                           "must include dicom-seg (or be auto)")
+    if (routing.flagged_to or routing.hold) and seg_options.qc == QC_OFF:
+        raise ListenError("--flagged-to/--hold-flagged act on quality control's verdict: "
+                          "--qc off would never flag a case")
     check_listen_address(options.host, options.allow)
     with _open_segmenter(model, seg_options) as segmenter:
         try:
