@@ -1,13 +1,13 @@
 """int8 against fp32 and bf16 on an exported model: speed, and what quantisation costs.
 
-    .venv/bin/python bench/int8.py MODEL_DIR [--datalist D] [--mode fused] [--rounds 9]
-        [--variants]
+    .venv/bin/python bench/int8.py MODEL_DIR [--mode fused] [--batch 4] [--rounds 9]
+    .venv/bin/python bench/int8.py MODEL_DIR --variants [--datalist D]
 
 Speed: the mode's OpenVINO graphs as `cmc segment` runs them (cmc_serve's OpenVinoRuntime:
 fp32 IR at f32, at the bf16 hint where this CPU has it natively, the int8 IR), a batch of
 `--batch` tiles per run, taking turns run by run (interleaved), so a shared host's drift
 hits them alike; the median time per precision and the median of its per-round ratios to
-fp32. Accuracy (`--variants`):
+fp32. Accuracy (`--variants`, instead of timing):
 the mode's fp32 IR quantised again with the shipped NNCF settings, NNCF's defaults, and two
 deliberately broken calibrations (tiles scaled x0.02 and x50), each judged by the int8 gate
 on the held-out tiles of `--datalist` (default: the datalist cmc.json's int8 gate recorded).
@@ -129,14 +129,44 @@ def summary(numbers: Mapping[str, Any]) -> dict[str, Any]:
             "lowest_class": smallest}
 
 
-def write_rows(record: dict[str, Any]) -> Path:
-    """docs/benchmarks/perf_<cpu>.json, key "int8" replaced (other benchmarks' kept)."""
+def write_rows(part: str, record: dict[str, Any]) -> Path:
+    """docs/benchmarks/perf_<cpu>.json: `int8.<part>` replaced, everything else kept."""
     slug = re.sub(r"[^a-z0-9]+", "_", record["host"]["cpu"].lower()).strip("_")
     path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / f"perf_{slug}.json"
     document = json.loads(path.read_text()) if path.is_file() else {}
-    document["int8"] = record
+    document.setdefault("int8", {})[part] = record
     path.write_text(json.dumps(document, indent=1) + "\n")
     return path
+
+
+def speed_rows(info: ModelInfo, args: argparse.Namespace) -> dict[str, Any]:
+    """Time per batch and ratio to fp32 per precision, printed as a table."""
+    # The ratio is taken within each round (the runs a few seconds apart), then the median:
+    # a busy host's speed drifts by 2x between rounds, much less within one.
+    seconds = speed(info, args.mode, args.batch, args.rounds)
+    rows = {p: {"seconds_per_batch": statistics.median(s),
+                "vs_fp32": statistics.median(f / t for f, t in zip(seconds["fp32"], s,
+                                                                    strict=True))}
+            for p, s in seconds.items()}
+    print(f"\n{args.mode} graph, batch {args.batch}, {args.rounds} interleaved rounds: median "
+          "time, median of the per-round ratios\n\n| precision | s / batch | vs fp32 |\n"
+          "|---|---|---|")
+    for precision, row in rows.items():
+        print(f"| {precision} | {row['seconds_per_batch']:.3f} | {row['vs_fp32']:.2f}x |")
+    return {"batch": args.batch, "rounds": args.rounds, "precisions": rows}
+
+
+def variant_rows(info: ModelInfo, args: argparse.Namespace, datalist: Path) -> dict[str, Any]:
+    """The int8 gate's verdict and numbers per quantisation variant, printed as a table."""
+    with tempfile.TemporaryDirectory(prefix="cmc-int8-") as work:
+        rows = variants(info, args.mode, datalist, Path(work))
+    print("\n| quantisation | gate | decided agreement | all-voxel agreement | min Dice "
+          "(decided) | lowest class Dice (all voxels) |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['variant']} | {row['verdict']} | {row['decided_agreement']:.5f} | "
+              f"{row['argmax_agreement']:.5f} | {row['min_dice_decided']:.4f} | "
+              f"{row['lowest_class']} {row['smallest_class_dice_all_voxels']:.4f} |")
+    return {"datalist": str(datalist), "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,39 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="fused")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--variants", action="store_true",
+                        help="judge the quantisation variants instead of timing")
     parser.add_argument("--datalist", type=Path, default=None)
     args = parser.parse_args(argv)
     info = ModelInfo.load(args.model_dir)
     int8 = info.graph(args.mode, "openvino", "int8")
     record: dict[str, Any] = {"host": host(), "command": " ".join(["bench/int8.py", *sys.argv[1:]]),
                               "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
-                              "mode": args.mode, "batch": args.batch, "rounds": args.rounds,
-                              "exported_gate": summary(int8.gate)}
+                              "mode": args.mode, "exported_gate": summary(int8.gate)}
     say(f"host: {record['host']['cpu']} ({', '.join(record['host']['features'])})")
-    # The ratio is taken within each round (the runs a few seconds apart), then the median:
-    # a busy host's speed drifts by 2x between rounds, much less within one.
-    seconds = speed(info, args.mode, args.batch, args.rounds)
-    record["speed"] = {p: {"seconds_per_batch": statistics.median(s),
-                           "vs_fp32": statistics.median(f / t for f, t in
-                                                        zip(seconds["fp32"], s, strict=True))}
-                       for p, s in seconds.items()}
-    print(f"\n{record['host']['cpu']}, {args.mode} graph, batch {args.batch}, {args.rounds} "
-          "interleaved rounds: median time, median of the per-round ratios\n\n"
-          "| precision | s / batch | vs fp32 |\n|---|---|---|")
-    for precision, row in record["speed"].items():
-        print(f"| {precision} | {row['seconds_per_batch']:.3f} | {row['vs_fp32']:.2f}x |")
     if args.variants:
         datalist = args.datalist or Path(int8.gate["calibration"]["datalist"])
-        with tempfile.TemporaryDirectory(prefix="cmc-int8-") as work:
-            record["variants"] = variants(info, args.mode, datalist, Path(work))
-        print("\n| quantisation | gate | decided agreement | all-voxel agreement | min Dice "
-              "(decided) | lowest class Dice (all voxels) |\n|---|---|---|---|---|---|")
-        for row in record["variants"]:
-            print(f"| {row['variant']} | {row['verdict']} | {row['decided_agreement']:.5f} | "
-                  f"{row['argmax_agreement']:.5f} | {row['min_dice_decided']:.4f} | "
-                  f"{row['lowest_class']} {row['smallest_class_dice_all_voxels']:.4f} |")
-    say(f"rows written to {write_rows(record)}")
+        record.update(variant_rows(info, args, datalist))
+    else:
+        record.update(speed_rows(info, args))
+    say(f"rows written to {write_rows('variants' if args.variants else 'speed', record)}")
     return 0
 
 
