@@ -24,9 +24,10 @@ Server = Annotated[str | None, typer.Option(
     help="Triton URL for --runtime triton, e.g. grpc://127.0.0.1:8001.")]
 Device = Annotated[str, typer.Option(help="cpu | cuda.")]
 Precision = Annotated[str, typer.Option(
-    help="auto | fp32 | fp16 | bf16. auto: the fastest precision the model has a gated graph "
-         "for and this host runs natively (OpenVINO bf16 on CPUs with AMX / AVX512-BF16, else "
-         "fp32); the report says which ran and why.")]
+    help="auto | fp32 | fp16 | bf16 | int8. auto: the fastest precision the model has a gated "
+         "graph for and this host runs natively (OpenVINO bf16 on CPUs with AMX / AVX512-BF16, "
+         "else fp32; int8 where the model has it and a few timed tiles find it faster); the "
+         "report says which ran and why.")]
 Overlap = Annotated[float, typer.Option(min=0.0, max=MAX_OVERLAP,
                                         help="Sliding-window tile overlap.")]
 Tta = Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (4x slower).")]
