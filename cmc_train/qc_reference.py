@@ -10,12 +10,16 @@ Recorded at the end of `cmc train` into checkpoint_best.pt and checkpoint_last.p
      "calibration": {"cases", "grid", "validation_mean_dice",
                      "signals": {"mean_dice" | "mean_margin" | "cross_a" | "cross_b":
                                  {"mean", "std", "min", "max"}},
-                     "structures": {name: {"dice": {...}}}}}
+                     "structures": {name: {"dice": {...}}},
+                     "anatomy": anatomy.summarise(...)}}       # the fused answers
 
 Fingerprint and anatomy are measured with the serving side's own functions
-(`cmc_serve.qc.fingerprint.measure_image` on the raw training images of the labelled and
-unlabelled splits, `cmc_serve.qc.anatomy.measure_labels` on every training label), so a
-number means the same at training and at segment time.
+(`cmc_serve.qc.fingerprint.measure_image` on the raw images of the labelled, unlabelled
+and validation splits, `cmc_serve.qc.anatomy.measure_labels` on every training label and
+on the fused answers to the validation cases), so a number means the same at training and
+at segment time. The validation answers widen the anatomy's ranges (a model that
+segments the spleen smaller than its labels does so on every case, which is no reason to
+doubt one): no validation case is flagged by construction.
 
 Calibration runs the trained network over the validation cases (the split that chose the
 checkpoint, never a test split): the fused pass with each decoder's probabilities kept
@@ -47,14 +51,17 @@ from cmc_train.sliding_window import predict_labels
 
 
 def data_reference(datalist: Datalist) -> dict[str, Any]:
-    """Fingerprint (every image of the labelled and unlabelled splits) and anatomy (every
-    label of the labelled split) of the training data; no network needed."""
+    """Fingerprint (every image of the labelled, unlabelled and validation splits: the
+    images the model was trained and chosen on) and anatomy (every label of the labelled
+    split) of the training data; no network needed."""
     measures: dict[str, list[dict[str, Any]]] = {m: [] for m in datalist.modalities}
     labels: list[dict[str, Any]] = []
-    for entry in (*datalist.labelled, *datalist.unlabelled):
+    for entry in (*datalist.labelled, *datalist.unlabelled, *datalist.validation):
         for modality, path in entry.image.items():
             array, affine = _read(path)
             measures[modality].append(fingerprint.measure_image(array, affine))
+        if entry in datalist.validation:
+            continue
         for path in entry.label.values():
             array, affine = _read(path)
             labels.append(anatomy.measure_labels(np.rint(array).astype(np.uint8), affine,
@@ -83,7 +90,8 @@ def calibrate(net: CMCNet, val_set: ValidationSet, patch_size: int,
         truth = branches.dice_per_class(branches.confusion(
             fused, vol_a.label[0].numpy().astype(np.uint8), val_set.num_classes))
         rows.append({"agreement": agreement, "cross": cross,
-                     "dice": branches.mean_defined(truth) or 0.0})
+                     "dice": branches.mean_defined(truth) or 0.0,
+                     "anatomy": anatomy.measure_labels(fused, vol_a.affine, val_set.classes)})
     if not rows:
         return None
     signals = {"mean_dice": [r["agreement"]["mean_dice"] for r in rows],
@@ -96,6 +104,7 @@ def calibrate(net: CMCNet, val_set: ValidationSet, patch_size: int,
     return {"cases": len(rows), "grid": "evaluation (b resampled onto a, pre-processed)",
             "validation_mean_dice": float(np.mean([r["dice"] for r in rows])),
             "signals": {k: _stats(v) for k, v in signals.items()},
+            "anatomy": anatomy.summarise([r["anatomy"] for r in rows], val_set.classes),
             "structures": {k: v for k, v in structures.items() if v["dice"] is not None}}
 
 
@@ -163,7 +172,8 @@ def _stats(values: Sequence[float | None]) -> dict[str, float] | None:
     defined = np.asarray([v for v in values if v is not None], np.float64)
     if not defined.size:
         return None
-    return {"mean": float(defined.mean()), "std": float(defined.std()),
+    return {"mean": float(defined.mean()),
+            "std": float(defined.std(ddof=1)) if defined.size > 1 else 0.0,  # sample sd
             "min": float(defined.min()), "max": float(defined.max())}
 
 

@@ -140,9 +140,6 @@ def _half_body(case: PhantomPair) -> np.ndarray:
 # Each flag: a change that makes it fire, and a milder one of the same kind that must not.
 FIRE: dict[str, Callable[[PhantomPair], dict[str, Any]]] = {
     "branch_disagreement": lambda c: {"branches": _branches(c.label_a, _shifted(c.label_a, 6))},
-    "low_confidence": lambda c: {"branches": _branches(c.label_a, c.label_a, margin=0.3)},
-    "structure_disagreement": lambda c: {
-        "branches": _branches(c.label_a, _without(c.label_a, "spleen"))},
     "cross_modal_disagreement": lambda c: {
         "single_modality": {"a": c.label_a, "b": _shifted(c.label_a, 6)}},
     "intensity_out_of_range": lambda c: {
@@ -163,9 +160,6 @@ FIRE: dict[str, Callable[[PhantomPair], dict[str, Any]]] = {
 }
 QUIET: dict[str, Callable[[PhantomPair], dict[str, Any]]] = {
     "branch_disagreement": lambda c: {"branches": _branches(c.label_a, _shifted(c.label_a, 1))},
-    "low_confidence": lambda c: {"branches": _branches(c.label_a, c.label_a, margin=0.75)},
-    "structure_disagreement": lambda c: {"branches": _branches(c.label_a,
-                                                               _shifted(c.label_a, 1))},
     "cross_modal_disagreement": lambda c: {
         "single_modality": {"a": c.label_a, "b": c.label_a}},
     "intensity_out_of_range": lambda c: {
@@ -212,6 +206,33 @@ def test_each_flag_stays_quiet_on_a_mild_variant(code: str, reference: dict[str,
                                                  case: PhantomPair) -> None:
     qc = assess_case(reference, _inputs(case, **QUIET[code](case)))
     assert code not in [f.code for f in qc.flags], [f.message for f in qc.flags]
+
+
+def test_structure_agreement_and_margin_score_without_flagging(
+        reference: dict[str, Any], case: PhantomPair) -> None:
+    """One structure the decoders disagree on lowers that structure's score (too rough a
+    number to flag with few validation cases); a low margin is reported, not judged."""
+    qc = assess_case(reference, _inputs(case, branches=_branches(
+        case.label_a, _without(case.label_a, "spleen"), margin=0.2)))
+    assert not qc.flags and not qc.flagged
+    assert qc.structures["spleen"] < 0.5 and qc.structures["liver"] == 1.0
+    assert qc.score >= 0.5
+    assert qc.signals["branches"]["mean_margin"] == pytest.approx(0.2)
+
+
+def test_validation_answers_widen_the_anatomy(reference: dict[str, Any],
+                                              case: PhantomPair) -> None:
+    """A model that segments the spleen at a third of its labelled volume on the
+    validation cases is not flagged for doing so on a case; without that record it is."""
+    spleen = CLASSES.index("spleen")
+    small = case.label_a.copy()
+    small[(small == spleen) & ~ndimage.binary_erosion(small == spleen, iterations=2)] = 0
+    measured = anatomy.measure_labels(small, case.grid_a.affine, CLASSES)
+    seen = anatomy.summarise([measured], CLASSES)
+    plain = assess_case(reference, _inputs(case, labels=small))
+    assert "volume_out_of_range" in [f.code for f in plain.flags]
+    widened = {**reference, "calibration": {**CALIBRATION, "anatomy": seen}}
+    assert not assess_case(widened, _inputs(case, labels=small)).flags
 
 
 def test_every_flag_code_has_both_cases() -> None:
