@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", type=Path, help="the checkpoint's datalist")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=9000,
+                        help="the cases' seed (a fresh one gives a set nothing was tuned on)")
     parser.add_argument("--timing-cases", type=int, default=8)
     parser.add_argument("--timing-rounds", type=int, default=2)
     args = parser.parse_args(argv)
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     info = ModelInfo.load(model)
     if not info.qc_reference or "calibration" not in info.qc_reference:
         raise SystemExit(f"{model}: cmc.json records no calibrated qc_reference")
-    built = case_set.build_cases(case_set.DEFAULT_COUNTS, size=args.size)
+    built = case_set.build_cases(case_set.DEFAULT_COUNTS, size=args.size, seed=args.seed)
     set_dir = work / "set"
     if set_dir.exists():
         shutil.rmtree(set_dir)
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python bench/qc.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": dict(zip(("cpu", "cpu_features"), cpu_info(), strict=True), cores=_cores()),
-        "model": made, "counts": case_set.DEFAULT_COUNTS,
+        "model": made, "counts": case_set.DEFAULT_COUNTS, "seed": args.seed,
         "segment_seconds_all_cases": round(segment_seconds, 1),
         "summary": scoring.summarise(rows, validation, case_set.OOD_KINDS),
         "cases": rows,
