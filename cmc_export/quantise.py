@@ -118,17 +118,18 @@ class Int8Stage:
                     f"of {tiles.datalist.name}, gating on "
                     f"{tiles.gate['image_a'].shape[0]} held-out tiles")
             gate = self.quantise_and_gate(job, mode, fp32_xml, fp32_onnx, int8_xml, tiles)
-        except ExportError as exc:
+        except Exception as exc:  # NNCF and OpenVINO raise their own; auto never fails on int8
             for path in (int8_xml, int8_xml.with_suffix(".bin")):
                 path.unlink(missing_ok=True)
             if job.half_required:
                 raise
+            reason = str(exc) if isinstance(exc, ExportError) else (
+                f"{int8_xml.name}: {type(exc).__name__}: {' '.join(str(exc).split())}")
             numbers = exc.numbers if isinstance(exc, GateFailed) else {}
-            job.log(f"refused: openvino {INT8} {mode}: {exc} (left out; `--precision auto` "
+            job.log(f"refused: openvino {INT8} {mode}: {reason} (left out; `--precision auto` "
                     "keeps the other graphs)")
             job.refused.append({"mode": mode, "runtime": "openvino", "precision": INT8,
-                                "reason": str(exc), "gate": {"kind": "int8_parity",
-                                                             **numbers}})
+                                "reason": reason, "gate": {"kind": "int8_parity", **numbers}})
             return
         job.add(mode, "openvino", INT8, int8_xml, gate)
 
