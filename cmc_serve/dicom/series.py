@@ -19,6 +19,7 @@ still fails, as a gap naming it.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def _names(files: Sequence[tuple[Path, str]], folder: Path) -> str:
 
 
 def _readable_files(info: SeriesInfo, skip_unreadable: bool
-                    ) -> tuple[list[Dataset], list[Path], list[np.ndarray],
+                    ) -> tuple[list[Dataset], list[Path], list[np.ndarray | None],
                                list[tuple[Path, str]]]:
     """Datasets, paths and pixels ([frame, row, column]) of the files that read, plus the
     unreadable ones; an unreadable file raises unless `skip_unreadable`."""
@@ -114,11 +115,14 @@ def _readable_files(info: SeriesInfo, skip_unreadable: bool
             f"{info.folder}: {len(unreadable)} file(s) of series {info.series_number} "
             f"'{info.description}' cannot be read: {_names(unreadable, info.folder)}; "
             "--skip-unreadable segments the series without them")
-    datasets, paths, pixels = [], [], []
+    datasets: list[Dataset] = []
+    paths: list[Path] = []
+    pixels: list[np.ndarray | None] = []
     for path in info.paths:
         try:
             ds = _read(path)
             values = _pixels(ds, path)
+            del ds.PixelData  # and pydicom's cached array: the float32 values are what we keep
         except DicomSeriesError as exc:
             if not skip_unreadable:
                 raise
@@ -133,6 +137,23 @@ def _readable_files(info: SeriesInfo, skip_unreadable: bool
 def _slices(datasets: Sequence[Dataset], paths: Sequence[Path]) -> list[FrameSlice]:
     return [s for i, (ds, path) in enumerate(zip(datasets, paths, strict=True))
             for s in frame_slices(ds, path, i)]
+
+
+def _assemble(pixels: list[np.ndarray | None], ordered: Sequence[FrameSlice]) -> np.ndarray:
+    """The slices, in `ordered` order, as one float32 array [column, row, slice], written
+    into one allocation while each file's pixels are released after its last frame: the
+    series is held once (4 bytes per voxel), never as a list of slices plus their stack."""
+    rows, columns = next(p for p in pixels if p is not None).shape[-2:]
+    array = np.empty((columns, rows, len(ordered)), dtype=np.float32)
+    left = Counter(s.source for s in ordered)
+    for k, s in enumerate(ordered):
+        frames = pixels[s.source]
+        assert frames is not None  # released only after its last frame
+        array[:, :, k] = frames[s.frame].T
+        left[s.source] -= 1
+        if not left[s.source]:
+            pixels[s.source] = None
+    return array
 
 
 def load_series(info: SeriesInfo, skip_unreadable: bool = False) -> LoadedSeries:
@@ -154,17 +175,13 @@ def load_series(info: SeriesInfo, skip_unreadable: bool = False) -> LoadedSeries
             raise
         raise DicomSeriesError(f"{exc} (unreadable files skipped: {_names(skipped, folder)})"
                                ) from exc
-    stacked = [pixels[slices[i].source][slices[i].frame] for i in order]
-    array = np.ascontiguousarray(np.stack(stacked, axis=-1).transpose(1, 0, 2))
+    array = _assemble(pixels, [slices[i] for i in order])
     if any(str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" for ds in datasets):
         # MONOCHROME1 displays low values bright; invert so that high means bright, as in CT/MR
-        array = (array.max() + array.min()) - array
+        np.subtract(array.max() + array.min(), array, out=array)
     sources = list(dict.fromkeys(slices[i].source for i in order))  # first-slice order
-    headers = []
-    for i in sources:
-        ds = datasets[i]
-        del ds.PixelData  # keep headers only: a SEG references, it does not copy, the images
-        headers.append(ds)
+    # headers only (pixel data dropped when read): a SEG references, it does not copy, images
+    headers = [datasets[i] for i in sources]
     return LoadedSeries(Volume(array, LPS_TO_RAS @ affine_lps), tuple(headers), info,
                         tuple(skipped))
 
