@@ -87,10 +87,16 @@ def _settings(prep: Mapping[str, Any], modality: str) -> tuple[np.ndarray, dict[
 
 def orient_ras(volume: Volume) -> Volume:
     """Flip/permute axes so they point to R, A, S (MONAI `Orientation("RAS")`, no resampling)."""
+    array, affine = _ras_view(volume)
+    return Volume(np.ascontiguousarray(array), affine)
+
+
+def _ras_view(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """`orient_ras` as a view of the volume's array (flips and transposes only, no copy) and
+    its affine: resampling reads the view, so the source is never copied just to turn it."""
     ornt = nio.ornt_transform(nio.io_orientation(volume.affine), nio.axcodes2ornt("RAS"))
     array = nio.apply_orientation(volume.array, ornt)
-    affine = volume.affine @ nio.inv_ornt_aff(ornt, volume.array.shape)
-    return Volume(np.ascontiguousarray(array), affine)
+    return array, volume.affine @ nio.inv_ornt_aff(ornt, volume.array.shape)
 
 
 def _zoom_affine(affine: np.ndarray, pixdim: np.ndarray) -> np.ndarray:
@@ -156,20 +162,28 @@ def _axis_permutation(xform: np.ndarray) -> list[int] | None:
     return perm if np.all(np.abs(off_axis) <= _AXIS_TOL * scale[:, None]) else None
 
 
-def _sample_axis(array: np.ndarray, coords: np.ndarray, axis: int, order: int) -> np.ndarray:
-    """1D interpolation along `axis` at continuous indices `coords` (clamped to the border)."""
-    n = array.shape[axis]
+def _axis_taps(coords: np.ndarray, n: int, order: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Source indices (and linear weights, None for nearest) of continuous indices `coords`
+    along an axis of length `n`, clamped to the border."""
     c = np.clip(coords, 0.0, n - 1.0)
     if order == 0:
-        return np.take(array, np.floor(c + 0.5).astype(np.intp), axis=axis)
+        return np.floor(c + 0.5).astype(np.intp), None
     if n == 1:
-        return np.take(array, np.zeros(len(c), dtype=np.intp), axis=axis)
+        return np.zeros(len(c), dtype=np.intp), None
     i0 = np.minimum(np.floor(c).astype(np.intp), n - 2)
+    return i0, c - i0
+
+
+def _sample_axis(array: np.ndarray, index: np.ndarray, weight: np.ndarray | None,
+                 axis: int) -> np.ndarray:
+    """1D interpolation along `axis` with `_axis_taps`' indices (relative to `array`)."""
+    if weight is None:
+        return np.take(array, index, axis=axis)
     w_shape = [1] * array.ndim
-    w_shape[axis] = len(c)
-    w = (c - i0).astype(array.dtype).reshape(w_shape)
-    lo = np.take(array, i0, axis=axis)
-    return lo + (np.take(array, i0 + 1, axis=axis) - lo) * w
+    w_shape[axis] = len(index)
+    w = weight.astype(array.dtype).reshape(w_shape)
+    lo = np.take(array, index, axis=axis)
+    return lo + (np.take(array, index + 1, axis=axis) - lo) * w
 
 
 def _outside(coords: np.ndarray, n: int) -> np.ndarray:
@@ -194,19 +208,42 @@ def resample(array: np.ndarray, src_affine: np.ndarray, dst: Grid, order: int,
         return _resample_general(work, xform, dst.shape, order, fill)
     # src axis i follows dst axis perm[i]: bring src axes into dst order, then go axis by axis.
     src_axis_of = np.argsort(perm)
-    out = np.transpose(work, src_axis_of)
+    view = np.transpose(work, src_axis_of)
     coords = []
     for d in range(3):
         i = int(src_axis_of[d])
         coords.append(xform[i, d] * np.arange(dst.shape[d]) + xform[i, 3])
+    taps = [_axis_taps(coords[d], view.shape[d], order) for d in range(3)]
     # shrinking axes first keeps the intermediate arrays small
-    for d in sorted(range(3), key=lambda d: dst.shape[d] / out.shape[d]):
-        out = _sample_axis(out, coords[d], d, order)
-    if fill is not None:
-        masks = [_outside(coords[d], work.shape[int(src_axis_of[d])]) for d in range(3)]
-        outside = masks[0][:, None, None] | masks[1][None, :, None] | masks[2][None, None, :]
-        out = np.where(outside, np.asarray(fill, dtype=out.dtype), out)
-    return np.ascontiguousarray(out)
+    axes = sorted(range(3), key=lambda d: dst.shape[d] / view.shape[d])
+    masks = ([_outside(coords[d], view.shape[d]) for d in range(3)] if fill is not None
+             else None)
+    out = np.empty(dst.shape, dtype=work.dtype)
+    for start, stop in _slabs(view.shape, dst.shape):
+        index0, weight0 = taps[0]
+        lo = int(index0[start:stop].min())
+        hi = int(index0[start:stop].max()) + (1 if weight0 is None else 2)
+        slab_taps = [(index0[start:stop] - lo,
+                      None if weight0 is None else weight0[start:stop]), taps[1], taps[2]]
+        block = view[lo:hi]
+        for d in axes:
+            block = _sample_axis(block, *slab_taps[d], axis=d)
+        if masks is not None:
+            outside = (masks[0][start:stop, None, None] | masks[1][None, :, None]
+                       | masks[2][None, None, :])
+            block = np.where(outside, np.asarray(fill, dtype=block.dtype), block)
+        out[start:stop] = block
+    return out
+
+
+def _slabs(src_shape: tuple[int, ...], dst_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Ranges of the first destination axis resampled at once: about `_SLAB_VOXELS` source
+    or destination voxels each, so the temporaries of the axis-by-axis interpolation stay
+    a few slab-sized arrays instead of several volume-sized ones."""
+    per_row = max(int(np.prod(dst_shape[1:])),
+                  int(np.prod(src_shape[1:])) * max(1, -(-src_shape[0] // dst_shape[0])))
+    rows = max(1, _SLAB_VOXELS // per_row)
+    return [(a, min(a + rows, dst_shape[0])) for a in range(0, dst_shape[0], rows)]
 
 
 def _resample_general(array: np.ndarray, xform: np.ndarray, shape: tuple[int, int, int],
@@ -241,7 +278,10 @@ def normalise(array: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
     x = np.asarray(array, dtype=np.float32)
     if norm["kind"] == "ct_window":
         low, high = float(norm["low"]), float(norm["high"])
-        return np.clip((x - low) / (high - low), 0.0, 1.0).astype(np.float32)
+        out = np.empty(x.shape, dtype=np.float32)  # one new array, the steps in place
+        np.subtract(x, low, out=out)
+        np.divide(out, high - low, out=out)
+        return np.clip(out, 0.0, 1.0, out=out)
     out = x.copy()
     nonzero = x != 0
     if not nonzero.any():
@@ -260,13 +300,10 @@ def normalise(array: np.ndarray, norm: Mapping[str, Any]) -> np.ndarray:
 def preprocess(volume: Volume, modality: str, prep: Mapping[str, Any]) -> PreparedVolume:
     """Orient to RAS, resample to the checkpoint spacing (trilinear), normalise."""
     spacing, norm = _settings(prep, modality)
-    oriented = orient_ras(volume)
-    oriented_grid = oriented.grid
+    oriented, affine = _ras_view(volume)
+    oriented_grid = Grid(oriented.shape, affine)
     target = spacing_grid(oriented_grid, spacing)
-    if target is oriented_grid:
-        data = oriented.array
-    else:
-        data = resample(oriented.array, oriented.affine, target, order=1)
+    data = oriented if target is oriented_grid else resample(oriented, affine, target, order=1)
     return PreparedVolume(normalise(data, norm), target.affine, volume.grid)
 
 
