@@ -29,8 +29,23 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return ras, spacing[ornt[:, 0].astype(int)]
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(image, [1, 99])
+def _centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """The foreground's centroid voxel (the volume centre when there is none), from the
+    per-axis counts: no list of foreground coordinates (24 bytes per foreground voxel)."""
+    mask = labels > 0
+    total = int(np.count_nonzero(mask))
+    if not total:
+        centre = (np.asarray(labels.shape) - 1) / 2
+    else:
+        centre = np.array([int(np.arange(n) @ mask.sum(axis=tuple(a for a in range(3) if a != axis),
+                                                       dtype=np.int64)) / total
+                           for axis, n in enumerate(labels.shape)])
+    x, y, z = (int(c) for c in centre.round())
+    return x, y, z
+
+
+def _grey(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """A slice scaled to 0..255 between the volume's 1st and 99th percentiles."""
     scale = hi - lo if hi > lo else 1.0
     return np.clip((image - lo) / scale * 255.0, 0, 255).astype(np.float32)
 
@@ -51,18 +66,16 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
                    path: Path) -> None:
     """Axial, coronal and sagittal slices through the foreground centroid (the image
     centre when nothing was segmented), side by side, written as PNG to `path`."""
-    img, spacing = _to_ras(image.astype(np.float32), affine)
+    img, spacing = _to_ras(np.asarray(image, dtype=np.float32), affine)
     lab, _ = _to_ras(labels, affine)
-    fg = np.argwhere(lab > 0)
-    centre = (fg.mean(axis=0) if len(fg) else (np.asarray(lab.shape) - 1) / 2).round().astype(int)
-    x, y, z = centre
-    grey = _grey(img)
+    x, y, z = _centre(lab)
+    lo, hi = np.percentile(img, [1, 99])
     sx, sy, sz = (float(s) for s in spacing)
     # (rows, cols) after .T; [::-1, ::-1] puts anterior/superior up and the patient's right
-    # on the left (sagittal: anterior on the left).
-    views = [(grey[:, :, z].T[::-1, ::-1], lab[:, :, z].T[::-1, ::-1], (sy, sx)),
-             (grey[:, y, :].T[::-1, ::-1], lab[:, y, :].T[::-1, ::-1], (sz, sx)),
-             (grey[x, :, :].T[::-1, ::-1], lab[x, :, :].T[::-1, ::-1], (sz, sy))]
+    # on the left (sagittal: anterior on the left). Only these three slices are scaled.
+    views = [(_grey(img[:, :, z], lo, hi).T[::-1, ::-1], lab[:, :, z].T[::-1, ::-1], (sy, sx)),
+             (_grey(img[:, y, :], lo, hi).T[::-1, ::-1], lab[:, y, :].T[::-1, ::-1], (sz, sx)),
+             (_grey(img[x, :, :], lo, hi).T[::-1, ::-1], lab[x, :, :].T[::-1, ::-1], (sz, sy))]
     panels = [_panel(np.ascontiguousarray(g), np.ascontiguousarray(m), mm) for g, m, mm in views]
     sheet = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1),
                               max(p.height for p in panels)))

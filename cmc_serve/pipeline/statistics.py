@@ -16,10 +16,32 @@ import numpy as np
 
 from cmc_serve.qc.flags import CaseQc
 
+_COUNT_CHUNK = 1 << 22  # label voxels counted at once
+
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
     """Volume of one voxel in millilitres (|det| of the affine's 3x3 part, mm^3 / 1000)."""
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def _label_counts(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Voxels per label 0..classes-1, counted in chunks: bincount widens its input to
+    int64, which over the whole label map would be 8 bytes per voxel."""
+    flat = labels.reshape(-1)
+    counts = np.zeros(classes, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_CHUNK):
+        counts += np.bincount(flat[start:start + _COUNT_CHUNK], minlength=classes)[:classes]
+    return counts
+
+
+def _intensity(image: np.ndarray, mask: np.ndarray | None) -> dict[str, float] | None:
+    """Mean and median of the image inside one class's mask (None: the class is empty);
+    only that class's voxels are copied, in the image's voxel order."""
+    if mask is None:
+        return None
+    values = image[mask].astype(np.float64)
+    mean = round(float(values.mean()), 4)
+    return {"mean": mean, "median": round(float(np.median(values, overwrite_input=True)), 4)}
 
 
 def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.ndarray,
@@ -30,23 +52,17 @@ def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.
 
     The background (label 0) is left out; an empty class has volume 0 and no intensities.
     """
-    flat = labels.ravel()
-    counts = np.bincount(flat, minlength=len(class_names))
+    counts = _label_counts(labels, len(class_names))
     ml = voxel_volume_ml(affine)
-    order = np.argsort(flat, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(counts)])
     classes: dict[str, Any] = {}
     for label in range(1, len(class_names)):
-        idx = order[bounds[label]:bounds[label + 1]]
         intensity: dict[str, Any] = {}
+        mask = labels == label if counts[label] else None
         for modality, image in images.items():
             if image.shape != labels.shape:
                 raise ValueError(f"{modality} image shape {image.shape} differs from the "
                                  f"labels {labels.shape}")
-            values = image.ravel()[idx].astype(np.float64)
-            intensity[modality] = ({"mean": round(float(values.mean()), 4),
-                                    "median": round(float(np.median(values)), 4)}
-                                   if values.size else None)
+            intensity[modality] = _intensity(image, mask)
         classes[class_names[label]] = {"label": label, "voxels": int(counts[label]),
                                        "volume_ml": round(float(counts[label]) * ml, 4),
                                        "intensity": intensity}
