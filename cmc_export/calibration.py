@@ -51,7 +51,7 @@ class TileSets:
     datalist: Path
     calibration: dict[str, np.ndarray]
     gate: dict[str, np.ndarray]
-    calibration_cases: tuple[str, ...]
+    calibration_cases: tuple[str, ...]  # the entries read for each set
     gate_cases: tuple[str, ...]
 
     def record(self) -> dict[str, Any]:
@@ -125,17 +125,19 @@ def prepared_pair(entry: Any, modalities: Sequence[str],
 
 def draw_tiles(entries: Sequence[Any], count: int, patch: int, modalities: Sequence[str],
                preprocessing: Mapping[str, Any], rng: np.random.Generator
-               ) -> dict[str, np.ndarray]:
-    """`count` tiles (fewer if the cases hold fewer) drawn from at most MAX_CASES entries."""
+               ) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """`count` tiles (fewer if the cases hold fewer) drawn from at most MAX_CASES entries,
+    and the ids of the entries read."""
     chosen = [entries[i] for i in sorted(rng.permutation(len(entries))[:MAX_CASES])]
     pool: list[tuple[dict[str, np.ndarray], tuple[int, int, int]]] = []
     for entry in chosen:
         pair = prepared_pair(entry, modalities, preprocessing)
         pool += [(pair, origin) for origin in tile_origins(pair["a"].shape, patch)]
     picks = sorted(rng.permutation(len(pool))[:count])
-    return {f"image_{role}": np.stack([crop(pool[i][0][role], pool[i][1], patch)[None]
-                                       for i in picks])
-            for role in ROLES}
+    tiles = {f"image_{role}": np.stack([crop(pool[i][0][role], pool[i][1], patch)[None]
+                                        for i in picks])
+             for role in ROLES}
+    return tiles, tuple(e.id for e in chosen)
 
 
 def split_cases(datalist: Any) -> tuple[list[Any], list[Any]]:
@@ -173,10 +175,9 @@ def tile_sets(datalist_path: Path, modalities: Sequence[str], preprocessing: Map
                                      f"found {len(training)} and {len(held_out)}")
     rng = np.random.default_rng(SEED)
     try:
-        calibration = draw_tiles(training, calibration_tiles, patch, modalities, preprocessing,
-                                 rng)
-        gate = draw_tiles(held_out, gate_tiles, patch, modalities, preprocessing, rng)
+        calibration, calibration_ids = draw_tiles(training, calibration_tiles, patch,
+                                                  modalities, preprocessing, rng)
+        gate, gate_ids = draw_tiles(held_out, gate_tiles, patch, modalities, preprocessing, rng)
     except (OSError, ValueError) as exc:  # unreadable image, pre-processing refused
         raise CalibrationUnavailable(f"{datalist_path}: {exc}") from exc
-    return TileSets(datalist_path, calibration, gate, tuple(e.id for e in training),
-                    tuple(e.id for e in held_out))
+    return TileSets(datalist_path, calibration, gate, calibration_ids, gate_ids)

@@ -408,14 +408,15 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     check_output(out_dir, force)
     net, metadata = _load(ckpt_path)
     metadata = {**metadata, "codes": _class_codes(codes, metadata["classes"])}
+    int8 = (Int8Stage(ckpt_path, metadata, int(net.cfg.img_size),
+                      Path(calibration) if calibration else None, required=half_required)
+            if INT8 in precisions and "openvino" in formats else None)
     with staged(out_dir) as tmp:
         job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log,
                         half_required)
         for message in skipped:
             job.skip(message)
-        if INT8 in precisions and "openvino" in formats:
-            job.int8 = Int8Stage(ckpt_path, metadata, job.patch,
-                                 Path(calibration) if calibration else None)
+        job.int8 = int8
         for mode in modes:
             job.export_mode(mode, formats, precisions)
         if not job.report_graphs:

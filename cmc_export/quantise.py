@@ -87,12 +87,14 @@ class Int8Stage:
     """The int8 graphs of one export: tiles found once, each mode quantised and gated."""
 
     def __init__(self, checkpoint: Path, metadata: Mapping[str, Any], patch: int,
-                 calibration: Path | None = None,
+                 calibration: Path | None = None, required: bool = False,
                  thresholds: Int8Thresholds = INT8_THRESHOLDS) -> None:
         self.checkpoint, self.metadata, self.patch = checkpoint, metadata, patch
         self.thresholds = thresholds
-        # An explicit --calibration that does not exist fails the export before any work.
-        self.requested = find_datalist(calibration, metadata, checkpoint) if calibration else None
+        # An explicit --calibration that does not exist, or no datalist at all for a named
+        # int8, fails the export before any work.
+        self.requested = (find_datalist(calibration, metadata, checkpoint)
+                          if calibration or required else None)
         self._tiles: TileSets | CalibrationUnavailable | None = None
 
     def tiles(self) -> TileSets:

@@ -234,7 +234,7 @@ def test_wrong_checkpoints_are_clear_errors(ckpt: Path, tmp_path: Path) -> None:
 
 def test_bad_choices_and_tensorrt_only_without_gpu(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="invalid precision"):
-        export(ckpt, tmp_path / "m", precisions=("int8",))
+        export(ckpt, tmp_path / "m", precisions=("int4",))
     with pytest.raises(ExportError, match="Triton backend tensorrt needs format tensorrt"):
         export(ckpt, tmp_path / "m", formats=("onnx",), triton_backend="tensorrt")
     from cmc_export.tensorrt_build import tensorrt_unavailable_reason
