@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = run / "checkpoint_best.pt"
     _cmc("evaluate", str(ckpt), "--data", str(study / "datalist.json"), "--split",
          "validation", "--out", str(run / "validation_metrics.json"))
-    # --precision auto (the default): fp32 and each half precision this host runs that
-    # passes its gate; one that does not is listed in cmc.json instead of failing the demo.
+    # --precision auto (the default): fp32, each half precision this host runs and int8
+    # (calibrated on the study's training images, recorded in the checkpoint) that pass
+    # their gates; one that does not is listed in cmc.json instead of failing the demo.
     _cmc("export", str(ckpt), "--out", str(model), "--format", "onnx,openvino")
     # A separate "clinic" study stands in for a hospital's DICOM export: CT + MR series.
     _cmc("synth", str(clinic), "--cases", "1", "--val-cases", "0", "--test-cases", "0",

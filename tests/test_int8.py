@@ -234,3 +234,15 @@ def test_triton_patch_model_chooses_int8_as_segment_does(exported, triton_instal
     local = open_runtime(info, "b", "openvino", precision=chosen, max_batch=2)
     np.testing.assert_allclose(got, local.run(tiles), atol=1e-5)
     local.close()
+
+
+def test_cli_calibration_that_does_not_exist_is_one_error_line(tmp_path: Path) -> None:
+    from cmc_cli.main import app
+    from typer.testing import CliRunner
+
+    ckpt = write_micro_checkpoint(tmp_path / "micro.pt")
+    result = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "model"),
+                                      "--calibration", str(tmp_path / "nope.json")])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("nope.json: calibration datalist does not exist")
+    assert not (tmp_path / "model").exists()
