@@ -31,6 +31,7 @@ from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
 from cmc_export.calibration import CalibrationUnavailable, TileSets, find_datalist, tile_sets
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.int8_gate import INT8_THRESHOLDS, Int8Thresholds, int8_parity
+from cmc_serve.model_dir import refused_entry
 
 INT8 = "int8"
 # NNCF's settings (module docstring): ModelType and QuantizationPreset values.
@@ -130,8 +131,8 @@ class Int8Stage:
             numbers = exc.numbers if isinstance(exc, GateFailed) else {}
             job.log(f"refused: openvino {INT8} {mode}: {reason} (left out; `--precision auto` "
                     "keeps the other graphs)")
-            job.refused.append({"mode": mode, "runtime": "openvino", "precision": INT8,
-                                "reason": reason, "gate": {"kind": "int8_parity", **numbers}})
+            job.refused.append(refused_entry(mode, "openvino", INT8, reason,
+                                             {"kind": "int8_parity", **numbers}))
             return
         job.add(mode, "openvino", INT8, int8_xml, gate)
 
