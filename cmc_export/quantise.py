@@ -32,8 +32,8 @@ from cmc_export.calibration import CalibrationUnavailable, TileSets, find_datali
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.int8_gate import INT8_THRESHOLDS, Int8Thresholds, int8_parity
 from cmc_serve.model_dir import refused_entry
+from cmc_serve.runtimes.precision import INT8
 
-INT8 = "int8"
 # NNCF's settings (module docstring): ModelType and QuantizationPreset values.
 MODEL_TYPE = "transformer"
 PRESET = "mixed"
