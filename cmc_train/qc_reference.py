@@ -31,7 +31,7 @@ resampled onto a's pre-processed grid, `cmc_train.evaluate`), which differs from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,19 @@ from cmc_serve.qc import anatomy, branches, fingerprint
 from cmc_serve.qc.inputs import BranchOutputs
 from cmc_serve.qc.verdict import REFERENCE_VERSION
 from cmc_train.checkpoint import load_checkpoint, load_model, save_checkpoint
+from cmc_train.config import PreprocessConfig
 from cmc_train.data.datalist import Datalist
 from cmc_train.evaluate import ValidationSet, resample_onto
 from cmc_train.network import CMCNet
 from cmc_train.sliding_window import predict_labels
 
+# Normalisations blind to an image's scale (and offset): such a modality's intensities are
+# judged by their relative profile (`cmc_serve.qc.fingerprint.relative_profile`).
+SCALE_INVARIANT = ("zscore_nonzero", "percentile_zscore")
 
-def data_reference(datalist: Datalist) -> dict[str, Any]:
+
+def data_reference(datalist: Datalist, normalisation: Mapping[str, Mapping[str, Any]]
+                   ) -> dict[str, Any]:
     """Fingerprint (every image of the labelled, unlabelled and validation splits: the
     images the model was trained and chosen on) and anatomy (every label of the labelled
     split) of the training data; no network needed."""
@@ -67,7 +73,8 @@ def data_reference(datalist: Datalist) -> dict[str, Any]:
             labels.append(anatomy.measure_labels(np.rint(array).astype(np.uint8), affine,
                                                  datalist.classes))
     out: dict[str, Any] = {"version": REFERENCE_VERSION, "fingerprint": {
-        m: fingerprint.summarise(rows) for m, rows in measures.items() if rows}}
+        m: fingerprint.summarise(rows, normalisation[m]["kind"] in SCALE_INVARIANT)
+        for m, rows in measures.items() if rows}}
     if labels:
         out["anatomy"] = anatomy.summarise(labels, datalist.classes)
     return out
@@ -147,8 +154,12 @@ def record_reference(paths: Sequence[Path], datalist: Datalist, val_set: Validat
                      say: Callable[[str], None] | None = None) -> None:
     """Store `qc_reference` in each checkpoint's metadata (atomically, weights and trainer
     state unchanged); each checkpoint is calibrated with its own weights. `data`: an
-    already measured `data_reference(datalist)`."""
-    data = data if data is not None else data_reference(datalist)
+    already measured `data_reference` (default: measured with the first checkpoint's
+    normalisation)."""
+    if data is None:
+        preprocess = PreprocessConfig.from_dict(load_checkpoint(paths[0]).metadata[
+            "preprocessing"])
+        data = data_reference(datalist, preprocess.normalisation)
     for path in paths:
         reference = dict(data)
         if val_set is not None:

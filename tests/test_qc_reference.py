@@ -55,7 +55,9 @@ def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Pat
     assert reference["version"] == 1
     fingerprints = reference["fingerprint"]
     assert set(fingerprints) == {"ct", "mr"}
-    assert fingerprints["ct"]["images"] == 3 and fingerprints["mr"]["images"] == 3
+    # 3 training and 2 validation cases; MR z-scored (judged by its profile), CT windowed
+    assert fingerprints["ct"]["images"] == 5 and fingerprints["mr"]["images"] == 5
+    assert not fingerprints["ct"]["scale_invariant"] and fingerprints["mr"]["scale_invariant"]
     ct_p50 = fingerprints["ct"]["intensity"]["p50"]
     assert ct_p50["min"] <= ct_p50["median"] <= ct_p50["max"]
     assert -200 < ct_p50["median"] < 200  # HU of soft tissue, measured on the raw image
@@ -69,6 +71,7 @@ def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Pat
     assert set(calibration["signals"]) == {"mean_dice", "mean_margin", "cross_a", "cross_b"}
     for stats in calibration["signals"].values():
         assert stats["min"] <= stats["mean"] <= stats["max"]
+    assert calibration["anatomy"]["labels"] == 2  # the fused answers to the two cases
 
 
 @pytest.mark.slow  # a micro training run (about 40 s on 2 busy cores)

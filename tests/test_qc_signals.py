@@ -46,7 +46,7 @@ def reference() -> dict[str, Any]:
             "ct": fingerprint.summarise([fingerprint.measure_image(p.image_a, p.grid_a.affine)
                                          for p in pairs]),
             "mr": fingerprint.summarise([fingerprint.measure_image(p.image_b, p.grid_b.affine)
-                                         for p in pairs])},
+                                         for p in pairs], scale_invariant=True)},
         "anatomy": anatomy.summarise(
             [anatomy.measure_labels(p.label_a, p.grid_a.affine, CLASSES) for p in pairs]
             + [anatomy.measure_labels(p.label_b, p.grid_b.affine, CLASSES) for p in pairs],
@@ -237,6 +237,24 @@ def test_validation_answers_widen_the_anatomy(reference: dict[str, Any],
 
 def test_every_flag_code_has_both_cases() -> None:
     assert set(FIRE) == set(QUIET)
+
+
+def test_a_z_scored_modality_is_judged_by_its_profile_not_its_scale(
+        reference: dict[str, Any], case: PhantomPair) -> None:
+    """The MR is z-scored by the model: four times its intensities is the same input to the
+    network and stays quiet; an inverted contrast changes its profile and is flagged. CT
+    (windowed in HU) is judged by its values."""
+    scaled = assess_case(reference, _inputs(case, images=_image(
+        case, "b", case.image_b.astype(np.float32) * 4)))
+    assert not scaled.flags
+    mr = case.image_b.astype(np.float32)
+    inverted = assess_case(reference, _inputs(case, images=_image(  # another contrast
+        case, "b", np.where(mr > 0, 700.0 - mr, 0.0))))
+    flags = [f for f in inverted.flags if f.code == "intensity_out_of_range"]
+    assert flags and flags[0].role == "b" and "z-scored" in flags[0].message
+    shifted_ct = assess_case(reference, _inputs(case, images=_image(
+        case, "a", (case.image_a + 300).astype(np.int16))))
+    assert "intensity_out_of_range" in [f.code for f in shifted_ct.flags]
 
 
 def test_messages_name_the_numbers(reference: dict[str, Any], case: PhantomPair) -> None:

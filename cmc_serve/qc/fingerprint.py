@@ -78,9 +78,22 @@ def measure_image(array: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
             "body_extent_mm": _rounded(extent)}
 
 
-def summarise(measures: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+SHAPE_KEYS = ("p5", "p25", "p75", "p95")
+
+
+def relative_profile(intensity: Mapping[str, float]) -> dict[str, float]:
+    """Each outer percentile's distance from the median in units of the p5-p95 spread:
+    what a modality normalised by a z-score (any scale, any offset) is judged by."""
+    spread = max(intensity["p95"] - intensity["p5"], 1e-6)
+    return {k: (intensity[k] - intensity["p50"]) / spread for k in SHAPE_KEYS}
+
+
+def summarise(measures: Sequence[Mapping[str, Any]], scale_invariant: bool = False
+              ) -> dict[str, Any]:
     """The training side's record of one modality: per measured number its min, median and
-    max over the training images (and how many there were)."""
+    max over the training images (and how many there were). `scale_invariant`: the model
+    normalises this modality by a z-score, so its intensities are judged by their relative
+    profile (`relative_profile`) rather than their values."""
     if not measures:
         raise ValueError("no training images to fingerprint")
 
@@ -89,9 +102,11 @@ def summarise(measures: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {"min": float(arr.min()), "median": float(np.median(arr)),
                 "max": float(arr.max())}
 
+    shapes = [relative_profile(m["intensity"]) for m in measures]
     return {
-        "images": len(measures),
+        "images": len(measures), "scale_invariant": scale_invariant,
         "intensity": {k: stats([m["intensity"][k] for m in measures]) for k in INTENSITY_KEYS},
+        "relative": {k: stats([s[k] for s in shapes]) for k in SHAPE_KEYS},
         **{key: [stats([m[key][i] for m in measures]) for i in range(3)]
            for key in ("spacing_mm", "fov_mm", "body_extent_mm")},
     }
@@ -135,20 +150,10 @@ def check_role(role: str, measure: Mapping[str, Any], modality: str,
     if own is None:
         return [], 0.0
     flags: list[QcFlag] = []
-    worst = 0.0
-    tol = INTENSITY_TOLERANCE * _spread(own)
-    for key in INTENSITY_KEYS:
-        value = measure["intensity"][key]
-        stats = own["intensity"][key]
-        excess = _excess(value, stats, tol)
-        worst = max(worst, excess)
-        if excess > 1.0:
-            flags.append(QcFlag(
-                "intensity_out_of_range",
-                f"{role}: intensity {key} {value:.0f}, training "
-                f"{stats['min']:.0f}-{stats['max']:.0f}",
-                role=role, values={"percentile": key, "value": round(value, 2),
-                                   "training_min": stats["min"], "training_max": stats["max"]}))
+    if own.get("scale_invariant") and "relative" in own:
+        worst = _check_relative(role, measure, modality, own, flags)
+    else:
+        worst = _check_absolute(role, measure, own, flags)
     role_flag, role_excess = _wrong_role(role, measure, modality, fingerprints)
     worst = max(worst, role_excess)
     flags += role_flag
@@ -173,6 +178,48 @@ def check_role(role: str, measure: Mapping[str, Any], modality: str,
                                        "training_min": stats["min"],
                                        "training_max": stats["max"]}))
     return flags, worst
+
+
+def _check_absolute(role: str, measure: Mapping[str, Any], own: Mapping[str, Any],
+                    flags: list[QcFlag]) -> float:
+    """Percentiles in the modality's own units (a CT in HU) against the training range,
+    tolerance a quarter of the training foreground's spread."""
+    worst = 0.0
+    tol = INTENSITY_TOLERANCE * _spread(own)
+    for key in INTENSITY_KEYS:
+        value = measure["intensity"][key]
+        stats = own["intensity"][key]
+        excess = _excess(value, stats, tol)
+        worst = max(worst, excess)
+        if excess > 1.0:
+            flags.append(QcFlag(
+                "intensity_out_of_range",
+                f"{role}: intensity {key} {value:.0f}, training "
+                f"{stats['min']:.0f}-{stats['max']:.0f}",
+                role=role, values={"percentile": key, "value": round(value, 2),
+                                   "training_min": stats["min"], "training_max": stats["max"]}))
+    return worst
+
+
+def _check_relative(role: str, measure: Mapping[str, Any], modality: str,
+                    own: Mapping[str, Any], flags: list[QcFlag]) -> float:
+    """A z-scored modality's profile (scale and offset ignored) against the training
+    range, tolerance a quarter of the spread (the absolute rule's, in relative units)."""
+    worst = 0.0
+    shape = relative_profile(measure["intensity"])
+    for key in SHAPE_KEYS:
+        stats = own["relative"][key]
+        excess = _excess(shape[key], stats, INTENSITY_TOLERANCE)
+        worst = max(worst, excess)
+        if excess > 1.0:
+            flags.append(QcFlag(
+                "intensity_out_of_range",
+                f"{role}: intensity {key} {shape[key]:+.2f} of the p5-p95 spread from p50, "
+                f"training {stats['min']:+.2f} to {stats['max']:+.2f} ({modality} is z-scored:"
+                " scale ignored)",
+                role=role, values={"percentile": key, "relative": round(shape[key], 4),
+                                   "training_min": stats["min"], "training_max": stats["max"]}))
+    return worst
 
 
 def _wrong_role(role: str, measure: Mapping[str, Any], modality: str,
