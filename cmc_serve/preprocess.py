@@ -27,7 +27,7 @@ from nibabel import orientations as nio
 from scipy import ndimage
 
 from cmc_common.errors import CmcError
-from cmc_serve.volume import Grid, Volume
+from cmc_serve.volume import Grid, Volume, release_free_memory
 
 # MONAI's tolerance for "same spacing" and "affine unchanged" (monai.data.utils.AFFINE_TOL).
 AFFINE_TOL = 1e-3
@@ -304,7 +304,10 @@ def preprocess(volume: Volume, modality: str, prep: Mapping[str, Any]) -> Prepar
     oriented_grid = Grid(oriented.shape, affine)
     target = spacing_grid(oriented_grid, spacing)
     data = oriented if target is oriented_grid else resample(oriented, affine, target, order=1)
-    return PreparedVolume(normalise(data, norm), target.affine, volume.grid)
+    prepared = PreparedVolume(normalise(data, norm), target.affine, volume.grid)
+    del data
+    release_free_memory()  # the slabs' temporaries: not resident through inference
+    return prepared
 
 
 def resample_to_reference(volume: Volume, reference: Grid) -> Volume:
@@ -344,4 +347,6 @@ def labels_to_source(labels: np.ndarray, prepared: PreparedVolume,
                 (labels.size and (labels.min() < 0 or labels.max() > 255)):
             raise PreprocessError(f"labels must be integers in [0, 255], got {labels.dtype}")
         labels = labels.astype(np.uint8)
-    return resample(labels, prepared.affine, grid, order=0, fill=0)
+    on_source = resample(labels, prepared.affine, grid, order=0, fill=0)
+    release_free_memory()
+    return on_source

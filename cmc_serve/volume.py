@@ -8,6 +8,10 @@ our users know). `Grid` is the geometry alone; it is what resampling steps pass 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,3 +110,30 @@ class Volume:
         if array.shape != self.array.shape:
             raise VolumeError(f"array shape {array.shape} differs from volume shape {self.shape}")
         return Volume(array, self.affine)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+def release_free_memory() -> None:
+    """Give the pages of freed memory back to the operating system now.
+
+    Slice-sized arrays (a 512 x 512 float32 slice is 1 MiB) are below glibc's dynamic mmap
+    threshold once a larger block has been freed, so they come from the heap, and freeing
+    them one by one (as a series is assembled into its volume) leaves their pages resident:
+    the peak RSS would hold the slices and the volume at once. glibc's malloc_trim(0) returns
+    every whole free page of every arena; elsewhere this does nothing.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

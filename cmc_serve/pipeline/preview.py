@@ -13,6 +13,8 @@ import numpy as np
 from nibabel import orientations as nio
 from PIL import Image
 
+from cmc_serve.volume import release_free_memory
+
 PANEL = 256  # pixels, longest edge of each panel
 ALPHA = 0.45
 # Label colours (label 1 first); repeated for models with more classes.
@@ -70,6 +72,7 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
     lab, _ = _to_ras(labels, affine)
     x, y, z = _centre(lab)
     lo, hi = np.percentile(img, [1, 99])
+    release_free_memory()  # the percentile's copy of the volume
     sx, sy, sz = (float(s) for s in spacing)
     # (rows, cols) after .T; [::-1, ::-1] puts anterior/superior up and the patient's right
     # on the left (sagittal: anterior on the left). Only these three slices are scaled.

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from cmc_serve.qc.flags import CaseQc
+from cmc_serve.volume import release_free_memory
 
 _COUNT_CHUNK = 1 << 22  # label voxels counted at once
 
@@ -24,7 +25,7 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def _label_counts(labels: np.ndarray, classes: int) -> np.ndarray:
+def label_counts(labels: np.ndarray, classes: int) -> np.ndarray:
     """Voxels per label 0..classes-1, counted in chunks: bincount widens its input to
     int64, which over the whole label map would be 8 bytes per voxel."""
     flat = labels.reshape(-1)
@@ -52,7 +53,7 @@ def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.
 
     The background (label 0) is left out; an empty class has volume 0 and no intensities.
     """
-    counts = _label_counts(labels, len(class_names))
+    counts = label_counts(labels, len(class_names))
     ml = voxel_volume_ml(affine)
     classes: dict[str, Any] = {}
     for label in range(1, len(class_names)):
@@ -66,6 +67,7 @@ def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.
         classes[class_names[label]] = {"label": label, "voxels": int(counts[label]),
                                        "volume_ml": round(float(counts[label]) * ml, 4),
                                        "intensity": intensity}
+    release_free_memory()  # the per-class masks and values
     if qc is None:
         return {"voxel_volume_ml": ml, "classes": classes}
     for name, row in classes.items():
