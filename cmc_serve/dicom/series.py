@@ -33,7 +33,10 @@ from cmc_serve.dicom.errors import DicomSeriesError, one_line
 from cmc_serve.dicom.geometry import stack_geometry
 from cmc_serve.dicom.multiframe import FrameSlice, frame_slices, modality_values
 from cmc_serve.dicom.scan import DERIVED, VOLUME, SeriesInfo
-from cmc_serve.volume import LPS_TO_RAS, Volume
+from cmc_serve.volume import LPS_TO_RAS, Volume, release_free_memory
+
+# Slices assembled between two returns of freed memory to the system (`_assemble`).
+_RELEASE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,9 @@ def _slices(datasets: Sequence[Dataset], paths: Sequence[Path]) -> list[FrameSli
 def _assemble(pixels: list[np.ndarray | None], ordered: Sequence[FrameSlice]) -> np.ndarray:
     """The slices, in `ordered` order, as one float32 array [column, row, slice], written
     into one allocation while each file's pixels are released after its last frame: the
-    series is held once (4 bytes per voxel), never as a list of slices plus their stack."""
+    series is held once (4 bytes per voxel), never as a list of slices plus their stack;
+    the released slices' pages go back to the system as the volume's pages fill
+    (`release_free_memory`), else the peak RSS would still hold both."""
     rows, columns = next(p for p in pixels if p is not None).shape[-2:]
     array = np.empty((columns, rows, len(ordered)), dtype=np.float32)
     left = Counter(s.source for s in ordered)
@@ -153,6 +158,9 @@ def _assemble(pixels: list[np.ndarray | None], ordered: Sequence[FrameSlice]) ->
         left[s.source] -= 1
         if not left[s.source]:
             pixels[s.source] = None
+        if k % _RELEASE_EVERY == _RELEASE_EVERY - 1:
+            release_free_memory()
+    release_free_memory()
     return array
 
 
