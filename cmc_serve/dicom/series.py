@@ -77,8 +77,10 @@ def _read(path: Path) -> Dataset:
 
 
 def _pixels(ds: Dataset, path: Path) -> np.ndarray:
-    """Modality values (RescaleSlope/Intercept, Modality LUT or per-frame Pixel Value
-    Transformation), float32, [frame, row, column]."""
+    """The stored pixel values as decoded, once checked to convert to modality values
+    (`_values`) of the header's frames x Rows x Columns. The series is held as stored (2
+    bytes per voxel for 16-bit data) until its slices are ordered; `_assemble` converts them
+    again file by file into the volume, so the float32 values never exist twice."""
     if "PixelData" not in ds:
         raise DicomSeriesError(f"{path}: no pixel data")
     if _int(ds, "SamplesPerPixel", path, default=1) != 1:
@@ -90,16 +92,23 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
     if refusal:
         raise DicomSeriesError(f"{path}: {refusal}")
     try:
-        values = modality_values(ds, ds.pixel_array)
+        stored = ds.pixel_array
+        values = _values(ds, stored)
     except Exception as exc:  # truncated data, inconsistent header, a plugin's own failure
         raise DicomSeriesError(f"{path}: cannot decode pixel data "
                                f"({syntax_label(syntax) if syntax else 'no transfer syntax'}): "
                                f"{one_line(exc)}") from exc
-    values = values.reshape((-1, *values.shape[-2:]))
     if values.shape != shape:
         raise DicomSeriesError(f"{path}: pixel data shape {values.shape} != frames x Rows x "
                                f"Columns {shape}")
-    return values
+    return stored
+
+
+def _values(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """Modality values (RescaleSlope/Intercept, Modality LUT or per-frame Pixel Value
+    Transformation), float32, [frame, row, column]."""
+    values = modality_values(ds, stored)
+    return values.reshape((-1, *values.shape[-2:]))
 
 
 def _names(files: Sequence[tuple[Path, str]], folder: Path) -> str:
@@ -125,7 +134,7 @@ def _readable_files(info: SeriesInfo, skip_unreadable: bool
         try:
             ds = _read(path)
             values = _pixels(ds, path)
-            del ds.PixelData  # and pydicom's cached array: the float32 values are what we keep
+            del ds.PixelData  # and pydicom's cached array: `values` holds the decoded pixels
         except DicomSeriesError as exc:
             if not skip_unreadable:
                 raise
@@ -142,22 +151,28 @@ def _slices(datasets: Sequence[Dataset], paths: Sequence[Path]) -> list[FrameSli
             for s in frame_slices(ds, path, i)]
 
 
-def _assemble(pixels: list[np.ndarray | None], ordered: Sequence[FrameSlice]) -> np.ndarray:
-    """The slices, in `ordered` order, as one float32 array [column, row, slice], written
-    into one allocation while each file's pixels are released after its last frame: the
-    series is held once (4 bytes per voxel), never as a list of slices plus their stack;
-    the released slices' pages go back to the system as the volume's pages fill
-    (`release_free_memory`), else the peak RSS would still hold both."""
+def _assemble(datasets: Sequence[Dataset], pixels: list[np.ndarray | None],
+              ordered: Sequence[FrameSlice]) -> np.ndarray:
+    """The slices, in `ordered` order, as one float32 array [column, row, slice] of modality
+    values, written into one allocation while each file's stored pixels are released after
+    its last frame. Writing slice 0 already makes every page of the array resident (the
+    slice axis is the fastest), so the stored pixels (`_pixels`) and the array are held
+    together: 6 bytes per voxel for 16-bit data, never a list of float slices plus their
+    stack; the released pixels go back to the system (`release_free_memory`)."""
     rows, columns = next(p for p in pixels if p is not None).shape[-2:]
     array = np.empty((columns, rows, len(ordered)), dtype=np.float32)
     left = Counter(s.source for s in ordered)
+    converted: dict[int, np.ndarray] = {}  # a multi-frame file's values until its last frame
     for k, s in enumerate(ordered):
-        frames = pixels[s.source]
-        assert frames is not None  # released only after its last frame
-        array[:, :, k] = frames[s.frame].T
+        if s.source not in converted:
+            stored = pixels[s.source]
+            assert stored is not None  # released only after its last frame
+            converted[s.source] = _values(datasets[s.source], stored)
+            pixels[s.source] = None
+        array[:, :, k] = converted[s.source][s.frame].T
         left[s.source] -= 1
         if not left[s.source]:
-            pixels[s.source] = None
+            del converted[s.source]
         if k % _RELEASE_EVERY == _RELEASE_EVERY - 1:
             release_free_memory()
     release_free_memory()
@@ -183,7 +198,7 @@ def load_series(info: SeriesInfo, skip_unreadable: bool = False) -> LoadedSeries
             raise
         raise DicomSeriesError(f"{exc} (unreadable files skipped: {_names(skipped, folder)})"
                                ) from exc
-    array = _assemble(pixels, [slices[i] for i in order])
+    array = _assemble(datasets, pixels, [slices[i] for i in order])
     if any(str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" for ds in datasets):
         # MONOCHROME1 displays low values bright; invert so that high means bright, as in CT/MR
         np.subtract(array.max() + array.min(), array, out=array)
