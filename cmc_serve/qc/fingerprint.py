@@ -27,6 +27,7 @@ INTENSITY_KEYS = tuple(f"p{p}" for p in PERCENTILES)
 AXES = ("R", "A", "S")
 _FOREGROUND_FRACTION = 0.1
 _MAX_SAMPLES = 2_000_000  # percentiles of a strided sample: the same numbers, bounded time
+_SLAB_VOXELS = 1 << 22  # voxels compared with the foreground threshold at once
 
 # Tolerances around the training range, chosen to keep every training image inside with
 # room for scanners the few labelled cases did not show: intensity by a quarter of the
@@ -67,11 +68,10 @@ def measure_image(array: np.ndarray, affine: np.ndarray) -> dict[str, Any]:
         values, PERCENTILES)) if values.size else [0.0] * len(PERCENTILES), strict=True))
     spacing, fov = ras_axis_geometry(affine, data.shape)
     extent = np.zeros(3)
-    mask = data > threshold
-    if mask.any():
+    above = _above_per_axis(data, threshold)
+    if above[0].any():
         for axis in range(3):
-            other = tuple(a for a in range(3) if a != axis)
-            hit = np.flatnonzero(mask.any(axis=other))
+            hit = np.flatnonzero(above[axis])
             ras = int(np.argmax(np.abs(np.asarray(affine)[:3, axis])))
             extent[ras] = (hit[-1] - hit[0] + 1) * spacing[ras]
     return {"intensity": intensity, "spacing_mm": _rounded(spacing), "fov_mm": _rounded(fov),
@@ -86,6 +86,19 @@ def relative_profile(intensity: Mapping[str, float]) -> dict[str, float]:
     what a modality normalised by a z-score (any scale, any offset) is judged by."""
     spread = max(intensity["p95"] - intensity["p5"], 1e-6)
     return {k: (intensity[k] - intensity["p50"]) / spread for k in SHAPE_KEYS}
+
+
+def _above_per_axis(data: np.ndarray, threshold: float) -> list[np.ndarray]:
+    """Per axis, which indices have a voxel above `threshold`, from the first axis's slabs
+    (a volume-sized mask would be 1 byte per voxel on top of the image)."""
+    above = [np.zeros(n, dtype=bool) for n in data.shape]
+    step = max(1, _SLAB_VOXELS // max(1, data[:1].size))
+    for start in range(0, data.shape[0], step):
+        mask = data[start:start + step] > threshold
+        above[0][start:start + step] = mask.any(axis=(1, 2))
+        above[1] |= mask.any(axis=(0, 2))
+        above[2] |= mask.any(axis=(0, 1))
+    return above
 
 
 def summarise(measures: Sequence[Mapping[str, Any]], scale_invariant: bool = False
