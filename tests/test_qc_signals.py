@@ -274,6 +274,21 @@ def test_score_orders_worse_disagreement_lower(reference: dict[str, Any],
     assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
 
 
+def test_flagged_cases_rank_below_unflagged_ones_by_their_agreement(
+        reference: dict[str, Any], case: PhantomPair) -> None:
+    """A flag (here an input out of range) puts a case below every unflagged one, even one
+    whose branches agree less; among flagged cases the agreement keeps the order."""
+    halved = (case.image_a * 0.5).astype(np.int16)
+    agree = assess_case(reference, _inputs(case, images=_image(case, "a", halved)))
+    worse = assess_case(reference, _inputs(case, images=_image(case, "a", halved),
+                                           branches=_branches(case.label_a,
+                                                              _shifted(case.label_a, 2))))
+    unflagged = assess_case(reference, _inputs(case, branches=_branches(
+        case.label_a, _shifted(case.label_a, 1))))
+    assert agree.flagged and worse.flagged and not unflagged.flagged
+    assert worse.score < agree.score < 0.5 <= unflagged.score
+
+
 def test_floor_is_set_by_the_validation_cases() -> None:
     wide, narrow = _stats(0.6, 0.1), _stats(0.6, 0.01)
     assert calibrated_floor(wide) == pytest.approx(0.3)

@@ -17,14 +17,21 @@ written by `cmc_train.qc_reference`, docs/QC.md):
 - an excess maps to a score by `excess_score`: 1 at 0, 0.5 at the edge, 0.5 / excess
   beyond it.
 
-The case's score is the lowest of the case-level checks (the decoders' mean agreement,
-the cross-modal agreement, the fingerprint, every structure's anatomy); a structure's
-score is the lowest of its own (its anatomy and its decoders' agreement, which is too
-rough to flag with few validation cases, `_judge_branches`). A case is flagged when any
-check passes its edge (its score below 0.5), and each such check is one flag. The fused
-margin is reported beside its validation numbers but neither flags nor scores.
-The minimum, rather than a weighted sum, keeps one clear failure (an MR in CT's role) from
-being averaged away by signals that did not see it.
+The case's score is the answer's agreement: the score of the decoders' mean agreement
+(and of the cross-modal agreement, the lower, with `--qc full`), which measures the answer
+itself and ranks cases by how likely they fail. A case is flagged when any check passes
+its edge, each such check one flag: the agreement itself, the fingerprint (an input unlike
+the training images), the anatomy. A flagged case's score is its agreement score times
+FLAGGED_FACTOR, so every flagged case scores below 0.5 and below every unflagged one, and
+flagged cases keep the order of their agreement. A structure's score is the lowest of its
+anatomy and its decoders' agreement (too rough to flag with few validation cases,
+`_judge_branches`). The fused margin is reported beside its validation numbers but
+neither flags nor scores.
+
+Range checks decide the flag, not the order: an input unlike the training images (noise,
+a scanner's other scale) is worth a look whether or not the model still copes, but how far
+outside the range it lies says little about how wrong the answer is, which the decoders'
+agreement measures (docs/QC.md has the benchmark runs behind this choice).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from cmc_serve.qc.inputs import QcInputs
 REFERENCE_VERSION = 1
 FLOOR_SIGMAS = 3.0
 FLOOR_GAP = 0.05
+FLAGGED_FACTOR = 0.499
 _MISSING = ("missing: the model directory records no training reference (exported before "
             "quality control); only the checks that need no training data ran")
 
@@ -67,7 +75,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
     """The verdict on one segmented case (module docstring); `reference` None: the model
     records no training reference, which `signals["reference"]` says."""
     flags: list[QcFlag] = []
-    case_excess: list[float] = [0.0]
+    agreement_excess: list[float] = [0.0]
     structure_excess: dict[str, float] = {name: 0.0 for name in inputs.class_names[1:]}
     signals: dict[str, Any] = {"reference": "present" if reference else _MISSING}
     calibration = (reference or {}).get("calibration")
@@ -78,13 +86,14 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
         agreement = branches.branch_agreement(inputs.branches, inputs.class_names)
         signals["branches"] = _rounded(agreement)
         if calibration:
-            case_excess += _judge_branches(agreement, calibration, flags, structure_excess)
+            agreement_excess += _judge_branches(agreement, calibration, flags,
+                                                structure_excess)
     if inputs.single_modality:
         cross = branches.cross_modal_agreement(inputs.single_modality, inputs.labels,
                                                inputs.class_names)
         signals["cross_modal"] = _rounded(cross)
         if calibration:
-            case_excess += _judge_cross(cross, calibration, flags)
+            agreement_excess += _judge_cross(cross, calibration, flags)
 
     if reference and "fingerprint" in reference:
         measures = {}
@@ -94,7 +103,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
             found, worst = fingerprint.check_role(role, measure, image.modality,
                                                   reference["fingerprint"])
             flags += found
-            case_excess.append(worst)
+            signals.setdefault("fingerprint_excess", {})[role] = round(worst, 4)
         signals["fingerprint"] = measures
 
     measure = anatomy.measure_labels(inputs.labels, inputs.affine, inputs.class_names)
@@ -105,10 +114,11 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
     flags += found
     for name, value in per_structure.items():
         structure_excess[name] = max(structure_excess.get(name, 0.0), value)
-        case_excess.append(value)
 
     structures = {name: excess_score(v) for name, v in structure_excess.items()}
-    score = min(excess_score(v) for v in case_excess)
+    score = excess_score(max(agreement_excess))
+    if flags:  # every flagged case below every other, still ordered by its agreement
+        score = FLAGGED_FACTOR * min(score, 1.0)
     return CaseQc(score=score, flagged=bool(flags), flags=tuple(flags),
                   structures=structures, signals=signals)
 
