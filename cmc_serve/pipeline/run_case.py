@@ -337,6 +337,9 @@ def segment_case(loaded: LoadedCase, segmenter: Any, qc: str = QC_ON) -> CaseRes
     if qc != QC_OFF:
         with timer.stage("qc"):
             verdict = assess_quality(loaded, segmenter, cleaned, result.branches, qc)
+    # Nothing after this stage reads the prepared volumes or QC's images: the outputs are
+    # written with them released (float32 model grids and, in mode fused, b's raw volume).
+    loaded.prepared, loaded.images = {}, {}
     engine = {k: str(getattr(result, k))
               for k in ("runtime", "device", "precision", "precision_reason")
               if getattr(result, k, None) is not None}
