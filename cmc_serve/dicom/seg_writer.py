@@ -90,9 +90,12 @@ def write_dicom_seg(labels: np.ndarray, source_datasets: Sequence[Dataset],
     # class index -> consecutive segment number (highdicom's labelled-array input)
     lut = np.zeros(max(256, len(class_names)), dtype=np.uint8)
     lut[present] = np.arange(1, len(present) + 1)
-    frames = np.empty(labels.shape[::-1], dtype=np.uint8)  # (slice, row, column)
-    for k in range(labels.shape[2]):  # slice by slice: no second volume-sized temporary
-        frames[k] = lut[labels[:, :, k].T]
+    if present == list(range(1, len(present) + 1)):  # the labels are the segment numbers
+        frames = labels.transpose(2, 1, 0)  # (slice, row, column), a view: highdicom reads it
+    else:
+        frames = np.empty(labels.shape[::-1], dtype=np.uint8)  # (slice, row, column)
+        for k in range(labels.shape[2]):  # slice by slice: no second volume-sized temporary
+            frames[k] = lut[labels[:, :, k].T]
     order = source_frame_order(source_datasets)
     if order is not None:  # one multi-frame source: highdicom wants its frame order
         frames = frames[np.argsort(order)]
