@@ -20,6 +20,8 @@ from cmc_common.errors import CmcError
 
 # Flips the x and y axes: DICOM/ITK world is LPS, NIfTI/MONAI world is RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Voxels counted at once by `count_labels`.
+_COUNT_CHUNK = 1 << 22
 
 
 class VolumeError(CmcError, ValueError):
@@ -137,3 +139,14 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def count_labels(labels: np.ndarray, length: int) -> np.ndarray:
+    """Voxels of each value 0..length-1 of a non-negative integer array (larger values are
+    not counted), in chunks: np.bincount widens its whole input to int64, 8 bytes per
+    voxel of a uint8 label map."""
+    flat = labels.reshape(-1)
+    counts = np.zeros(length, dtype=np.int64)
+    for start in range(0, flat.size, _COUNT_CHUNK):
+        counts += np.bincount(flat[start:start + _COUNT_CHUNK], minlength=length)[:length]
+    return counts

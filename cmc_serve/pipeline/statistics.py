@@ -15,24 +15,12 @@ from typing import Any
 import numpy as np
 
 from cmc_serve.qc.flags import CaseQc
-from cmc_serve.volume import release_free_memory
-
-_COUNT_CHUNK = 1 << 22  # label voxels counted at once
+from cmc_serve.volume import count_labels, release_free_memory
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
     """Volume of one voxel in millilitres (|det| of the affine's 3x3 part, mm^3 / 1000)."""
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-
-
-def label_counts(labels: np.ndarray, classes: int) -> np.ndarray:
-    """Voxels per label 0..classes-1, counted in chunks: bincount widens its input to
-    int64, which over the whole label map would be 8 bytes per voxel."""
-    flat = labels.reshape(-1)
-    counts = np.zeros(classes, dtype=np.int64)
-    for start in range(0, flat.size, _COUNT_CHUNK):
-        counts += np.bincount(flat[start:start + _COUNT_CHUNK], minlength=classes)[:classes]
-    return counts
 
 
 def _intensity(image: np.ndarray, mask: np.ndarray | None) -> dict[str, float] | None:
@@ -53,7 +41,7 @@ def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.
 
     The background (label 0) is left out; an empty class has volume 0 and no intensities.
     """
-    counts = label_counts(labels, len(class_names))
+    counts = count_labels(labels, len(class_names))
     ml = voxel_volume_ml(affine)
     classes: dict[str, Any] = {}
     for label in range(1, len(class_names)):
