@@ -135,11 +135,12 @@ def class_volumes(case_folder: Path, class_names: Sequence[str]) -> dict[str, fl
         return None
     import nibabel as nib
 
-    from cmc_serve.pipeline.statistics import label_counts, voxel_volume_ml
+    from cmc_serve.pipeline.statistics import voxel_volume_ml
+    from cmc_serve.volume import count_labels
 
     img = nib.load(str(seg))
     assert isinstance(img, nib.Nifti1Image)  # written by nifti_io.write_label_nifti
-    counts = label_counts(np.asarray(img.dataobj, dtype=np.uint8), len(class_names))
+    counts = count_labels(np.asarray(img.dataobj, dtype=np.uint8), len(class_names))
     ml = voxel_volume_ml(img.affine)
     return {name: round(float(counts[i]) * ml, 4) for i, name in enumerate(class_names) if i}
 
