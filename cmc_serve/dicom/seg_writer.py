@@ -24,6 +24,7 @@ from cmc_serve.dicom.codes import GENERIC, ClassCode, resolve
 from cmc_serve.dicom.derived import Provenance, complete_type2
 from cmc_serve.dicom.errors import DicomSegError
 from cmc_serve.dicom.multiframe import slice_count, source_frame_order
+from cmc_serve.volume import count_labels
 
 
 def check_labels(labels: np.ndarray, source_datasets: Sequence[Dataset],
@@ -42,7 +43,8 @@ def check_labels(labels: np.ndarray, source_datasets: Sequence[Dataset],
         raise error(f"{out_path}: labels must be non-negative integers, got {labels.dtype}")
     if labels.size and int(labels.max()) >= len(class_names):
         raise error(f"{out_path}: label {int(labels.max())} has no class name")
-    present = [int(c) for c in np.unique(labels) if c != 0]
+    counts = count_labels(labels, len(class_names))  # no sorted copy as np.unique makes
+    present = [int(c) for c in np.flatnonzero(counts) if c != 0]
     if not present:
         raise error(f"{out_path}: no foreground voxels, nothing to write")
     return present
