@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from cmc_serve.qc.flags import QcFlag
+from cmc_serve.volume import count_labels
 
 MIN_COMPONENT_SHARE = 0.02
 # Tolerances around the training range: a volume may reach 1.5x beyond it (or half the
@@ -82,7 +83,7 @@ def measure_labels(labels: np.ndarray, affine: np.ndarray,
         mask = labels[box] == k
         count = int(mask.sum())
         components, n = ndimage.label(mask)
-        sizes = np.bincount(components.ravel())[1:]
+        sizes = count_labels(components, n + 1)[1:]  # chunked: no int64 copy of the box
         kept = int(np.sum(sizes >= MIN_COMPONENT_SHARE * count)) if n else 0
         centre = np.array([_mean_index(mask, axis) + sl.start for axis, sl in enumerate(box)])
         centroid = aff[:3, :3] @ centre + aff[:3, 3]
