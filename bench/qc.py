@@ -176,6 +176,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| AUROC, failed (Dice > 0.15 below validation) | {num(s['auroc_failed'])} | >= 0.95 |",
         f"| AUROC, Dice < 0.5 | {num(s['auroc_dice_below_0.5'])} | |",
         f"| in-distribution flagged | {share(s['flagged_in_distribution'])} | <= 5 % |",
+        "| in-distribution flagged, of those not failed | "
+        f"{share(s['flagged_in_distribution_not_failed'])} | |",
         f"| swapped roles + non-abdominal flagged | {share(s['flagged_ood'])} | 100 % |",
         f"| failed cases flagged | {share(s['flagged_among_failed'])} | |",
         f"| cases not failed flagged | {share(s['flagged_among_not_failed'])} | |",

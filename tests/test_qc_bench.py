@@ -94,6 +94,7 @@ def test_summary_counts_flags_per_kind() -> None:
     s = scoring.summarise(rows, 0.8, case_set.OOD_KINDS)
     assert s["failed"] == 2 and s["failure_threshold"] == pytest.approx(0.65)
     assert s["flagged_in_distribution"] == {"flagged": 1, "cases": 2, "share": 0.5}
+    assert s["flagged_in_distribution_not_failed"] == {"flagged": 1, "cases": 2, "share": 0.5}
     assert s["flagged_ood"]["share"] == 0.5
     assert s["auroc_failed"] == 1.0  # both failed cases score below both others
     assert s["kinds"]["swapped_roles"]["flagged"] == 1

@@ -67,6 +67,8 @@ def summarise(rows: Sequence[dict[str, Any]], validation_mean: float,
         "auroc_failed": auroc(doubt, failed_rel),
         "auroc_dice_below_0.5": auroc(doubt, failed_abs),
         "flagged_in_distribution": _share(clean),
+        "flagged_in_distribution_not_failed": _share([r for r in clean
+                                                      if r["dice"] >= threshold]),
         "flagged_ood": _share(ood),
         "flagged_among_failed": _share([r for r, f in zip(rows, failed_rel, strict=True) if f]),
         "flagged_among_not_failed": _share([r for r, f in zip(rows, failed_rel, strict=True)
