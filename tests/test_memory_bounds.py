@@ -73,3 +73,21 @@ def test_series_assembled_in_slice_order(tmp_path: Path) -> None:
 
 def test_release_free_memory_runs_anywhere() -> None:
     release_free_memory()  # glibc: malloc_trim(0); elsewhere nothing, never an error
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_preview_percentiles_equal_numpy(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly np.percentile's numbers, also where air ties fill whole percentiles."""
+    from cmc_serve.pipeline import preview
+
+    monkeypatch.setattr(preview, "_CHUNK", 97)
+    monkeypatch.setattr(preview, "_SAMPLE", 50)
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 12)), 13, 11)
+    body = rng.normal(40.0, 30.0, shape)
+    image = np.where(rng.random(shape) < 0.4, -1000.0, body).astype(np.float32)
+    for percents in ([1.0, 99.0], [0.0, 100.0], [50.0, 50.5]):
+        got = preview.percentiles(image, percents)
+        want = np.percentile(image, percents)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

@@ -8,14 +8,15 @@ stretched to the voxel spacing, so a flipped or permuted result is visible at a 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from nibabel import orientations as nio
 from PIL import Image
 
-from cmc_serve.volume import release_free_memory
-
 PANEL = 256  # pixels, longest edge of each panel
+_CHUNK = 1 << 22  # voxels compared with a percentile's threshold at once
+_SAMPLE = 1 << 20  # voxels of the strided sample that places the thresholds
 ALPHA = 0.45
 # Label colours (label 1 first); repeated for models with more classes.
 PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
@@ -46,6 +47,65 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     return x, y, z
 
 
+def _blocks(flat: np.ndarray) -> list[np.ndarray]:
+    return [flat[start:start + _CHUNK] for start in range(0, flat.size, _CHUNK)]
+
+
+def _order_statistics(flat: np.ndarray, ranks: list[int], low: bool) -> dict[int, Any]:
+    """The values at 0-based `ranks` of ascending order, copying only the values beyond a
+    threshold placed on a strided sample (below it for `low` ranks, above it otherwise);
+    values equal to it are counted, never copied (a CT's air fills whole percentiles)."""
+    n = flat.size
+    sample = np.sort(flat[::max(1, n // _SAMPLE)])
+    depth = max((r + 1) if low else (n - r) for r in ranks)  # values needed from that end
+    share = depth / n
+    while True:
+        at = min(sample.size - 1, int(share * 1.5 * sample.size) + 16)
+        threshold = sample[at] if low else sample[sample.size - 1 - at]
+        beyond = np.concatenate([b[b < threshold] if low else b[b > threshold]
+                                 for b in _blocks(flat)])
+        equal = sum(int(np.count_nonzero(b == threshold)) for b in _blocks(flat))
+        if beyond.size + equal >= depth:
+            break
+        share *= 4  # the sample misplaced the threshold: reach further in
+    out = {}
+    for r in ranks:
+        k = r if low else r - (n - beyond.size)  # the rank within `beyond`
+        inside = k < beyond.size if low else k >= 0
+        out[r] = np.partition(beyond, k)[k] if inside else threshold
+    return out
+
+
+def percentiles(image: np.ndarray, percents: list[float]) -> np.ndarray:
+    """np.percentile(image, percents) (linear method, numpy's own arithmetic) without its
+    sorted copy of the whole volume (4 bytes per voxel of a float32 image): the order
+    statistics around each percentile come from the few voxels beyond a threshold."""
+    flat = np.ascontiguousarray(image).reshape(-1)
+    if flat.size == 0 or not all(np.isfinite(b).all() for b in _blocks(flat)):
+        return np.asarray(np.percentile(image, percents))  # numpy's NaN and error rules
+    n = flat.size
+    virtual = (n - 1) * np.true_divide(percents, 100)
+    previous = np.floor(virtual)
+    following = previous + 1
+    last = virtual >= n - 1
+    previous[last] = following[last] = n - 1
+    below, above = previous.astype(np.intp), following.astype(np.intp)
+    ranks = sorted({int(r) for r in (*below, *above)})
+    values: dict[int, Any] = {}
+    for low, side in ((True, [r for r in ranks if r < n // 2]),
+                      (False, [r for r in ranks if r >= n // 2])):
+        if side:
+            values.update(_order_statistics(flat, side, low))
+    a = np.array([values[int(r)] for r in below], dtype=flat.dtype)
+    b = np.array([values[int(r)] for r in above], dtype=flat.dtype)
+    gamma = np.asanyarray(virtual - previous, dtype=virtual.dtype)
+    diff = b - a  # numpy's _lerp: from the nearer end, so that gamma 1 gives b exactly
+    lerp = np.add(a, diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=lerp, where=gamma >= 0.5, casting="unsafe",
+                dtype=type(lerp.dtype))
+    return lerp
+
+
 def _grey(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """A slice scaled to 0..255 between the volume's 1st and 99th percentiles."""
     scale = hi - lo if hi > lo else 1.0
@@ -68,11 +128,11 @@ def render_preview(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
                    path: Path) -> None:
     """Axial, coronal and sagittal slices through the foreground centroid (the image
     centre when nothing was segmented), side by side, written as PNG to `path`."""
-    img, spacing = _to_ras(np.asarray(image, dtype=np.float32), affine)
+    image = np.asarray(image, dtype=np.float32)
+    lo, hi = percentiles(image, [1, 99])
+    img, spacing = _to_ras(image, affine)
     lab, _ = _to_ras(labels, affine)
     x, y, z = _centre(lab)
-    lo, hi = np.percentile(img, [1, 99])
-    release_free_memory()  # the percentile's copy of the volume
     sx, sy, sz = (float(s) for s in spacing)
     # (rows, cols) after .T; [::-1, ::-1] puts anterior/superior up and the patient's right
     # on the left (sagittal: anterior on the left). Only these three slices are scaled.
