@@ -25,8 +25,8 @@ the training images), the anatomy. A flagged case's score is its agreement score
 FLAGGED_FACTOR, so every flagged case scores below 0.5 and below every unflagged one, and
 flagged cases keep the order of their agreement. A structure's score is the lowest of its
 anatomy and its decoders' agreement (too rough to flag with few validation cases,
-`_judge_branches`). The fused margin is reported beside its validation numbers but
-neither flags nor scores.
+`_judge_branches`). The fused margin is reported in `signals` (its validation numbers
+are in the reference) but neither flags nor scores.
 
 Range checks decide the flag, not the order: an input unlike the training images (noise,
 a scanner's other scale) is worth a look whether or not the model still copes, but how far
@@ -118,7 +118,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
     structures = {name: excess_score(v) for name, v in structure_excess.items()}
     score = excess_score(max(agreement_excess))
     if flags:  # every flagged case below every other, still ordered by its agreement
-        score = FLAGGED_FACTOR * min(score, 1.0)
+        score *= FLAGGED_FACTOR
     return CaseQc(score=score, flagged=bool(flags), flags=tuple(flags),
                   structures=structures, signals=signals)
 
@@ -129,8 +129,7 @@ def _judge_branches(agreement: Mapping[str, Any], calibration: Mapping[str, Any]
 
     Only the case's mean agreement flags and sets the case score: it is the one number
     the validation cases estimate well enough. Each structure's agreement sets that
-    structure's score, and the fused margin is reported with its validation score, but
-    neither flags: with a handful of validation cases their floors are rough, and one of
+    structure's score and the fused margin is reported in `signals`, but neither flags: with a handful of validation cases their floors are rough, and one of
     K rough per-structure floors is crossed by chance far more often than one."""
     stats = calibration["signals"]
     value = agreement.get("mean_dice")
