@@ -4,6 +4,8 @@ auto` choosing it by measured speed, on a micro checkpoint and a small synthetic
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -246,3 +248,34 @@ def test_cli_calibration_that_does_not_exist_is_one_error_line(tmp_path: Path) -
     assert result.exit_code == 2
     assert result.output.strip().endswith("nope.json: calibration datalist does not exist")
     assert not (tmp_path / "model").exists()
+
+
+SIGTERM_AFTER_RELEASE = """
+import os, signal, sys, time
+from pathlib import Path
+from cmc_common.interrupts import sigterm_as_interrupt
+from cmc_serve.model_dir import ModelInfo
+from cmc_serve.runtimes import open_runtime
+info = ModelInfo.load(Path(sys.argv[1]))
+first = open_runtime(info, "b", "openvino", precision="int8")
+second = open_runtime(info, "b", "openvino", precision="int8")
+first.close()
+second.close()
+try:
+    with sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_sigterm_after_graphs_released_in_opening_order_still_interrupts(exported) -> None:
+    # OpenVINO's CPU plugin swaps the compiling thread's signal stack for int8 / bf16 graphs
+    # and puts the previous one back when a graph is released: released in opening order
+    # (as `--precision auto` timed them), the thread was left on freed memory and SIGTERM
+    # killed the process with SIGSEGV instead of interrupting it (runtimes.signal_stack).
+    out, _ = exported
+    run = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_RELEASE, str(out)],
+                         capture_output=True, text=True, timeout=180)
+    assert (run.returncode, run.stdout.strip()) == (0, "interrupted"), run.stderr[-2000:]

@@ -29,6 +29,7 @@ import numpy as np
 
 from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
+from cmc_serve.runtimes.signal_stack import own_signal_stack
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class OpenVinoRuntime:
         self._compiled: Any = core.compile_model(model, "CPU", config)
         jobs = max(1, int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._requests: list[Any] = [self._compiled.create_infer_request() for _ in range(jobs)]
+        own_signal_stack()  # the plugin may have installed one it frees with this graph
         self.inputs = inputs
         self.output = output
         offered = sorted(outs)  # every name of every output port (a port may have several)
@@ -144,6 +146,7 @@ class OpenVinoRuntime:
     def close(self) -> None:
         self._requests = []
         self._compiled = None
+        own_signal_stack()  # the plugin put back whichever stack it found, maybe freed
 
 
 def one_tile_shape(shape: Any) -> Any:
