@@ -17,18 +17,28 @@ import numpy as np
 from cmc_serve.qc.flags import CaseQc
 from cmc_serve.volume import count_labels, release_free_memory
 
+_SLAB_VOXELS = 1 << 22  # label voxels compared with a class at once
+
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
     """Volume of one voxel in millilitres (|det| of the affine's 3x3 part, mm^3 / 1000)."""
     return float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def _intensity(image: np.ndarray, mask: np.ndarray | None) -> dict[str, float] | None:
-    """Mean and median of the image inside one class's mask (None: the class is empty);
-    only that class's voxels are copied, in the image's voxel order."""
-    if mask is None:
+def _intensity(image: np.ndarray, labels: np.ndarray, label: int,
+               count: int) -> dict[str, float] | None:
+    """Mean and median of the image over one class's `count` voxels (None: the class is
+    empty). The class's values are gathered as float64 in the image's voxel order, slab by
+    slab along the first axis: no volume-sized mask and no float32 copy beside them."""
+    if not count:
         return None
-    values = image[mask].astype(np.float64)
+    values = np.empty(count, dtype=np.float64)
+    filled = 0
+    step = max(1, _SLAB_VOXELS // max(1, labels[:1].size))
+    for start in range(0, labels.shape[0], step):
+        slab = image[start:start + step][labels[start:start + step] == label]
+        values[filled:filled + slab.size] = slab
+        filled += slab.size
     mean = round(float(values.mean()), 4)
     return {"mean": mean, "median": round(float(np.median(values, overwrite_input=True)), 4)}
 
@@ -46,16 +56,15 @@ def class_statistics(labels: np.ndarray, class_names: Sequence[str], affine: np.
     classes: dict[str, Any] = {}
     for label in range(1, len(class_names)):
         intensity: dict[str, Any] = {}
-        mask = labels == label if counts[label] else None
         for modality, image in images.items():
             if image.shape != labels.shape:
                 raise ValueError(f"{modality} image shape {image.shape} differs from the "
                                  f"labels {labels.shape}")
-            intensity[modality] = _intensity(image, mask)
+            intensity[modality] = _intensity(image, labels, label, int(counts[label]))
         classes[class_names[label]] = {"label": label, "voxels": int(counts[label]),
                                        "volume_ml": round(float(counts[label]) * ml, 4),
                                        "intensity": intensity}
-    release_free_memory()  # the per-class masks and values
+    release_free_memory()  # the per-class values
     if qc is None:
         return {"voxel_volume_ml": ml, "classes": classes}
     for name, row in classes.items():
