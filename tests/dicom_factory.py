@@ -14,9 +14,12 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.data
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from cmc_serve.dicom import LoadedSeries, load_series, scan_folder
 
 ROOT_UID = "1.2.826.0.1.3680043.8.498."
 
@@ -201,3 +204,13 @@ def write_enhanced_ct(folder: Path, sources: Sequence[Path], series_number: int 
     path = folder / "enhanced.dcm"
     enhanced.save_as(path, enforce_file_format=True)
     return path
+
+
+# pydicom's real 5-slice CT series (16 x 16 pixels): the source the DICOM writers' tests use.
+CT5N = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+
+
+def load_only_series(folder: Path) -> LoadedSeries:
+    """The one series `folder` holds, loaded as `cmc segment` loads it."""
+    (series,) = scan_folder(folder).series
+    return load_series(series)

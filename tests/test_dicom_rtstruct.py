@@ -13,22 +13,14 @@ import pydicom
 import pytest
 import segment_fixtures as fx
 from dicom_checks import dciodvfy_errors, dice, fill_rtstruct
-from dicom_factory import SeriesSpec, write_series
+from dicom_factory import CT5N, SeriesSpec, load_only_series, write_series
 from pydicom.sr.codedict import codes
 
-from cmc_serve.dicom import LoadedSeries, load_series, scan_folder
 from cmc_serve.dicom.contours import mask_contours
 from cmc_serve.dicom.derived import Provenance
 from cmc_serve.dicom.rtstruct_writer import RtStructError, write_rtstruct
 
-CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / \
-    "98892001" / "CT5N"
 CLASSES = ["background", "liver", "spleen", "kidney_r", "kidney_l"]
-
-
-def load_only(folder: Path) -> LoadedSeries:
-    (series,) = scan_folder(folder).series
-    return load_series(series)
 
 
 def ring_and_islands(shape: tuple[int, int, int]) -> np.ndarray:
@@ -46,7 +38,7 @@ def ring_and_islands(shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def test_rtstruct_is_valid_references_its_series_and_round_trips(tmp_path: Path) -> None:
-    loaded = load_only(CT5N)
+    loaded = load_only_series(CT5N)
     labels = ring_and_islands(loaded.volume.shape)
     provenance = Provenance(model_name="demo", model_sha256="cd" * 32, modalities=("ct", "mr"),
                             mode="a")
@@ -87,7 +79,7 @@ def test_rtstruct_geometry_on_sagittal_flipped_and_oblique_planes(
         tmp_path: Path, orientation: tuple) -> None:
     """Shuffled files, anisotropic pixels: contours land on the source voxels (Dice 1)."""
     write_series(tmp_path / "s", SeriesSpec(orientation=orientation, rows=16, cols=17))
-    loaded = load_only(tmp_path / "s")
+    loaded = load_only_series(tmp_path / "s")
     labels = ring_and_islands(loaded.volume.shape)
     out = write_rtstruct(labels, loaded.datasets, CLASSES, tmp_path / "rt.dcm")
     assert dciodvfy_errors(out) == []
@@ -114,7 +106,7 @@ def test_contours_refill_random_masks_exactly() -> None:
 
 
 def test_rtstruct_refusals(tmp_path: Path) -> None:
-    loaded = load_only(CT5N)
+    loaded = load_only_series(CT5N)
     with pytest.raises(RtStructError, match="no foreground voxels"):
         write_rtstruct(np.zeros(loaded.volume.shape, np.uint8), loaded.datasets, CLASSES,
                        tmp_path / "a.dcm")
@@ -191,7 +183,7 @@ def test_a_contour_longer_than_64_kib_survives(tmp_path: Path) -> None:
     """A double comb of 1-pixel teeth is one polygon of ~4800 corners (Contour Data over the
     64 KiB an explicit-VR DS holds): written whole, valid, and filled back exactly."""
     write_series(tmp_path / "s", SeriesSpec(rows=5, cols=1200, n_slices=2))
-    loaded = load_only(tmp_path / "s")
+    loaded = load_only_series(tmp_path / "s")
     labels = np.zeros(loaded.volume.shape, np.uint8)  # [column, row, slice]
     labels[:, 2, 1] = 1
     labels[::2, 1, 1] = labels[::2, 3, 1] = 1
@@ -210,7 +202,7 @@ def test_rtstruct_of_an_enhanced_ct_references_its_frames(tmp_path: Path) -> Non
 
     files = write_series(tmp_path / "single", SeriesSpec(rows=16, cols=17))
     write_enhanced_ct(tmp_path / "enhanced", files)
-    single, enhanced = load_only(tmp_path / "single"), load_only(tmp_path / "enhanced")
+    single, enhanced = load_only_series(tmp_path / "single"), load_only_series(tmp_path / "enhanced")
     (instance,) = enhanced.datasets
     labels = ring_and_islands(enhanced.volume.shape)
     out = write_rtstruct(labels, enhanced.datasets, CLASSES, tmp_path / "rt.dcm")

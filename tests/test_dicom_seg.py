@@ -9,21 +9,14 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_checks import dciodvfy_errors
-from dicom_factory import SeriesSpec, write_series
+from dicom_factory import CT5N, SeriesSpec, load_only_series, write_series
 
-from cmc_serve.dicom import DicomSegError, LoadedSeries, load_series, scan_folder
+from cmc_serve.dicom import DicomSegError, LoadedSeries
 from cmc_serve.dicom.derived import TYPE2_ATTRIBUTES as TYPE2
 from cmc_serve.dicom.derived import Provenance
 from cmc_serve.dicom.seg_writer import write_dicom_seg
 
-CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / \
-    "98892001" / "CT5N"
 CLASSES = ["background", "liver", "spleen", "left kidney", "lesion"]
-
-
-def load_only(folder: Path) -> LoadedSeries:
-    (series,) = scan_folder(folder).series
-    return load_series(series)
 
 
 def phantom_labels(shape: tuple[int, int, int]) -> np.ndarray:
@@ -50,7 +43,7 @@ def read_back(path: Path, loaded: LoadedSeries) -> np.ndarray:
 
 
 def test_seg_for_real_ct_series_is_valid_and_round_trips(tmp_path: Path) -> None:
-    loaded = load_only(CT5N)
+    loaded = load_only_series(CT5N)
     labels = phantom_labels(loaded.volume.shape)
     out = write_dicom_seg(labels, loaded.datasets, CLASSES, tmp_path / "out" / "seg.dcm")
     assert dciodvfy_errors(out) == []
@@ -76,7 +69,7 @@ def test_seg_geometry_follows_sorted_slices(tmp_path: Path, orientation: tuple) 
     """Shuffled files, reversed InstanceNumbers, sagittal or flipped planes: the label lands on
     the source voxel it was made for, and the SEG's frame positions are the images' positions."""
     write_series(tmp_path / "s", SeriesSpec(orientation=orientation, rows=12, cols=10))
-    loaded = load_only(tmp_path / "s")
+    loaded = load_only_series(tmp_path / "s")
     labels = phantom_labels(loaded.volume.shape)
     out = write_dicom_seg(labels, loaded.datasets, CLASSES, tmp_path / "seg.dcm")
     assert dciodvfy_errors(out) == []
@@ -91,7 +84,7 @@ def test_seg_geometry_follows_sorted_slices(tmp_path: Path, orientation: tuple) 
 
 
 def test_seg_refusals(tmp_path: Path) -> None:
-    loaded = load_only(CT5N)
+    loaded = load_only_series(CT5N)
     shape = loaded.volume.shape
     with pytest.raises(DicomSegError, match=r"labels shape \(5, 16, 16\) does not match"):
         write_dicom_seg(np.zeros((5, 16, 16), np.uint8), loaded.datasets, CLASSES,
@@ -106,7 +99,7 @@ def test_seg_refusals(tmp_path: Path) -> None:
 def test_flagged_seg_says_needs_review(tmp_path: Path) -> None:
     """Quality control's verdict reaches the PACS series list (DICOM LO: 64 characters): with
     the mode when both fit, the review alone when they do not."""
-    loaded = load_only(CT5N)
+    loaded = load_only_series(CT5N)
     labels = phantom_labels(loaded.volume.shape)
     fused = Provenance(modalities=("ct", "mr"), mode="fused")
     short = "needs review: branch_disagreement"
@@ -125,7 +118,7 @@ def test_flagged_seg_says_needs_review(tmp_path: Path) -> None:
 def test_seg_codes_laterality_and_provenance(tmp_path: Path) -> None:
     """The demo's kidney_r / kidney_l are Kidney with a Right / Left modifier (SegDB), and
     the SEG names the model, its checksum and the mode; series numbers differ per mode."""
-    loaded = load_only(CT5N)
+    loaded = load_only_series(CT5N)
     classes = ["background", "liver", "spleen", "kidney_r", "kidney_l"]
     labels = phantom_labels(loaded.volume.shape)
     labels[0, 0, 0] = 3

@@ -11,21 +11,18 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_checks import dciodvfy_errors
+from dicom_factory import CT5N, load_only_series
 
-from cmc_serve.dicom import load_series, scan_folder
 from cmc_serve.dicom.derived import Provenance
 from cmc_serve.dicom.seg_writer import write_dicom_seg
 from cmc_serve.dicom.sr_writer import SrError, intensity_concept, write_measurement_report
 from cmc_serve.pipeline.statistics import class_statistics
 
-CT5N = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / \
-    "98892001" / "CT5N"
 CLASSES = ["background", "liver", "spleen", "kidney_r", "kidney_l"]
 
 
 def test_report_is_valid_and_reads_back_to_the_statistics(tmp_path: Path) -> None:
-    (series,) = scan_folder(CT5N).series
-    loaded = load_series(series)
+    loaded = load_only_series(CT5N)
     labels = np.zeros(loaded.volume.shape, np.uint8)
     labels[2:12, 2:12, 1:4] = 1
     labels[13:15, 2:9, :] = 3
