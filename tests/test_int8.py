@@ -157,17 +157,19 @@ class Timings:
         return {p: self.seconds[p] for p in precisions}
 
 
-@pytest.mark.parametrize(("capabilities", "rule"), [
-    (("FP32", "INT8"), "fp32"),  # Xeon with AVX-512 VNNI only
-    (("BF16", "FP32", "INT8"), "bf16"),  # AMD EPYC with AVX512-BF16
-    (("BF16", "FP16", "FP32", "INT8"), "bf16"),  # AMX Xeon
-], ids=["vnni_only_host", "avx512_bf16_host", "amx_host"])
+@pytest.mark.parametrize(("capabilities", "refused", "rule"), [
+    (("FP32", "INT8"), (), "fp32"),  # Xeon with AVX-512 VNNI only
+    (("BF16", "FP32", "INT8"), (), "bf16"),  # AMD EPYC with AVX512-BF16
+    (("BF16", "FP16", "FP32", "INT8"), (), "bf16"),  # AMX Xeon
+    (("BF16", "FP16", "FP32", "INT8"), ("bf16",), "fp16"),  # AMX Xeon, bf16 refused at export
+], ids=["vnni_only_host", "avx512_bf16_host", "amx_host", "amx_host_without_bf16_graph"])
 def test_auto_takes_int8_only_where_measured_faster_on_every_kind_of_host(
-        monkeypatch: pytest.MonkeyPatch, capabilities: tuple[str, ...], rule: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, capabilities: tuple[str, ...],
+        refused: tuple[str, ...], rule: str) -> None:
     # OpenVINO's answer for the CPU and the measured timings are the inputs replaced; the
     # rule, the comparison and the margin run as shipped.
     monkeypatch.setattr(openvino_rt, "cpu_capabilities", lambda: ("test host", capabilities))
-    gated = {"fp32", "bf16", "fp16", "int8"}
+    gated = {"fp32", "bf16", "fp16", "int8"} - set(refused)
     fast = Timings(**{rule: 0.010, "int8": 0.006})
     choice = choose_precision("openvino", "cpu", gated, fast)
     assert choice.precision == "int8" and fast.asked == [(rule, "int8")]
