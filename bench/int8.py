@@ -18,8 +18,6 @@ features, are written to docs/benchmarks/perf_<cpu>.json under "int8".
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import statistics
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from host_info import cpu_info, update_perf_rows
 
 from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
 from cmc_export.calibration import tile_sets
@@ -55,11 +54,8 @@ VARIANTS: dict[str, tuple[float, str | None, str]] = {
 
 def host() -> dict[str, Any]:
     """The CPU model and the instruction-set features that decide int8 / bf16 speed."""
-    text = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split())  # type: ignore[union-attr]
-    return {"cpu": model.group(1).strip() if model else "unknown CPU",
-            "features": [f for f in FEATURES if f in flags]}
+    name, features = cpu_info(FEATURES)
+    return {"cpu": name, "features": features}
 
 
 def say(message: str) -> None:
@@ -131,12 +127,8 @@ def summary(numbers: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_rows(part: str, record: dict[str, Any]) -> Path:
     """docs/benchmarks/perf_<cpu>.json: `int8.<part>` replaced, everything else kept."""
-    slug = re.sub(r"[^a-z0-9]+", "_", record["host"]["cpu"].lower()).strip("_")
-    path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / f"perf_{slug}.json"
-    document = json.loads(path.read_text()) if path.is_file() else {}
-    document.setdefault("int8", {})[part] = record
-    path.write_text(json.dumps(document, indent=1) + "\n")
-    return path
+    return update_perf_rows(record["host"]["cpu"],
+                            lambda document: document.setdefault("int8", {}).update({part: record}))
 
 
 def speed_rows(info: ModelInfo, args: argparse.Namespace) -> dict[str, Any]:

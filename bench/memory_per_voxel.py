@@ -23,7 +23,6 @@ and features, go to docs/benchmarks/perf_<cpu>.json under "memory_per_voxel [OPT
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from host_info import cpu_info, update_perf_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the project's own DICOM writer and test model
@@ -50,12 +50,9 @@ def say(line: str) -> None:
 
 
 def host() -> dict[str, Any]:
-    """The CPU's model name and which of CPU_FEATURES its flags list (Linux)."""
-    text = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")), "unknown")
-    flags = set(text.split())
-    return {"cpu": name, "features": [f for f in CPU_FEATURES if f in flags]}
+    """The CPU's model name and which of CPU_FEATURES its flags list."""
+    name, features = cpu_info(CPU_FEATURES)
+    return {"cpu": name, "features": features}
 
 
 def ct_slice(size: int, k: int, depth: int) -> np.ndarray:
@@ -117,13 +114,8 @@ def peak_rss(args: list[str]) -> tuple[int, float]:
 def write_rows(record: dict[str, Any]) -> Path:
     """docs/benchmarks/perf_<cpu>.json, key "memory_per_voxel" plus the segment options
     replaced (other benchmarks' and other options' rows kept)."""
-    slug = re.sub(r"[^a-z0-9]+", "_", record["host"]["cpu"].lower()).strip("_")
-    path = ROOT / "docs" / "benchmarks" / f"perf_{slug}.json"
-    document = json.loads(path.read_text()) if path.is_file() else {}
     key = " ".join(["memory_per_voxel", *record["segment_args"].split()])
-    document[key] = record
-    path.write_text(json.dumps(document, indent=1) + "\n")
-    return path
+    return update_perf_rows(record["host"]["cpu"], lambda document: document.update({key: record}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -31,23 +30,12 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from host_info import cpu_info
 from qc_bench import cases as case_set
 from qc_bench import scoring
 
 QC_SETTINGS = ("off", "on", "full")  # SegmentOptions.qc; "on" is the default
 CPU_FEATURES = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_fp16", "avx512_vnni")
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    """The CPU's model name and which of CPU_FEATURES its flags list (Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine(), []
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                 if line.startswith("model name")), platform.machine())
-    flags = set(text.split())
-    return name, [f for f in CPU_FEATURES if f in flags]
 
 
 def prepare_model(work: Path, model: Path | None, checkpoint: Path | None,
@@ -239,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": "python bench/qc.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "host": dict(zip(("cpu", "cpu_features"), cpu_info(), strict=True), cores=_cores()),
+        "host": dict(zip(("cpu", "cpu_features"), cpu_info(CPU_FEATURES), strict=True), cores=_cores()),
         "model": made, "counts": case_set.DEFAULT_COUNTS, "seed": args.seed,
         "segment_seconds_all_cases": round(segment_seconds, 1),
         "summary": scoring.summarise(rows, validation, case_set.OOD_KINDS),
