@@ -14,3 +14,12 @@ from __future__ import annotations
 class CmcError(Exception):
     """An error meant for the user; str() is one line naming the file or option and the
     problem."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Another library's exception as one line of a CmcError message: its whole text with
+    the line breaks folded (pydicom's decoder errors list each plugin's failure on a line of
+    its own, and the first line alone names none of them), or its type when it says
+    nothing."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

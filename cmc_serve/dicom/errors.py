@@ -20,9 +20,3 @@ class DicomSeriesError(DicomError):
 class DicomSegError(DicomError):
     """Labels or source images that cannot be written as a DICOM Segmentation."""
 
-
-def one_line(exc: BaseException) -> str:
-    """A library exception's whole message on one line: pydicom's decoder errors list each
-    plugin's failure on a line of its own, and the first line alone names none of them."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

@@ -28,8 +28,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from cmc_common.errors import one_line
 from cmc_serve.dicom.decoders import syntax_label, undecodable_reason
-from cmc_serve.dicom.errors import DicomSeriesError, one_line
+from cmc_serve.dicom.errors import DicomSeriesError
 from cmc_serve.dicom.geometry import stack_geometry
 from cmc_serve.dicom.multiframe import FrameSlice, frame_slices, modality_values
 from cmc_serve.dicom.scan import DERIVED, VOLUME, SeriesInfo

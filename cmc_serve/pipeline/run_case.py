@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import AUTO, MODES, ROLES
-from cmc_common.errors import CmcError
+from cmc_common.errors import CmcError, one_line
 from cmc_serve.compatibility import (
     ASSUME_ORIENTATION,
     ASSUME_REGISTERED,
@@ -275,7 +275,7 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
                 with library_warnings.collected(src.describe(), reasons):
                     images[role] = _read(role, names[role], src, assumptions, provenance)
             except Exception as exc:  # each reader raises its own one-line error class
-                raise CaseError("read", _one_line(exc)) from exc
+                raise CaseError("read", one_line(exc)) from exc
             _check_image(images[role].volume, src)
     if len(roles) == 2:
         try:
@@ -325,7 +325,7 @@ def segment_case(loaded: LoadedCase, segmenter: Any, qc: str = QC_ON) -> CaseRes
         except (RuntimeUnavailable, ModelFileError):
             raise  # the runtime or the model, not the case, is the problem: the run stops
         except Exception as exc:
-            raise CaseError("infer", f"{loaded.case.case_id}: {_one_line(exc)}") from exc
+            raise CaseError("infer", f"{loaded.case.case_id}: {one_line(exc)}") from exc
     with timer.stage("postprocess"):
         ref = loaded.reference
         cleaned = postprocess.apply(result.labels, segmenter.model.postprocessing, loaded.mode)
@@ -387,8 +387,3 @@ def _single_modality(prep: dict[str, Any], segmenter: Any, role: str) -> np.ndar
     result = segmenter.segment(prep["a"].array if role == "a" else None,
                                prep["b"].array if role == "b" else None, role)
     return postprocess.apply(result.labels, segmenter.model.postprocessing, role)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
