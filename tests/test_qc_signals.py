@@ -327,3 +327,14 @@ def test_qc_json_is_serialisable(reference: dict[str, Any], case: PhantomPair) -
     qc = assess_case(reference, _inputs(case, **FIRE["branch_disagreement"](case)))
     text = json.dumps(qc.to_json(), allow_nan=False)
     assert "branch_disagreement" in text
+
+
+def test_noisy_ct_is_out_of_range_not_another_role(reference: dict[str, Any],
+                                                   case: PhantomPair) -> None:
+    """Heavy noise moves a CT's profile away from both modalities: its intensity flags
+    name the problem; "looks like mr" would be a misleading second reason."""
+    rng = np.random.default_rng(0)
+    noisy = case.image_a + rng.normal(0.0, 100.0, case.image_a.shape)
+    qc = assess_case(reference, _inputs(case, images=_image(case, "a", noisy)))
+    codes = [f.code for f in qc.flags]
+    assert "intensity_out_of_range" in codes and "modality_role" not in codes, codes
