@@ -6,19 +6,104 @@ devices, the graph I/O names and the `cmc.json` format are one contract: `cmc_tr
 `cmc_export` and `cmc_serve` import them from here instead of spelling them out. The
 `cmc.json` document itself is read and written in one place, `cmc_serve.model_dir`
 (`ModelInfo.load`, `write_model_json`); its layout is in docs/DESIGN.md.
+
+Each vocabulary is a `StrEnum`: a member is the str it stands for (equal to it, same hash,
+written as it by json, f-strings and `str.join`; `Vocabulary` makes its repr the value's
+too), so cmc.json, report.json, messages and the command line read and write exactly the
+plain values, and code compares against a member instead of a bare string a typo would
+silently never match.
 """
 
 from __future__ import annotations
 
-# Inference modes: both modalities fused, or one of them alone (docs/METHOD.md).
-MODES: tuple[str, ...] = ("fused", "a", "b")
-# The two modality roles; a mode reads the roles of its graph inputs.
-ROLES: tuple[str, ...] = ("a", "b")
+import sys
+from enum import Enum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10, pyproject's floor: enum.StrEnum's behaviour, spelled out
+    class StrEnum(str, Enum):
+        """A str-valued Enum whose str() (and so format()) is its value, as in 3.11."""
+
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Vocabulary(StrEnum):
+    """A StrEnum whose repr is its value's too: a message listing the choices (`{MODES}`) or
+    showing a value with `!r` reads exactly as it did when they were plain strings."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Mode(Vocabulary):
+    """Inference modes: both modalities fused, or one of them alone (docs/METHOD.md)."""
+
+    FUSED = "fused"
+    A = "a"
+    B = "b"
+
+
+class Runtime(Vocabulary):
+    """Where a graph runs: a graph file's runtime, or the patch models of a Triton server."""
+
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+    TENSORRT = "tensorrt"
+    TRITON = "triton"
+
+
+class Precision(Vocabulary):
+    """Graph precisions; int8 is an NNCF-quantised OpenVINO IR of its own
+    (cmc_export.quantise), judged by its own gate."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+class Device(Vocabulary):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ExportFormat(Vocabulary):
+    """`cmc export --format` values, each a folder of the model directory."""
+
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+    TENSORRT = "tensorrt"
+
+
+class QcLevel(Vocabulary):
+    """`cmc segment --qc`: none, the fused answer judged, or also the a-only and b-only
+    answers (cmc_serve.pipeline.run_case)."""
+
+    OFF = "off"
+    ON = "on"
+    FULL = "full"
+
+
+class OutputType(Vocabulary):
+    """`cmc segment --output-type` values (cmc_serve.pipeline.outputs)."""
+
+    NIFTI = "nifti"
+    DICOM_SEG = "dicom-seg"
+    RTSTRUCT = "rtstruct"
+    SR = "sr"
+
+
+MODES: tuple[Mode, ...] = tuple(Mode)
+# The two modality roles; a mode reads the roles of its graph inputs, and a single-modality
+# mode is named by its role.
+ROLES: tuple[Mode, ...] = (Mode.A, Mode.B)
 # Graph inputs per mode and the one output (DESIGN.md "Graph I/O"): softmax probabilities.
 MODE_INPUTS: dict[str, tuple[str, ...]] = {
-    "fused": ("image_a", "image_b"),
-    "a": ("image_a",),
-    "b": ("image_b",),
+    Mode.FUSED: ("image_a", "image_b"),
+    Mode.A: ("image_a",),
+    Mode.B: ("image_b",),
 }
 GRAPH_OUTPUT = "probs"
 # The fused graph also returns each decoder's own softmax (outputs after `probs`), so quality
@@ -27,24 +112,27 @@ GRAPH_OUTPUT = "probs"
 # reported unavailable). Single-modality graphs have `probs` only.
 BRANCH_OUTPUTS: tuple[str, str] = ("probs_a", "probs_b")
 MODE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "fused": (GRAPH_OUTPUT, *BRANCH_OUTPUTS),
-    "a": (GRAPH_OUTPUT,),
-    "b": (GRAPH_OUTPUT,),
+    Mode.FUSED: (GRAPH_OUTPUT, *BRANCH_OUTPUTS),
+    Mode.A: (GRAPH_OUTPUT,),
+    Mode.B: (GRAPH_OUTPUT,),
 }
 
-# `auto`: the choice is left to cmc (mode from the images present, runtime, precision).
+# `auto`: the choice is left to cmc (mode from the images present, runtime, precision,
+# output types).
 AUTO = "auto"
 # Runtimes that run an exported graph file (what cmc.json's graph entries name).
-RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt")
+RUNTIMES: tuple[Runtime, ...] = (Runtime.ONNXRUNTIME, Runtime.OPENVINO, Runtime.TENSORRT)
 # Runtimes a segmentation can run on: a graph file, or the patch models of a Triton server.
-SERVING_RUNTIMES: tuple[str, ...] = (*RUNTIMES, "triton")
-# int8: an NNCF-quantised OpenVINO IR of its own (cmc_export.quantise), judged by its own gate.
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
-DEVICES: tuple[str, ...] = ("cpu", "cuda")
+SERVING_RUNTIMES: tuple[Runtime, ...] = (*RUNTIMES, Runtime.TRITON)
+PRECISIONS: tuple[Precision, ...] = tuple(Precision)
+DEVICES: tuple[Device, ...] = tuple(Device)
 # Export formats and the runtime that runs each.
-RUNTIME_OF_FORMAT: dict[str, str] = {"onnx": "onnxruntime", "openvino": "openvino",
-                                     "tensorrt": "tensorrt"}
-EXPORT_FORMATS: tuple[str, ...] = tuple(RUNTIME_OF_FORMAT)
+RUNTIME_OF_FORMAT: dict[str, Runtime] = {ExportFormat.ONNX: Runtime.ONNXRUNTIME,
+                                         ExportFormat.OPENVINO: Runtime.OPENVINO,
+                                         ExportFormat.TENSORRT: Runtime.TENSORRT}
+EXPORT_FORMATS: tuple[ExportFormat, ...] = tuple(ExportFormat)
+QC_LEVELS: tuple[QcLevel, ...] = tuple(QcLevel)
+OUTPUT_TYPES: tuple[OutputType, ...] = tuple(OutputType)
 
 # Sliding-window overlap: the step is patch * (1 - overlap), so overlap 1 would never move;
 # above 0.95 the tile count grows past 8000x a non-overlapping grid for no measurable gain.
