@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,9 @@ def segment_set(cases_dir: Path, out: Path, model: Path, qc: str) -> float:
 
 
 def score_cases(set_dir: Path, out: Path, built: list[case_set.BenchCase],
-                num_classes: int) -> list[dict[str, Any]]:
-    """One row per case: kind, severity, true Dice, QC score, flagged, flag codes."""
+                classes: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per case: kind, severity, true Dice (mean and per structure), QC score,
+    flagged, flag codes and the structures the flags name."""
     report = json.loads((out / "report.json").read_text())
     records = {c["case_id"]: c for c in report["cases"]}
     rows = []
@@ -104,10 +106,15 @@ def score_cases(set_dir: Path, out: Path, built: list[case_set.BenchCase],
         qc = record["qc"]
         pred = _voxels(out / case.case_id / "seg.nii.gz")
         truth = _voxels(set_dir / "truth" / f"{case.case_id}.nii.gz")
+        dice = scoring.fg_dice(pred, truth, len(classes))
         rows.append({"case": case.case_id, "kind": case.kind, "severity": case.severity,
-                     "dice": round(scoring.mean_fg_dice(pred, truth, num_classes), 4),
+                     "dice": round(float(np.mean(dice)), 4),
+                     "structure_dice": {n: round(d, 4) for n, d in zip(classes[1:], dice,
+                                                                       strict=True)},
                      "score": qc["score"], "flagged": qc["flagged"],
-                     "flags": sorted({f["code"] for f in qc["flags"]})})
+                     "flags": sorted({f["code"] for f in qc["flags"]}),
+                     "flagged_structures": sorted({f["structure"] for f in qc["flags"]
+                                                   if f.get("structure")})})
     return rows
 
 
@@ -143,6 +150,7 @@ def time_settings(set_dir: Path, work: Path, model: Path, built: list[case_set.B
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
+    st = s["structures_in_distribution"]
 
     def share(d: dict[str, Any]) -> str:
         return f"{d['flagged']}/{d['cases']}" + (f" ({d['share']:.0%})" if d["cases"] else "")
@@ -166,6 +174,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"| in-distribution flagged | {share(s['flagged_in_distribution'])} | <= 5 % |",
         "| in-distribution flagged, of those not failed | "
         f"{share(s['flagged_in_distribution_not_failed'])} | |",
+        "| in-distribution flagged, of those with every structure right | "
+        f"{share(s['flagged_in_distribution_every_structure_right'])} | |",
+        "| in-distribution structures a flag named / the others: median true Dice | "
+        f"{num(st['flagged_median_dice'])} ({st['flagged']}) / "
+        f"{num(st['others_median_dice'])} ({st['others']}) | |",
         f"| swapped roles + non-abdominal flagged | {share(s['flagged_ood'])} | 100 % |",
         f"| failed cases flagged | {share(s['flagged_among_failed'])} | |",
         f"| cases not failed flagged | {share(s['flagged_among_not_failed'])} | |",
@@ -184,9 +197,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Timing: {timing['cases']} in-distribution cases, {timing['rounds']} "
                   "rounds, median seconds " + ", ".join(
                       f"{k} {v}" for k, v in timing["median_seconds"].items()) + "."]
-    lines += ["", "| case | severity | Dice | score | flags |", "|---|---|---|---|---|"]
+    lines += ["", "| case | severity | Dice | worst structure | score | flags |",
+              "|---|---|---|---|---|---|"]
     for r in result["cases"]:
-        lines.append(f"| {r['case']} | {r['severity']} | {r['dice']:.3f} | {r['score']:.3f} | "
+        worst = min(r["structure_dice"].items(), key=lambda item: item[1])
+        lines.append(f"| {r['case']} | {r['severity']} | {r['dice']:.3f} | "
+                     f"{worst[0]} {worst[1]:.3f} | {r['score']:.3f} | "
                      f"{', '.join(r['flags']) or '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -222,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         case.write(set_dir)
     out = work / "segment_on"
     segment_seconds = segment_set(set_dir / "cases", out, model, "on")
-    rows = score_cases(set_dir, out, built, info.num_classes)
+    rows = score_cases(set_dir, out, built, info.classes)
     validation = float(info.qc_reference["calibration"]["validation_mean_dice"])
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -98,3 +98,21 @@ def test_summary_counts_flags_per_kind() -> None:
     assert s["flagged_ood"]["share"] == 0.5
     assert s["auroc_failed"] == 1.0  # both failed cases score below both others
     assert s["kinds"]["swapped_roles"]["flagged"] == 1
+
+
+def test_summary_judges_structures_of_in_distribution_cases() -> None:
+    """A case whose mean passes but whose spleen failed is not counted as a false alarm,
+    and the flagged structure's true Dice is reported beside the others'."""
+    rows = [{"kind": "in_distribution", "dice": 0.8, "score": 0.4, "flagged": True,
+             "structure_dice": {"liver": 0.95, "spleen": 0.4},
+             "flagged_structures": ["spleen"]},
+            {"kind": "in_distribution", "dice": 0.8, "score": 0.9, "flagged": False,
+             "structure_dice": {"liver": 0.8, "spleen": 0.8}, "flagged_structures": []},
+            {"kind": "in_distribution", "dice": 0.8, "score": 0.45, "flagged": True,
+             "structure_dice": {"liver": 0.9, "spleen": 0.7}, "flagged_structures": []}]
+    s = scoring.summarise(rows, 0.8, case_set.OOD_KINDS)
+    assert s["flagged_in_distribution"] == {"flagged": 2, "cases": 3, "share": 0.6667}
+    assert s["flagged_in_distribution_every_structure_right"] == {
+        "flagged": 1, "cases": 2, "share": 0.5}
+    assert s["structures_in_distribution"] == {
+        "flagged": 1, "flagged_median_dice": 0.4, "others": 5, "others_median_dice": 0.8}
