@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import MODES
 from cmc_common.errors import CmcError
 
 OPS = ("largest_component", "remove_small")
@@ -81,7 +82,7 @@ def check_record(record: Mapping[str, Any], num_classes: int) -> None:
     if not isinstance(modes, Mapping):
         raise PostprocessError("postprocessing: 'modes' must map a mode to its operations")
     for mode, ops in modes.items():
-        if mode not in ("fused", "a", "b") or not isinstance(ops, Sequence):
+        if mode not in MODES or not isinstance(ops, Sequence):
             raise PostprocessError(f"postprocessing: {mode!r} is not a mode with a list of "
                                    "operations")
         for op in ops:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from cmc_common.contract import ROLES
 from cmc_train.config import PreprocessConfig
 from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import EvalVolume, validation_volumes
@@ -158,7 +159,7 @@ def reference_arm(arm: str, datalist_path: Path | str, preprocess: PreprocessCon
         raise ValueError(f"{datalist_path}: no labelled volumes to fit the {arm} arm on")
     tests = list(validation_volumes(datalist, preprocess, split))
     modes: dict[str, Any] = {}
-    for mode, modality in zip(("a", "b"), datalist.modalities, strict=True):
+    for mode, modality in zip(ROLES, datalist.modalities, strict=True):
         own = [v for v in labelled if v.modality == modality]
         targets = [v for v in tests if v.modality == modality]
         if not targets or (arm == "thresholds" and not own):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmc_common.contract import MODES
+from cmc_common.contract import MODES, Mode
 from cmc_common.errors import CmcError
 from cmc_serve import postprocess
 from cmc_train.checkpoint import load_model
@@ -80,8 +80,8 @@ class ValidationSet:
 
     def count(self, modes: Sequence[str]) -> int:
         """How many whole-volume predictions scoring `modes` takes."""
-        return sum(len(self.pairs()) if mode == "fused" else
-                   len(self.of_modality(self.modalities[0 if mode == "a" else 1]))
+        return sum(len(self.pairs()) if mode == Mode.FUSED else
+                   len(self.of_modality(self.modalities[0 if mode == Mode.A else 1]))
                    for mode in modes)
 
     def pairs(self) -> list[tuple[EvalVolume, EvalVolume]]:
@@ -133,7 +133,7 @@ def validate(net: CMCNet, val_set: ValidationSet, modes: Sequence[str], patch_si
     `on_volume` is called after each volume (progress)."""
     per_modality: dict[str, list[float]] = {}
     for mode in modes:
-        modality = val_set.modalities[0 if mode == "a" else 1]
+        modality = val_set.modalities[0 if mode == Mode.A else 1]
         scores = []
         for vol in val_set.of_modality(modality):
             scores.append(_case_metrics(net, vol, mode, patch_size, device,
@@ -143,7 +143,7 @@ def validate(net: CMCNet, val_set: ValidationSet, modes: Sequence[str], patch_si
         if scores:
             per_modality[modality] = [float(x) for x in np.mean(scores, axis=0)]
     if not per_modality:
-        names = [val_set.modalities[0 if mode == "a" else 1] for mode in modes]
+        names = [val_set.modalities[0 if mode == Mode.A else 1] for mode in modes]
         raise EvaluationError(f"the validation split has no labelled volume of {names}, the "
                               "modalities being trained")
     mean_fg = float(np.mean([np.mean(v) for v in per_modality.values()]))
@@ -169,14 +169,14 @@ def _case_metrics(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,
 def _case_prediction(net: CMCNet, vol: EvalVolume, mode: str, patch_size: int,
                      device: torch.device, other: EvalVolume | None = None) -> CasePrediction:
     image = vol.image[0]
-    if mode == "fused":
+    if mode == Mode.FUSED:
         assert other is not None
         image_b = resample_onto(other.image[0], other.affine, image.shape, vol.affine)
-        pred = predict_labels(net, image, image_b, "fused", patch_size, device)
-    elif mode == "a":
-        pred = predict_labels(net, image, None, "a", patch_size, device)
+        pred = predict_labels(net, image, image_b, Mode.FUSED, patch_size, device)
+    elif mode == Mode.A:
+        pred = predict_labels(net, image, None, Mode.A, patch_size, device)
     else:
-        pred = predict_labels(net, None, image, "b", patch_size, device)
+        pred = predict_labels(net, None, image, Mode.B, patch_size, device)
     ref = vol.label[0].numpy().astype(np.uint8)
     return CasePrediction(vol.case_id, np.asarray(pred, dtype=np.uint8), ref,
                           spacing_of(vol.affine))
@@ -261,11 +261,11 @@ def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
     chosen: dict[str, list[dict[str, Any]]] = {}
     for mode in modes:
         started = time.perf_counter()
+        own = val_set.modalities[0 if mode == Mode.A else 1]
         jobs: list[tuple[EvalVolume, EvalVolume | None]] = (
-            [(a, b) for a, b in val_set.pairs()] if mode == "fused" else
-            [(v, None) for v in val_set.of_modality(val_set.modalities[0 if mode == "a" else 1])])
-        modality = "+".join(val_set.modalities) if mode == "fused" else \
-            val_set.modalities[0 if mode == "a" else 1]
+            [(a, b) for a, b in val_set.pairs()] if mode == Mode.FUSED else
+            [(v, None) for v in val_set.of_modality(own)])
+        modality = "+".join(val_set.modalities) if mode == Mode.FUSED else own
         task = reporter.stage(f"evaluate {mode}", total=len(jobs))
         predictions = []
         for vol, other in jobs:
@@ -283,7 +283,7 @@ def evaluate(ckpt_path: Path, datalist_path: Path, split: str = "test",
         else:
             ops = list((recorded or {}).get("modes", {}).get(mode, []))
         summary = {"modality": modality,
-                   "scored_against": f"{a_name} labels" if mode == "fused" else
+                   "scored_against": f"{a_name} labels" if mode == Mode.FUSED else
                    f"{modality} labels", **score_predictions(predictions, ops, classes),
                    "postprocessing": postprocess.describe(ops)}
         if ops:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from cmc_common.contract import MODES
+from cmc_common.contract import MODES, Mode
 
 if TYPE_CHECKING:
     from cmc_train.network import CMCNet
@@ -37,7 +37,7 @@ def predict_probs(
     if mode not in MODES:
         raise ValueError(f"unknown prediction mode {mode!r}; choose one of {MODES}")
     device = device or next(net.parameters()).device
-    if mode == "fused":
+    if mode == Mode.FUSED:
         if image_a is None or image_b is None:
             raise ValueError("fused prediction needs both images")
         if tuple(image_a.shape) != tuple(image_b.shape):
@@ -47,7 +47,7 @@ def predict_probs(
             )
         channels = [image_a, image_b]
     else:
-        image = image_a if mode == "a" else image_b
+        image = image_a if mode == Mode.A else image_b
         if image is None:
             raise ValueError(f"mode {mode!r} needs image_{mode}")
         channels = [image]
@@ -56,11 +56,11 @@ def predict_probs(
         raise ValueError(f"expected 3-D volumes, got shape {tuple(volume.shape[1:])}")
 
     def predictor(patches: torch.Tensor) -> torch.Tensor:
-        if mode == "fused":
-            return net.predict(patches[:, 0:1], patches[:, 1:2], "fused")
-        if mode == "a":
-            return net.predict(patches, None, "a")
-        return net.predict(None, patches, "b")
+        if mode == Mode.FUSED:
+            return net.predict(patches[:, 0:1], patches[:, 1:2], Mode.FUSED)
+        if mode == Mode.A:
+            return net.predict(patches, None, Mode.A)
+        return net.predict(None, patches, Mode.B)
 
     was_training = net.training
     net.eval()

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from cmc_common.contract import MODES
+from cmc_common.contract import MODES, Mode
 from cmc_train.config import ModelConfig
 from cmc_train.network.vit3d import ImageEncoderViT3D
 
@@ -222,16 +222,16 @@ class CMCNet(nn.Module):
         """
         if mode not in MODES:
             raise ValueError(f"unknown predict mode {mode!r}; choose one of {MODES}")
-        if mode == "fused":
+        if mode == Mode.FUSED:
             if image_a is None or image_b is None:
                 raise ValueError("fused prediction needs both image_a and image_b")
             out = self.forward(image_a, image_b)
             return 0.5 * (class_softmax(out.logits_a) + class_softmax(out.logits_b))
-        image = image_a if mode == "a" else image_b
+        image = image_a if mode == Mode.A else image_b
         if image is None:
             raise ValueError(f"prediction mode {mode!r} needs image_{mode}")
         enc = self._encode(image, image)
-        if mode == "a":
+        if mode == Mode.A:
             return class_softmax(self.decoder_a(image, enc.hidden_a, enc.z_a))
         return class_softmax(self.decoder_b(image, enc.hidden_b, enc.z_b))
 
