@@ -7,6 +7,7 @@ under a final name. `tempfile.mkstemp` creates that temporary file with mode 060
 whatever the umask); the rename would carry 0600 onto the result, so a colleague or a PACS
 export job of the same group could not read it. The temporary file is therefore given
 0666 minus the process umask before the rename, exactly what `open(path, "w")` gives.
+The node's spool stores received instances and study records through it too, `durable`.
 """
 
 from __future__ import annotations
@@ -43,16 +44,22 @@ def plain_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def atomic_write(path: Path, write: Callable[[Path], object], fsync: bool = False) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = False,
+                 temp_suffix: str | None = None) -> None:
     """Call `write(tmp_path)` on a hidden temporary name ('.<name>.XXXX<suffixes>') in the
     target folder, give it the plain-`open` mode, then rename it over `path`.
 
-    `fsync` flushes the content to disk before the rename (checkpoints: a power cut must not
-    leave a renamed but empty file). On any failure the temporary file is removed.
+    The temporary keeps the final name's suffixes (writers such as nibabel read the format
+    from them) unless `temp_suffix` is given (the spool's '.tmp': its readers glob '*.dcm').
+
+    `durable` flushes the content to disk before the rename and the folder's entry after it,
+    so that once this returns the file survives a power cut (checkpoints: never a renamed but
+    empty file; the node's spool: an instance it told the sender it stored). On any failure
+    the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
+    suffix = temp_suffix or "".join(path.suffixes) or ".tmp"
     tmp: Path | None = None
     try:  # created inside: an interrupt just after mkstemp still removes it
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -60,14 +67,24 @@ def atomic_write(path: Path, write: Callable[[Path], object], fsync: bool = Fals
         os.close(fd)
         write(tmp)
         os.chmod(tmp, plain_file_mode())
-        if fsync:
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt too (Ctrl-C, SIGTERM: cmc_common.interrupts)
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)  # the rename itself is only durable once the folder is
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's content, or a folder's entries, to disk (a read-only descriptor does)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: Path) -> dict[str, Any]:

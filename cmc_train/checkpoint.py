@@ -79,7 +79,7 @@ def save_checkpoint(
     }
     if trainer_state is not None:
         payload["trainer_state"] = trainer_state
-    atomic_write(path, lambda tmp: torch.save(payload, tmp), fsync=True)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:

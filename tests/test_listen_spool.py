@@ -8,6 +8,8 @@ temporary file of an interrupted write) by writing them as the node would have.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,8 @@ import segment_fixtures as fx
 from cmc_cli.main import app
 from typer.testing import CliRunner
 
-from cmc_serve.node.spool import (
-    DELIVERING,
-    FAILED,
-    SEGMENTING,
-    Delivery,
-    Spool,
-    SpoolError,
-)
+from cmc_serve.node.spool import Spool, SpoolError
+from cmc_serve.node.study_record import DELIVERING, FAILED, SEGMENTING, Delivery
 from cmc_serve.triton.server import free_port
 
 
@@ -93,6 +89,23 @@ def test_spool_recovers_every_state_a_kill_can_leave(tmp_path: Path) -> None:
     assert states["1.2.5"].state == "received"
     assert not list(again.instances_dir("1.2.3").glob(".*"))
     assert again.instance_count("1.2.3") == 1
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_received_instances_and_records_get_the_mode_a_plain_open_gives(
+        tmp_path: Path, umask: int) -> None:
+    """The spool once kept mkstemp's 0600: a PACS export job of the node's group could not
+    read what the node received."""
+    previous = os.umask(umask)
+    try:
+        spool = Spool.open(tmp_path / "spool")
+        spool.add_instance("1.2.3", "1.2.3.1", "P", b"DICM-bytes")
+    finally:
+        os.umask(previous)
+    files = [spool.instances_dir("1.2.3") / "1.2.3.1.dcm",
+             spool.study_dir("1.2.3") / "study.json", spool.root / ".cmc-spool"]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(0o666 & ~umask)}
+    assert files[0].read_bytes() == b"DICM-bytes"
 
 
 def test_failed_delivery_is_requeued_with_its_ledger_and_an_older_spool_still_reads(

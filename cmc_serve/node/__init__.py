@@ -9,6 +9,7 @@ STOW-RS. Modules, one job each:
 - `spool`: the on-disk truth: received instances (written atomically, fsync'd before the
   sender is told "stored") and each study's state (received -> segmenting -> delivering ->
   done | failed, with the reason). A restarted node resumes from it after any kill.
+- `study_record`: study.json, one study's state and delivery ledger, read and written.
 - `scp`: the pynetdicom Storage SCP (C-ECHO, C-STORE of CT/MR images; other SOP classes,
   truncated instances and unknown calling AE titles refused with DICOM statuses).
 - `delivery`: C-STORE and STOW-RS destinations, the retry/backoff policy, and the delivery

@@ -10,7 +10,7 @@ Rules, from what goes wrong in deployments:
   or (Orthanc 1.10) accepts it and aborts at the C-STORE; either way the error says so and
   what to configure, instead of a bare "association rejected" or "no response".
 - A result is only ever sent with the SOP Instance UID it was written with (it is kept in
-  the spool), and the ledger (`spool.Delivery.delivered`) records every UID a destination
+  the spool), and the ledger (`study_record.Delivery`) records every UID a destination
   acknowledged, persisted right after the acknowledgement: a resumed or retried delivery
   skips those, so a destination never gets a SEG twice. (If the node dies between the
   acknowledgement and the ledger write, the same instance is sent again with the same UID,
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cmc_common.errors import CmcError
-from cmc_serve.node.spool import Delivery
+from cmc_serve.node.study_record import Delivery
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"

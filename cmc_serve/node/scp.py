@@ -36,11 +36,15 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmc_common.errors import CmcError
+from cmc_common.progress import Say
 from cmc_serve.dicom.decoders import decodable_syntaxes, syntax_label, undecodable_reason
 from cmc_serve.node.spool import Spool, valid_uid
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
 
 SEGMENTED_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
@@ -131,17 +135,17 @@ class StorageSCP:
     """The SCP bound to `host:port`; `start()` serves in background threads, `stop()` ends."""
 
     def __init__(self, spool: Spool, ae_title: str, host: str, port: int,
-                 allow: Sequence[str] = (), on_event: Any = None) -> None:
+                 allow: Sequence[str] = (), say: Say | None = None) -> None:
         check_listen_address(host, allow)
         self.spool, self.ae_title, self.host, self.port = spool, ae_title, host, port
         self.allow = tuple(allow)
-        self.on_event = on_event or (lambda text: None)
+        self.say: Say = say or (lambda text: None)
         self.received = 0
         self.refused = 0
         self.ignored = 0
         self._refused_syntaxes: dict[tuple[str, str, tuple[str, ...]], RefusedSyntax] = {}
         self._lock = threading.Lock()
-        self._server: Any = None
+        self._server: ThreadedAssociationServer | None = None
 
     def refused_syntaxes(self) -> list[RefusedSyntax]:
         """What senders could not send for want of a decoder, most recent first."""
@@ -184,16 +188,16 @@ class StorageSCP:
         if refusal is not None:
             status, reason = refusal
             self.refused += 1
-            self.on_event(f"refused instance {sop_uid or '?'} from {calling}: {reason} "
-                          f"(status 0x{status:04X})")
+            self.say(f"refused instance {sop_uid or '?'} from {calling}: {reason} "
+                     f"(status 0x{status:04X})")
             self.spool.record_refusal(study_uid, sop_uid or "?", reason)
             return status
         try:
             self.spool.add_instance(study_uid, sop_uid, str(ds.get("PatientID", "")),
                                     event.encoded_dataset())
         except OSError as exc:
-            self.on_event(f"cannot write instance {sop_uid} to the spool: "
-                          f"{exc.strerror or exc}")
+            self.say(f"cannot write instance {sop_uid} to the spool: "
+                     f"{exc.strerror or exc}")
             return OUT_OF_RESOURCES
         self.received += 1
         return SUCCESS
@@ -208,8 +212,8 @@ class StorageSCP:
             study_uid = ""
         name = UID(sop_class).name
         self.ignored += 1
-        self.on_event(f"ignored {name} instance {event.request.AffectedSOPInstanceUID} of "
-                      f"study {study_uid or '?'} from {calling} (not segmented)")
+        self.say(f"ignored {name} instance {event.request.AffectedSOPInstanceUID} of "
+                 f"study {study_uid or '?'} from {calling} (not segmented)")
         self.spool.record_ignored(study_uid, name)
         return SUCCESS
 
@@ -228,15 +232,15 @@ class StorageSCP:
                 entry = self._refused_syntaxes.setdefault(key, RefusedSyntax(*key))
                 entry.count += 1
                 entry.last = time.time()
-            self.on_event(entry.message)
+            self.say(entry.message)
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
     def _on_rejected(self, event: Any) -> None:
-        self.on_event(f"association from {event.assoc.requestor.ae_title} at "
-                      f"{event.assoc.requestor.address} rejected (calling or called AE title "
-                      "not accepted)")
+        self.say(f"association from {event.assoc.requestor.ae_title} at "
+                 f"{event.assoc.requestor.address} rejected (calling or called AE title "
+                 "not accepted)")
 
     def start(self) -> None:
         from pynetdicom import evt

@@ -16,12 +16,12 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cmc_common.progress import Say
 from cmc_serve.node.delivery import (
     Destination,
     RetryPolicy,
@@ -34,6 +34,9 @@ from cmc_serve.node.spool import Spool, SpoolError, valid_uid
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, Routing, Worker
 from cmc_serve.pipeline.api import SegmentOptions
 from cmc_serve.pipeline.run_case import QC_OFF
+
+if TYPE_CHECKING:
+    from cmc_serve.engine import Segmenter
 
 POLL_SECONDS = 0.25
 
@@ -88,10 +91,9 @@ def _say_to_stderr(text: str) -> None:
     print(f"{stamp} cmc listen: {text}", file=sys.stderr, flush=True)
 
 
-def _open_segmenter(model: Path, options: SegmentOptions) -> Any:
+def _open_segmenter(model: Path, options: SegmentOptions) -> Segmenter:
     """The one Segmenter of the node, after the checks `cmc segment` makes before a run."""
     from cmc_common.contract import MODES
-    from cmc_serve.engine import Segmenter
     from cmc_serve.model_dir import ModelDirError, ModelInfo
     from cmc_serve.pipeline.pairing import PairingError, PairingRules
     from cmc_serve.runtimes import RuntimeUnavailable
@@ -100,9 +102,7 @@ def _open_segmenter(model: Path, options: SegmentOptions) -> Any:
         info = ModelInfo.load(model)
         if options.pairing:
             PairingRules.from_yaml(options.pairing, info.modalities)
-        segmenter = Segmenter(info, runtime=options.runtime, device=options.device,
-                              precision=options.precision, overlap=options.overlap,
-                              tta=options.tta, server=options.server)
+        segmenter = options.make_segmenter(info)
     except (ModelDirError, PairingError, RuntimeUnavailable) as exc:
         raise ListenError(str(exc)) from exc
     # Load the graph complete studies use now: a runtime that cannot run here stops the
@@ -120,7 +120,7 @@ def _open_segmenter(model: Path, options: SegmentOptions) -> Any:
 class _Signals:
     """SIGTERM/SIGINT set `stop` (the study in flight finishes); restored on exit."""
 
-    def __init__(self, stop: threading.Event, say: Callable[[str], Any]) -> None:
+    def __init__(self, stop: threading.Event, say: Say) -> None:
         self.stop, self.say = stop, say
         self.previous: dict[int, Any] = {}
 
@@ -143,7 +143,7 @@ class _Signals:
 
 def listen(model: Path | str, options: ListenOptions | None = None,
            segment_options: SegmentOptions | None = None,
-           say: Callable[[str], Any] = _say_to_stderr,
+           say: Say = _say_to_stderr,
            stop: threading.Event | None = None) -> None:
     """Run the node until `stop` is set or a stop signal arrives (see module docstring).
 
@@ -203,7 +203,7 @@ def listen(model: Path | str, options: ListenOptions | None = None,
 
 
 def _announce(options: ListenOptions, routing: Routing, spool: Spool,
-              say: Callable[[str], Any]) -> None:
+              say: Say) -> None:
     allow = ",".join(options.allow) or "any calling AE title (loopback)"
     say(f"{options.ae_title} listening on {options.host}:{options.port}, accepting {allow}; "
         f"spool {spool.root}; study complete after {options.study_timeout:g} s without "

@@ -7,6 +7,9 @@ SPOOL/studies/<StudyInstanceUID>/study.json       the study's state (below)
 SPOOL/studies/<StudyInstanceUID>/instances/<SOPInstanceUID>.dcm
 SPOOL/studies/<StudyInstanceUID>/out/             the `cmc segment` output of the study
 ```
+study.json's format (the states, the delivery ledger) and its one reader and writer are
+`cmc_serve.node.study_record`; every spool file is written by `cmc_common.files.atomic_write`
+(durable), with the mode a plain `open` gives.
 Why it is safe to kill the node at any moment (SIGKILL included):
 - an instance is written to a temporary name, fsync'd, renamed and its folder fsync'd
   *before* the C-STORE response says "stored": what the sender was told is on disk;
@@ -35,30 +38,32 @@ characters), so a crafted UID cannot escape the spool.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cmc_common.errors import CmcError
+from cmc_serve.node.study_record import (
+    DELIVERING,
+    FINISHED,
+    RECEIVED,
+    SEGMENTING,
+    STATES,
+    Study,
+    read_study,
+    store,
+    write_study,
+)
 
 MARKER = ".cmc-spool"
 LOCK = ".lock"
 STUDY_FILE = "study.json"
 INSTANCES = "instances"
 OUT = "out"
-
-RECEIVED, SEGMENTING, DELIVERING, DONE, FAILED, HELD = (
-    "received", "segmenting", "delivering", "done", "failed", "held")
-STATES = (RECEIVED, SEGMENTING, DELIVERING, DONE, FAILED, HELD)
-FINISHED = (DONE, FAILED, HELD)  # the worker has nothing more to do (held: a person has)
-NORMAL, FLAGGED = "normal", "flagged"  # which destinations a study's results go to
 
 _UID = re.compile(r"^[0-9](?:[0-9.]{0,63})$")
 
@@ -70,91 +75,6 @@ class SpoolError(CmcError, ValueError):
 def valid_uid(uid: str) -> bool:
     """A DICOM UID we accept as a file name: digits and dots, at most 64 characters."""
     return bool(_UID.match(uid)) and ".." not in uid and not uid.endswith(".")
-
-
-def durable_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary name in `path`'s folder, fsync, rename, fsync the folder:
-    after return the file survives a crash or power loss, and no partial file ever has the
-    final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@dataclass
-class Delivery:
-    """One destination's ledger for a study: which SEG SOP Instance UIDs it acknowledged."""
-
-    delivered: list[str] = field(default_factory=list)
-    attempts: int = 0  # failed attempts in a row
-    next_try: float = 0.0  # epoch seconds
-    last_error: str | None = None
-    status: str = "pending"  # pending | done | failed
-
-
-@dataclass
-class Study:
-    """study.json: everything the node knows about one study (epoch-second times)."""
-
-    study_uid: str
-    state: str = RECEIVED
-    reason: str | None = None
-    patient_id: str = ""
-    first_received: float = 0.0
-    round: int = 1
-    history: list[list[Any]] = field(default_factory=list)  # [state, time, note]
-    segment_started: float | None = None
-    segment_seconds: float | None = None
-    case_id: str | None = None
-    engine: dict[str, str] = field(default_factory=dict)
-    # the DICOM results to deliver, SEG first (relative to the study folder), and their
-    # SOP Instance UIDs; empty until a round's segmentation succeeded
-    result_files: list[str] = field(default_factory=list)
-    result_uids: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    qc: dict[str, Any] | None = None  # the case's quality verdict: score, flagged, flags
-    route: str = NORMAL  # FLAGGED: the results go to --flagged-to instead
-    deliveries: dict[str, Delivery] = field(default_factory=dict)
-    refused: list[list[str]] = field(default_factory=list)  # [SOP Instance UID, reason]
-    ignored: dict[str, int] = field(default_factory=dict)  # SOP class name -> count
-    finished: float | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Study:
-        data = dict(data)
-        # spools written before RTSTRUCT / SR outputs named the results after the SEG
-        for old, new in (("seg_files", "result_files"), ("seg_uids", "result_uids")):
-            if old in data:
-                data[new] = data.pop(old)
-        data["deliveries"] = {k: Delivery(**v) for k, v in data.get("deliveries", {}).items()}
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def delivery_failed(self) -> bool:
-        """Failed because a destination gave up (its results wait to be delivered)."""
-        return self.state == FAILED and bool(self.result_files) and any(
-            d.status == "failed" for d in self.deliveries.values())
-
-    def set_state(self, state: str, note: str = "", reason: str | None = None) -> None:
-        self.state, self.reason = state, reason
-        self.history.append([state, round(time.time(), 3), note or reason or ""])
-        self.finished = time.time() if state in FINISHED else None
 
 
 def _same_content(path: Path, data: bytes) -> bool:
@@ -197,7 +117,7 @@ class Spool:
         try:
             (root / "studies").mkdir(parents=True, exist_ok=True)
             if not (root / MARKER).is_file():
-                durable_write(root / MARKER, b'{"format": "cmc-spool", "format_version": 1}\n')
+                store(root / MARKER, b'{"format": "cmc-spool", "format_version": 1}\n')
         except OSError as exc:
             raise SpoolError(f"{root}: cannot write the spool ({exc.strerror or exc})") from exc
         spool = cls(root)
@@ -271,11 +191,7 @@ class Spool:
 
     # ------------------------------------------------------------------ state
     def get(self, study_uid: str) -> Study | None:
-        path = self.study_dir(study_uid) / STUDY_FILE
-        try:
-            return Study.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
+        return read_study(self.study_dir(study_uid) / STUDY_FILE)
 
     def studies(self, unfinished_only: bool = False, newest: int | None = None
                 ) -> list[Study]:
@@ -310,8 +226,7 @@ class Spool:
                                             study.delivery_failed)
 
     def _save(self, study: Study) -> None:
-        data = json.dumps(study.to_dict(), indent=1).encode()
-        durable_write(self.study_dir(study.study_uid) / STUDY_FILE, data)
+        write_study(self.study_dir(study.study_uid) / STUDY_FILE, study)
         self._index_study(study)
 
     def update(self, study: Study) -> None:
@@ -363,7 +278,7 @@ class Spool:
             self.requeue_delivery(study_uid, "instances re-sent: delivery tried again",
                                   only_failed=True)
             return
-        durable_write(path, data)
+        store(path, data)
         with self._lock:
             self._last_arrival[study_uid] = time.time()
             study = self.get(study_uid)

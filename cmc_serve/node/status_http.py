@@ -32,7 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from cmc_serve.node.spool import HELD, Spool, Study, valid_uid
+from cmc_serve.node.spool import Spool, valid_uid
+from cmc_serve.node.study_record import HELD, Study
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, qc_reasons
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.html_report import (

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from cmc_serve.node.delivery import Destination, RetryPolicy, case_results, deliver
-from cmc_serve.node.spool import (
+from cmc_serve.node.spool import Spool
+from cmc_serve.node.study_record import (
     DELIVERING,
     DONE,
     FAILED,
@@ -39,7 +40,6 @@ from cmc_serve.node.spool import (
     NORMAL,
     RECEIVED,
     SEGMENTING,
-    Spool,
     Study,
 )
 from cmc_serve.pipeline import outputs

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,7 @@ from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import library_warnings, outputs, shard_env, shards
-from cmc_serve.pipeline.batch import BatchOptions, BatchRunner
+from cmc_serve.pipeline.batch import BatchRunner
 from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingError, PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 OUTPUT_TYPES = outputs.OUTPUT_TYPES
 MAX_JOBS = 16
+# report.json records the options under the command line's names where a field's differs
+_FLAG_NAMES = {"resume": "continue"}
 
 # The errors of the steps below that refuse a run; each already holds its one-line message.
 _REFUSALS = (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUnavailable,
@@ -181,19 +183,22 @@ class SegmentOptions:
                            self.skip_unreadable)
 
     def report_options(self, input: Path, input_b: Path | None) -> dict[str, Any]:
-        """The options as report.json records them (the command line's names)."""
+        """The options as report.json records them: every field, in field order, under the
+        command line's names, as JSON values."""
+        as_json = {"output_types": list(self.output_types) or "auto",
+                   "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
+                   "shard_source": self.shard_source.record() if self.shard_source else None,
+                   "pairing": str(self.pairing) if self.pairing else None}
         return {"input": str(input), "input_b": str(input_b) if input_b else None,
-                "mode": self.mode, "runtime": self.runtime, "server": self.server,
-                "device": self.device, "precision": self.precision, "overlap": self.overlap,
-                "tta": self.tta, "output_types": list(self.output_types) or "auto",
-                "statistics": self.statistics, "preview": self.preview,
-                "continue": self.resume,
-                "shard": f"{self.shard[0]}/{self.shard[1]}" if self.shard else None,
-                "shard_source": self.shard_source.record() if self.shard_source else None,
-                "jobs": self.jobs, "pairing": str(self.pairing) if self.pairing else None,
-                "assume_registered": self.assume_registered,
-                "assume_orientation": self.assume_orientation,
-                "skip_unreadable": self.skip_unreadable, "qc": self.qc}
+                **{_FLAG_NAMES.get(f.name, f.name): as_json.get(f.name, getattr(self, f.name))
+                   for f in fields(self)}}
+
+    def make_segmenter(self, info: ModelInfo) -> Segmenter:
+        """The Segmenter these options ask for, its runtimes opened per mode on first use:
+        the one way `segment` and the node (`cmc listen`) make theirs."""
+        return Segmenter(info, runtime=self.runtime, device=self.device,
+                         precision=self.precision, overlap=self.overlap, tta=self.tta,
+                         server=self.server)
 
 
 @dataclass(frozen=True)
@@ -255,9 +260,7 @@ def _open_checked(info: ModelInfo, rules: PairingRules, found: list[case_mod.Cas
                   options: SegmentOptions, given: Segmenter | None) -> Segmenter:
     """The run's Segmenter (`given`, or a new one) with the runtime of every mode the cases
     need already open; a new one is closed again if that fails."""
-    segmenter = given or Segmenter(info, runtime=options.runtime, device=options.device,
-                                   precision=options.precision, overlap=options.overlap,
-                                   tta=options.tta, server=options.server)
+    segmenter = given or options.make_segmenter(info)
     modes = planned_modes(found, info, rules, options.mode)
     if options.qc == QC_FULL and "fused" in modes:  # the cross-modal opinion's graphs
         modes += [m for m in ("a", "b") if m in info.modes and m not in modes]
@@ -293,10 +296,6 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         records.mkdir(parents=True, exist_ok=True)
         report = RunReport(options=options.report_options(input, input_b),
                            model=_model_summary(model, info))
-        batch = BatchOptions(mode=options.mode, output_types=options.output_types,
-                             statistics=options.statistics, preview=options.preview,
-                             resume=options.resume, jobs=options.jobs,
-                             assumptions=options.assumptions, qc=options.qc)
         if console is not None:
             shard = f" (shard {options.share[0]}/{options.share[1]})" if options.share else ""
             console.print(f"cmc segment: {len(found)} case(s){shard} -> {out}",
@@ -306,7 +305,7 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
                     model / MODEL_JSON, info.cmc_version), highlight=False, markup=False,
                     soft_wrap=True)
         try:
-            BatchRunner(out, info, segmenter, rules, batch, report, console,
+            BatchRunner(out, info, segmenter, rules, options, report, console,
                         records).run(found)
         except (RuntimeUnavailable, ModelDirError) as exc:
             raise SegmentError(str(exc)) from exc

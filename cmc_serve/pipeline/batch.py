@@ -18,22 +18,20 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from cmc_serve.compatibility import Assumptions
+from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelFileError, ModelInfo
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.cases import Case
 from cmc_serve.pipeline.pairing import PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport, failures_csv
 from cmc_serve.pipeline.run_case import (
-    QC_ON,
     CaseError,
     CaseResult,
     LoadedCase,
@@ -43,25 +41,11 @@ from cmc_serve.pipeline.run_case import (
 from cmc_serve.qc.flags import review_text
 from cmc_serve.runtimes import RuntimeUnavailable
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
-@dataclass(frozen=True)
-class BatchOptions:
-    """What to compute and write for every case."""
-
-    mode: str = "auto"
-    output_types: tuple[str, ...] = ()  # empty: auto, see outputs.resolve_output_types
-    statistics: bool = False
-    preview: bool = False
-    resume: bool = False
-    jobs: int = 1
-    assumptions: Assumptions = Assumptions()
-    qc: str = QC_ON
-
-    def outputs_for(self, result: CaseResult) -> tuple[str, ...]:
-        """The explicit list, or with auto NIfTI plus the DICOM objects when the labels' grid
-        is a DICOM series (`outputs.resolve_output_types`)."""
-        dicom = result.loaded.reference.datasets is not None
-        return outputs.resolve_output_types(self.output_types, dicom)
+    from cmc_serve.pipeline.api import SegmentOptions  # api imports this module
 
 
 def _inputs(case: Case) -> list[str]:
@@ -80,13 +64,19 @@ def _error(exc: BaseException, stage: str) -> tuple[str, str]:
 class BatchRunner:
     """Runs cases into OUT with one segmenter; see the module docstring for the rules."""
 
-    def __init__(self, out: Path, info: ModelInfo, segmenter: Any, rules: PairingRules,
-                 options: BatchOptions, report: RunReport, console: Any = None,
-                 records: Path | None = None) -> None:
+    def __init__(self, out: Path, info: ModelInfo, segmenter: Segmenter,
+                 rules: PairingRules, options: SegmentOptions, report: RunReport,
+                 console: Console | None = None, records: Path | None = None) -> None:
         self.out, self.info, self.segmenter = out, info, segmenter
         self.records = out if records is None else records
         self.rules, self.options, self.report = rules, options, report
         self.console = console
+
+    def _outputs_for(self, result: CaseResult) -> tuple[str, ...]:
+        """The explicit list, or with auto NIfTI plus the DICOM objects when the labels' grid
+        is a DICOM series (`outputs.resolve_output_types`)."""
+        dicom = result.loaded.reference.datasets is not None
+        return outputs.resolve_output_types(self.options.output_types, dicom)
 
     # ------------------------------------------------------------------ bookkeeping
     def _say(self, text: str) -> None:
@@ -168,7 +158,7 @@ class BatchRunner:
             stage = "write"
             with loaded.timer.stage("write"):
                 written = outputs.write_case_outputs(
-                    folder, result, self.info.classes, self.options.outputs_for(result),
+                    folder, result, self.info.classes, self._outputs_for(result),
                     self.options.statistics, self.options.preview, model=self.info,
                     review=review_text(result.qc.flags) if result.qc and result.qc.flagged
                     else None)
@@ -208,11 +198,11 @@ class BatchRunner:
 class _Progress:
     """A rich progress bar over cases (plain lines when there is no console)."""
 
-    def __init__(self, console: Any, total: int) -> None:
+    def __init__(self, console: Console | None, total: int) -> None:
         self.console, self.total = console, total
-        self.bar: Any = None
+        self.bar: Progress | None = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Callable[[str], None]:
         if self.console is None:
             return lambda case_id: None
         from rich.progress import (
@@ -223,11 +213,12 @@ class _Progress:
             TimeElapsedColumn,
         )
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=self.console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("segmenting", total=self.total)
-        return lambda case_id: self.bar.update(task, advance=1, description=case_id)
+        bar = self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  console=self.console, transient=True)
+        bar.start()
+        task = bar.add_task("segmenting", total=self.total)
+        return lambda case_id: bar.update(task, advance=1, description=case_id)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,6 +50,13 @@ from cmc_serve.qc.inputs import RoleImage
 from cmc_serve.runtimes import RuntimeUnavailable
 from cmc_serve.volume import Volume
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from cmc_serve.engine import Segmenter
+    from cmc_serve.preprocess import PreparedVolume
+    from cmc_serve.qc.inputs import BranchOutputs
+
 # Quality control: none (speed runs), the signals of one fused pass, plus the cross-modal opinion.
 QC_OFF, QC_ON, QC_FULL = "off", "on", "full"
 QC_LEVELS = (QC_OFF, QC_ON, QC_FULL)
@@ -72,7 +79,7 @@ class Image:
     source: Source
     volume: Volume
     facts: ImageFacts  # whose image and which world it states
-    datasets: Sequence[Any] | None = None
+    datasets: Sequence[Dataset] | None = None
 
     @property
     def orientation_stated(self) -> bool:
@@ -86,7 +93,7 @@ class LoadedCase:
     case: Case
     mode: str
     reference: Image  # the grid the labels are returned to (a, or b in mode b)
-    prepared: dict[str, Any]  # role -> cmc_serve.preprocess.PreparedVolume
+    prepared: dict[str, PreparedVolume]  # role -> its pre-processed volume
     on_reference: dict[str, np.ndarray]  # modality name -> raw intensities on the reference
     pairing: list[str]
     timer: StageTimer = field(default_factory=StageTimer)
@@ -287,7 +294,7 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
             provenance.apply(ASSUME_REGISTERED, combination.registered_by_assumption)
     reference = images[roles[0]]
     on_reference = {reference.modality: reference.volume.array}
-    prepared: dict[str, Any] = {}
+    prepared: dict[str, PreparedVolume] = {}
     with timer.stage("preprocess"):
         try:
             for role in roles:
@@ -308,7 +315,7 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
                        for role, image in images.items()})
 
 
-def segment_case(loaded: LoadedCase, segmenter: Any, qc: str = QC_ON) -> CaseResult:
+def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QC_ON) -> CaseResult:
     """Infer on the prepared grid, then return uint8 labels to the reference's source grid;
     with `qc` other than "off", judge the answer (module docstring)."""
     from cmc_serve import postprocess
@@ -346,8 +353,8 @@ def segment_case(loaded: LoadedCase, segmenter: Any, qc: str = QC_ON) -> CaseRes
     return CaseResult(loaded, labels, engine, verdict)
 
 
-def assess_quality(loaded: LoadedCase, segmenter: Any, labels: np.ndarray,
-                   branches: Any, qc: str) -> CaseQc:
+def assess_quality(loaded: LoadedCase, segmenter: Segmenter, labels: np.ndarray,
+                   branches: BranchOutputs | None, qc: str) -> CaseQc:
     """The verdict on one case from its model-grid `labels` (after post-processing), the
     fused pass's `branches` and, with qc "full", the single-modality answers; signals that
     could not be had are named in `signals` as unavailable, never filled in."""
@@ -380,7 +387,8 @@ def assess_quality(loaded: LoadedCase, segmenter: Any, labels: np.ndarray,
     return replace(verdict, signals={**verdict.signals, **unavailable})
 
 
-def _single_modality(prep: dict[str, Any], segmenter: Any, role: str) -> np.ndarray:
+def _single_modality(prep: dict[str, PreparedVolume], segmenter: Segmenter,
+                     role: str) -> np.ndarray:
     """The `role`-only answer on the same model grid, post-processed as that mode is."""
     from cmc_serve import postprocess
 

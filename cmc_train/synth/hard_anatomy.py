@@ -22,21 +22,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmc_train.synth.phantom import (
-    _TISSUE_TO_LABEL,
     KIDNEY_L,
     KIDNEY_R,
     LIVER,
     MEDULLA_L,
     MEDULLA_R,
     SPLEEN,
+    TISSUE_TO_LABEL,
     Anatomy,
     Ellipsoid,
     SmoothField,
-    _rotation,
+    euler_rotation,
 )
 
 # Lesion tissue codes follow the easy phantom's 15 codes: lesion i is code FIRST_LESION + i.
-FIRST_LESION = len(_TISSUE_TO_LABEL)
+FIRST_LESION = len(TISSUE_TO_LABEL)
 MAX_LESIONS = 3
 ORGANS = (LIVER, SPLEEN, KIDNEY_R, KIDNEY_L)
 _MEDULLA = {KIDNEY_R: MEDULLA_R, KIDNEY_L: MEDULLA_L}  # a kidney lesion may reach the medulla
@@ -45,9 +45,9 @@ _MEDULLA = {KIDNEY_R: MEDULLA_R, KIDNEY_L: MEDULLA_L}  # a kidney lesion may rea
 def tissue_to_label(lesion_organs: tuple[int, ...]) -> np.ndarray:
     """Tissue code -> class label, with each lesion labelled as the organ that holds it."""
     table = np.zeros(FIRST_LESION + MAX_LESIONS, dtype=np.uint8)
-    table[:FIRST_LESION] = _TISSUE_TO_LABEL
+    table[:FIRST_LESION] = TISSUE_TO_LABEL
     for i, organ in enumerate(lesion_organs):
-        table[FIRST_LESION + i] = _TISSUE_TO_LABEL[organ]
+        table[FIRST_LESION + i] = TISSUE_TO_LABEL[organ]
     return table
 
 
@@ -104,7 +104,7 @@ def sample_hard_anatomy(rng: np.random.Generator, fov_mm: np.ndarray) -> HardAna
         with_body = parts[0].centre * habitus  # organs move with the body ...
         shift = rng.uniform(-0.12, 0.12, 3) * unit
         size = rng.uniform(0.72, 1.3) * rng.uniform(0.85, 1.15, 3)  # ... but size on their own
-        turn = _rotation(np.deg2rad(rng.uniform(-20, 20, 3)))
+        turn = euler_rotation(np.deg2rad(rng.uniform(-20, 20, 3)))
         move = with_body - parts[0].centre + shift
         organs[code] = [_scaled(p, parts[0].centre, move, size, turn) for p in parts]
     medulla = {code: Ellipsoid(organs[code][0].centre,
@@ -117,7 +117,7 @@ def sample_hard_anatomy(rng: np.random.Generator, fov_mm: np.ndarray) -> HardAna
         offset = host.rotation @ (rng.uniform(-0.5, 0.5, 3) * host.radii)
         radius = rng.uniform(0.15, 0.35) * float(host.radii.min())
         lesions.append((Ellipsoid(host.centre + offset, radius * rng.uniform(0.8, 1.2, 3),
-                                  _rotation(rng.uniform(0, np.pi, 3))), organ))
+                                  euler_rotation(rng.uniform(0, np.pi, 3))), organ))
     return HardAnatomy(
         body_radii=body_radii,
         fat_thickness=float(rng.uniform(0.04, 0.3) * ry),

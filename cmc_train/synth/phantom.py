@@ -13,6 +13,12 @@ anatomical frame and classifying the point. Modality b's voxels first go through
 rigid + mild elastic "patient moved between the scans" transform, so its labels are
 evaluated exactly in its own grid (equivalent to nearest-neighbour sampling of the
 continuous label map) rather than resampled from a.
+
+Shared with the hard study (`hard_anatomy`, `hard_study`), which builds on this phantom: the
+tissue codes and their tables (`TISSUE_TO_LABEL`: tissue code -> class label, `CT_HU`,
+`MR_SIGNAL`), the shapes (`Ellipsoid`, `SmoothField`, `Anatomy`, `euler_rotation`), the
+grids (`Grid`, `centred_grid`), the scan-to-scan motion (`Misalignment`) and the intensity
+renderers (`ct_intensities`, `mr_intensities`).
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ from scipy import ndimage
 
 CLASSES: tuple[str, ...] = ("background", "liver", "spleen", "kidney_r", "kidney_l")
 
-# Tissue codes of the rendered tissue map (labels are derived from the organ codes).
+# Tissue codes of the rendered tissue map; TISSUE_TO_LABEL gives each code's class label.
 AIR, FAT, SOFT, BONE, CANAL, AORTA, BOWEL_FLUID, BOWEL_GAS = range(8)
 LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, MEDULLA_R, MEDULLA_L = range(8, 14)
 IVC = 14
-_TISSUE_TO_LABEL = np.zeros(15, dtype=np.uint8)
-_TISSUE_TO_LABEL[[LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, MEDULLA_R, MEDULLA_L]] = [1, 2, 3, 4, 3, 4]
+TISSUE_TO_LABEL = np.zeros(15, dtype=np.uint8)
+TISSUE_TO_LABEL[[LIVER, SPLEEN, KIDNEY_R, KIDNEY_L, MEDULLA_R, MEDULLA_L]] = [1, 2, 3, 4, 3, 4]
 
 # Portal-venous CT (HU): kidney > spleen > liver > muscle > fat; distinct inside the
 # [-175, 250] abdominal window. Medulla is labelled kidney but enhances less than cortex.
@@ -98,7 +104,7 @@ class Ellipsoid:
         return mask
 
 
-def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+def euler_rotation(angles_rad: np.ndarray) -> np.ndarray:
     """Rotation matrix from three Euler angles (x, then y, then z)."""
     cx, cy, cz = np.cos(angles_rad)
     sx, sy, sz = np.sin(angles_rad)
@@ -170,7 +176,7 @@ class Anatomy:
                   tilt_deg: tuple[float, float, float]) -> Ellipsoid:
             c = (np.asarray(centre) + rng.uniform(-0.04, 0.04, 3)) * unit
             r = np.asarray(radii) * unit * rng.uniform(0.9, 1.1, 3)
-            rot = _rotation(np.deg2rad(np.asarray(tilt_deg) + rng.uniform(-8, 8, 3)))
+            rot = euler_rotation(np.deg2rad(np.asarray(tilt_deg) + rng.uniform(-8, 8, 3)))
             return Ellipsoid(c, r, rot)
 
         organs = {
@@ -362,8 +368,8 @@ def make_pair(rng: np.random.Generator, size: int = 64, offset_mm: float = 10.0,
     pts_b = motion.to_anatomy(grid_b.world_points()) - centre[:, None].astype(np.float32)
     tissues_b = subject_b.tissues(pts_b).reshape(grid_b.shape)
     return PhantomPair(
-        image_a=ct_intensities(tissues_a, rng), label_a=_TISSUE_TO_LABEL[tissues_a],
+        image_a=ct_intensities(tissues_a, rng), label_a=TISSUE_TO_LABEL[tissues_a],
         grid_a=grid_a,
-        image_b=mr_intensities(tissues_b, rng), label_b=_TISSUE_TO_LABEL[tissues_b],
+        image_b=mr_intensities(tissues_b, rng), label_b=TISSUE_TO_LABEL[tissues_b],
         grid_b=grid_b, misalignment=motion,
     )
