@@ -27,9 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from cmc_common.errors import CmcError
+from cmc_common.progress import Say
 from cmc_serve.node.study_record import Delivery
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -194,7 +195,7 @@ def parse_destination(text: str, calling_ae: str) -> Destination:
 
 def deliver(ledger: dict[str, Delivery], results: Sequence[tuple[Path, str]],
             destinations: Sequence[Destination], policy: RetryPolicy,
-            save: Callable[[], None], say: Callable[[str], Any]) -> None:
+            save: Callable[[], None], say: Say) -> None:
     """One delivery pass: every due destination gets the results (path, SOP Instance UID)
     it has not acknowledged; the ledger is updated and `save`d after every acknowledgement and
     every failure. Destinations waiting for their next try are left alone."""

@@ -27,9 +27,10 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from cmc_serve.node.spool import Spool, valid_uid
@@ -43,6 +44,10 @@ from cmc_serve.pipeline.html_report import (
     page,
     thumb_cell,
 )
+
+if TYPE_CHECKING:
+    from cmc_serve.node.scp import RefusedSyntax, StorageSCP
+    from cmc_serve.node.worker import Worker
 
 REFRESH_SECONDS = 5
 PAGE_STUDIES = 200  # the newest; every study's state stays in SPOOL/studies/*/study.json
@@ -110,7 +115,7 @@ def _button(action: str, study: str, label: str, token: str) -> str:
             f"<button>{esc(label)}</button></form>")
 
 
-def attention(spool: Spool, refused_syntaxes: list[Any], token: str) -> str:
+def attention(spool: Spool, refused_syntaxes: Sequence[RefusedSyntax], token: str) -> str:
     """The part above the table: what a person has to act on."""
     parts = []
     failed = spool.failed_deliveries()
@@ -141,8 +146,8 @@ def attention(spool: Spool, refused_syntaxes: list[Any], token: str) -> str:
     return "".join(parts)
 
 
-def status_page(spool: Spool, health: dict[str, Any], refused_syntaxes: list[Any] | None = None,
-                token: str = "") -> str:
+def status_page(spool: Spool, health: dict[str, Any],
+                refused_syntaxes: Sequence[RefusedSyntax] | None = None, token: str = "") -> str:
     rows = [_study_row(spool, s) for s in reversed(spool.studies(newest=PAGE_STUDIES))]
     counts = ", ".join(f"{n} {state}" for state, n in health["studies"].items() if n)
     subtitle = (f"{esc(health['ae_title'])} &middot; {esc(health['status'])} &middot; "
@@ -156,7 +161,8 @@ def status_page(spool: Spool, health: dict[str, Any], refused_syntaxes: list[Any
 class StatusServer:
     """A threaded HTTP server for `/`, `/health` and the actions; `start()` / `stop()`."""
 
-    def __init__(self, spool: Spool, worker: Any, scp: Any, host: str, port: int) -> None:
+    def __init__(self, spool: Spool, worker: Worker, scp: StorageSCP, host: str,
+                 port: int) -> None:
         self.spool, self.worker, self.scp = spool, worker, scp
         self.started = time.time()
         self.token = secrets.token_urlsafe(24)

@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmc_common.progress import Say
+from cmc_serve.engine import Segmenter
 from cmc_serve.node.delivery import Destination, RetryPolicy, case_results, deliver
 from cmc_serve.node.spool import Spool
 from cmc_serve.node.study_record import (
@@ -65,9 +66,9 @@ class Routing:
 class Worker:
     """`step()` does the next due piece of work (one study) and says whether there was any."""
 
-    def __init__(self, spool: Spool, model: Path, options: SegmentOptions, segmenter: Any,
-                 routing: Routing, policy: RetryPolicy, study_timeout: float,
-                 say: Callable[[str], Any]) -> None:
+    def __init__(self, spool: Spool, model: Path, options: SegmentOptions,
+                 segmenter: Segmenter, routing: Routing, policy: RetryPolicy,
+                 study_timeout: float, say: Say) -> None:
         self.spool, self.model, self.options = spool, model, options
         self.segmenter, self.routing, self.policy = segmenter, routing, policy
         self.study_timeout, self.say = study_timeout, say
