@@ -31,7 +31,7 @@ resampled onto a's pre-processed grid, `cmc_train.evaluate`), which differs from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from cmc_common.progress import Say
 from cmc_serve.qc import anatomy, branches, fingerprint
 from cmc_serve.qc.inputs import BranchOutputs
 from cmc_serve.qc.verdict import REFERENCE_VERSION
@@ -151,7 +152,7 @@ def branch_outputs(net: CMCNet, image_a: torch.Tensor, image_b: torch.Tensor,
 
 def record_reference(paths: Sequence[Path], datalist: Datalist, val_set: ValidationSet | None,
                      device: torch.device, data: dict[str, Any] | None = None,
-                     say: Callable[[str], None] | None = None) -> None:
+                     say: Say | None = None) -> None:
     """Store `qc_reference` in each checkpoint's metadata (atomically, weights and trainer
     state unchanged); each checkpoint is calibrated with its own weights. `data`: an
     already measured `data_reference` (default: measured with the first checkpoint's

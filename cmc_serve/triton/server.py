@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cmc_common.errors import CmcError
+from cmc_common.progress import Say
 
 READY_FILE = ".ready"
 DEFAULT_PREFIX = Path(".triton")
@@ -183,7 +184,7 @@ class TritonServer:
     def __init__(self, repository: str | Path, *, install: TritonInstall | None = None,
                  host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, models: Sequence[str] | None = None,
-                 ready_timeout_s: float = 120.0, log: Callable[[str], None] | None = None,
+                 ready_timeout_s: float = 120.0, log: Say | None = None,
                  exit_timeout_s: int = 5) -> None:
         self.repository = Path(repository).absolute()
         if not self.repository.is_dir():
