@@ -25,13 +25,10 @@ def command(
     from rich.table import Table
 
     from cmc_train.data.checks import check_data
-    from cmc_train.data.datalist import SPLITS, Datalist, DatalistError
+    from cmc_train.data.datalist import SPLITS, Datalist
 
     err = Console(stderr=True)
-    try:
-        loaded = Datalist.load(datalist)
-    except DatalistError as exc:
-        raise fail("check-data", exc) from None
+    loaded = Datalist.load(datalist)
     report = check_data(loaded, datalist, SPLITS, need_labelled=loaded.modalities,
                         need_validation=loaded.modalities)
     table = Table(title=f"{datalist}: {len(loaded.classes)} classes "

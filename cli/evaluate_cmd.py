@@ -13,8 +13,6 @@ import typer
 
 from cmc_common.contract import MODES
 
-from .errors import fail
-
 SPLITS = ("labelled", "validation", "test")
 
 HELP_CHOOSE = ("Choose the post-processing of each class and mode on this split (keep the "
@@ -49,9 +47,8 @@ def command(
 
     from rich.console import Console
 
-    from cmc_train.checkpoint import CheckpointError, record_postprocessing
-    from cmc_train.data.datalist import DatalistError
-    from cmc_train.evaluate import EvaluationError, evaluate
+    from cmc_train.checkpoint import record_postprocessing
+    from cmc_train.evaluate import evaluate
     from cmc_train.progress import Reporter
     from cmc_train.threads import set_threads
 
@@ -64,15 +61,12 @@ def command(
         raise typer.BadParameter(f"{modes!r}: use a comma list of {', '.join(MODES)}",
                                  param_hint="--modes")
     set_threads(threads)
-    try:
-        with Reporter(progress) as reporter:
-            result = evaluate(checkpoint, data, split, chosen, reporter=reporter,
-                              apply_postprocessing=postprocessing,
-                              choose_postprocessing=choose_postprocessing)
-        if choose_postprocessing:
-            record_postprocessing(checkpoint, result["postprocessing"])
-    except (CheckpointError, DatalistError, EvaluationError) as exc:
-        raise fail("evaluate", exc) from None
+    with Reporter(progress) as reporter:
+        result = evaluate(checkpoint, data, split, chosen, reporter=reporter,
+                          apply_postprocessing=postprocessing,
+                          choose_postprocessing=choose_postprocessing)
+    if choose_postprocessing:
+        record_postprocessing(checkpoint, result["postprocessing"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     Console(width=max(100, Console().width)).print(_table(result, checkpoint.name))

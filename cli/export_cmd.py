@@ -10,8 +10,6 @@ from typing import Annotated
 
 import typer
 
-from .errors import fail
-
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
@@ -54,16 +52,12 @@ def command(
                         "cmc.json.")] = None,
 ) -> None:
     """Export a checkpoint; every graph must pass its parity gate or nothing is written."""
-    from cmc_export.errors import ExportError
     from cmc_export.exporter import export
 
-    try:
-        report = export(ckpt, out, name=name, formats=_split(formats),
-                        precisions=_split(precisions), modes=_split(modes), max_batch=max_batch,
-                        triton_backend=triton_backend, force=force, log=typer.echo,
-                        codes=codes, calibration=calibration)
-    except ExportError as exc:
-        raise fail("export", exc) from None
+    report = export(ckpt, out, name=name, formats=_split(formats),
+                    precisions=_split(precisions), modes=_split(modes), max_batch=max_batch,
+                    triton_backend=triton_backend, force=force, log=typer.echo,
+                    codes=codes, calibration=calibration)
     typer.echo(f"{report.out_dir / 'cmc.json'}: {len(report.graphs)} graphs; Triton models "
                f"{', '.join(sorted(report.triton_models.values()))} and {name}")
     for refused in report.refused:

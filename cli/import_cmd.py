@@ -32,25 +32,16 @@ def command(
     if dataset not in DATASETS:
         raise typer.BadParameter(f"{dataset!r} is not one of {', '.join(DATASETS)}",
                                  param_hint="DATASET")
-    from cmc_train.data.importers import (
-        DatasetLayoutError,
-        SplitOptions,
-        import_amos,
-        import_mscmr,
-    )
+    from cmc_train.data.importers import SplitOptions, import_amos, import_mscmr
 
-    try:
-        options = SplitOptions(labelled_ratio=labelled_ratio, seed=seed,
-                               val_fraction=val_fraction)
-        if dataset == "amos":
-            datalist = import_amos(root, options)
-        else:
-            pair = tuple(m.strip().lower() for m in modalities.split(",") if m.strip())
-            if len(pair) != 2:
-                raise ValueError(f"--modalities needs two names, got {modalities!r}")
-            datalist = import_mscmr(root, options, (pair[0], pair[1]), out.parent)
-    except (DatasetLayoutError, ValueError) as exc:
-        raise fail("import", exc) from None
+    options = SplitOptions(labelled_ratio=labelled_ratio, seed=seed, val_fraction=val_fraction)
+    if dataset == "amos":
+        datalist = import_amos(root, options)
+    else:
+        pair = tuple(m.strip().lower() for m in modalities.split(",") if m.strip())
+        if len(pair) != 2:
+            raise fail("import", f"--modalities needs two names, got {modalities!r}")
+        datalist = import_mscmr(root, options, (pair[0], pair[1]), out.parent)
     datalist.save(out)
     counts = ", ".join(f"{len(datalist.split(s))} {s}" for s in
                        ("labelled", "unlabelled", "validation", "test"))

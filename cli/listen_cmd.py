@@ -14,9 +14,7 @@ from typing import Annotated
 import typer
 
 from . import segment_options as so
-from .errors import fail
-
-EXIT_INTERRUPTED = 130
+from .errors import EXIT_INTERRUPTED
 
 HELP_SPOOL = """Folder of the node's state: received instances, each study's state and its
 cmc segment outputs (new, empty or an earlier spool). Kill the node at any time and start it
@@ -90,27 +88,21 @@ def command(
     import logging
 
     from cmc_serve.node.delivery import RetryPolicy
-    from cmc_serve.node.scp import ListenError
     from cmc_serve.node.service import ListenOptions, listen
-    from cmc_serve.pipeline.api import SegmentOptionError
 
     # the node reports every refusal and failed send in its own one-line messages
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    seg = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
+                             output_type, statistics, preview, pairing, qc)
+    options = ListenOptions(
+        ae_title=ae_title, host=host, port=port, allow=_split(allow), spool=spool,
+        study_timeout=study_timeout, send_to=_split(send_to), stow=tuple(stow or ()),
+        http_port=http_port, http_host=http_host,
+        retry=RetryPolicy(attempts=retries, first_delay=retry_delay),
+        flagged_to=_split(flagged_to), hold_flagged=hold_flagged,
+        redeliver=_split(redeliver), release=_split(release))
     try:
-        seg = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
-                                 output_type, statistics, preview, pairing, qc)
-        options = ListenOptions(
-            ae_title=ae_title, host=host, port=port, allow=_split(allow), spool=spool,
-            study_timeout=study_timeout, send_to=_split(send_to), stow=tuple(stow or ()),
-            http_port=http_port, http_host=http_host,
-            retry=RetryPolicy(attempts=retries, first_delay=retry_delay),
-            flagged_to=_split(flagged_to), hold_flagged=hold_flagged,
-            redeliver=_split(redeliver), release=_split(release))
         listen(model, options, seg)
-    except SegmentOptionError as exc:
-        raise typer.BadParameter(exc.problem, param_hint=so.flag(exc.option)) from None
-    except ListenError as exc:
-        raise fail("listen", exc) from None
     except KeyboardInterrupt:  # a second Ctrl-C: stop without finishing the study in flight
         typer.echo("cmc listen: interrupted; unfinished studies resume at the next start",
                    err=True)

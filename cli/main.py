@@ -1,7 +1,9 @@
 """`cmc`: train, export and serve CMC segmentation models.
 
 Each sub-command lives in its own module (cli/<name>_cmd.py, dashes as underscores) and imports the heavy libraries
-inside its function, so `cmc --help` answers without loading PyTorch.
+inside its function, so `cmc --help` answers without loading PyTorch. Every command is
+registered through `errors.reporting`, the one place a `CmcError` becomes its error line and
+exit code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 
 import typer
 import typer.rich_utils
+
+from .errors import reporting
 
 # Rich draws --help 80 columns wide when stdout is no terminal (piped to a file or `less`) and
 # cuts what does not fit ("--skip-unreada…"), while refusals name those options: piped help is
@@ -44,7 +48,7 @@ _COMMANDS = {
 
 def _register(name: str, help_text: str) -> None:
     module = importlib.import_module(f".{name.replace('-', '_')}_cmd", __package__)
-    app.command(name, help=help_text)(module.command)
+    app.command(name, help=help_text)(reporting(name, module.command))
 
 
 for _name, _help in _COMMANDS.items():

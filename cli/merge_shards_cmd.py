@@ -24,12 +24,9 @@ def command(
     """Merge the records of `cmc segment --shard I/N` runs in OUT into OUT/report.json,
     failures.csv and report.html."""
 
-    from cmc_serve.pipeline.shards import ShardMergeError, merge_shards
+    from cmc_serve.pipeline.shards import merge_shards
 
-    try:
-        merged = merge_shards(out, shards)
-    except ShardMergeError as exc:
-        raise fail("merge-shards", exc) from None
+    merged = merge_shards(out, shards)
     counts = merged.counts
     say("merge-shards", f"{merged.count} shard(s), {counts['done']} done, "
         f"{counts['failed']} failed, {counts['skipped']} skipped; report: {merged.report}")

@@ -1,8 +1,8 @@
 """`cmc segment`: NIfTI files or DICOM series in, label maps (and DICOM SEG) out.
 
 This module only parses the command line: the run itself is
-`cmc_serve.pipeline.api.segment` (CLI -> library -> files), whose exceptions and counts
-map to the exit codes here. Heavy imports live inside `command` so `cmc --help` stays fast.
+`cmc_serve.pipeline.api.segment` (CLI -> library -> files); its counts map to the exit
+codes here, its refusals (a `CmcError`) by the rule of cli/errors.py. Heavy imports live inside `command` so `cmc --help` stays fast.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import segment_options as so
-from .errors import EXIT_FAILED, fail, say
+from .errors import EXIT_FAILED, say
 
 HELP_OUT = """Output folder. Must be new, empty, or an earlier cmc output folder (it holds
 .cmc-output): any other existing folder is refused so a user's files are never mixed with or
@@ -83,37 +83,30 @@ def command(
     from rich.console import Console
 
     from cmc_common.interrupts import sigterm_as_interrupt
-    from cmc_serve.pipeline.api import SegmentError, SegmentOptionError, segment
+    from cmc_serve.pipeline.api import segment
 
     console = Console(stderr=True)
-    try:
-        shared = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
-                                    output_type, statistics, preview, pairing, qc)
-        options = replace(shared, resume=resume, shard=shard,
-                          jobs=jobs, assume_registered=assume_registered,
-                          assume_orientation=assume_orientation,
-                          skip_unreadable=skip_unreadable)
-        if (input is None) == (from_dicomweb is None):
-            raise typer.BadParameter("give INPUT or --from-dicomweb URL (one of them)",
-                                     param_hint="INPUT")
-        if study and from_dicomweb is None:
-            raise typer.BadParameter("--study is only used with --from-dicomweb URL",
-                                     param_hint="--study")
-        with sigterm_as_interrupt():  # a killed run cleans up as on Ctrl-C: no temporary files
-            if from_dicomweb is not None:
-                from cmc_serve.node.dicomweb import segment_from_dicomweb
+    shared = so.segment_options(mode, runtime, server, device, precision, overlap, tta,
+                                output_type, statistics, preview, pairing, qc)
+    options = replace(shared, resume=resume, shard=shard,
+                      jobs=jobs, assume_registered=assume_registered,
+                      assume_orientation=assume_orientation,
+                      skip_unreadable=skip_unreadable)
+    if (input is None) == (from_dicomweb is None):
+        raise typer.BadParameter("give INPUT or --from-dicomweb URL (one of them)",
+                                 param_hint="INPUT")
+    if study and from_dicomweb is None:
+        raise typer.BadParameter("--study is only used with --from-dicomweb URL",
+                                 param_hint="--study")
+    with sigterm_as_interrupt():  # a killed run cleans up as on Ctrl-C: no temporary files
+        if from_dicomweb is not None:
+            from cmc_serve.node.dicomweb import segment_from_dicomweb
 
-                result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
-                                               console)
-            else:
-                assert input is not None  # checked above: INPUT or --from-dicomweb
-                result = segment(input, out, model, input_b, options, console)
-    except SegmentOptionError as exc:
-        if exc.option == "shard":  # a refusal naming the environment read: one line
-            raise fail("segment", exc.problem) from None
-        raise typer.BadParameter(exc.problem, param_hint=so.flag(exc.option)) from None
-    except SegmentError as exc:
-        raise fail("segment", exc) from None
+            result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
+                                           console)
+        else:
+            assert input is not None  # checked above: INPUT or --from-dicomweb
+            result = segment(input, out, model, input_b, options, console)
     say("segment", f"{result.done} done, {result.failed} failed, {result.skipped} skipped; "
         f"report: {result.report}")
     stow_failed = _stow(result, stow) if stow else False

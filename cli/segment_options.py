@@ -2,7 +2,8 @@
 
 `cmc listen` takes the same segmentation options as `cmc segment` (same names, help and
 defaults); they are declared here once as typer annotations, `segment_options(...)` turns
-the parsed values into `SegmentOptions`, and `flag` names the flag of a field an error blames.
+the parsed values into `SegmentOptions` (a field it refuses is reported against its flag by
+cli/errors.py).
 """
 
 from __future__ import annotations
@@ -67,8 +68,3 @@ def segment_options(mode: str, runtime: str, server: str | None, device: str, pr
                           precision=precision, overlap=overlap, tta=tta,
                           output_types=parse_output_types(output_type), statistics=statistics,
                           preview=preview, pairing=pairing, qc=qc)
-
-
-def flag(option: str) -> str:
-    """The command-line flag of a SegmentOptions field (`output_types` is `--output-type`)."""
-    return "--output-type" if option == "output_types" else f"--{option.replace('_', '-')}"

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import EXIT_FAILED, fail
+from .errors import EXIT_FAILED, fail, went_ahead
 
 
 def command(
@@ -33,27 +33,22 @@ def command(
     from cmc_serve.triton.server import (
         TritonInstall,
         TritonServer,
-        TritonServerError,
-        TritonSetupError,
         docker_command,
         format_command,
         ignore_stop_signals,
     )
 
-    try:
-        info = ModelInfo.load(model_dir)
-        verify_files(info.repository_files)  # a damaged copy is named here, not in a server log
-        repository = model_dir / "repository"
-        if not any(repository.glob("*/config.pbtxt")):
-            raise ModelDirError(f"{repository}: no Triton models (config.pbtxt) there; "
-                                "re-export the model with this cmc")
-        server = TritonServer(repository, install=TritonInstall.locate(triton_prefix), host=host,
-                              http_port=http_port, grpc_port=grpc_port,
-                              ready_timeout_s=ready_timeout)
-    except (ModelDirError, TritonSetupError, TritonServerError) as exc:
-        raise fail("serve", exc) from None
+    info = ModelInfo.load(model_dir)
+    verify_files(info.repository_files)  # a damaged copy is named here, not in a server log
+    repository = model_dir / "repository"
+    if not any(repository.glob("*/config.pbtxt")):
+        raise ModelDirError(f"{repository}: no Triton models (config.pbtxt) there; "
+                            "re-export the model with this cmc")
+    server = TritonServer(repository, install=TritonInstall.locate(triton_prefix), host=host,
+                          http_port=http_port, grpc_port=grpc_port,
+                          ready_timeout_s=ready_timeout)
     code = 0
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), went_ahead():
         try:
             typer.echo(f"starting tritonserver for {info.name} ({repository})", err=True)
             server.start()
@@ -68,8 +63,6 @@ def command(
             code = server.wait() or 0
         except KeyboardInterrupt:
             ignore_stop_signals()
-        except TritonServerError as exc:
-            raise fail("serve", exc, EXIT_FAILED) from None
         finally:
             server.stop()
     if code != 0:

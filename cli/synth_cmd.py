@@ -41,14 +41,11 @@ def command(
         raise fail("synth", f"{out} exists and is not an empty folder; choose a new one")
     from cmc_train.synth import write_synthetic_study
 
-    try:
-        path = write_synthetic_study(out, cases, seed, size=size, labelled_ratio=labelled_ratio,
-                                     val_cases=val_cases, test_cases=test_cases, dicom=dicom,
-                                     unpaired=unpaired, offset_mm=offset_mm,
-                                     rotation_deg=rotation_deg, elastic_mm=elastic_mm,
-                                     difficulty=difficulty)
-    except ValueError as exc:
-        raise fail("synth", exc) from None
+    path = write_synthetic_study(out, cases, seed, size=size, labelled_ratio=labelled_ratio,
+                                 val_cases=val_cases, test_cases=test_cases, dicom=dicom,
+                                 unpaired=unpaired, offset_mm=offset_mm,
+                                 rotation_deg=rotation_deg, elastic_mm=elastic_mm,
+                                 difficulty=difficulty)
     from cmc_train.data.datalist import Datalist
 
     datalist = Datalist.load(path)

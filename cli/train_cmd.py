@@ -13,8 +13,6 @@ import typer
 
 from cmc_common.contract import ROLES
 
-from .errors import fail
-
 if TYPE_CHECKING:
     from cmc_train.config import RunConfig
 
@@ -85,15 +83,10 @@ def command(
 
     from rich.console import Console
 
-    from cmc_train.checkpoint import CheckpointError
     from cmc_train.config import RunConfig
-    from cmc_train.data.datalist import DatalistError
-    from cmc_train.data.loaders import SamplerError
-    from cmc_train.evaluate import EvaluationError
-    from cmc_train.network import SamMed3DError
-    from cmc_train.settings import SettingError, apply_settings, parse_settings
+    from cmc_train.settings import apply_settings, parse_settings
     from cmc_train.threads import set_threads
-    from cmc_train.trainer import CONFIG, TrainError, train
+    from cmc_train.trainer import CONFIG, train
 
     console = Console(stderr=True)
 
@@ -103,32 +96,25 @@ def command(
     if single_modality is not None and single_modality not in ROLES:
         raise typer.BadParameter(f"{single_modality!r} is not a or b",
                                  param_hint="--single-modality")
-    try:
-        changes = parse_settings([*(settings or ()),
-                                  *([f"val_every={val_every}"] if val_every else [])])
-        set_threads(threads)
-        if resume:
-            run_cfg = RunConfig.load_yaml(out / CONFIG)
-        else:
-            run_cfg = _base_config(config, data)
-        run_cfg = apply_settings(run_cfg, changes)
-        overrides: dict[str, Any] = {}
-        if steps is not None:
-            overrides["steps"] = steps
-        if seed is not None:
-            overrides["seed"] = seed
-        if schedule is not None:
-            overrides["schedule"] = schedule
-        if no_csc or single_modality:
-            overrides["use_csc"] = False
-        if no_cac or single_modality:
-            overrides["use_cac"] = False
-        run_cfg = replace(run_cfg, train=replace(run_cfg.train, **overrides))
-        summary = train(data, out, run_cfg, resume=resume, init_sam_med3d=init_sam_med3d,
-                        progress=progress, single_modality=single_modality)
-    except (TrainError, CheckpointError, DatalistError, SamplerError, SamMed3DError,
-            EvaluationError, SettingError, ValueError) as exc:
-        raise fail("train", exc) from None
+    changes = parse_settings([*(settings or ()),
+                              *([f"val_every={val_every}"] if val_every else [])])
+    set_threads(threads)
+    run_cfg = RunConfig.load_yaml(out / CONFIG) if resume else _base_config(config, data)
+    run_cfg = apply_settings(run_cfg, changes)
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides["steps"] = steps
+    if seed is not None:
+        overrides["seed"] = seed
+    if schedule is not None:
+        overrides["schedule"] = schedule
+    if no_csc or single_modality:
+        overrides["use_csc"] = False
+    if no_cac or single_modality:
+        overrides["use_cac"] = False
+    run_cfg = replace(run_cfg, train=replace(run_cfg.train, **overrides))
+    summary = train(data, out, run_cfg, resume=resume, init_sam_med3d=init_sam_med3d,
+                    progress=progress, single_modality=single_modality)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         console.print(
             f"cmc train: {summary.steps_done}/{summary.steps_total} steps in "

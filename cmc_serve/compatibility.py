@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cmc_common.errors import CmcError
+from cmc_serve.errors import SegmentOptionError
 
 # Axis code letters per world axis (nibabel's convention: the direction in which the voxel
 # index grows), e.g. "LPS" = i to the patient's left, j to posterior, k to superior.
@@ -53,13 +54,14 @@ class CompatibilityError(CmcError, ValueError):
 
 
 def parse_axis_codes(text: str) -> str:
-    """'lps' -> 'LPS': three letters, one from each of L/R, P/A, I/S; else CompatibilityError."""
+    """'lps' -> 'LPS': three letters, one from each of L/R, P/A, I/S; else a SegmentOptionError
+    naming `assume_orientation`, the one option (and read_nifti argument) they come from."""
     codes = text.strip().upper()
     axes = sorted(next((i for i, pair in enumerate(_AXIS_LETTERS) if c in pair), -1)
                   for c in codes)
     if len(codes) != 3 or axes != [0, 1, 2]:
-        raise CompatibilityError(f"{text!r} is not three axis codes with one of L/R, P/A and "
-                                 "I/S each (e.g. LPS, RAS)")
+        raise SegmentOptionError("assume_orientation", f"{text!r} is not three axis codes with "
+                                 "one of L/R, P/A and I/S each (e.g. LPS, RAS)")
     return codes
 
 

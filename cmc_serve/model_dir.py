@@ -37,8 +37,8 @@ from cmc_common.contract import (
     RUNTIMES,
     SUPPORTED_FORMAT_VERSIONS,
 )
-from cmc_common.errors import CmcError
 from cmc_common.files import file_digest
+from cmc_serve.errors import SegmentError
 
 if TYPE_CHECKING:
     from cmc_serve.dicom.codes import ClassCode
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ModelDirError(CmcError, ValueError):
+class ModelDirError(SegmentError, ValueError):
     """The model directory is missing, malformed or from an unsupported version."""
 
 

@@ -39,7 +39,7 @@ from nibabel.openers import ImageOpener
 
 from cmc_common.errors import CmcError
 from cmc_common.files import atomic_write
-from cmc_serve.compatibility import CompatibilityError, parse_axis_codes
+from cmc_serve.compatibility import parse_axis_codes
 from cmc_serve.volume import Volume, axcodes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -88,10 +88,7 @@ def load_nifti(path: str | Path, assume_orientation: str | None = None) -> Nifti
     """
     path = Path(path)
     if assume_orientation is not None:
-        try:
-            assume_orientation = parse_axis_codes(assume_orientation)
-        except CompatibilityError as exc:
-            raise NiftiError(f"assume_orientation: {exc}") from None
+        assume_orientation = parse_axis_codes(assume_orientation)
     if not path.is_file():
         raise NiftiError(f"{path}: no such file")
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cmc_train.errors import ConfigError
 from cmc_train.normalisation import checked, default_normalisation
 
 
@@ -37,11 +38,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.img_size % self.vit_patch:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of vit_patch {self.vit_patch}")
+            raise ConfigError(f"img_size {self.img_size} is not a multiple of vit_patch {self.vit_patch}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+            raise ConfigError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
         if self.num_classes < 2:
-            raise ValueError("num_classes counts the background and must be >= 2")
+            raise ConfigError("num_classes counts the background and must be >= 2")
 
     @property
     def grid_size(self) -> int:
@@ -58,7 +59,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         d = dict(d)
         if "global_attn_indexes" in d:
             d["global_attn_indexes"] = tuple(d["global_attn_indexes"])
@@ -96,7 +97,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 def model_config(name: str, num_classes: int) -> ModelConfig:
     """A named preset with the data's number of classes (background included)."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
     return ModelConfig(num_classes=num_classes, **MODEL_PRESETS[name])
 
 
@@ -117,8 +118,8 @@ def named_or_yaml_run_config(config: str, num_classes: int,
         return preset_run_config(config, num_classes, modalities)
     path = Path(config)
     if path.suffix not in (".yaml", ".yml"):
-        raise ValueError(f"--config {config!r}: use a preset ({', '.join(MODEL_PRESETS)}) or a "
-                         ".yaml run config")
+        raise ConfigError(f"--config {config!r}: use a preset ({', '.join(MODEL_PRESETS)}) or a "
+                          ".yaml run config")
     return RunConfig.load_yaml(path)
 
 
@@ -136,21 +137,21 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
-            raise ValueError(f"need two distinct modality names, got {self.modalities}")
+            raise ConfigError(f"need two distinct modality names, got {self.modalities}")
         if self.orientation != "RAS":
-            raise ValueError("only RAS orientation is supported")
+            raise ConfigError("only RAS orientation is supported")
         if not self.normalisation:
             object.__setattr__(self, "normalisation",
                                {m: default_normalisation(m) for m in self.modalities})
         missing = [m for m in self.modalities if m not in self.normalisation]
         if missing:
-            raise ValueError(f"no normalisation for modalities {missing}")
+            raise ConfigError(f"no normalisation for modalities {missing}")
         valid = {}
         for m, norm in self.normalisation.items():
             try:
                 valid[m] = checked(norm)
             except ValueError as exc:
-                raise ValueError(f"normalisation of modality {m}: {exc}") from None
+                raise ConfigError(f"normalisation of modality {m}: {exc}") from None
         object.__setattr__(self, "normalisation", valid)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +164,7 @@ class PreprocessConfig:
         spacing = [float(s) for s in d["spacing"]]
         modalities = list(d["modalities"])
         if len(spacing) != 3 or len(modalities) != 2:
-            raise ValueError(f"need 3 spacings and 2 modalities, got {spacing} and {modalities}")
+            raise ConfigError(f"need 3 spacings and 2 modalities, got {spacing} and {modalities}")
         return cls(modalities=(modalities[0], modalities[1]),
                    spacing=(spacing[0], spacing[1], spacing[2]),
                    orientation=d.get("orientation", "RAS"),
@@ -213,11 +214,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r} (authors | sigmoid)")
+            raise ConfigError(f"unknown schedule {self.schedule!r} (authors | sigmoid)")
         if self.dice not in DICE_FORMS:
-            raise ValueError(f"unknown dice {self.dice!r} ({' | '.join(DICE_FORMS)})")
+            raise ConfigError(f"unknown dice {self.dice!r} ({' | '.join(DICE_FORMS)})")
         if not 0.0 <= self.intensity_jitter < 1.0:
-            raise ValueError(f"intensity_jitter must lie in [0, 1), got {self.intensity_jitter}")
+            raise ConfigError(f"intensity_jitter must lie in [0, 1), got {self.intensity_jitter}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,7 +228,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown train config keys: {sorted(unknown)}")
         # cmc writes every field, so a config without `dice` is one written before it existed,
         # which trained with the per-sample Dice: a resumed run or a reused config.yaml keeps
         # the loss it started with.
@@ -262,7 +263,7 @@ class RunConfig:
         try:
             data = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{path}: cannot read config ({exc})") from exc
+            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
         if not isinstance(data, dict) or "model" not in data or "preprocess" not in data:
-            raise ValueError(f"{path}: not a cmc run config (needs 'model' and 'preprocess')")
+            raise ConfigError(f"{path}: not a cmc run config (needs 'model' and 'preprocess')")
         return cls.from_dict(data)

@@ -22,6 +22,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from cmc_train.errors import ConfigError
+
 KINDS = ("ct_window", "zscore_nonzero", "percentile_zscore")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -50,31 +52,31 @@ def parse_normalisation(text: str) -> dict[str, Any]:
     try:
         low, high = (float(v) for v in args.split(":"))
     except ValueError:
-        raise ValueError(f"{text!r} is not a normalisation; use {SYNTAX}") from None
+        raise ConfigError(f"{text!r} is not a normalisation; use {SYNTAX}") from None
     if name == "window":
         return checked({"kind": "ct_window", "low": low, "high": high})
     if name == "percentile":
         return checked({"kind": "percentile_zscore", "lower": low, "upper": high})
-    raise ValueError(f"{text!r} is not a normalisation; use {SYNTAX}")
+    raise ConfigError(f"{text!r} is not a normalisation; use {SYNTAX}")
 
 
 def checked(norm: Mapping[str, Any]) -> dict[str, Any]:
     """`norm` if it is a valid settings dict (numbers made floats), else ValueError."""
     kind = norm.get("kind")
     if kind not in KINDS:
-        raise ValueError(f"unknown normalisation {dict(norm)!r} (kinds: {', '.join(KINDS)})")
+        raise ConfigError(f"unknown normalisation {dict(norm)!r} (kinds: {', '.join(KINDS)})")
     out = dict(norm)
     bounds = {"ct_window": ("low", "high"), "percentile_zscore": ("lower", "upper")}.get(kind)
     if bounds:
         try:
             low, high = float(norm[bounds[0]]), float(norm[bounds[1]])
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{kind} needs numbers {bounds[0]} and {bounds[1]}, got "
-                             f"{dict(norm)!r}") from None
+            raise ConfigError(f"{kind} needs numbers {bounds[0]} and {bounds[1]}, got "
+                              f"{dict(norm)!r}") from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"{kind} needs {bounds[0]} < {bounds[1]}, got {low} and {high}")
+            raise ConfigError(f"{kind} needs {bounds[0]} < {bounds[1]}, got {low} and {high}")
         if kind == "percentile_zscore" and not (0.0 <= low and high <= 100.0):
-            raise ValueError(f"percentiles must lie in [0, 100], got {low} and {high}")
+            raise ConfigError(f"percentiles must lie in [0, 100], got {low} and {high}")
         out[bounds[0]], out[bounds[1]] = low, high
     return out
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from cmc_train.errors import ConfigError
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. under taskset or a scheduler)."""
@@ -36,6 +38,6 @@ def set_threads(threads: int | None) -> int:
 
     count = default_threads() if threads is None else threads
     if count < 1:
-        raise ValueError(f"--threads must be >= 1, got {count}")
+        raise ConfigError(f"--threads must be >= 1, got {count}")
     torch.set_num_threads(count)
     return count

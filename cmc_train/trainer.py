@@ -49,6 +49,7 @@ from cmc_train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from cmc_train.errors import ConfigError
 from cmc_train.evaluate import ValidationSet, validate
 from cmc_train.losses import cac_loss, consistency_weights, csc_loss, supervised_loss
 from cmc_train.network import build_cmc, load_sam_med3d_encoder
@@ -87,7 +88,7 @@ class Ablation:
 
     def __post_init__(self) -> None:
         if self.single_modality not in (None, *ROLES):
-            raise ValueError(f"single_modality must be 'a' or 'b', got {self.single_modality!r}")
+            raise ConfigError(f"single_modality must be 'a' or 'b', got {self.single_modality!r}")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -1,9 +1,10 @@
 """`cmc listen` as one call: `listen(model, ListenOptions(...), SegmentOptions(...))`.
 
-Start-up refuses, with one `ListenError` line and before anything listens, what would make
-the node useless later: an unreadable model, bad pairing rules, an unusable runtime, a
-malformed destination, a spool that is not a spool, a non-loopback address without an
-allow-list, a port in use. Then: the Storage SCP and (optionally) the status page serve in
+Start-up refuses, with one `CmcError` line and before anything listens, what would make
+the node useless later: an unreadable model, bad pairing rules, an unusable runtime (the
+`ModelDirError`, `PairingError` or `RuntimeUnavailable` of that check, as `cmc segment`
+raises them), a spool that is not a spool (`SpoolError`), a malformed destination, a
+non-loopback address without an allow-list, a port in use (`ListenError`). Then: the Storage SCP and (optionally) the status page serve in
 background threads and the worker runs in the calling thread until `stop` is set or
 SIGTERM/SIGINT arrives; the study in flight is finished (segmented and its delivery
 attempted) before the node exits, and whatever is left resumes at the next start, failed
@@ -94,26 +95,22 @@ def _say_to_stderr(text: str) -> None:
 def _open_segmenter(model: Path, options: SegmentOptions) -> Segmenter:
     """The one Segmenter of the node, after the checks `cmc segment` makes before a run."""
     from cmc_common.contract import MODES
-    from cmc_serve.model_dir import ModelDirError, ModelInfo
-    from cmc_serve.pipeline.pairing import PairingError, PairingRules
-    from cmc_serve.runtimes import RuntimeUnavailable
+    from cmc_serve.model_dir import ModelInfo
+    from cmc_serve.pipeline.pairing import PairingRules
 
-    try:
-        info = ModelInfo.load(model)
-        if options.pairing:
-            PairingRules.from_yaml(options.pairing, info.modalities)
-        segmenter = options.make_segmenter(info)
-    except (ModelDirError, PairingError, RuntimeUnavailable) as exc:
-        raise ListenError(str(exc)) from exc
+    info = ModelInfo.load(model)
+    if options.pairing:
+        PairingRules.from_yaml(options.pairing, info.modalities)
+    segmenter = options.make_segmenter(info)
     # Load the graph complete studies use now: a runtime that cannot run here stops the
     # node at start-up, not at its first study; other modes load on first use.
     mode = options.mode if options.mode != "auto" else next(
         (m for m in MODES if m in info.modes), "fused")
     try:
         segmenter.runtime_for(mode)
-    except RuntimeUnavailable as exc:
+    except BaseException:
         segmenter.close()
-        raise ListenError(str(exc)) from exc
+        raise
     return segmenter
 
 
@@ -147,7 +144,7 @@ def listen(model: Path | str, options: ListenOptions | None = None,
            stop: threading.Event | None = None) -> None:
     """Run the node until `stop` is set or a stop signal arrives (see module docstring).
 
-    Raises ListenError (one line) when the node cannot start.
+    Raises a CmcError (one line, see the module docstring) when the node cannot start.
     """
     model = Path(model)
     options = options or ListenOptions()
@@ -169,9 +166,10 @@ def listen(model: Path | str, options: ListenOptions | None = None,
             # last check (a refused start creates nothing); held until the node stops
             spool = Spool.open(options.spool, exclusive=True)
         except SpoolError as exc:
-            hint = ("; a running node takes --redeliver / --release from its status page's "
-                    "buttons (--http-port)" if options.redeliver or options.release else "")
-            raise ListenError(f"{exc}{hint}") from exc
+            if not (options.redeliver or options.release):
+                raise
+            raise SpoolError(f"{exc}; a running node takes --redeliver / --release from its "
+                             "status page's buttons (--http-port)") from exc
         scp = StorageSCP(spool, options.ae_title, options.host, options.port, options.allow,
                          say)
         worker = Worker(spool, model, seg_options, segmenter, routing, options.retry,

@@ -7,7 +7,9 @@ or a service gets exactly what the command does (same checks, same messages, sam
 Order of a run, and why:
 1. Everything that can refuse the run is checked first (model dir and the sizes of its
    graph files, pairing rules, OUT not inside INPUT, cases found, shard, dicom-seg needs
-   DICOM input) and fails with one `SegmentError` carrying the one-line message.
+   DICOM input) and fails with the one-line message of the check that refused it, a
+   `SegmentError` (cmc_serve/errors.py: every refusal's class is one, so it is raised
+   where the problem is found and passes through here unchanged).
 2. The runtime of every mode the cases will run in is opened (`planned_modes`, from the
    headers alone): its graph files are checked against cmc.json's sha256, and a runtime
    that cannot run here (no GPU, not installed, unreachable Triton server) refuses the run
@@ -38,19 +40,18 @@ from cmc_common.contract import (
     PRECISIONS,
     SERVING_RUNTIMES,
 )
-from cmc_common.errors import CmcError
 from cmc_serve import __version__
-from cmc_serve.compatibility import Assumptions, CompatibilityError, parse_axis_codes
+from cmc_serve.compatibility import Assumptions, parse_axis_codes
 from cmc_serve.engine import Segmenter
-from cmc_serve.model_dir import ModelDirError, ModelInfo, unverified_message
+from cmc_serve.errors import SegmentError, SegmentOptionError
+from cmc_serve.model_dir import ModelInfo, unverified_message
 from cmc_serve.pipeline import cases as case_mod
 from cmc_serve.pipeline import library_warnings, outputs, shard_env, shards
 from cmc_serve.pipeline.batch import BatchRunner
 from cmc_serve.pipeline.html_report import write_batch_report_html
-from cmc_serve.pipeline.pairing import PairingError, PairingRules
+from cmc_serve.pipeline.pairing import PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
 from cmc_serve.pipeline.run_case import QC_FULL, QC_LEVELS, QC_ON, planned_modes
-from cmc_serve.runtimes import RuntimeUnavailable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -59,24 +60,8 @@ OUTPUT_TYPES = outputs.OUTPUT_TYPES
 MAX_JOBS = 16
 # report.json records the options under the command line's names where a field's differs
 _FLAG_NAMES = {"resume": "continue"}
-
-# The errors of the steps below that refuse a run; each already holds its one-line message.
-_REFUSALS = (ModelDirError, case_mod.CaseDiscoveryError, PairingError, RuntimeUnavailable,
-             outputs.OutputError, shard_env.ShardChoiceError)
-
-
-class SegmentError(CmcError):
-    """The run was refused (nothing written) or its runtime proved unusable; str() is the
-    one-line message naming the file or option and the problem."""
-
-
-class SegmentOptionError(SegmentError, ValueError):
-    """A `SegmentOptions` value is not accepted; `option` names the field, `problem` says why
-    (so a command line can report it against its own flag)."""
-
-    def __init__(self, option: str, problem: str) -> None:
-        super().__init__(f"{option}: {problem}")
-        self.option, self.problem = option, problem
+__all__ = ["SegmentError", "SegmentOptionError", "SegmentOptions", "SegmentRunResult",
+           "parse_output_types", "segment"]
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -150,11 +135,8 @@ class SegmentOptions:
                                                 f"{MAX_OVERLAP}")
         if not 1 <= self.jobs <= MAX_JOBS:
             raise SegmentOptionError("jobs", f"{self.jobs} is not in the range 1 to {MAX_JOBS}")
-        if isinstance(self.shard, str):
-            try:
-                choice = shard_env.parse_shard_text(self.shard, os.environ)
-            except shard_env.ShardChoiceError as exc:
-                raise SegmentOptionError("shard", str(exc)) from None
+        if isinstance(self.shard, str):  # a ShardChoiceError refuses the `shard` option
+            choice = shard_env.parse_shard_text(self.shard, os.environ)
             object.__setattr__(self, "shard", (choice.index, choice.count))
             object.__setattr__(self, "shard_source", choice.source)
         elif self.shard is not None:
@@ -164,12 +146,9 @@ class SegmentOptions:
                                                   "1 <= I <= N, e.g. (2, 4)")
             if self.shard_source is None:
                 object.__setattr__(self, "shard_source", shard_env.ShardSource("option"))
-        if self.assume_orientation is not None:
-            try:
-                object.__setattr__(self, "assume_orientation",
-                                   parse_axis_codes(self.assume_orientation))
-            except CompatibilityError as exc:
-                raise SegmentOptionError("assume_orientation", str(exc)) from None
+        if self.assume_orientation is not None:  # SegmentOptionError naming the field
+            object.__setattr__(self, "assume_orientation",
+                               parse_axis_codes(self.assume_orientation))
 
     @property
     def share(self) -> tuple[int, int] | None:
@@ -276,21 +255,15 @@ def _open_checked(info: ModelInfo, rules: PairingRules, found: list[case_mod.Cas
 
 def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: SegmentOptions,
          console: Console | None, given: Segmenter | None) -> SegmentRunResult:
-    try:
-        info = ModelInfo.load(model)
-        rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
-                 else PairingRules.default(info.modalities))
-        found = _find_cases(input, input_b, out, options)
-        if options.share and options.shard_source:
-            shard_env.check_out_sharding(out, *options.share, options.shard_source)
-        segmenter = _open_checked(info, rules, found, options, given)
-    except _REFUSALS as exc:
-        raise SegmentError(str(exc)) from exc
+    info = ModelInfo.load(model)
+    rules = (PairingRules.from_yaml(options.pairing, info.modalities) if options.pairing
+             else PairingRules.default(info.modalities))
+    found = _find_cases(input, input_b, out, options)
+    if options.share and options.shard_source:
+        shard_env.check_out_sharding(out, *options.share, options.shard_source)
+    segmenter = _open_checked(info, rules, found, options, given)
     with segmenter if given is None else nullcontext(segmenter):
-        try:
-            outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
-        except outputs.OutputError as exc:
-            raise SegmentError(str(exc)) from exc
+        outputs.prepare_output_root(out, __version__)  # last: a refused run creates nothing
         records = shards.shard_dir(out, *options.share) if options.share else out
         # Made now, not with the first record: a shard of another N starting later sees it.
         records.mkdir(parents=True, exist_ok=True)
@@ -307,8 +280,6 @@ def _run(input: Path, out: Path, model: Path, input_b: Path | None, options: Seg
         try:
             BatchRunner(out, info, segmenter, rules, options, report, console,
                         records).run(found)
-        except (RuntimeUnavailable, ModelDirError) as exc:
-            raise SegmentError(str(exc)) from exc
         finally:
             if options.share:
                 shards.merge_shards(out, options.share[1])  # also writes report.html

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmc_common.errors import CmcError
+from cmc_serve.errors import SegmentError
 from cmc_serve.nifti_io import NIFTI_SUFFIXES, is_nifti_path
 from cmc_serve.pipeline.pairing import SeriesSummary
 
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>000[01])$")
 
 
-class CaseDiscoveryError(CmcError, ValueError):
+class CaseDiscoveryError(SegmentError, ValueError):
     """INPUT holds nothing that can be segmented, or the inputs do not fit together."""
 
 

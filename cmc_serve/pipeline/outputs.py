@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from cmc_common.errors import CmcError
 from cmc_common.files import atomic_write
+from cmc_serve.errors import SegmentError
 
 if TYPE_CHECKING:
     from cmc_serve.dicom.derived import Provenance
@@ -64,7 +64,7 @@ DICOM_TYPES = {"dicom-seg": SEG_DICOM, "rtstruct": RTSTRUCT_DICOM, "sr": SR_DICO
 OUTPUT_ALIASES = {"seg": "dicom-seg", "dicom-rtstruct": "rtstruct", "dicom-sr": "sr"}
 
 
-class OutputError(CmcError, ValueError):
+class OutputError(SegmentError, ValueError):
     """OUT cannot be used, or an output failed its checks."""
 
 

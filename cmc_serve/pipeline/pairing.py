@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from cmc_common.contract import ROLES
-from cmc_common.errors import CmcError
+from cmc_serve.errors import SegmentError
 
 DEFAULT_EXCLUDE = r"(?i)localizer|localiser|scout|topogram|survey|pilot|surview|scanogram"
 
@@ -49,7 +49,7 @@ _DICOM_MODALITY = {
 }
 
 
-class PairingError(CmcError, ValueError):
+class PairingError(SegmentError, ValueError):
     """No valid or an ambiguous assignment of series to modalities a/b."""
 
 

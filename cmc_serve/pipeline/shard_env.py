@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmc_common.errors import CmcError
+from cmc_serve.errors import SegmentOptionError
 from cmc_serve.pipeline import shards
 from cmc_serve.pipeline.cases import CaseDiscoveryError, parse_shard
 
@@ -48,9 +48,15 @@ SLURM_VARIABLES = (SLURM_ID, SLURM_MIN, SLURM_MAX, SLURM_STEP, SLURM_COUNT)
 _AUTO = re.compile(r"\s*auto\s*(?:/\s*(\d+)\s*)?")
 
 
-class ShardChoiceError(CmcError, ValueError):
+class ShardChoiceError(SegmentOptionError):
     """The shard cannot be decided (malformed text, no or inconsistent scheduler environment,
-    OUT holding another sharding); str() is the one line naming what was read."""
+    OUT holding another sharding); str() is the one line naming what was read. A refusal of
+    the `shard` option whose message is the problem alone: it names --shard or the scheduler
+    variables it read itself."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__("shard", problem)
+        self.args = (problem,)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from cmc_common.errors import CmcError
+from cmc_serve.errors import SegmentError
 
 
-class RuntimeUnavailable(CmcError, RuntimeError):
+class RuntimeUnavailable(SegmentError, RuntimeError):
     """The requested runtime/device/precision cannot run here (not installed, no GPU,
     incompatible engine, silent fallback detected)."""
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from cmc_common.errors import CmcError
 from cmc_train.data.datalist import Datalist, Entry
+from cmc_train.errors import ConfigError
 
 AMOS_MODALITIES: tuple[str, str] = ("ct", "mr")
 AMOS_MAX_CT_ID = 500
@@ -63,9 +64,9 @@ class SplitOptions:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.labelled_ratio <= 1.0:
-            raise ValueError(f"labelled ratio must be in (0, 1], got {self.labelled_ratio}")
+            raise ConfigError(f"labelled ratio must be in (0, 1], got {self.labelled_ratio}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"validation fraction must be in [0, 1), got {self.val_fraction}")
 
 
 def _group_key(entry: Entry) -> tuple[str, ...]:
@@ -202,8 +203,8 @@ def import_mscmr(root: Path | str, options: SplitOptions, modalities: tuple[str,
     root, out_dir = Path(root), Path(out_dir)
     unknown = [m for m in modalities if m not in MSCMR_SEQUENCES]
     if unknown or len(set(modalities)) != 2:
-        raise ValueError(f"choose two distinct MS-CMRSeg sequences of {sorted(MSCMR_SEQUENCES)}, "
-                         f"got {list(modalities)}")
+        raise ConfigError(f"choose two distinct MS-CMRSeg sequences of {sorted(MSCMR_SEQUENCES)}, "
+                          f"got {list(modalities)}")
     if not root.is_dir():
         raise DatasetLayoutError(f"{root}: not a folder")
     sequence_to_modality = {MSCMR_SEQUENCES[m]: m for m in modalities}

@@ -21,6 +21,7 @@ from torch import nn
 
 from cmc_common.contract import MODES, Mode
 from cmc_train.config import ModelConfig
+from cmc_train.errors import ConfigError
 from cmc_train.network.vit3d import ImageEncoderViT3D
 
 
@@ -143,7 +144,7 @@ def patch_levels(vit_patch: int) -> int:
     """L with vit_patch = 2^L; the decoder doubles the resolution L times."""
     levels = vit_patch.bit_length() - 1
     if vit_patch < 2 or 2**levels != vit_patch:
-        raise ValueError(f"vit_patch must be a power of two >= 2, got {vit_patch}")
+        raise ConfigError(f"vit_patch must be a power of two >= 2, got {vit_patch}")
     return levels
 
 
@@ -153,8 +154,8 @@ def skip_block_indices(depth: int, levels: int) -> tuple[int, ...]:
     For depth 12, p = 16 this gives blocks 3, 6, 9 (1-based), UNETR's choice.
     """
     if depth < levels:
-        raise ValueError(f"depth {depth} is too shallow for {levels - 1} skip levels "
-                         f"(needs depth >= {levels})")
+        raise ConfigError(f"depth {depth} is too shallow for {levels - 1} skip levels "
+                          f"(needs depth >= {levels})")
     return tuple(round(depth * k / levels) - 1 for k in range(1, levels))
 
 

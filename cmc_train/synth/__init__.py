@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from cmc_train.data.datalist import Datalist, Entry
+from cmc_train.errors import ConfigError
 from cmc_train.synth.dicom_series import StudyInfo, deterministic_uid, write_dicom_series
 from cmc_train.synth.hard_study import make_hard_pair
 from cmc_train.synth.phantom import CLASSES, Grid, PhantomPair, make_pair
@@ -79,15 +80,15 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
     the default, is the phantom described above.
     """
     if difficulty not in PAIR_MAKERS:
-        raise ValueError(f"difficulty must be one of {', '.join(PAIR_MAKERS)}, got "
-                         f"{difficulty!r}")
+        raise ConfigError(f"difficulty must be one of {', '.join(PAIR_MAKERS)}, got "
+                          f"{difficulty!r}")
     make = PAIR_MAKERS[difficulty]
     if cases < 1:
-        raise ValueError(f"need at least one training case, got {cases}")
+        raise ConfigError(f"need at least one training case, got {cases}")
     if not 0.0 < labelled_ratio <= 1.0:
-        raise ValueError(f"labelled ratio must be in (0, 1], got {labelled_ratio}")
+        raise ConfigError(f"labelled ratio must be in (0, 1], got {labelled_ratio}")
     if val_cases < 0 or test_cases < 0:
-        raise ValueError("validation and test case counts must be >= 0")
+        raise ConfigError("validation and test case counts must be >= 0")
     out = Path(out)
     n_labelled = max(1, int(round(labelled_ratio * cases)))
     labelled_idx = set(np.random.default_rng([seed, 2**31]).permutation(cases)[:n_labelled])

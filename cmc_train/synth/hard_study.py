@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cmc_train.errors import ConfigError
 from cmc_train.synth.hard_anatomy import (
     FIRST_LESION,
     MAX_LESIONS,
@@ -153,7 +154,7 @@ def make_hard_pair(rng: np.random.Generator, size: int = 64, offset_mm: float = 
     is moved along z by up to 15 % of its nominal length, so organs at its ends are cut.
     """
     if size < 16:
-        raise ValueError(f"phantom size must be >= 16 voxels, got {size}")
+        raise ConfigError(f"phantom size must be >= 16 voxels, got {size}")
     nominal = np.full(3, 1.5 * size)
     subject_a = sample_hard_anatomy(rng, nominal)
     subject_b = subject_a if unpaired_rng is None else sample_hard_anatomy(unpaired_rng,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from cmc_train.errors import ConfigError
+
 CLASSES: tuple[str, ...] = ("background", "liver", "spleen", "kidney_r", "kidney_l")
 
 # Tissue codes of the rendered tissue map; TISSUE_TO_LABEL gives each code's class label.
@@ -353,7 +355,7 @@ def make_pair(rng: np.random.Generator, size: int = 64, offset_mm: float = 10.0,
     (the AMOS situation: CT and MRI of different patients).
     """
     if size < 16:
-        raise ValueError(f"phantom size must be >= 16 voxels, got {size}")
+        raise ConfigError(f"phantom size must be >= 16 voxels, got {size}")
     fov_a = SPACING_A * size
     centre = rng.uniform(-5.0, 5.0, 3)
     grid_a = centred_grid(fov_a, SPACING_A, "RAS", centre)
