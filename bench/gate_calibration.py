@@ -21,8 +21,9 @@ import numpy as np
 import onnx
 from engine import cpu_features, cpu_model  # bench/engine.py: every row names the CPU
 
-from cmc_export.emulated_precision import emulate, inject
+from cmc_export.emulated_precision import emulate
 from cmc_export.errors import GateFailed
+from cmc_export.fault_injection import inject
 from cmc_export.fp16 import FP32_OPS, convert_fp16
 from cmc_export.gate_inputs import mode_inputs, synthetic_tiles
 from cmc_export.gates import (

@@ -95,10 +95,12 @@ class OutputType(Vocabulary):
     SR = "sr"
 
 
-MODES: tuple[Mode, ...] = tuple(Mode)
+# The vocabularies as tuples of their members, in their documented order; typed as str so
+# that a value read from a file or the command line indexes what is built from them.
+MODES: tuple[str, ...] = tuple(Mode)
 # The two modality roles; a mode reads the roles of its graph inputs, and a single-modality
 # mode is named by its role.
-ROLES: tuple[Mode, ...] = (Mode.A, Mode.B)
+ROLES: tuple[str, ...] = (Mode.A, Mode.B)
 # Graph inputs per mode and the one output (DESIGN.md "Graph I/O"): softmax probabilities.
 MODE_INPUTS: dict[str, tuple[str, ...]] = {
     Mode.FUSED: ("image_a", "image_b"),
@@ -121,18 +123,18 @@ MODE_OUTPUTS: dict[str, tuple[str, ...]] = {
 # output types).
 AUTO = "auto"
 # Runtimes that run an exported graph file (what cmc.json's graph entries name).
-RUNTIMES: tuple[Runtime, ...] = (Runtime.ONNXRUNTIME, Runtime.OPENVINO, Runtime.TENSORRT)
+RUNTIMES: tuple[str, ...] = (Runtime.ONNXRUNTIME, Runtime.OPENVINO, Runtime.TENSORRT)
 # Runtimes a segmentation can run on: a graph file, or the patch models of a Triton server.
-SERVING_RUNTIMES: tuple[Runtime, ...] = (*RUNTIMES, Runtime.TRITON)
-PRECISIONS: tuple[Precision, ...] = tuple(Precision)
-DEVICES: tuple[Device, ...] = tuple(Device)
+SERVING_RUNTIMES: tuple[str, ...] = (*RUNTIMES, Runtime.TRITON)
+PRECISIONS: tuple[str, ...] = tuple(Precision)
+DEVICES: tuple[str, ...] = tuple(Device)
 # Export formats and the runtime that runs each.
-RUNTIME_OF_FORMAT: dict[str, Runtime] = {ExportFormat.ONNX: Runtime.ONNXRUNTIME,
+RUNTIME_OF_FORMAT: dict[str, str] = {ExportFormat.ONNX: Runtime.ONNXRUNTIME,
                                          ExportFormat.OPENVINO: Runtime.OPENVINO,
                                          ExportFormat.TENSORRT: Runtime.TENSORRT}
-EXPORT_FORMATS: tuple[ExportFormat, ...] = tuple(ExportFormat)
-QC_LEVELS: tuple[QcLevel, ...] = tuple(QcLevel)
-OUTPUT_TYPES: tuple[OutputType, ...] = tuple(OutputType)
+EXPORT_FORMATS: tuple[str, ...] = tuple(ExportFormat)
+QC_LEVELS: tuple[str, ...] = tuple(QcLevel)
+OUTPUT_TYPES: tuple[str, ...] = tuple(OutputType)
 
 # Sliding-window overlap: the step is patch * (1 - overlap), so overlap 1 would never move;
 # above 0.95 the tile count grows past 8000x a non-overlapping grid for no measurable gain.

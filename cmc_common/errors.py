@@ -31,10 +31,14 @@ class OptionError(CmcError, ValueError):
         self.option, self.problem = option, problem
 
 
-def one_line(exc: BaseException) -> str:
-    """Another library's exception as one line of a CmcError message: its whole text with
-    the line breaks folded (pydicom's decoder errors list each plugin's failure on a line of
-    its own, and the first line alone names none of them), or its type when it says
-    nothing."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+def one_line(exc: object, *, first_line: bool = False) -> str:
+    """Another library's exception (or its message) as one line of a CmcError message: its
+    whole text with the line breaks folded (pydicom's decoder errors list each plugin's
+    failure on a line of its own, and the first line alone names none of them), or its type
+    when it says nothing. `first_line`: only the first line, for errors whose next lines are
+    a listing a one-line message cannot hold (torch's missing and unexpected state_dict
+    keys, a DICOM parser's dump)."""
+    text = str(exc).strip()
+    if first_line:
+        text = text.splitlines()[0] if text else ""
+    return " ".join(text.split()) or type(exc).__name__

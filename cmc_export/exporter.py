@@ -36,6 +36,9 @@ from cmc_common.contract import (
     MODEL_JSON,
     MODES,
     PRECISIONS,
+    ExportFormat,
+    Precision,
+    Runtime,
 )
 from cmc_common.files import file_digest
 from cmc_export.errors import ExportError, GateFailed
@@ -49,16 +52,18 @@ from cmc_export.gates import (
     outputs_parity,
     run_batched,
 )
-from cmc_export.quantise import INT8, Int8Stage
+from cmc_export.quantise import Int8Stage
 from cmc_export.staging import check_output, staged
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
 from cmc_serve.model_dir import graph_entry, refused_entry, write_model_json
 
 # Without an OpenVINO graph, the ONNX graph a python-backend Triton patch model serves.
-PYTHON_BACKEND_PREFERENCE = (("onnxruntime", "fp32"), ("onnxruntime", "fp16"))
-NATIVE_BACKEND_PREFERENCE = {"onnxruntime": (("onnxruntime", "fp32"), ("onnxruntime", "fp16")),
-                             "openvino": (("openvino", "fp32"),),
-                             "tensorrt": (("tensorrt", "fp16"), ("tensorrt", "fp32"))}
+PYTHON_BACKEND_PREFERENCE = ((Runtime.ONNXRUNTIME, Precision.FP32),
+                             (Runtime.ONNXRUNTIME, Precision.FP16))
+NATIVE_BACKEND_PREFERENCE = {"onnxruntime": PYTHON_BACKEND_PREFERENCE,
+                             "openvino": ((Runtime.OPENVINO, Precision.FP32),),
+                             "tensorrt": ((Runtime.TENSORRT, Precision.FP16),
+                                          (Runtime.TENSORRT, Precision.FP32))}
 
 
 @dataclass
@@ -93,8 +98,9 @@ def _check_precisions(values: Sequence[str]) -> tuple[tuple[str, ...], bool]:
 def _check_backend(backend: str, formats: Sequence[str]) -> None:
     if backend not in BACKENDS:
         raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
-    needed = {"python": ("onnx", "openvino"), "onnxruntime": ("onnx",),
-              "openvino": ("openvino",), "tensorrt": ("tensorrt",)}[backend]
+    needed = {"python": (ExportFormat.ONNX, ExportFormat.OPENVINO),
+              "onnxruntime": (ExportFormat.ONNX,), "openvino": (ExportFormat.OPENVINO,),
+              "tensorrt": (ExportFormat.TENSORRT,)}[backend]
     if not set(needed) & set(formats):
         raise ExportError(f"Triton backend {backend} needs format {' or '.join(needed)} "
                           f"(requested {list(formats)})")
@@ -187,7 +193,7 @@ class _Exporter:
             gate = outputs_parity(label, reference, probs, MODE_OUTPUTS[mode], self.classes,
                                   noise, self.thresholds)
         except GateFailed as exc:
-            if self.half_required or precision == "fp32":
+            if self.half_required or precision == Precision.FP32:
                 raise
             self.log(f"refused: {exc} (left out; `--precision auto` keeps the other graphs)")
             self.refused.append(refused_entry(mode, runtime, precision, str(exc),
@@ -209,10 +215,10 @@ class _Exporter:
         from cmc_export.patch_graph import patch_graph, torch_runner
 
         graph = patch_graph(self.net, mode)
-        keep_fp32 = "onnx" in formats and "fp32" in precisions
+        keep_fp32 = ExportFormat.ONNX in formats and Precision.FP32 in precisions
         onnx_dir = self.root / "onnx" if keep_fp32 else self.work
         fp32_path = onnx_dir / f"{mode}_fp32.onnx"
-        model = export_onnx(graph, mode, self.patch, fp32_path, self.props(mode, "fp32"))
+        model = export_onnx(graph, mode, self.patch, fp32_path, self.props(mode, Precision.FP32))
         sets = {"random": random_patches(mode, self.patch),
                 "synthetic": mode_inputs(self.tiles(), mode)}
         outputs = MODE_OUTPUTS[mode]
@@ -224,26 +230,26 @@ class _Exporter:
                            candidate, self.thresholds, outputs)
         gate = {"kind": "fp32_parity", "reference": "pytorch", **gate}
         if keep_fp32:
-            self.add(mode, "onnxruntime", "fp32", fp32_path, gate)
+            self.add(mode, Runtime.ONNXRUNTIME, Precision.FP32, fp32_path, gate)
         else:
             self.log(f"gate {mode}/onnxruntime/fp32 (reference only): {describe_gate(gate)}")
         reference = candidate["synthetic"]
         self.fp32_graphs[mode] = model
 
-        if "onnx" in formats and "fp16" in precisions:
+        if ExportFormat.ONNX in formats and Precision.FP16 in precisions:
             path = self.root / "onnx" / f"{mode}_fp16.onnx"
             fp16 = convert_fp16(model)
-            set_metadata_props(fp16, self.props(mode, "fp16"))
+            set_metadata_props(fp16, self.props(mode, Precision.FP16))
             check_and_save(fp16, path)
-            if not self.gate_candidate(mode, "onnxruntime", "fp16", path,
+            if not self.gate_candidate(mode, Runtime.ONNXRUNTIME, Precision.FP16, path,
                                        f"{path.name} (onnxruntime fp16)",
                                        onnxruntime_runner(path, outputs=outputs), reference):
                 path.unlink()
-        if "onnx" in formats and "bf16" in precisions:
+        if ExportFormat.ONNX in formats and Precision.BF16 in precisions:
             self.skip("onnx bf16: ONNX Runtime has no bf16 CPU kernels; bf16 is served by OpenVINO")
-        if "openvino" in formats:
+        if ExportFormat.OPENVINO in formats:
             self.export_openvino(mode, fp32_path, precisions, reference)
-        if "tensorrt" in formats:
+        if ExportFormat.TENSORRT in formats:
             self.export_tensorrt(mode, fp32_path, precisions, reference)
 
     def rounding_noise(self, mode: str, precision: str, reference: np.ndarray
@@ -255,7 +261,7 @@ class _Exporter:
         from cmc_export.onnx_export import onnxruntime_runner
 
         outputs = MODE_OUTPUTS[mode]
-        if precision == "fp32":
+        if precision == Precision.FP32:
             return {name: RoundingNoise(precision, 0.0, 0.0) for name in outputs}
         if (mode, precision) not in self.noise:
             emulated = run_batched(onnxruntime_runner(emulate(self.fp32_graphs[mode], precision),
@@ -279,16 +285,16 @@ class _Exporter:
                 self.skip(reason)
             else:
                 wanted.append(precision)
-        hinted = [p for p in wanted if p != INT8]  # precisions the fp32 IR runs at
+        hinted = [p for p in wanted if p != Precision.INT8]  # precisions the fp32 IR runs at
         if not wanted:
             return
         # The fp32 IR is also int8's source; asked for int8 alone, it is not kept.
         xml = (self.root / "openvino" if hinted else self.work) / f"{mode}_fp32.xml"
-        export_openvino(onnx_path, xml, self.props(mode, "fp32"))
-        if INT8 in wanted and self.int8 is not None:
+        export_openvino(onnx_path, xml, self.props(mode, Precision.FP32))
+        if Precision.INT8 in wanted and self.int8 is not None:
             self.int8.export(self, mode, xml, onnx_path)
         for precision in hinted:
-            self.gate_candidate(mode, "openvino", precision, xml,
+            self.gate_candidate(mode, Runtime.OPENVINO, precision, xml,
                                 f"{xml.name} (openvino {precision})",
                                 openvino_runner(xml, precision, MODE_INPUTS[mode],
                                                 self.max_batch, outputs=MODE_OUTPUTS[mode]),
@@ -305,7 +311,7 @@ class _Exporter:
             plan = self.root / "tensorrt" / f"{mode}_{precision}.plan"
             build_engine(onnx_path, plan, MODE_INPUTS[mode], self.patch, self.max_batch,
                          precision, timing_cache=self.root / "tensorrt" / "timing.cache")
-            if not self.gate_candidate(mode, "tensorrt", precision, plan,
+            if not self.gate_candidate(mode, Runtime.TENSORRT, precision, plan,
                                        f"{plan.name} (tensorrt {precision})",
                                        tensorrt_runner(plan, MODE_OUTPUTS[mode]), reference):
                 plan.unlink()
@@ -324,11 +330,11 @@ class _Exporter:
         """
         entries = {(g["runtime"], g["precision"]): g for g in self.report_graphs
                    if g["mode"] == mode}
-        openvino = tuple(p for p in PRECISIONS if ("openvino", p) in entries)
+        openvino = tuple(p for p in PRECISIONS if (Runtime.OPENVINO, p) in entries)
         if backend == "python" and openvino:
-            file = self.root / entries["openvino", openvino[0]]["file"]
-            int8 = entries.get(("openvino", INT8))
-            return PatchGraph(mode, "openvino", AUTO, file, openvino,
+            file = self.root / entries[Runtime.OPENVINO, openvino[0]]["file"]
+            int8 = entries.get((Runtime.OPENVINO, Precision.INT8))
+            return PatchGraph(mode, Runtime.OPENVINO, AUTO, file, openvino,
                               self.root / int8["file"] if int8 else None)
         preference = (PYTHON_BACKEND_PREFERENCE if backend == "python"
                       else NATIVE_BACKEND_PREFERENCE[backend])
@@ -371,7 +377,7 @@ def _class_codes(path: Path | str | None, classes: Sequence[str]) -> dict[str, A
 
 
 def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
-           formats: Sequence[str] = ("onnx", "openvino"),
+           formats: Sequence[str] = (ExportFormat.ONNX, ExportFormat.OPENVINO),
            precisions: Sequence[str] = (AUTO,),
            modes: Sequence[str] = MODES, max_batch: int = 8, triton_backend: str = "python",
            force: bool = False, thresholds: Thresholds = THRESHOLDS,
@@ -395,22 +401,22 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ExportError(f"model name {name!r} must be letters, digits, '_' or '-'")
     skipped = []
-    if "tensorrt" in formats:
+    if ExportFormat.TENSORRT in formats:
         from cmc_export.tensorrt_build import tensorrt_unavailable_reason
 
         reason = tensorrt_unavailable_reason()
-        if reason and formats == ("tensorrt",):
+        if reason and formats == (ExportFormat.TENSORRT,):
             raise ExportError(f"cannot export to TensorRT: {reason}")
         if reason:
             skipped.append(f"tensorrt: {reason}")
-            formats = tuple(f for f in formats if f != "tensorrt")
+            formats = tuple(f for f in formats if f != ExportFormat.TENSORRT)
     _check_backend(triton_backend, formats)
     check_output(out_dir, force)
     net, metadata = _load(ckpt_path)
     metadata = {**metadata, "codes": _class_codes(codes, metadata["classes"])}
     int8 = (Int8Stage(ckpt_path, metadata, int(net.cfg.img_size),
                       Path(calibration) if calibration else None, required=half_required)
-            if INT8 in precisions and "openvino" in formats else None)
+            if Precision.INT8 in precisions and ExportFormat.OPENVINO in formats else None)
     with staged(out_dir) as tmp:
         job = _Exporter(tmp, net, metadata, sha256_file(ckpt_path), max_batch, thresholds, log,
                         half_required)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmc_common.contract import GRAPH_OUTPUT, MODE_OUTPUTS, MODES
+from cmc_common.contract import GRAPH_OUTPUT, MODE_OUTPUTS, MODES, Mode
 
 if TYPE_CHECKING:
     from cmc_train.network import CMCNet
@@ -42,7 +42,7 @@ class FusedPatchGraph(_PatchGraph):
     """(image_a, image_b) -> (probs, probs_a, probs_b): the mean of the two branch softmaxes
     (exactly `CMCNet.predict(..., "fused")`) and each branch's softmax."""
 
-    mode = "fused"
+    mode = Mode.FUSED
 
     def forward(self, image_a: torch.Tensor, image_b: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -56,25 +56,25 @@ class FusedPatchGraph(_PatchGraph):
 class ModalityAPatchGraph(_PatchGraph):
     """image_a -> probs of branch a (the network feeds the image to both branches)."""
 
-    mode = "a"
+    mode = Mode.A
 
     def forward(self, image_a: torch.Tensor) -> torch.Tensor:
-        return self.net.predict(image_a, None, "a")
+        return self.net.predict(image_a, None, Mode.A)
 
 
 class ModalityBPatchGraph(_PatchGraph):
     """image_b -> probs of branch b (the network feeds the image to both branches)."""
 
-    mode = "b"
+    mode = Mode.B
 
     def forward(self, image_b: torch.Tensor) -> torch.Tensor:
-        return self.net.predict(None, image_b, "b")
+        return self.net.predict(None, image_b, Mode.B)
 
 
 _WRAPPERS: dict[str, type[_PatchGraph]] = {
-    "fused": FusedPatchGraph,
-    "a": ModalityAPatchGraph,
-    "b": ModalityBPatchGraph,
+    Mode.FUSED: FusedPatchGraph,
+    Mode.A: ModalityAPatchGraph,
+    Mode.B: ModalityBPatchGraph,
 }
 
 

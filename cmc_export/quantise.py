@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
+from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Precision, Runtime
 from cmc_export.calibration import CalibrationUnavailable, TileSets, find_datalist, tile_sets
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.int8_gate import INT8_THRESHOLDS, Int8Thresholds, int8_parity
@@ -114,7 +114,7 @@ class Int8Stage:
     def export(self, job: Exporting, mode: str, fp32_xml: Path, fp32_onnx: Path) -> None:
         """Quantise and gate the int8 graph of `mode`; add it to the export, or record why
         not (raised instead when int8 was named: `job.half_required`)."""
-        int8_xml = job.root / "openvino" / f"{mode}_{INT8}.xml"
+        int8_xml = job.root / "openvino" / f"{mode}_{Precision.INT8}.xml"
         try:
             tiles = self.tiles()
             job.log(f"int8 {mode}: calibrating on {tiles.calibration['image_a'].shape[0]} tiles "
@@ -129,12 +129,12 @@ class Int8Stage:
             reason = str(exc) if isinstance(exc, ExportError) else (
                 f"{int8_xml.name}: {type(exc).__name__}: {' '.join(str(exc).split())}")
             numbers = exc.numbers if isinstance(exc, GateFailed) else {}
-            job.log(f"refused: openvino {INT8} {mode}: {reason} (left out; `--precision auto` "
+            job.log(f"refused: openvino int8 {mode}: {reason} (left out; `--precision auto` "
                     "keeps the other graphs)")
-            job.refused.append(refused_entry(mode, "openvino", INT8, reason,
+            job.refused.append(refused_entry(mode, Runtime.OPENVINO, Precision.INT8, reason,
                                              {"kind": "int8_parity", **numbers}))
             return
-        job.add(mode, "openvino", INT8, int8_xml, gate)
+        job.add(mode, Runtime.OPENVINO, Precision.INT8, int8_xml, gate)
 
     def quantise_and_gate(self, job: Exporting, mode: str, fp32_xml: Path, fp32_onnx: Path,
                           int8_xml: Path, tiles: TileSets) -> dict[str, Any]:
@@ -145,11 +145,11 @@ class Int8Stage:
         from cmc_export.openvino_export import openvino_runner
 
         inputs, outputs = MODE_INPUTS[mode], MODE_OUTPUTS[mode]
-        quantise_ir(fp32_xml, int8_xml, tiles.calibration, inputs, job.props(mode, INT8))
+        quantise_ir(fp32_xml, int8_xml, tiles.calibration, inputs, job.props(mode, Precision.INT8))
         held_out = mode_inputs(tiles.gate, mode)
         reference = run_batched(onnxruntime_runner(fp32_onnx, outputs=outputs), held_out,
                                 job.max_batch)
-        candidate = run_batched(openvino_runner(int8_xml, INT8, inputs, job.max_batch,
+        candidate = run_batched(openvino_runner(int8_xml, Precision.INT8, inputs, job.max_batch,
                                                 outputs=outputs), held_out, job.max_batch)
         numbers = int8_parity(f"{int8_xml.name} (openvino int8)", reference, candidate, outputs,
                               job.classes, self.thresholds)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import Precision
 from cmc_export.errors import ExportError
 
 try:
@@ -33,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the host
     trt = None  # type: ignore[assignment, unused-ignore]
 
-TRT_PRECISIONS = ("fp32", "fp16")
+TRT_PRECISIONS = (Precision.FP32, Precision.FP16)
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 
 
@@ -66,7 +67,7 @@ def builder_settings(precision: str, patch_size: int, max_batch: int, inputs: Se
     shapes = profile_shapes(patch_size, max_batch)
     return {
         "precision": precision,
-        "flags": ["FP16"] if precision == "fp16" else [],
+        "flags": ["FP16"] if precision == Precision.FP16 else [],
         "workspace_bytes": workspace_bytes,
         "profile": {name: {"min": list(shapes.min), "opt": list(shapes.opt),
                            "max": list(shapes.max)} for name in inputs},
@@ -79,7 +80,7 @@ def _shape_arg(inputs: Sequence[str], shape: tuple[int, ...]) -> str:
 
 
 def trtexec_command(onnx_path: Path, plan_path: Path, inputs: Sequence[str], patch_size: int,
-                    max_batch: int, precision: str = "fp16", timing_cache: Path | None = None,
+                    max_batch: int, precision: str = Precision.FP16, timing_cache: Path | None = None,
                     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> str:
     """The `trtexec` command line that builds the same engine as `build_engine`."""
     settings = builder_settings(precision, patch_size, max_batch, inputs, timing_cache,
@@ -90,7 +91,7 @@ def trtexec_command(onnx_path: Path, plan_path: Path, inputs: Sequence[str], pat
             f"--optShapes={_shape_arg(inputs, shapes.opt)}",
             f"--maxShapes={_shape_arg(inputs, shapes.max)}",
             f"--memPoolSize=workspace:{settings['workspace_bytes'] >> 20}"]
-    if precision == "fp16":
+    if precision == Precision.FP16:
         argv.append("--fp16")
     if timing_cache:
         argv.append(f"--timingCacheFile={timing_cache}")
@@ -130,7 +131,7 @@ def _load_timing_cache(config: trt.IBuilderConfig, timing_cache: Path | None) ->
 
 
 def build_engine(onnx_path: Path, plan_path: Path, inputs: Sequence[str], patch_size: int,
-                 max_batch: int, precision: str = "fp16", timing_cache: Path | None = None,
+                 max_batch: int, precision: str = Precision.FP16, timing_cache: Path | None = None,
                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> dict[str, Any]:
     """Build and serialize an engine; write the plan and its JSON build record; return the record."""
     reason = tensorrt_unavailable_reason()
@@ -147,7 +148,7 @@ def build_engine(onnx_path: Path, plan_path: Path, inputs: Sequence[str], patch_
         raise ExportError(f"{onnx_path.name}: TensorRT cannot parse the graph ({errors})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp16":
+    if precision == Precision.FP16:
         config.set_flag(trt.BuilderFlag.FP16)
     shapes = profile_shapes(patch_size, max_batch)
     profile = builder.create_optimization_profile()

@@ -21,14 +21,16 @@ from typing import Any
 
 import cmc_model_repository
 
-from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
+from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, RUNTIMES, Mode, Runtime
 from cmc_export.errors import ExportError
 
-BACKENDS = ("python", "onnxruntime", "openvino", "tensorrt")
+# The python backend (cmc's own model code) or a graph runtime's native Triton backend.
+BACKENDS = ("python", *RUNTIMES)
 # Triton's `platform` / `backend` line and the file name its native backends look for.
-_NATIVE = {"onnxruntime": ('platform: "onnxruntime_onnx"', "model.onnx"),
-           "openvino": ('backend: "openvino"', "model.xml"),
-           "tensorrt": ('platform: "tensorrt_plan"', "model.plan")}
+_NATIVE: dict[str, tuple[str, str]] = {
+    Runtime.ONNXRUNTIME: ('platform: "onnxruntime_onnx"', "model.onnx"),
+    Runtime.OPENVINO: ('backend: "openvino"', "model.xml"),
+    Runtime.TENSORRT: ('platform: "tensorrt_plan"', "model.plan")}
 # The top-level `cmc_model_repository` package (package data in a wheel, the checkout otherwise).
 MODEL_CODE_DIR = Path(cmc_model_repository.__file__).resolve().parent
 
@@ -47,7 +49,7 @@ class PatchGraph:
 
 def patch_model_name(name: str, mode: str) -> str:
     """`<name>_patch` for the fused graph, `<name>_patch_<mode>` for single-modality graphs."""
-    return f"{name}_patch" if mode == "fused" else f"{name}_patch_{mode}"
+    return f"{name}_patch" if mode == Mode.FUSED else f"{name}_patch_{mode}"
 
 
 def _dims(values: Sequence[int]) -> str:
@@ -77,7 +79,7 @@ def patch_model_config(model_name: str, backend: str, graph: PatchGraph, patch_s
         raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
     patch = [1, patch_size, patch_size, patch_size]
     inputs = MODE_INPUTS[graph.mode]
-    kind = "KIND_GPU" if graph.runtime == "tensorrt" else "KIND_CPU"
+    kind = "KIND_GPU" if graph.runtime == Runtime.TENSORRT else "KIND_CPU"
     head = 'backend: "python"' if backend == "python" else _NATIVE[backend][0]
     warmup_inputs = "\n".join(
         f'    inputs {{\n      key: "{n}"\n      value {{ data_type: TYPE_FP32 dims: {_dims(patch)} '

@@ -35,6 +35,8 @@ from cmc_common.contract import (
     GRAPH_OUTPUT,
     MODE_INPUTS,
     MODES,
+    Device,
+    Mode,
     check_overlap,
 )
 from cmc_common.errors import CmcError
@@ -82,8 +84,8 @@ class Segmenter:
     tiles to `server`) and kept; `close()` (or a `with` block) releases them.
     """
 
-    def __init__(self, model: str | Path | ModelInfo, runtime: str = "auto", device: str = "cpu",
-                 precision: str = "auto", overlap: float = 0.5, tta: bool = False,
+    def __init__(self, model: str | Path | ModelInfo, runtime: str = AUTO, device: str = Device.CPU,
+                 precision: str = AUTO, overlap: float = 0.5, tta: bool = False,
                  batch_size: int | None = None, return_probs: bool = False,
                  accumulator_dtype: str = "float32", server: str | None = None) -> None:
         self.model = model if isinstance(model, ModelInfo) else ModelInfo.load(model)
@@ -138,7 +140,7 @@ class Segmenter:
         `branches`: also return the fused pass's two decoders (module docstring).
         """
         mode = self._resolve_mode(image_a, image_b, mode)
-        if mode == "fused" and (identity_a is not None or identity_b is not None):
+        if mode == Mode.FUSED and (identity_a is not None or identity_b is not None):
             check_combination(identity_a or ImageFacts("image_a"),
                               identity_b or ImageFacts("image_b"), assumptions)
         images = {"image_a": image_a, "image_b": image_b}
@@ -167,7 +169,7 @@ class Segmenter:
 
     def _outputs(self, runtime: PatchRuntime, mode: str, branches: bool) -> tuple[str, ...]:
         """The graph outputs to fetch: `probs`, and the branches where asked and offered."""
-        if not branches or mode != "fused":
+        if not branches or mode != Mode.FUSED:
             return (GRAPH_OUTPUT,)
         if not set(BRANCH_OUTPUTS) <= set(runtime.outputs):
             log.info("segment: the fused graph on %s has no branch outputs %s (exported "
@@ -180,14 +182,14 @@ class Segmenter:
                       mode: str) -> str:
         available = self.model.modes
         if mode == AUTO:
-            if image_a is not None and image_b is not None and "fused" in available:
-                mode = "fused"
-            elif image_a is not None and "a" in available:
-                mode = "a"
-            elif image_b is not None and "b" in available:
-                mode = "b"
+            if image_a is not None and image_b is not None and Mode.FUSED in available:
+                mode = Mode.FUSED
+            elif image_a is not None and Mode.A in available:
+                mode = Mode.A
+            elif image_b is not None and Mode.B in available:
+                mode = Mode.B
             else:
-                given = [n for n, im in (("a", image_a), ("b", image_b)) if im is not None]
+                given = [n for n, im in ((Mode.A, image_a), (Mode.B, image_b)) if im is not None]
                 raise SegmenterInputError(f"no exported mode of {self.model.root} fits the images "
                                           f"given ({given or 'none'}; available modes "
                                           f"{list(available)})")

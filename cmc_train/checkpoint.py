@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from cmc_common.errors import CmcError
+from cmc_common.errors import CmcError, one_line
 from cmc_common.files import atomic_write
 from cmc_train import __version__
 from cmc_train.config import ModelConfig, PreprocessConfig
@@ -90,7 +90,7 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({one_line(exc, first_line=True)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a CMC checkpoint (no 'format': '{FORMAT}' entry)")
     version = payload.get("format_version")
@@ -143,12 +143,7 @@ def load_model(path: Path) -> tuple[CMCNet, dict[str, Any]]:
         net.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{path}: weights do not match the model config ({_first_line(exc)})"
+            f"{path}: weights do not match the model config ({one_line(exc, first_line=True)})"
         ) from exc
     net.eval()
     return net, ckpt.metadata
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,8 +14,9 @@ import pytest
 from export_fixtures import CLASSES, MICRO, PREPROCESS, micro_net
 from onnx import numpy_helper
 
-from cmc_export.emulated_precision import emulate, inject, round_to
+from cmc_export.emulated_precision import emulate, round_to
 from cmc_export.errors import ExportError, GateFailed
+from cmc_export.fault_injection import inject
 from cmc_export.fp16 import FP32_OPS, convert_fp16
 from cmc_export.gate_inputs import mode_inputs, random_patches, synthetic_tiles
 from cmc_export.gates import (

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cmc_common.errors import CmcError
+from cmc_common.errors import CmcError, one_line
 from cmc_common.progress import Say
 from cmc_serve.dicom.decoders import decodable_syntaxes, syntax_label, undecodable_reason
 from cmc_serve.node.spool import Spool, valid_uid
@@ -123,8 +123,8 @@ def check_instance(ds: Any) -> tuple[int, str] | None:
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # truncated or corrupt pixel data: pydicom raises many types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return CANNOT_UNDERSTAND, f"pixel data cannot be decoded ({first})"
+        return CANNOT_UNDERSTAND, ("pixel data cannot be decoded "
+                                   f"({one_line(exc, first_line=True)})")
     if pixels.shape[-2:] != (int(ds.Rows), int(ds.Columns)):
         return CANNOT_UNDERSTAND, (f"pixel data {pixels.shape} does not match Rows x Columns "
                                    f"{int(ds.Rows)} x {int(ds.Columns)}")
@@ -181,8 +181,9 @@ class StorageSCP:
             ds.file_meta = event.file_meta
             refusal = check_instance(ds)
         except Exception as exc:  # a dataset that does not even parse
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            refusal, ds = (CANNOT_UNDERSTAND, f"dataset cannot be decoded ({first})"), None
+            refusal = (CANNOT_UNDERSTAND,
+                       f"dataset cannot be decoded ({one_line(exc, first_line=True)})")
+            ds = None
         study_uid = str(ds.get("StudyInstanceUID", "")) if ds is not None else ""
         sop_uid = str(ds.get("SOPInstanceUID", "")) if ds is not None else ""
         if refusal is not None:

@@ -15,15 +15,17 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import Device, Precision, Runtime
 from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
 
 log = logging.getLogger(__name__)
 
 # execution provider -> ONNX Runtime provider list, most preferred first; CPU stays last
-# for the few ops a GPU provider does not implement (ORT assigns those node by node).
+# for the few ops a GPU provider does not implement (ORT assigns those node by node); a
+# device, or ORT's own TensorRT provider.
 PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    Device.CPU: ["CPUExecutionProvider"],
+    Device.CUDA: ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 
@@ -31,10 +33,10 @@ PROVIDERS = {
 class OnnxRuntimeRuntime:
     """One ONNX graph in an `onnxruntime.InferenceSession`."""
 
-    name = "onnxruntime"
+    name: str = Runtime.ONNXRUNTIME
 
     def __init__(self, path: Path, *, inputs: tuple[str, ...], output: str, precision: str,
-                 max_batch: int, execution_provider: str = "cpu") -> None:
+                 max_batch: int, execution_provider: str = Device.CPU) -> None:
         try:
             import onnxruntime as ort  # type: ignore[import-untyped,unused-ignore]
         except ImportError as exc:
@@ -50,10 +52,10 @@ class OnnxRuntimeRuntime:
                 f"{ort.get_available_providers()}); install onnxruntime-gpu on a CUDA host")
         providers: list[Any] = list(wanted)
         if execution_provider == "tensorrt":
-            providers[0] = (primary, {"trt_fp16_enable": precision == "fp16"})
+            providers[0] = (primary, {"trt_fp16_enable": precision == Precision.FP16})
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if execution_provider == "cpu":
+        if execution_provider == Device.CPU:
             # The memory pattern pre-plans one block for every intermediate of a run and keeps
             # it: about twice the memory per tile for no speed (BENCHMARKS.md, peak RSS).
             opts.enable_mem_pattern = False
@@ -75,7 +77,7 @@ class OnnxRuntimeRuntime:
         self.output = output
         offered = [o.name for o in self._session.get_outputs()]
         self.outputs = (output, *(n for n in offered if n != output))
-        self.device = "cpu" if execution_provider == "cpu" else "cuda"
+        self.device: str = Device.CPU if execution_provider == Device.CPU else Device.CUDA
         self.precision = precision
         self.max_batch = max_batch
         self.provider = primary

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import Device, Precision, Runtime
 from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
 from cmc_serve.runtimes.signal_stack import own_signal_stack
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 
 # An int8 IR carries its own quantised layers; the rest of it runs in fp32 on every CPU
 # (VNNI / AMX-INT8 make it fast, without them it still runs), so int8 needs no capability.
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
-CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16"}
+OV_PRECISION: dict[str, str] = {Precision.FP32: "f32", Precision.BF16: "bf16",
+                                Precision.FP16: "f16", Precision.INT8: "f32"}
+CAPABILITY: dict[str, str] = {Precision.FP32: "FP32", Precision.BF16: "BF16",
+                              Precision.FP16: "FP16"}
 
 
 @functools.cache
@@ -73,8 +76,8 @@ def unsupported_reason(precision: str) -> str | None:
 class OpenVinoRuntime:
     """One IR or ONNX graph compiled for the OpenVINO CPU plugin."""
 
-    name = "openvino"
-    device = "cpu"
+    name: str = Runtime.OPENVINO
+    device: str = Device.CPU
 
     def __init__(self, path: Path, *, inputs: tuple[str, ...], output: str, precision: str,
                  max_batch: int, num_threads: int | None = None) -> None:

@@ -28,18 +28,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cmc_common.contract import Device, Precision, Runtime
 from cmc_serve.runtimes.base import PatchRuntime
 
-INT8 = "int8"
+FP32, INT8 = Precision.FP32, Precision.INT8
 # Fastest first, per (runtime, device), by rule; fp32 is always last and always allowed.
 PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("openvino", "cpu"): ("bf16", "fp16", "fp32"),
-    ("onnxruntime", "cpu"): ("fp32",),
-    ("onnxruntime", "cuda"): ("fp16", "fp32"),
-    ("tensorrt", "cuda"): ("fp16", "fp32"),
+    (Runtime.OPENVINO, Device.CPU): (Precision.BF16, Precision.FP16, FP32),
+    (Runtime.ONNXRUNTIME, Device.CPU): (FP32,),
+    (Runtime.ONNXRUNTIME, Device.CUDA): (Precision.FP16, FP32),
+    (Runtime.TENSORRT, Device.CUDA): (Precision.FP16, FP32),
 }
 # Runtimes that run int8 graphs (cmc export quantises OpenVINO IR only).
-INT8_RUNTIMES = ("openvino",)
+INT8_RUNTIMES = (Runtime.OPENVINO,)
 # int8 is chosen when the rule's precision takes at least this many times its time per tile.
 INT8_MARGIN = 1.05
 # The measurement: one untimed warm-up run per precision, then MEASURE_ROUNDS interleaved
@@ -62,7 +63,7 @@ class PrecisionChoice:
 
 def native_reason(runtime: str, precision: str) -> str | None:
     """Why `runtime` cannot run `precision` natively on this host, or None if it can."""
-    if runtime == "openvino" and precision != "fp32":
+    if runtime == Runtime.OPENVINO and precision != FP32:
         from cmc_serve.runtimes.openvino_rt import unsupported_reason
 
         return unsupported_reason(precision)
@@ -72,8 +73,8 @@ def native_reason(runtime: str, precision: str) -> str | None:
 def rule_precision(runtime: str, device: str, gated: Collection[str]) -> PrecisionChoice:
     """The first precision of PREFERENCE[runtime, device] that is gated and native."""
     passed_over = []
-    for precision in PREFERENCE.get((runtime, device), ("fp32",)):
-        if precision == "fp32":
+    for precision in PREFERENCE.get((runtime, device), (FP32,)):
+        if precision == FP32:
             break
         if precision not in gated:
             passed_over.append(f"{precision}: no gated {precision} graph in the model")
@@ -84,7 +85,7 @@ def rule_precision(runtime: str, device: str, gated: Collection[str]) -> Precisi
                                               f"{runtime} runs natively on this {device}")
         passed_over.append(f"{precision}: not native here")
     why = "; ".join(passed_over) or f"{runtime} on {device} runs fp32 fastest"
-    return PrecisionChoice("fp32", f"auto: fp32 ({why})")
+    return PrecisionChoice(FP32, f"auto: fp32 ({why})")
 
 
 def choose_precision(runtime: str, device: str, gated: Collection[str],

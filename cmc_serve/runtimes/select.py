@@ -28,6 +28,9 @@ from cmc_common.contract import (
     MODEL_JSON,
     PRECISIONS,
     SERVING_RUNTIMES,
+    Device,
+    Precision,
+    Runtime,
 )
 from cmc_serve.model_dir import (
     GraphInfo,
@@ -38,7 +41,6 @@ from cmc_serve.model_dir import (
 )
 from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
 from cmc_serve.runtimes.precision import (
-    INT8,
     PrecisionChoice,
     choose_precision,
     measure_tile_seconds,
@@ -46,14 +48,17 @@ from cmc_serve.runtimes.precision import (
 
 log = logging.getLogger(__name__)
 
-AUTO_ORDER = {"cpu": ("openvino", "onnxruntime"), "cuda": ("tensorrt", "onnxruntime")}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    Device.CPU: (Runtime.OPENVINO, Runtime.ONNXRUNTIME),
+    Device.CUDA: (Runtime.TENSORRT, Runtime.ONNXRUNTIME),
+}
 
 
 def _open_onnxruntime(model: ModelInfo, mode: str, device: str, precision: str,
                       batch: int) -> PatchRuntime:
     from cmc_serve.runtimes.onnxruntime_rt import OnnxRuntimeRuntime
 
-    graph = _graph(model, mode, "onnxruntime", precision)
+    graph = _graph(model, mode, Runtime.ONNXRUNTIME, precision)
     return OnnxRuntimeRuntime(graph.path, inputs=graph.inputs, output=graph.output,
                               precision=precision, max_batch=batch, execution_provider=device)
 
@@ -62,16 +67,16 @@ def _open_openvino(model: ModelInfo, mode: str, device: str, precision: str,
                    batch: int) -> PatchRuntime:
     from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime
 
-    if device != "cpu":
+    if device != Device.CPU:
         raise RuntimeUnavailable("openvino runs on cpu here (no CUDA support)")
     # OpenVINO reads ONNX directly, so a model dir without IR still runs on it (not int8,
     # which is a quantised IR of its own).
     try:
-        graph = _graph(model, mode, "openvino", precision)
+        graph = _graph(model, mode, Runtime.OPENVINO, precision)
     except RuntimeUnavailable:
-        if precision == INT8:
+        if precision == Precision.INT8:
             raise
-        graph = _graph(model, mode, "onnxruntime", "fp32")
+        graph = _graph(model, mode, Runtime.ONNXRUNTIME, Precision.FP32)
     return OpenVinoRuntime(graph.path, inputs=graph.inputs, output=graph.output,
                            precision=precision, max_batch=batch)
 
@@ -80,9 +85,9 @@ def _open_tensorrt(model: ModelInfo, mode: str, device: str, precision: str,
                    batch: int) -> PatchRuntime:
     from cmc_serve.runtimes.tensorrt_rt import TensorRtRuntime
 
-    if device != "cuda":
+    if device != Device.CUDA:
         raise RuntimeUnavailable("tensorrt runs on cuda only")
-    graph = _graph(model, mode, "tensorrt", precision)
+    graph = _graph(model, mode, Runtime.TENSORRT, precision)
     return TensorRtRuntime(graph.path, inputs=graph.inputs, output=graph.output,
                            precision=precision, max_batch=batch)
 
@@ -101,9 +106,9 @@ def _open_triton(model: ModelInfo, mode: str, server: str) -> PatchRuntime:
 
 
 OPENERS: dict[str, Callable[[ModelInfo, str, str, str, int], PatchRuntime]] = {
-    "openvino": _open_openvino,
-    "onnxruntime": _open_onnxruntime,
-    "tensorrt": _open_tensorrt,
+    Runtime.OPENVINO: _open_openvino,
+    Runtime.ONNXRUNTIME: _open_onnxruntime,
+    Runtime.TENSORRT: _open_tensorrt,
 }
 TRITON_PRECISION_REASON = "set by the Triton server's patch model"
 
@@ -112,7 +117,7 @@ def gated_precisions(model: ModelInfo, mode: str, runtime: str) -> set[str]:
     """Precisions with a gated graph of `mode` for `runtime` (OpenVINO can always read the
     fp32 ONNX graph)."""
     gated = {g.precision for g in model.graphs if g.mode == mode and g.runtime == runtime}
-    return gated | {"fp32"} if runtime == "openvino" else gated
+    return gated | {Precision.FP32} if runtime == Runtime.OPENVINO else gated
 
 
 # (model folder, mode, precisions) -> seconds per tile: auto measures once per process.
@@ -141,7 +146,7 @@ def resolve_precision(model: ModelInfo, mode: str, runtime: str, device: str,
     int8 graph against the rule's choice where there is one), anything else stays."""
     if precision != AUTO:
         return PrecisionChoice(precision, "requested")
-    if runtime == "triton":
+    if runtime == Runtime.TRITON:
         return PrecisionChoice(precision, TRITON_PRECISION_REASON)
     return choose_precision(runtime, device, gated_precisions(model, mode, runtime),
                             lambda chosen: measured_seconds(model, mode, runtime, device, chosen))
@@ -162,14 +167,14 @@ def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphIn
 
 def check_server(runtime: str, server: str | None) -> None:
     """RuntimeUnavailable unless a Triton server is given exactly when runtime is triton."""
-    if runtime == "triton" and server is None:
+    if runtime == Runtime.TRITON and server is None:
         raise RuntimeUnavailable("--runtime triton needs --server grpc://HOST:PORT or "
                                  "http://HOST:PORT")
-    if runtime != "triton" and server is not None:
+    if runtime != Runtime.TRITON and server is not None:
         raise RuntimeUnavailable("--server is only used with --runtime triton")
 
 
-def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str = "cpu",
+def open_runtime(model: ModelInfo, mode: str, runtime: str = AUTO, device: str = Device.CPU,
                  precision: str = AUTO, max_batch: int | None = None,
                  server: str | None = None) -> PatchRuntime:
     """Open the patch graph of `mode` on the requested runtime/device/precision.
@@ -193,14 +198,14 @@ def open_runtime(model: ModelInfo, mode: str, runtime: str = "auto", device: str
     batch = model.max_batch if max_batch is None else max_batch
     if not 1 <= batch <= model.max_batch:
         raise ValueError(f"batch size {batch} outside 1..{model.max_batch} (the model's max_batch)")
-    candidates = AUTO_ORDER[device] if runtime == "auto" else (runtime,)
+    candidates = AUTO_ORDER[device] if runtime == AUTO else (runtime,)
     reasons = []
     for name in candidates:
         choice = resolve_precision(model, mode, name, device, precision)
         try:
             rt = OPENERS[name](model, mode, device, choice.precision, batch)
         except RuntimeUnavailable as exc:
-            if runtime != "auto":
+            if runtime != AUTO:
                 raise
             log.info("runtime auto: %s unavailable (%s)", name, exc)
             reasons.append(f"{name}: {exc}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cmc_common.contract import Device, Runtime
 from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
 
 try:
@@ -69,8 +70,8 @@ def _capability(value: Any) -> str:
 class TensorRtRuntime:
     """One deserialized TensorRT engine with an execution context and device buffers."""
 
-    name = "tensorrt"
-    device = "cuda"
+    name: str = Runtime.TENSORRT
+    device: str = Device.CUDA
 
     def __init__(self, path: Path, *, inputs: tuple[str, ...], output: str, precision: str,
                  max_batch: int) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
-from cmc_common.errors import CmcError
+from cmc_common.errors import CmcError, one_line
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch, check_outputs
 
@@ -87,10 +87,6 @@ class Endpoint:
         return f"{self.protocol}://{self.address}"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 class TritonConnection:
     """One tritonclient client of either protocol, with errors mapped to ours.
 
@@ -122,7 +118,7 @@ class TritonConnection:
         where = f"Triton at {self.endpoint} (model {model})"
         timeout = TritonTimeout(f"{where}: no answer within {self.timeout_s:g} s")
         if isinstance(exc, InferenceServerException):
-            status, message = str(exc.status()), _one_line(exc.message() or str(exc))
+            status, message = str(exc.status()), one_line(exc.message() or exc)
             if status in TIMEOUT_GRPC or message == HTTP_TIMEOUT_MESSAGE:
                 return timeout
             if status in TRANSIENT_GRPC:
@@ -133,8 +129,8 @@ class TritonConnection:
         # refused, reset, closed mid-response (geventhttpclient's own classes): no server
         if isinstance(exc, OSError) or type(exc).__module__.startswith("geventhttpclient"):
             return TritonUnavailable(f"{where}: server unreachable or gone "
-                                     f"({type(exc).__name__}: {_one_line(str(exc))})")
-        return TritonClientError(f"{where}: {type(exc).__name__}: {_one_line(str(exc))}")
+                                     f"({type(exc).__name__}: {one_line(exc)})")
+        return TritonClientError(f"{where}: {type(exc).__name__}: {one_line(exc)}")
 
     def check_ready(self, model: str) -> None:
         """Raise TritonUnavailable unless the server and `model` are ready."""
