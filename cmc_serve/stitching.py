@@ -2,23 +2,27 @@
 
 A full-volume float32 accumulator for K classes costs 4*K bytes per voxel (a 512x512x400
 CT with K=14 is 5.9 GB), far more than the uint8 labels we return. The volume is cut along
-its slowest axis D into slabs at every tile start/end; a slab's accumulator exists only
-while tiles touching it are outstanding. When the last one is in, the slab is normalised,
-argmax'ed into the uint8 output (and copied into the optional probability output) and
-freed. With tiles arriving D-major, at most about one patch depth of slabs is alive.
+its two slowest axes D and H at every tile start/end into blocks (a depth slab by a height
+strip, full width); a block's accumulator exists only while tiles touching it are
+outstanding. When the last one is in, the block is normalised, argmax'ed into the uint8
+output (and copied into the optional probability output) and freed. With tiles arriving
+D-major, then H-major, the slab the current tile row finishes is freed strip by strip as the
+row moves down H while the next slab fills strip by strip behind it, so about half a patch
+depth of the plane is alive (slabs alone, freed whole, kept a full patch depth: 400 MiB of
+float16 accumulators for a 512 x 400 plane with K = 8 and 128^3 patches, now about 250).
 
 The per-voxel arithmetic is the same as a naive full-volume accumulation in the same tile
-order (sum of p*w, then divide by the sum of w), so the probabilities are bit-identical to it
-with float32 accumulators. When only labels are asked for, the weight sum is not kept at all:
+order, whatever the blocks (sum of p*w, then divide by the sum of w), so the probabilities
+are bit-identical to it with float32 accumulators. When only labels are asked for, the weight sum is not kept at all:
 dividing a voxel's K sums by the same positive number cannot change which is largest, so the
 argmax of the sums is the label (it can differ only where rounding the quotients would make
-two classes tie exactly). That saves 4 bytes per voxel of every live slab, a fifth of the
+two classes tie exactly). That saves 4 bytes per voxel of every live block, a fifth of the
 accumulators with K = 8 in float16.
 
 With `branches` (quality control's branch agreement) a tile carries the fused graph's three
 outputs joined along the class axis, [probs, probs_a, probs_b] (3K channels), blended alike
-in the same slab accumulators, so the bound stays one patch depth (three times the
-channels). Each finished slab gives each decoder's argmax into a uint8 volume and, per
+in the same block accumulators, so the bound stays as above (three times the
+channels). Each finished block gives each decoder's argmax into a uint8 volume and, per
 fused label, the sum and count of the fused probability margin (top-1 minus top-2 of the
 normalised probabilities): nothing volume-sized in float is ever allocated for them.
 """
@@ -26,6 +30,7 @@ normalised probabilities): nothing volume-sized in float is ever allocated for t
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,20 +38,38 @@ import numpy as np
 from cmc_serve.qc.inputs import BranchOutputs
 from cmc_serve.tiling import TileGrid, clip_box
 
-FINALISE_SLICES = 4  # slices of a slab normalised at once (bounds the temporaries)
+FINALISE_SLICES = 4  # slices of a block normalised at once (bounds the temporaries)
 
 
 @dataclass
-class _Slab:
+class _Block:
+    """Depth slab [start, stop) by height strip [top, bottom), the volume's full width."""
+
     start: int
     stop: int
+    top: int
+    bottom: int
     remaining: int
-    acc: np.ndarray | None = None  # [C, d, H, W] weighted sum (C = K, or 3K with branches)
-    weight: np.ndarray | None = None  # [d, H, W] weight sum (float32): probs or branches
+    acc: np.ndarray | None = None  # [C, d, h, W] weighted sum (C = K, or 3K with branches)
+    weight: np.ndarray | None = None  # [d, h, W] weight sum (float32): probs or branches
 
 
-def _nbytes(slab: _Slab) -> int:
-    return sum(a.nbytes for a in (slab.acc, slab.weight) if a is not None)
+def _nbytes(block: _Block) -> int:
+    return sum(a.nbytes for a in (block.acc, block.weight) if a is not None)
+
+
+def _cuts(starts: Sequence[int], patch: int, size: int) -> tuple[list[int], dict[int, int]]:
+    """The positions where a tile's visible part starts or stops along one axis, and the
+    index of each in that sorted list (a tile spans the pieces between its two cuts)."""
+    cuts = sorted({c for s in starts for c in clip_box(s, patch, size)[:2]})
+    return cuts, {c: i for i, c in enumerate(cuts)}
+
+
+def _spans(cuts: list[int], starts: Sequence[int], patch: int, size: int) -> list[int]:
+    """How many tile positions along one axis touch each piece between cuts."""
+    boxes = [clip_box(s, patch, size)[:2] for s in starts]
+    return [sum(1 for b0, b1 in boxes if b0 < hi and lo < b1)
+            for lo, hi in itertools.pairwise(cuts)]
 
 
 class SlabStitcher:
@@ -76,21 +99,23 @@ class SlabStitcher:
                               if branches else None)
         self.margin_sum = np.zeros(num_classes, dtype=np.float64)
         self.voxel_count = np.zeros(num_classes, dtype=np.int64)
-        self._slabs = self._make_slabs()
+        self._d_cuts, self._d_index = _cuts(grid.starts[0], grid.patch[0], depth)
+        self._h_cuts, self._h_index = _cuts(grid.starts[1], grid.patch[1], height)
+        self._blocks = self._make_blocks()
         self._added = 0
         self.live_bytes = 0
         self.peak_bytes = 0
 
-    def _make_slabs(self) -> list[_Slab]:
-        depth, patch = self.grid.shape[0], self.grid.patch[0]
-        boxes = [clip_box(s, patch, depth)[:2] for s in self.grid.starts[0]]
-        cuts = sorted({c for box in boxes for c in box})
-        per_row = len(self.grid.starts[1]) * len(self.grid.starts[2])
-        slabs = []
-        for lo, hi in itertools.pairwise(cuts):
-            rows = sum(1 for b0, b1 in boxes if b0 < hi and lo < b1)
-            slabs.append(_Slab(start=lo, stop=hi, remaining=rows * per_row))
-        return slabs
+    def _make_blocks(self) -> list[list[_Block]]:
+        """[slab][strip]: each block expects one tile per (D, H) tile position touching it
+        and per W position."""
+        grid = self.grid
+        rows = _spans(self._d_cuts, grid.starts[0], grid.patch[0], grid.shape[0])
+        cols = _spans(self._h_cuts, grid.starts[1], grid.patch[1], grid.shape[1])
+        per_w = len(grid.starts[2])
+        return [[_Block(start=d0, stop=d1, top=h0, bottom=h1, remaining=r * c * per_w)
+                 for (h0, h1), c in zip(itertools.pairwise(self._h_cuts), cols, strict=True)]
+                for (d0, d1), r in zip(itertools.pairwise(self._d_cuts), rows, strict=True)]
 
     def add(self, origin: tuple[int, int, int], tile: np.ndarray) -> None:
         """Blend one tile's probabilities [C, P0, P1, P2] at `origin` (C: K, or 3K joined
@@ -99,66 +124,67 @@ class SlabStitcher:
             raise ValueError(f"tile shape {tile.shape} != {(self.channels, *self.grid.patch)}")
         (d0, d1, od), (h0, h1, oh), (w0, w1, ow) = (
             clip_box(o, p, n) for o, p, n in zip(origin, self.grid.patch, self.grid.shape, strict=True))
-        for slab in self._slabs:
-            if slab.stop <= d0 or slab.start >= d1:
-                continue
-            if slab.remaining <= 0:
-                raise ValueError(f"tile at {origin} added twice (slab {slab.start}:{slab.stop} "
-                                 "already complete)")
-            if slab.acc is None:
-                self._allocate(slab)
-            assert slab.acc is not None
-            ts = slice(od + slab.start - d0, od + slab.stop - d0)
-            hs, ws = slice(oh, oh + h1 - h0), slice(ow, ow + w1 - w0)
-            w = self.weights[ts, hs, ws]
-            slab.acc[:, :, h0:h1, w0:w1] += tile[:, ts, hs, ws] * w
-            if slab.weight is not None:
-                slab.weight[:, h0:h1, w0:w1] += w
-            slab.remaining -= 1
-            if slab.remaining == 0:
-                self._finalise(slab)
+        ws = slice(ow, ow + w1 - w0)
+        for slab in self._blocks[self._d_index[d0]:self._d_index[d1]]:
+            for block in slab[self._h_index[h0]:self._h_index[h1]]:
+                if block.remaining <= 0:
+                    raise ValueError(f"tile at {origin} added twice (block {block.start}:"
+                                     f"{block.stop} x {block.top}:{block.bottom} already "
+                                     "complete)")
+                if block.acc is None:
+                    self._allocate(block)
+                assert block.acc is not None
+                ts = slice(od + block.start - d0, od + block.stop - d0)
+                hs = slice(oh + block.top - h0, oh + block.bottom - h0)
+                w = self.weights[ts, hs, ws]
+                block.acc[:, :, :, w0:w1] += tile[:, ts, hs, ws] * w
+                if block.weight is not None:
+                    block.weight[:, :, w0:w1] += w
+                block.remaining -= 1
+                if block.remaining == 0:
+                    self._finalise(block)
         self._added += 1
 
-    def _allocate(self, slab: _Slab) -> None:
-        _, height, width = self.grid.shape
-        d = slab.stop - slab.start
-        slab.acc = np.zeros((self.channels, d, height, width), dtype=self.acc_dtype)
+    def _allocate(self, block: _Block) -> None:
+        shape = (block.stop - block.start, block.bottom - block.top, self.grid.shape[2])
+        block.acc = np.zeros((self.channels, *shape), dtype=self.acc_dtype)
         if self.probs is not None or self.branches:
-            slab.weight = np.zeros((d, height, width), dtype=np.float32)
-        self.live_bytes += _nbytes(slab)
+            block.weight = np.zeros(shape, dtype=np.float32)
+        self.live_bytes += _nbytes(block)
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
-    def _finalise(self, slab: _Slab) -> None:
-        """Argmax (and normalise, if probabilities are kept) the slab a few slices at a time:
-        a whole-slab float32 copy and int64 argmax would double the slab's memory at its peak."""
-        assert slab.acc is not None
+    def _finalise(self, block: _Block) -> None:
+        """Argmax (and normalise, if probabilities are kept) the block a few slices at a time:
+        a whole-block float32 copy and int64 argmax would double its memory at its peak."""
+        assert block.acc is not None
         k = self.num_classes
-        for lo in range(0, slab.stop - slab.start, FINALISE_SLICES):
-            hi = min(lo + FINALISE_SLICES, slab.stop - slab.start)
-            out = slice(slab.start + lo, slab.start + hi)
+        rows = slice(block.top, block.bottom)
+        for lo in range(0, block.stop - block.start, FINALISE_SLICES):
+            hi = min(lo + FINALISE_SLICES, block.stop - block.start)
+            out = (slice(block.start + lo, block.start + hi), rows)
             if self.probs is None and not self.branches:
-                self.labels[out] = np.argmax(slab.acc[:, lo:hi], axis=0)
+                self.labels[out] = np.argmax(block.acc[:, lo:hi], axis=0)
                 continue
-            assert slab.weight is not None
-            probs = slab.acc[:k, lo:hi].astype(np.float32)
-            probs /= slab.weight[lo:hi]
+            assert block.weight is not None
+            probs = block.acc[:k, lo:hi].astype(np.float32)
+            probs /= block.weight[lo:hi]
             if self.probs is None:  # the labels of a labels-only run, whatever QC asks
-                self.labels[out] = np.argmax(slab.acc[:k, lo:hi], axis=0)
+                self.labels[out] = np.argmax(block.acc[:k, lo:hi], axis=0)
             else:
                 self.labels[out] = np.argmax(probs, axis=0)
-                self.probs[:, out] = probs
+                self.probs[(slice(None), *out)] = probs
             if self.branches:
-                self._finalise_branches(slab.acc[k:, lo:hi], probs, self.labels[out], out)
-        self.live_bytes -= _nbytes(slab)
-        slab.acc = slab.weight = None
+                self._finalise_branches(block.acc[k:, lo:hi], probs, self.labels[out], out)
+        self.live_bytes -= _nbytes(block)
+        block.acc = block.weight = None
 
     def _finalise_branches(self, branch_acc: np.ndarray, probs: np.ndarray, labels: np.ndarray,
-                           out: slice) -> None:
+                           out: tuple[slice, slice]) -> None:
         """Each decoder's labels and, per fused label, the fused margin's sum and count."""
         assert self.branch_labels is not None
         k = self.num_classes
-        self.branch_labels[0, out] = np.argmax(branch_acc[:k], axis=0)
-        self.branch_labels[1, out] = np.argmax(branch_acc[k:], axis=0)
+        self.branch_labels[(0, *out)] = np.argmax(branch_acc[:k], axis=0)
+        self.branch_labels[(1, *out)] = np.argmax(branch_acc[k:], axis=0)
         top_two = np.partition(probs, k - 2, axis=0)[k - 2:]
         flat = labels.ravel()
         self.margin_sum += np.bincount(flat, weights=(top_two[1] - top_two[0]).ravel(),
@@ -175,7 +201,7 @@ class SlabStitcher:
 
     @property
     def complete(self) -> bool:
-        return all(s.remaining == 0 for s in self._slabs)
+        return all(b.remaining == 0 for slab in self._blocks for b in slab)
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels uint8 [D, H, W] and probabilities float32 [K, D, H, W] (if kept)."""

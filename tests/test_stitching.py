@@ -107,6 +107,43 @@ def test_accumulator_memory_does_not_grow_with_depth() -> None:
     assert deep <= 16 * 40 * 40 * 4 * 4 * 1.5
 
 
+def test_accumulators_hold_about_half_a_patch_depth_of_the_plane() -> None:
+    """Blocks are freed strip by strip: the slab a tile row finishes goes as the row moves
+    down H while the next one fills behind it, so one step (half a patch) of the plane plus
+    two strips of it are alive, not the two whole slabs (one patch depth) that freeing whole
+    slabs kept."""
+    shape, patch, k = (64, 128, 40), (16, 16, 16), 4
+    grid = TileGrid.build(shape, patch, 0.5)
+    stitcher = SlabStitcher(grid, k, gaussian_importance(patch))
+    tile = np.full((k, *patch), 0.25, np.float32)
+    for origin in grid.origins():
+        stitcher.add(origin, tile)
+    stitcher.result()
+    plane_slice = k * shape[1] * shape[2] * 4  # float32, labels only: no weight sum
+    step = patch[0] // 2
+    assert stitcher.peak_bytes == plane_slice * (step + step * 2 * step // shape[1])
+    assert stitcher.peak_bytes < plane_slice * patch[0] * 0.6
+
+
+def test_tiles_in_any_order_give_the_same_labels() -> None:
+    """Triton's volume model may blend tiles as they come back: blocks are allocated and
+    finalised by count, so the order changes memory, never the labels (float32 sums of two
+    or more terms may round differently, so the tiles are dyadic: every order is exact)."""
+    grid = TileGrid.build((40, 50, 30), (16, 16, 16), 0.5)
+    weights = np.full(grid.patch, 0.5, np.float32)
+    rng = np.random.default_rng(3)
+    tiles = [rng.integers(0, 8, size=(3, *grid.patch)).astype(np.float32) / 8
+             for _ in range(len(grid))]
+    expected = naive_stitch(grid, tiles, weights, 3)
+    stitcher = SlabStitcher(grid, 3, weights, keep_probs=True)
+    for index in rng.permutation(len(grid)):
+        stitcher.add(list(grid.origins())[index], tiles[index])
+    labels, probs = stitcher.result()
+    np.testing.assert_array_equal(probs, expected)
+    np.testing.assert_array_equal(labels, expected.argmax(0))
+    assert stitcher.live_bytes == 0
+
+
 def test_incomplete_or_repeated_tiles_are_errors() -> None:
     grid = TileGrid.build((20, 20, 20), (16, 16, 16), 0.5)
     stitcher = SlabStitcher(grid, 2, gaussian_importance(grid.patch))
