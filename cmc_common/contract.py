@@ -4,8 +4,9 @@ An exported model directory is read by code that never saw the checkpoint (`cmc 
 a Triton server, another host), so the names of its modes, runtimes, precisions and
 devices, the graph I/O names and the `cmc.json` format are one contract: `cmc_train`,
 `cmc_export` and `cmc_serve` import them from here instead of spelling them out. The
-`cmc.json` document itself is read and written in one place, `cmc_serve.model_dir`
-(`ModelInfo.load`, `write_model_json`); its layout is in docs/DESIGN.md.
+`cmc.json` document itself is read in one place, `cmc_serve.model_dir` (`ModelInfo.load`),
+and written in one, `cmc_serve.model_json` (`write_model_json`); its layout is in
+docs/DESIGN.md.
 
 Each vocabulary is a `StrEnum`: a member is the str it stands for (equal to it, same hash,
 written as it by json, f-strings and `str.join`; `Vocabulary` makes its repr the value's

@@ -55,7 +55,7 @@ from cmc_export.gates import (
 from cmc_export.quantise import Int8Stage
 from cmc_export.staging import check_output, staged
 from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
-from cmc_serve.model_dir import graph_entry, refused_entry, write_model_json
+from cmc_serve.model_json import ModelJson, graph_entry, refused_entry, write_model_json
 
 # Without an OpenVINO graph, the ONNX graph a python-backend Triton patch model serves.
 PYTHON_BACKEND_PREFERENCE = ((Runtime.ONNXRUNTIME, Precision.FP32),
@@ -345,8 +345,8 @@ class _Exporter:
         return PatchGraph(mode, key[0], key[1], self.root / entries[key]["file"])
 
     def write_model_json(self, name: str, backend: str, triton_models: Mapping[str, str]) -> None:
-        write_model_json(
-            self.root, name=name, cmc_version=_cmc_version(),
+        write_model_json(self.root, ModelJson(
+            name=name, cmc_version=_cmc_version(),
             modalities=self.metadata["modalities"], classes=self.classes,
             patch_size=[self.patch] * 3, max_batch=self.max_batch,
             preprocessing=self.metadata["preprocessing"], checkpoint_sha256=self.sha256,
@@ -355,7 +355,7 @@ class _Exporter:
             triton_patch_models=triton_models,
             postprocessing=self.metadata.get("postprocessing"),
             qc_reference=self.metadata.get("qc_reference"),
-            codes=self.metadata.get("codes"))
+            codes=self.metadata.get("codes")))
 
 
 def _cmc_version() -> str:

@@ -31,8 +31,7 @@ from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Precision, Runtime
 from cmc_export.calibration import CalibrationUnavailable, TileSets, find_datalist, tile_sets
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.int8_gate import INT8_THRESHOLDS, Int8Thresholds, int8_parity
-from cmc_serve.model_dir import refused_entry
-from cmc_serve.runtimes.precision import INT8
+from cmc_serve.model_json import refused_entry
 
 # NNCF's settings (module docstring): ModelType and QuantizationPreset values.
 MODEL_TYPE = "transformer"

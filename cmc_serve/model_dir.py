@@ -1,5 +1,8 @@
 """Read and validate an exported model directory (`cmc.json`, docs/DESIGN.md).
 
+This is cmc.json's one reader; its one writer is `cmc_serve.model_json.write_model_json`,
+whose `ModelJson` record mirrors `ModelInfo`.
+
 `cmc.json` is the only contract between the exporter and the serving side, so everything
 the engine relies on (class list, patch size, graph files and their I/O names) is checked
 here once, with errors that name the file and the problem: a model directory from another
@@ -21,16 +24,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmc_common.contract import (
-    GRAPH_OUTPUT,
     MODE_INPUTS,
     MODEL_FORMAT,
-    MODEL_FORMAT_VERSION,
     MODEL_JSON,
     MODES,
     PRECISIONS,
@@ -327,88 +328,3 @@ def _parse_files(root: Path, fail: Any, where: str, files: Any,
             raise fail(f"{where}: files[{rel!r}] must be {{'size': bytes, 'sha256': hex}}")
         out.append(ModelFile(root / rel, size, sha.lower()))
     return tuple(out)
-
-
-# --------------------------------------------------------------------------- writing
-# The one writer of cmc.json (`cmc export`, benchmarks and test fixtures alike), beside the
-# reader above, so the two cannot drift apart.
-
-# Files a graph file needs beside it (ONNX graphs are written self-contained: no external data).
-COMPANION_SUFFIXES = {".xml": (".bin",), ".plan": (".json",)}
-
-
-def graph_entry(mode: str, runtime: str, precision: str, file: str,
-                gate: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One entry of cmc.json's `graphs`: the graph file (posix path relative to MODEL_DIR)
-    serving (mode, runtime, precision), its I/O names and what its gate measured."""
-    return {"mode": mode, "runtime": runtime, "precision": precision, "file": file,
-            "inputs": list(MODE_INPUTS[mode]), "output": GRAPH_OUTPUT, "gate": dict(gate or {})}
-
-
-def refused_entry(mode: str, runtime: str, precision: str, reason: str,
-                  gate: Mapping[str, Any]) -> dict[str, Any]:
-    """One entry of cmc.json's `refused`: a half-precision graph `--precision auto` left out
-    because it failed its gate, with the gate's numbers."""
-    return {"mode": mode, "runtime": runtime, "precision": precision, "reason": reason,
-            "gate": dict(gate)}
-
-
-def graph_files(root: Path, rel: str) -> dict[str, dict[str, Any]]:
-    """A graph entry's `files`: size and sha256 of the graph file and of its companions
-    (OpenVINO weights, a TensorRT plan's metadata), checked before the graph runs."""
-    graph = root / rel
-    paths = [graph] + [graph.with_suffix(s) for s in COMPANION_SUFFIXES.get(graph.suffix, ())]
-    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
-
-
-def write_model_json(root: Path, *, name: str, cmc_version: str, modalities: Sequence[str],
-                     classes: Sequence[str], patch_size: Sequence[int], max_batch: int,
-                     preprocessing: Mapping[str, Any], graphs: Sequence[Mapping[str, Any]],
-                     checkpoint_sha256: str | None = None,
-                     refused: Sequence[Mapping[str, Any]] = (),
-                     gate_thresholds: Mapping[str, Any] | None = None,
-                     triton_backend: str | None = None,
-                     triton_patch_models: Mapping[str, str] | None = None,
-                     postprocessing: Mapping[str, Any] | None = None,
-                     qc_reference: Mapping[str, Any] | None = None,
-                     codes: Mapping[str, Any] | None = None,
-                     checksums: bool = True,
-                     format_version: int = MODEL_FORMAT_VERSION) -> Path:
-    """Write ROOT/cmc.json for the graph files already in ROOT (entries from `graph_entry`).
-
-    With `checksums` every graph entry records its files' sizes and sha256 (False: a cmc.json
-    as exports before checksums wrote it); with `triton_backend` the `triton` section names
-    the patch models and records every file of ROOT/repository. `format_version` other than
-    the current one only serves tests of the reader's refusal. `postprocessing`: the record
-    `cmc evaluate --choose-postprocessing` stored in the checkpoint, which serving applies.
-    `qc_reference`: the checkpoint's record of its training data and validation agreement
-    (`cmc_train.qc_reference`), which quality control judges each case by. `codes`: class
-    name -> codes (`cmc_serve.dicom.codes.codes_to_json`) for the DICOM outputs.
-    """
-    document: dict[str, Any] = {
-        "format": MODEL_FORMAT, "format_version": format_version, "cmc_version": cmc_version,
-        "name": name, "modalities": list(modalities), "classes": list(classes),
-        "patch_size": [int(p) for p in patch_size], "max_batch": max_batch,
-        "preprocessing": dict(preprocessing), "checkpoint_sha256": checkpoint_sha256,
-        "graphs": [{**g, "files": graph_files(root, g["file"])} if checksums else dict(g)
-                   for g in graphs],
-        "refused": [dict(r) for r in refused],
-    }
-    if gate_thresholds is not None:
-        document["gate_thresholds"] = dict(gate_thresholds)
-    if postprocessing:
-        document["postprocessing"] = dict(postprocessing)
-    if codes:
-        document["codes"] = dict(codes)
-    if qc_reference:
-        document["qc_reference"] = dict(qc_reference)
-    if triton_backend is not None:
-        repository = root / "repository"
-        document["triton"] = {
-            "backend": triton_backend, "patch_models": dict(triton_patch_models or {}),
-            "volume_model": name,
-            "files": {p.relative_to(root).as_posix(): file_digest(p)
-                      for p in sorted(repository.rglob("*")) if p.is_file()}}
-    path = root / MODEL_JSON
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return path

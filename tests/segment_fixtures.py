@@ -104,7 +104,7 @@ def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
     `cmc evaluate --choose-postprocessing` records it; `branch_outputs` False: a fused graph
     exported before the branch outputs; `qc_reference` as `cmc export` carries it from the
     checkpoint (`cmc_train.qc_reference`)."""
-    from cmc_serve.model_dir import graph_entry, write_model_json
+    from cmc_serve.model_json import ModelJson, graph_entry, write_model_json
 
     (root / "onnx").mkdir(parents=True, exist_ok=True)
     graphs = []
@@ -112,17 +112,16 @@ def make_model_dir(root: Path, modes: tuple[str, ...] = MODES,
         rel = f"onnx/{mode}_fp32.onnx"
         onnx.save(patch_graph(mode, branch_outputs), str(root / rel))
         graphs.append(graph_entry(mode, "onnxruntime", "fp32", rel))
-    write_model_json(
-        root, name="cmc-test", cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
+    write_model_json(root, ModelJson(
+        name="cmc-test", cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
         patch_size=[PATCH] * 3, max_batch=4,
         preprocessing={"modalities": ["ct", "mr"], "spacing": list(SPACING),
                        "orientation": "RAS",
                        "normalisation": {"ct": {"kind": "ct_window", "low": -175.0,
                                                 "high": 250.0},
                                          "mr": {"kind": "zscore_nonzero"}}},
-        checkpoint_sha256="0" * 64, graphs=graphs, checksums=checksums,
-        format_version=format_version, postprocessing=postprocessing,
-        qc_reference=qc_reference)
+        checkpoint_sha256="0" * 64, graphs=graphs, format_version=format_version,
+        postprocessing=postprocessing, qc_reference=qc_reference), checksums=checksums)
     return root
 
 

@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 import cmc_serve.runtimes.openvino_rt as openvino_rt
 from cmc_common.contract import MODES
 from cmc_serve.engine import Segmenter, SegmenterInputError
-from cmc_serve.model_dir import ModelDirError, ModelInfo, graph_entry, write_model_json
+from cmc_serve.model_dir import ModelDirError, ModelInfo
+from cmc_serve.model_json import ModelJson, graph_entry, write_model_json
 from cmc_serve.runtimes import RuntimeUnavailable, open_runtime
 from cmc_serve.runtimes.openvino_rt import unsupported_reason
 from cmc_serve.runtimes.precision import choose_precision
@@ -87,11 +88,11 @@ def write_model_dir(root: Path, kernel_size: int, modes: tuple[str, ...] = MODES
                           compress_to_fp16=False)
             graphs += [graph_entry(mode, "openvino", precision, xml)
                        for precision in ("fp32", *gated_half)]
-    write_model_json(root, name="test", cmc_version="0.1.0", modalities=["ct", "mr"],
-                     classes=["background", "liver", "kidney"], patch_size=[P, P, P],
-                     max_batch=MAX_BATCH,
-                     preprocessing={"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
-                     checkpoint_sha256="0" * 64, graphs=graphs)
+    write_model_json(root, ModelJson(
+        name="test", cmc_version="0.1.0", modalities=["ct", "mr"],
+        classes=["background", "liver", "kidney"], patch_size=[P, P, P], max_batch=MAX_BATCH,
+        preprocessing={"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
+        checkpoint_sha256="0" * 64, graphs=graphs))
     return root
 
 

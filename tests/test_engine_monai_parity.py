@@ -34,7 +34,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices  # noqa:
 from monai.inferers import sliding_window_inference  # noqa: E402
 
 from cmc_serve.engine import Segmenter  # noqa: E402
-from cmc_serve.model_dir import graph_entry, write_model_json  # noqa: E402
+from cmc_serve.model_json import ModelJson, graph_entry, write_model_json  # noqa: E402
 from cmc_serve.tiling import axis_starts, gaussian_importance  # noqa: E402
 from cmc_train.config import model_config  # noqa: E402
 
@@ -63,10 +63,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
                           input_names=["image_a", "image_b"], output_names=["probs"],
                           dynamic_axes={n: {0: "batch"} for n in ("image_a", "image_b", "probs")},
                           opset_version=17, dynamo=False)
-    write_model_json(root, name="tiny", cmc_version="0.1.0", modalities=["ct", "mr"],
-                     classes=[f"c{i}" for i in range(K)], patch_size=[ROI] * 3, max_batch=4,
-                     preprocessing={},
-                     graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")])
+    write_model_json(root, ModelJson(
+        name="tiny", cmc_version="0.1.0", modalities=["ct", "mr"],
+        classes=[f"c{i}" for i in range(K)], patch_size=[ROI] * 3, max_batch=4,
+        preprocessing={},
+        graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")]))
     return net, root
 
 

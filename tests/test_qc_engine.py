@@ -27,7 +27,7 @@ from cmc_export.gates import RoundingNoise, fp32_parity, outputs_parity, run_bat
 from cmc_export.onnx_export import onnxruntime_runner, trace_to_onnx
 from cmc_export.patch_graph import patch_graph, torch_runner
 from cmc_serve.engine import Segmenter
-from cmc_serve.model_dir import graph_entry, write_model_json
+from cmc_serve.model_json import ModelJson, graph_entry, write_model_json
 from cmc_serve.tiling import TileGrid, clip_box, extract_patch, gaussian_importance
 
 S = MICRO.img_size
@@ -134,12 +134,12 @@ def _model_dir(root: Path, branch_outputs: bool = True) -> Path:
                for r in ("a", "b")}
     (root / "onnx").mkdir(parents=True)
     onnx.save(_branch_graph(kernels, branch_outputs), root / "onnx/fused_fp32.onnx")
-    write_model_json(root, name="qc", cmc_version="0.1.0", modalities=["ct", "mr"],
-                     classes=["background", "liver", "kidney"], patch_size=[P] * 3,
-                     max_batch=4, preprocessing={"modalities": ["ct", "mr"],
-                                                 "spacing": [2.0, 2.0, 2.0]},
-                     checkpoint_sha256="0" * 64,
-                     graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")])
+    write_model_json(root, ModelJson(
+        name="qc", cmc_version="0.1.0", modalities=["ct", "mr"],
+        classes=["background", "liver", "kidney"], patch_size=[P] * 3, max_batch=4,
+        preprocessing={"modalities": ["ct", "mr"], "spacing": [2.0, 2.0, 2.0]},
+        checkpoint_sha256="0" * 64,
+        graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")]))
     return root
 
 

@@ -20,7 +20,8 @@ import pydicom
 import pytest
 import segment_fixtures as fx
 
-from cmc_serve.model_dir import ModelInfo, graph_entry, write_model_json
+from cmc_serve.model_dir import ModelInfo
+from cmc_serve.model_json import ModelJson, graph_entry, write_model_json
 
 SHAPE = (14, 12, 10)
 AFFINE = fx.ras_affine((2.0, 2.0, 2.0), SHAPE)
@@ -42,13 +43,13 @@ def _model_with_openvino(root: Path, checksums: bool = True) -> Path:
     ov.save_model(ov.convert_model(str(root / "onnx" / "a_fp32.onnx")), str(xml),
                   compress_to_fp16=False)
     info = ModelInfo.load(root)
-    write_model_json(root, name=info.name, cmc_version=info.cmc_version,
-                     modalities=info.modalities, classes=info.classes,
-                     patch_size=info.patch_size, max_batch=info.max_batch,
-                     preprocessing=info.preprocessing, checkpoint_sha256=info.checkpoint_sha256,
-                     graphs=[graph_entry("a", "onnxruntime", "fp32", "onnx/a_fp32.onnx"),
-                             graph_entry("a", "openvino", "fp32", "openvino/a_fp32.xml")],
-                     checksums=checksums)
+    write_model_json(root, ModelJson(
+        name=info.name, cmc_version=info.cmc_version, modalities=info.modalities,
+        classes=info.classes, patch_size=info.patch_size, max_batch=info.max_batch,
+        preprocessing=info.preprocessing, checkpoint_sha256=info.checkpoint_sha256,
+        graphs=[graph_entry("a", "onnxruntime", "fp32", "onnx/a_fp32.onnx"),
+                graph_entry("a", "openvino", "fp32", "openvino/a_fp32.xml")]),
+        checksums=checksums)
     return root
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from cmc_export.triton_repository import PatchGraph, write_repository
-from cmc_serve.model_dir import graph_entry, write_model_json
+from cmc_serve.model_json import ModelJson, graph_entry, write_model_json
 from cmc_serve.triton.server import PREFIX_ENV, TritonInstall, TritonServer, TritonSetupError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +70,11 @@ def write_tiny_onnx(path: Path, seed: int = 0) -> None:
 def write_model_dir(root: Path) -> Path:
     """An exported-model directory (cmc.json + onnx graph + Triton repository)."""
     write_tiny_onnx(root / "onnx" / "fused_fp32.onnx")
-    write_model_json(
-        root, name=NAME, cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
+    write_model_json(root, ModelJson(
+        name=NAME, cmc_version="0.1.0", modalities=["ct", "mr"], classes=CLASSES,
         patch_size=[PATCH] * 3, max_batch=MAX_BATCH,
         preprocessing={"orientation": "RAS", "spacing": [1.5, 1.5, 1.5], "normalisation": {}},
-        graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")])
+        graphs=[graph_entry("fused", "onnxruntime", "fp32", "onnx/fused_fp32.onnx")]))
     graph = PatchGraph(mode="fused", runtime="onnxruntime", precision="fp32",
                        file=root / "onnx" / "fused_fp32.onnx")
     write_repository(root / "repository", NAME, "python", [graph], PATCH, len(CLASSES),
