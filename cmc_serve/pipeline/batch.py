@@ -30,7 +30,7 @@ from cmc_serve.model_dir import ModelFileError, ModelInfo
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.cases import Case
 from cmc_serve.pipeline.pairing import PairingRules
-from cmc_serve.pipeline.report import CaseRecord, RunReport, failures_csv
+from cmc_serve.pipeline.report import CaseRecord, RunReport, write_report
 from cmc_serve.pipeline.run_case import (
     CaseError,
     CaseResult,
@@ -85,11 +85,7 @@ class BatchRunner:
 
     def _flush(self) -> None:
         """Rewrite report.json and failures.csv (atomic) so a killed run keeps them."""
-        outputs.write_json(self.records / outputs.REPORT, self.report.to_dict())
-        failed = self.report.failed()
-        if failed:
-            outputs.write_text(self.records / outputs.FAILURES,
-                               failures_csv([r.to_dict() for r in failed]))
+        write_report(self.records, self.report.to_dict())
 
     def _fail(self, record: CaseRecord, exc: BaseException, stage: str) -> None:
         record.status = "failed"

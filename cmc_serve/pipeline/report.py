@@ -1,4 +1,4 @@
-"""What a `cmc segment` run did: OUT/report.json and OUT/failures.csv.
+"""What a `cmc segment` run did: OUT/report.json and OUT/failures.csv, built and written here.
 
 The report answers the questions users otherwise open issues about: which package versions
 ran, which runtime/device/precision was really used (no silent CPU fallback), and where the
@@ -7,21 +7,31 @@ time is dominated by I/O and pre/post-processing far more often than by the netw
 Each case record carries quality control's verdict (`qc`, `CaseQc.to_json()`, also in the
 case's `done` record) and the report counts the flagged cases (`flagged`): a flagged case
 is done, with its outputs written, and only asks for a person's look.
+
+`report_document` is the one builder of report.json (a run's `RunReport.to_dict` and the
+merge of shard reports, `cmc_serve.pipeline.shards`, alike), `write_report` its one writer
+(with failures.csv beside it) and `read_report` its reader.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+from cmc_serve.pipeline import outputs
+
 STAGES = ("read", "preprocess", "infer", "postprocess", "qc", "write")
+REPORT_FORMAT, REPORT_FORMAT_VERSION = "cmc-segment-report", 1
 PACKAGES = ("cmc", "numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "openvino",
             "tensorrt", "tritonclient", "pydicom", "highdicom", "pillow", "rich")
 
@@ -106,9 +116,6 @@ class RunReport:
     def add(self, record: CaseRecord) -> None:
         self.cases.append(record)
 
-    def failed(self) -> list[CaseRecord]:
-        return [c for c in self.cases if c.status == "failed"]
-
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "failed": 0, "skipped": 0}
         for c in self.cases:
@@ -116,19 +123,54 @@ class RunReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """report.json of this run (`report_document`)."""
         stage_totals = {s: round(sum(c.timings.get(s, 0.0) for c in self.cases), 4)
                         for s in STAGES}
-        return {
-            "format": "cmc-segment-report", "format_version": 1,
+        head = {
             "started": self.started.isoformat(timespec="seconds"), "finished": self.finished,
             "wall_seconds": round(time.perf_counter() - self._t0, 3),
             "command": sys.argv, "versions": package_versions(),
             "platform": {"machine": platform.machine(), "system": platform.system()},
             "model": self.model, "engine": self.engine, "options": self.options,
-            "counts": self.counts(), "flagged": sum(c.flagged for c in self.cases),
-            "stage_seconds": stage_totals,
-            "cases": [c.to_dict() for c in self.cases],
         }
+        return report_document(head, [c.to_dict() for c in self.cases], stage_totals)
+
+
+def report_document(head: Mapping[str, Any], cases: list[dict[str, Any]],
+                    stage_seconds: Mapping[str, float]) -> dict[str, Any]:
+    """report.json: its format, `head` (what ran, where, with which options; in the order
+    given), then what every report ends with: the cases counted by status, how many QC
+    flagged, the seconds per stage and the case records themselves."""
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+    for case in cases:
+        status = case.get("status", "failed")
+        counts[status] = counts.get(status, 0) + 1
+    return {
+        "format": REPORT_FORMAT, "format_version": REPORT_FORMAT_VERSION, **head,
+        "counts": counts, "flagged": sum(1 for c in cases if (c.get("qc") or {}).get("flagged")),
+        "stage_seconds": dict(stage_seconds), "cases": cases,
+    }
+
+
+def write_report(folder: Path, document: dict[str, Any]) -> None:
+    """Write FOLDER/report.json, then FOLDER/failures.csv with its failed cases (or remove
+    the failures.csv of an earlier state when none failed), each atomically."""
+    outputs.write_json(folder / outputs.REPORT, document)
+    failed = [c for c in document["cases"] if c.get("status") == "failed"]
+    if failed:
+        outputs.write_text(folder / outputs.FAILURES, failures_csv(failed))
+    else:
+        (folder / outputs.FAILURES).unlink(missing_ok=True)
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """A report.json's content; None when it is missing, unreadable or not an object (a
+    shard that has not written one yet, or is writing it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 FAILURE_COLUMNS = ("case_id", "stage", "error", "inputs")

@@ -20,7 +20,6 @@ merge that saw an older state can end up on disk after it.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 from cmc_common.errors import CmcError
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.html_report import write_batch_report_html
-from cmc_serve.pipeline.report import STAGES, failures_csv
+from cmc_serve.pipeline.report import STAGES, read_report, report_document, write_report
 
 SHARDS_DIR = ".cmc-shards"
 _SHARD_NAME = re.compile(r"^shard-(?P<index>\d+)-of-(?P<count>\d+)$")
@@ -79,14 +78,8 @@ def _fingerprints(out: Path, count: int) -> dict[int, tuple[int, int, int] | Non
 
 
 def _read(out: Path, count: int) -> dict[int, dict[str, Any] | None]:
-    reports: dict[int, dict[str, Any] | None] = {}
-    for index in range(1, count + 1):
-        try:
-            data = json.loads((shard_dir(out, index, count) / outputs.REPORT).read_text())
-            reports[index] = data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            reports[index] = None
-    return reports
+    return {index: read_report(shard_dir(out, index, count) / outputs.REPORT)
+            for index in range(1, count + 1)}
 
 
 def _same_in_all(reports: list[dict[str, Any]], key: str) -> Any:
@@ -115,14 +108,10 @@ def merged_report(out: Path, count: int, reports: dict[int, dict[str, Any] | Non
     present = [r for r in reports.values() if r is not None]
     cases = sorted((c for r in present for c in r.get("cases", [])),
                    key=lambda c: str(c.get("case_id")))
-    counts = {"done": 0, "failed": 0, "skipped": 0}
-    for case in cases:
-        counts[case.get("status", "failed")] = counts.get(case.get("status", "failed"), 0) + 1
     shards = [_shard_entry(out, i, count, reports[i]) for i in range(1, count + 1)]
     options = dict(present[0].get("options", {})) if present else {}
     options["shard"] = options["shard_source"] = None  # per shard, in "shards"
-    return {
-        "format": "cmc-segment-report", "format_version": 1,
+    head = {
         "merged_shards": count,
         "finished": all(s["state"] == "finished" for s in shards),
         "started": min((str(r.get("started")) for r in present), default=None),
@@ -130,12 +119,11 @@ def merged_report(out: Path, count: int, reports: dict[int, dict[str, Any] | Non
         "engine": _same_in_all(present, "engine"),
         "versions": _same_in_all(present, "versions"),
         "platform": _same_in_all(present, "platform"),
-        "options": options, "shards": shards, "counts": counts,
-        "flagged": sum(1 for c in cases if (c.get("qc") or {}).get("flagged")),
-        "stage_seconds": {s: round(sum(r.get("stage_seconds", {}).get(s, 0.0)
-                                       for r in present), 4) for s in STAGES},
-        "cases": cases,
+        "options": options, "shards": shards,
     }
+    return report_document(head, cases, {
+        s: round(sum(r.get("stage_seconds", {}).get(s, 0.0) for r in present), 4)
+        for s in STAGES})
 
 
 def merge_shards(out: Path, count: int | None = None) -> MergedReport:
@@ -159,12 +147,7 @@ def merge_shards(out: Path, count: int | None = None) -> MergedReport:
     for _ in range(MAX_MERGE_ROUNDS):
         before = _fingerprints(out, count)
         merged = merged_report(out, count, _read(out, count))
-        outputs.write_json(out / outputs.REPORT, merged)
-        failed = [c for c in merged["cases"] if c.get("status") == "failed"]
-        if failed:
-            outputs.write_text(out / outputs.FAILURES, failures_csv(failed))
-        else:
-            (out / outputs.FAILURES).unlink(missing_ok=True)
+        write_report(out, merged)
         if _fingerprints(out, count) == before:
             break
     write_batch_report_html(out)  # the page a person opens shows every shard's cases
