@@ -29,6 +29,7 @@ the host's CPU model and features, to docs/benchmarks/perf_<cpu>.json under "eng
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import platform
@@ -71,7 +72,8 @@ def hide_native_half() -> None:
 
     name, capabilities = openvino_rt.cpu_capabilities()
     kept = tuple(c for c in capabilities if c not in HALF)
-    openvino_rt.cpu_capabilities = lambda: (f"{name} (native {'/'.join(HALF)} hidden)", kept)
+    setattr(openvino_rt, "cpu_capabilities",  # noqa: B010 (mypy: a cached function)
+            lambda: (f"{name} (native {'/'.join(HALF)} hidden)", kept))
 
 
 def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -140,6 +142,10 @@ def phantom_case(preprocess: Any, patch: int, shape: tuple[int, int, int]
 Pipeline = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
+def fused_labels(seg: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return seg.segment(a, b, mode="fused").labels
+
+
 def engine_pipelines(stack: ExitStack, model_dir: Path, exported: Path | None,
                      info: dict[str, Any]) -> tuple[dict[tuple[str, str], Pipeline],
                                                     dict[tuple[str, str], str]]:
@@ -149,29 +155,27 @@ def engine_pipelines(stack: ExitStack, model_dir: Path, exported: Path | None,
     from cmc_serve.engine import Segmenter
     from cmc_serve.runtimes import RuntimeUnavailable
 
-    wanted: list[tuple[tuple[str, str], Path, dict[str, str]]] = [
-        (("engine onnxruntime", "fp32"), model_dir, {"runtime": "onnxruntime",
-                                                     "precision": "fp32"}),
-        (("engine openvino", "fp32"), model_dir, {"runtime": "openvino", "precision": "fp32"}),
-        (("engine openvino", "bf16"), model_dir, {"runtime": "openvino", "precision": "bf16"})]
+    wanted: list[tuple[tuple[str, str], Path, str, str]] = [
+        (("engine onnxruntime", "fp32"), model_dir, "onnxruntime", "fp32"),
+        (("engine openvino", "fp32"), model_dir, "openvino", "fp32"),
+        (("engine openvino", "bf16"), model_dir, "openvino", "bf16")]
     if exported is not None:
-        wanted += [(("engine openvino", "int8"), exported, {"runtime": "openvino",
-                                                            "precision": "int8"}),
-                   (("engine default", "auto"), exported, {})]
+        wanted += [(("engine openvino", "int8"), exported, "openvino", "int8"),
+                   (("engine default", "auto"), exported, "auto", "auto")]
     pipelines: dict[tuple[str, str], Pipeline] = {}
     unavailable: dict[tuple[str, str], str] = {}
-    for key, root, options in wanted:
-        seg = stack.enter_context(Segmenter(root, **options))
+    for key, root, runtime_name, precision in wanted:
+        seg = stack.enter_context(Segmenter(root, runtime=runtime_name, precision=precision))
         try:
             runtime = seg.runtime_for("fused")
         except RuntimeUnavailable as exc:
             unavailable[key] = str(exc)
             continue
-        if not options:  # the default: name what auto chose, and why
+        if precision == "auto":  # the default: name what auto chose, and why
             key = (f"engine default ({runtime.name})", f"auto: {runtime.precision}")
             info["default precision reason"] = seg.segment(
                 *synthetic_case((2 * seg.model.patch_size[0],) * 3, seed=1)).precision_reason
-        pipelines[key] = lambda a, b, seg=seg: seg.segment(a, b, mode="fused").labels
+        pipelines[key] = functools.partial(fused_labels, seg)
     return pipelines, unavailable
 
 
