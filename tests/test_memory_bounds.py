@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import SeriesSpec, write_series
+from dicom_factory import SeriesSpec, write_enhanced_ct, write_series
 
 from cmc_serve import preprocess, volume
+from cmc_serve.dicom import series
 from cmc_serve.dicom.scan import scan_folder
 from cmc_serve.dicom.series import load_series
 from cmc_serve.volume import Grid, count_labels, release_free_memory
@@ -59,12 +60,21 @@ def test_count_labels_equals_bincount(monkeypatch: pytest.MonkeyPatch) -> None:
                                   np.bincount(labels.ravel(), minlength=8))
 
 
-def test_series_assembled_in_slice_order(tmp_path: Path) -> None:
-    """Files written in shuffled order, instance numbers reversed: the volume is the stored
-    values, rescaled, at [column, row, slice] along the slice normal."""
+@pytest.mark.parametrize("block", [None, (4, 3), (1, 1)])
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_series_assembled_in_slice_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         block: tuple[int, int] | None, enhanced: bool) -> None:
+    """Files written in shuffled order, instance numbers reversed (or their frames in one
+    Enhanced CT instance): the volume is the stored values, rescaled, at [column, row,
+    slice] along the slice normal, also in blocks of slices and rows that do not divide it."""
+    if block is not None:
+        monkeypatch.setattr(series, "_BLOCK_SLICES", block[0])
+        monkeypatch.setattr(series, "_TILE_ROWS", block[1])
     spec = SeriesSpec(rows=7, cols=9, n_slices=11, slope=2.0, intercept=-1000.0)
-    write_series(tmp_path / "s", spec)
-    loaded = load_series(scan_folder(tmp_path / "s").volumes[0])
+    paths = write_series(tmp_path / "s", spec)
+    if enhanced:
+        write_enhanced_ct(tmp_path / "e", paths)
+    loaded = load_series(scan_folder(tmp_path / ("e" if enhanced else "s")).volumes[0])
     expected = spec.stored_values().astype(np.float32) * 2.0 - 1000.0  # [slice, row, column]
     assert loaded.volume.array.dtype == np.float32 and loaded.volume.array.flags.c_contiguous
     np.testing.assert_array_equal(loaded.volume.array, expected.transpose(2, 1, 0))
