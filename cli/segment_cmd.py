@@ -2,7 +2,8 @@
 
 This module only parses the command line: the run itself is
 `cmc_serve.pipeline.api.segment` (CLI -> library -> files); its counts map to the exit
-codes here, its refusals (a `CmcError`) by the rule of cli/errors.py. Heavy imports live inside `command` so `cmc --help` stays fast.
+codes here, its refusals (a `CmcError`) by the rule of cli/errors.py. Heavy imports live
+inside `command` so `cmc --help` stays fast.
 """
 
 from __future__ import annotations

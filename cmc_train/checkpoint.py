@@ -90,7 +90,8 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({one_line(exc, first_line=True)})") from exc
+        raise CheckpointError(f"{path}: not a readable torch checkpoint "
+                              f"({one_line(exc, first_line=True)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a CMC checkpoint (no 'format': '{FORMAT}' entry)")
     version = payload.get("format_version")
