@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS
+from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Mode, Precision, Runtime
 from cmc_common.errors import CmcError, one_line
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch, check_outputs
@@ -266,10 +266,10 @@ class TritonPatchRuntime:
     go over the wire in the data type the model declares (FP16 where it allows).
     """
 
-    name = "triton"
+    name: str = Runtime.TRITON
     device = "server"
 
-    def __init__(self, url: str, model_info: ModelInfo, mode: str = "fused", *,
+    def __init__(self, url: str, model_info: ModelInfo, mode: str = Mode.FUSED, *,
                  model_name: str | None = None, timeout_s: float = 60.0, max_in_flight: int = 4,
                  request_batch: int | None = None, retries: int = 2) -> None:
         if mode not in MODE_INPUTS:
@@ -287,7 +287,7 @@ class TritonPatchRuntime:
         self.request_batch = min(request_batch or served_batch, served_batch)
         self.max_batch = self.request_batch * max_in_flight
         precision = config.get("parameters", {}).get("precision", {}).get("string_value")
-        self.precision = str(precision or "fp32")
+        self.precision = str(precision or Precision.FP32)
 
     def _check(self, meta: dict[str, Any], info: ModelInfo) -> dict[str, np.dtype[Any]]:
         """The wire dtype per input; TritonModelMismatch if the model is not cmc.json's."""
@@ -348,7 +348,7 @@ class TritonPatchRuntime:
 def patch_model_name(name: str, mode: str) -> str:
     """Triton model name of a mode's patch graph, as `cmc export` names them (cmc_export.
     triton_repository): `<name>_patch` for fused, `<name>_patch_a` / `<name>_patch_b`."""
-    return f"{name}_patch" if mode == "fused" else f"{name}_patch_{mode}"
+    return f"{name}_patch" if mode == Mode.FUSED else f"{name}_patch_{mode}"
 
 
 @dataclass(frozen=True)
