@@ -101,9 +101,13 @@ class TritonPythonModel:
         return choice.precision, graphs[choice.precision]
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        # Only the outputs some request asked for are fetched, converted and sent: a client
+        # segmenting wants `probs`, and the branches would triple the bytes each pass copies.
+        wanted = [self._requested(request) for request in requests]
         try:
             sizes, feeds = self._gather(requests)
-            results = self._run(feeds)
+            results = self._run(feeds, tuple(n for n in self.outputs
+                                             if any(n in w for w in wanted)))
         except Exception as exc:  # reported per request; the model stays loaded
             error = pb_utils.TritonError(f"{self.name}: {type(exc).__name__}: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
@@ -111,8 +115,13 @@ class TritonPythonModel:
         per_output = {name: np.split(array, bounds) for name, array in results.items()}
         return [pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor(name, parts[i].astype(self.outputs[name], copy=False))
-                    for name, parts in per_output.items()])
+                    for name, parts in per_output.items() if name in wanted[i]])
                 for i in range(len(sizes))]
+
+    def _requested(self, request: Any) -> set[str]:
+        """The declared outputs `request` asked for (every one where it named none)."""
+        names = set(request.requested_output_names()) & set(self.outputs)
+        return names or set(self.outputs)
 
     def _gather(self, requests: list[Any]) -> tuple[list[int], dict[str, np.ndarray]]:
         """Concatenate every request's tiles per input (float32, what the runtimes take)."""
@@ -127,10 +136,10 @@ class TritonPythonModel:
             sizes.append(int(batch or 0))
         return sizes, {name: np.concatenate(parts) for name, parts in per_input.items()}
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every declared output of the tiles, run in chunks of at most max_batch."""
+    def _run(self, feeds: dict[str, np.ndarray],
+             names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The `names` outputs of the tiles, run in chunks of at most max_batch."""
         total = next(iter(feeds.values())).shape[0]
-        names = tuple(self.outputs)
         chunks = [self.runtime.run_outputs({k: v[i:i + self.max_batch] for k, v in feeds.items()},
                                            names)
                   for i in range(0, total, self.max_batch)]
