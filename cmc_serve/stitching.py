@@ -8,8 +8,8 @@ outstanding. When the last one is in, the block is normalised, argmax'ed into th
 output (and copied into the optional probability output) and freed. With tiles arriving
 D-major, then H-major, the slab the current tile row finishes is freed strip by strip as the
 row moves down H while the next slab fills strip by strip behind it, so about half a patch
-depth of the plane is alive (slabs alone, freed whole, kept a full patch depth: 400 MiB of
-float16 accumulators for a 512 x 400 plane with K = 8 and 128^3 patches, now about 250).
+depth of the plane is alive (slabs alone, freed whole, kept a full patch depth alive;
+BENCHMARKS.md has the measured peak memory).
 
 The per-voxel arithmetic is the same as a naive full-volume accumulation in the same tile
 order, whatever the blocks (sum of p*w, then divide by the sum of w), so the probabilities

@@ -26,9 +26,9 @@ class PatchRuntime(Protocol):
     where it was exported with them and the runtime returns them).
     """
 
-    name: str  # "onnxruntime" | "openvino" | "tensorrt"
-    device: str  # "cpu" | "cuda"
-    precision: str  # "fp32" | "fp16" | "bf16"
+    name: str  # a contract Runtime: onnxruntime | openvino | tensorrt | triton
+    device: str  # a contract Device (cpu | cuda); "server" for triton
+    precision: str  # a contract Precision: fp32 | fp16 | bf16 | int8
     max_batch: int
     outputs: tuple[str, ...]
 

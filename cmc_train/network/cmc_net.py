@@ -242,8 +242,8 @@ def class_softmax(logits: torch.Tensor) -> torch.Tensor:
 
     Same values as `logits.softmax(dim=1)` (to float32 rounding), but the exported graphs
     then carry ReduceMax, Exp, ReduceSum and Div instead of a Softmax on a non-last axis,
-    which ONNX Runtime's CPU kernel runs 10x slower (measured on [1, 8, 128^3]: 1.16 s vs
-    0.12 s); the prediction head is every tile's last and largest activation.
+    which ONNX Runtime's CPU kernel runs about 10x slower (BENCHMARKS.md); the prediction
+    head is every tile's last and largest activation.
     """
     exp = (logits - logits.amax(dim=1, keepdim=True)).exp()
     return exp / exp.sum(dim=1, keepdim=True)
