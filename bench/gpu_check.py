@@ -31,8 +31,9 @@ import torch
 
 from cmc_train.config import RunConfig, preset_run_config
 from cmc_train.data.datalist import Datalist
+from cmc_train.run_state import BEST, iter_metrics
 from cmc_train.synth import write_synthetic_study
-from cmc_train.trainer import BEST, iter_metrics, train
+from cmc_train.trainer import train
 
 PRESETS = ("tiny", "small", "sam-med3d")
 PARITY_GATE = 5e-4  # the export's ONNX fp32 vs PyTorch gate (docs/DESIGN.md)

@@ -84,9 +84,10 @@ def command(
     from rich.console import Console
 
     from cmc_train.config import RunConfig
+    from cmc_train.run_state import CONFIG
     from cmc_train.settings import apply_settings, parse_settings
     from cmc_train.threads import set_threads
-    from cmc_train.trainer import CONFIG, train
+    from cmc_train.trainer import train
 
     console = Console(stderr=True)
 

@@ -10,17 +10,15 @@ one forward per backward).
 
 Exact resume: the sampler is a pure function of (seed, step, rank); the checkpoint carries
 the optimiser, LR scheduler, grad scaler and RNG states, so N steps in one go and k steps
-followed by `--resume` give the same losses bit for bit on CPU.
+followed by `--resume` give the same losses bit for bit on CPU. What a run holds and how it
+is saved, restored and laid out on disk is `run_state`; this module is the loop over it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cmc_common.contract import ROLES
-from cmc_common.errors import CmcError
-from cmc_train.checkpoint import (
-    CheckpointError,
-    LoadedCheckpoint,
-    build_metadata,
-    load_checkpoint,
-    save_checkpoint,
-)
 from cmc_train.config import RunConfig
-from cmc_train.data.checks import check_data
-from cmc_train.data.datalist import Datalist
 from cmc_train.data.loaders import SemiSupervisedSampler
 from cmc_train.distributed import (
     DistContext,
@@ -49,21 +36,22 @@ from cmc_train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from cmc_train.errors import ConfigError
 from cmc_train.evaluate import ValidationSet, validate
 from cmc_train.losses import cac_loss, consistency_weights, csc_loss, supervised_loss
-from cmc_train.network import build_cmc, load_sam_med3d_encoder
-from cmc_train.normalisation import default_normalisation, describe
+from cmc_train.network import load_sam_med3d_encoder
 from cmc_train.progress import Reporter
-
-LAST = "checkpoint_last.pt"
-BEST = "checkpoint_best.pt"
-METRICS = "metrics.jsonl"
-CONFIG = "config.yaml"
-
-
-class TrainError(CmcError):
-    """A training run cannot start or resume (message names the file and the problem)."""
+from cmc_train.run_state import (
+    BEST,
+    CONFIG,
+    LAST,
+    METRICS,
+    Ablation,
+    MetricsLog,
+    RunState,
+    TrainError,
+    prepare_run_dir,
+    validation_modes,
+)
 
 
 @dataclass(frozen=True)
@@ -80,30 +68,6 @@ class TrainSummary:
     steps_per_second: float
 
 
-@dataclass(frozen=True)
-class Ablation:
-    """Ablation switches: `single_modality` trains one branch on its labelled data alone."""
-
-    single_modality: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.single_modality not in (None, *ROLES):
-            raise ConfigError(f"single_modality must be 'a' or 'b', got {self.single_modality!r}")
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to the base LR over `warmup_steps`, then cosine decay to 0 at the end."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-
-
-def file_sha256(path: Path) -> str:
-    """Content hash of the datalist, recorded so a resume on changed data is refused."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch; on CPU also ask for deterministic kernels (bit-exact reruns and resume;
@@ -117,15 +81,6 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-
-
-def _autocast(device: torch.device) -> tuple[AbstractContextManager[Any], torch.amp.GradScaler]:
-    """bf16 autocast where the GPU supports it, else fp16 with loss scaling; none on CPU."""
-    if device.type != "cuda":
-        return nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False)
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
 @dataclass(frozen=True)
@@ -175,182 +130,9 @@ def _step_losses(model: nn.Module, batch: dict[str, Any], run_cfg: RunConfig, st
     return _Losses(total, sup.detach(), csc.detach(), cac.detach(), w_csc, w_cac)
 
 
-class _MetricsLog:
-    """RUN_DIR/metrics.jsonl, one JSON object per line; rank 0 only."""
-
-    def __init__(self, path: Path, keep_until_step: int | None) -> None:
-        self.path = path
-        if keep_until_step is None:
-            path.write_text("")
-        else:  # resume: drop what was logged after the checkpoint we restart from
-            kept = [line for line in self._read(path) if line["step"] <= keep_until_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    @staticmethod
-    def _read(path: Path) -> list[dict[str, Any]]:
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-class _Run:
-    """State of one training process (one rank)."""
-
-    def __init__(self, datalist_path: Path, run_dir: Path, run_cfg: RunConfig,
-                 ctx: DistContext, ablation: Ablation) -> None:
-        self.datalist_path = Path(datalist_path)
-        self.run_dir = Path(run_dir)
-        self.cfg = run_cfg
-        self.ctx = ctx
-        self.ablation = ablation
-        self.datalist = Datalist.load(self.datalist_path)
-        self.datalist_sha256 = file_sha256(self.datalist_path)
-        self._check_data()
-        self.classes = list(self.datalist.classes)
-        self.net = build_cmc(run_cfg.model).to(ctx.device)
-        self.init_sam_med3d: str | None = None
-        self.step = 0
-        self.best_metric = -1.0
-        self.best_step = 0
-        self.last_validation: dict[str, Any] | None = None
-        self.elapsed = 0.0
-        self.optimizer: torch.optim.Optimizer | None = None
-
-    def _check_data(self) -> None:
-        """The datalist fits the config, and its files pass `check_data`, before any step."""
-        modalities = tuple(self.datalist.modalities)
-        if modalities != tuple(self.cfg.preprocess.modalities):
-            raise TrainError(f"{self.datalist_path}: modalities {list(modalities)} differ from "
-                             f"the run config's {list(self.cfg.preprocess.modalities)}")
-        if len(self.datalist.classes) != self.cfg.model.num_classes:
-            raise TrainError(f"{self.datalist_path}: {len(self.datalist.classes)} classes, but "
-                             f"the model config has num_classes={self.cfg.model.num_classes}")
-        trained = [modalities[0 if mode == "a" else 1] for mode in _validation_modes(self.ablation)]
-        check_data(self.datalist, self.datalist_path, ("labelled", "unlabelled", "validation"),
-                   need_labelled=trained, need_validation=trained).raise_first()
-
-    def describe(self) -> list[str]:
-        """What this run is about to do, printed before the first step."""
-        tc, prep = self.cfg.train, self.cfg.preprocess
-        lines = [f"cmc train: {len(self.datalist.labelled)} labelled, "
-                 f"{len(self.datalist.unlabelled)} unlabelled, "
-                 f"{len(self.datalist.validation)} validation cases; preset {self.cfg.preset}, "
-                 f"{tc.steps} steps, validation every {tc.val_every} steps, spacing "
-                 f"{'x'.join(f'{s:g}' for s in prep.spacing)} mm, device {self.ctx.device}"]
-        for modality in prep.modalities:
-            norm = prep.normalisation[modality]
-            default = (f" [default for {modality!r}; --set normalisation.{modality}=PRESET "
-                       "chooses another]" if norm == default_normalisation(modality) else "")
-            lines.append(f"cmc train: normalisation of {modality}: {describe(norm)}{default}")
-        return lines
-
-    def build_optimiser(self) -> None:
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        tc = self.cfg.train
-        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps))
-        self.autocast, self.scaler = _autocast(self.ctx.device)
-
-    def training_summary(self) -> dict[str, Any]:
-        tc = self.cfg.train
-        return {
-            "steps": self.step, "steps_total": tc.steps, "seed": tc.seed,
-            "best_metric": self.best_metric, "best_step": self.best_step,
-            "best_metric_name": "mean foreground Dice (validation, single-modality modes)",
-            "last_validation": self.last_validation,
-            "datalist": str(self.datalist_path), "datalist_sha256": self.datalist_sha256,
-            "schedule": tc.schedule, "use_csc": tc.use_csc, "use_cac": tc.use_cac,
-            "single_modality": self.ablation.single_modality,
-            "init_sam_med3d": self.init_sam_med3d, "world_size": self.ctx.world_size,
-            "device": str(self.ctx.device), "train_seconds": round(self.elapsed, 3),
-            "steps_per_second": round(self.step / self.elapsed, 4) if self.elapsed else None,
-        }
-
-    def trainer_state(self) -> dict[str, Any]:
-        assert self.optimizer is not None
-        state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
-            "elapsed": self.elapsed, "torch_rng": torch.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def restore(self, ckpt: LoadedCheckpoint, path: Path) -> None:
-        if ckpt.trainer_state is None:
-            raise TrainError(f"{path}: checkpoint has no trainer state to resume from")
-        training = ckpt.metadata["training"]
-        if training.get("datalist_sha256") != self.datalist_sha256:
-            raise TrainError(f"{self.datalist_path}: datalist changed since {path} was written; "
-                             "resume needs the same data")
-        if training.get("single_modality") != self.ablation.single_modality:
-            raise TrainError(f"{path}: was trained with single_modality="
-                             f"{training.get('single_modality')!r}; resume with the same setting")
-        self.init_sam_med3d = training.get("init_sam_med3d")
-        if self.init_sam_med3d:  # re-apply the freezing that loading SAM-Med3D weights implies
-            for encoder in (self.net.encoder_a, self.net.encoder_b):
-                for _, param in encoder.pretrained_frozen_parameters():
-                    param.requires_grad_(False)
-        self.net.load_state_dict(ckpt.state_dict)
-        self.build_optimiser()
-        assert self.optimizer is not None
-        ts = ckpt.trainer_state
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
-        self.scaler.load_state_dict(ts["scaler"])
-        self.step, self.elapsed = int(ts["step"]), float(ts["elapsed"])
-        self.best_metric, self.best_step = float(ts["best_metric"]), int(ts["best_step"])
-        self.last_validation = training.get("last_validation")
-        torch.set_rng_state(ts["torch_rng"])
-        if "cuda_rng" in ts and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ts["cuda_rng"])
-
-    def save(self, name: str, with_trainer_state: bool) -> None:
-        metadata = build_metadata(self.cfg.model, self.cfg.preprocess, self.classes,
-                                  self.training_summary())
-        save_checkpoint(self.run_dir / name, self.net.state_dict(), metadata,
-                        self.trainer_state() if with_trainer_state else None)
-
-
-def _validation_modes(ablation: Ablation) -> Sequence[str]:
-    return ROLES if ablation.single_modality is None else (ablation.single_modality,)
-
-
 def _loss_text(record: dict[str, Any]) -> str:
     return (f"loss {record['loss']:.3f} sup {record['sup']:.3f} csc {record['csc']:.3f} "
             f"cac {record['cac']:.3f}")
-
-
-def _prepare_run_dir(run: _Run, resume: bool) -> LoadedCheckpoint | None:
-    """Check the run folder; on resume return the checkpoint to restart from."""
-    last = run.run_dir / LAST
-    if not resume:
-        if last.exists():
-            raise TrainError(f"{last}: a run already exists in {run.run_dir}; pass --resume to "
-                             "continue it or choose another --out folder")
-        return None
-    if not last.exists():
-        raise TrainError(f"{last}: nothing to resume (no checkpoint_last.pt in {run.run_dir})")
-    saved_cfg_path = run.run_dir / CONFIG
-    if saved_cfg_path.exists():
-        saved = RunConfig.load_yaml(saved_cfg_path).to_dict()
-        current = run.cfg.to_dict()
-        saved["train"].pop("steps"), current["train"].pop("steps")
-        if saved != current:
-            raise TrainError(f"{saved_cfg_path}: the run configuration differs from the one "
-                             "being resumed (only the number of steps may change)")
-    try:
-        return load_checkpoint(last)
-    except CheckpointError as exc:
-        raise TrainError(str(exc)) from exc
 
 
 def train(
@@ -389,8 +171,8 @@ def _run(datalist_path: Path, run_dir: Path, run_cfg: RunConfig, ctx: DistContex
          ablation: Ablation, resume: bool, init_sam_med3d: Path | None, progress: bool,
          stop_after: int | None) -> TrainSummary:
     """Set up the run (fresh or resumed) on this rank and train."""
-    run = _Run(datalist_path, run_dir, run_cfg, ctx, ablation)
-    ckpt = _prepare_run_dir(run, resume)
+    run = RunState(datalist_path, run_dir, run_cfg, ctx, ablation)
+    ckpt = prepare_run_dir(run, resume)
     barrier(ctx)
     if ckpt is not None:
         run.restore(ckpt, run.run_dir / LAST)
@@ -405,7 +187,7 @@ def _run(datalist_path: Path, run_dir: Path, run_cfg: RunConfig, ctx: DistContex
     return _loop(run, resume, progress, stop_after)
 
 
-def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> TrainSummary:
+def _loop(run: RunState, resumed: bool, progress: bool, stop_after: int | None) -> TrainSummary:
     ctx, tc = run.ctx, run.cfg.train
     model: nn.Module = run.net
     if ctx.distributed:
@@ -413,7 +195,7 @@ def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> T
             run.net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             find_unused_parameters=run.ablation.single_modality is not None)
     sampler = SemiSupervisedSampler(run.datalist, run.cfg, ctx.rank, ctx.world_size)
-    log = _MetricsLog(run.run_dir / METRICS, run.step if resumed else None) if ctx.is_main else None
+    log = MetricsLog(run.run_dir / METRICS, run.step if resumed else None) if ctx.is_main else None
     val_set = ValidationSet.from_datalist(run.datalist, run.cfg.preprocess) if ctx.is_main else None
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     assert run.optimizer is not None
@@ -458,12 +240,12 @@ def _loop(run: _Run, resumed: bool, progress: bool, stop_after: int | None) -> T
                         run.step / run.elapsed if run.elapsed else 0.0)
 
 
-def _validate_and_save(run: _Run, val_set: ValidationSet | None, log: _MetricsLog | None,
+def _validate_and_save(run: RunState, val_set: ValidationSet | None, log: MetricsLog | None,
                        reporter: Reporter) -> None:
     """Rank 0 validates and writes checkpoints; the other ranks wait."""
     if run.ctx.is_main:
         assert val_set is not None and log is not None
-        modes = _validation_modes(run.ablation)
+        modes = validation_modes(run.ablation)
         started = time.perf_counter()
         task = reporter.stage("validate", total=val_set.count(modes))
         result = validate(run.net, val_set, modes, run.cfg.model.img_size, run.ctx.device,
@@ -487,7 +269,7 @@ def _validate_and_save(run: _Run, val_set: ValidationSet | None, log: _MetricsLo
     barrier(run.ctx)
 
 
-def _record_qc_reference(run: _Run, val_set: ValidationSet | None, reporter: Reporter) -> None:
+def _record_qc_reference(run: RunState, val_set: ValidationSet | None, reporter: Reporter) -> None:
     """The finished run's checkpoints get what quality control judges cases by: the
     training data's fingerprint and anatomy, and each checkpoint's branch agreement on the
     validation cases (`cmc_train.qc_reference`)."""
@@ -495,10 +277,3 @@ def _record_qc_reference(run: _Run, val_set: ValidationSet | None, reporter: Rep
 
     paths = [run.run_dir / name for name in (BEST, LAST) if (run.run_dir / name).is_file()]
     record_reference(paths, run.datalist, val_set, run.ctx.device, say=reporter.say)
-
-
-def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:
-    """The records of RUN_DIR/metrics.jsonl, in order."""
-    for line in (Path(run_dir) / METRICS).read_text().splitlines():
-        if line.strip():
-            yield json.loads(line)

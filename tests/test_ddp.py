@@ -11,8 +11,8 @@ import pytest
 
 from cmc_train.checkpoint import load_checkpoint
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from cmc_train.run_state import iter_metrics
 from cmc_train.synth import write_synthetic_study
-from cmc_train.trainer import iter_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2,

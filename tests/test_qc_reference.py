@@ -22,8 +22,9 @@ from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConf
 from cmc_train.data.datalist import Datalist
 from cmc_train.evaluate import ValidationSet
 from cmc_train.qc_reference import record_reference
+from cmc_train.run_state import BEST, LAST
 from cmc_train.synth import write_synthetic_study
-from cmc_train.trainer import BEST, LAST, train
+from cmc_train.trainer import train
 
 MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2,
                     neck_channels=16, adapter_dim=8, decoder_channels=4, num_classes=5)

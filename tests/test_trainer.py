@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from cmc_train.checkpoint import load_checkpoint, load_model
 from cmc_train.config import ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from cmc_train.network import build_cmc
+from cmc_train.run_state import TrainError, iter_metrics, lr_factor
 from cmc_train.synth import write_synthetic_study
-from cmc_train.trainer import TrainError, iter_metrics, lr_factor, train
+from cmc_train.trainer import train
 
 MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2,
                     neck_channels=16, adapter_dim=8, decoder_channels=4, num_classes=5)

@@ -14,7 +14,8 @@ import torch
 
 from cmc_train.config import RunConfig
 from cmc_train.evaluate import evaluate
-from cmc_train.trainer import LAST, iter_metrics, train
+from cmc_train.run_state import LAST, iter_metrics
+from cmc_train.trainer import train
 from quality_bench.plan import ARMS, BASELINE, CMC, CONVERGED_STEPS, Job, Scale
 from quality_bench.runs import Recipe
 

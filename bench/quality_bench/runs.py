@@ -21,8 +21,9 @@ import torch
 
 from cmc_train.config import RunConfig
 from cmc_train.evaluate import evaluate
+from cmc_train.run_state import CONFIG, LAST, file_sha256
 from cmc_train.settings import SettingError, apply_settings, parse_settings
-from cmc_train.trainer import CONFIG, LAST, file_sha256, train
+from cmc_train.trainer import train
 from quality_bench.plan import Arm, BenchmarkError, Job, Study
 
 TEST_METRICS = "test_metrics.json"
