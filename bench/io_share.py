@@ -42,8 +42,10 @@ from memory_per_voxel import PIXEL_MM, SLICE_MM, write_ct_series
 ROOT = Path(__file__).resolve().parents[1]
 CPU_FEATURES = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_fp16", "avx512_vnni")
 IO_STAGES = ("read", "write")
-TARGETS = {"bf16": 0.14}  # share of wall time; any other precision: DEFAULT_TARGET
+# Share of wall time: 10 % at the default precision, 14 % at bf16 on an AMX host (where
+# inference is fastest, so I/O weighs most).
 DEFAULT_TARGET = 0.10
+AMX_BF16_TARGET = 0.14
 
 
 def say(line: str) -> None:
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
            "model": report["model"].get("name"), "mode": case["mode"],
            "engine": case["engine"], "outputs": sorted(Path(p).name for p in case["outputs"]),
            **shares(wall, stages, header_scan_seconds(series))}
-    target = TARGETS.get(case["engine"].get("precision", ""), DEFAULT_TARGET)
+    amx_bf16 = case["engine"].get("precision") == "bf16" and "amx_bf16" in features
+    target = AMX_BF16_TARGET if amx_bf16 else DEFAULT_TARGET
     row["target_io_share"] = target
     row["met"] = row["io_share"] <= target
     print_table(row)
