@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmc_common.contract import Mode, QcLevel
 from cmc_common.progress import Say
 from cmc_serve.node.delivery import (
     Destination,
@@ -34,7 +35,6 @@ from cmc_serve.node.scp import ListenError, StorageSCP, check_listen_address
 from cmc_serve.node.spool import Spool, SpoolError, valid_uid
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, Routing, Worker
 from cmc_serve.pipeline.api import SegmentOptions
-from cmc_serve.pipeline.run_case import QC_OFF
 
 if TYPE_CHECKING:
     from cmc_serve.engine import Segmenter
@@ -105,7 +105,7 @@ def _open_segmenter(model: Path, options: SegmentOptions) -> Segmenter:
     # Load the graph complete studies use now: a runtime that cannot run here stops the
     # node at start-up, not at its first study; other modes load on first use.
     mode = options.mode if options.mode != "auto" else next(
-        (m for m in MODES if m in info.modes), "fused")
+        (m for m in MODES if m in info.modes), Mode.FUSED)
     try:
         segmenter.runtime_for(mode)
     except BaseException:
@@ -157,7 +157,7 @@ def listen(model: Path | str, options: ListenOptions | None = None,
             and all(t == "nifti" for t in seg_options.output_types)):
         raise ListenError("--send-to/--stow/--flagged-to deliver DICOM results: --output-type "
                           "must include dicom-seg (or be auto)")
-    if (routing.flagged_to or routing.hold) and seg_options.qc == QC_OFF:
+    if (routing.flagged_to or routing.hold) and seg_options.qc == QcLevel.OFF:
         raise ListenError("--flagged-to/--hold-flagged act on quality control's verdict: "
                           "--qc off would never flag a case")
     check_listen_address(options.host, options.allow)

@@ -38,7 +38,10 @@ from cmc_common.contract import (
     MODEL_JSON,
     MODES,
     PRECISIONS,
+    QC_LEVELS,
     SERVING_RUNTIMES,
+    Mode,
+    QcLevel,
 )
 from cmc_serve import __version__
 from cmc_serve.compatibility import Assumptions, parse_axis_codes
@@ -51,7 +54,7 @@ from cmc_serve.pipeline.batch import BatchRunner
 from cmc_serve.pipeline.html_report import write_batch_report_html
 from cmc_serve.pipeline.pairing import PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport
-from cmc_serve.pipeline.run_case import QC_FULL, QC_LEVELS, QC_ON, planned_modes
+from cmc_serve.pipeline.run_case import planned_modes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -114,7 +117,7 @@ class SegmentOptions:
     assume_registered: bool = False
     assume_orientation: str | None = None
     skip_unreadable: bool = False
-    qc: str = QC_ON
+    qc: str = QcLevel.ON
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, (AUTO, *MODES))
@@ -206,7 +209,7 @@ def _find_cases(input: Path, input_b: Path | None, out: Path,
         raise outputs.OutputError(f"{out}: the output folder must not be inside the input "
                                   f"folder {input} (results would become inputs)")
     found = case_mod.discover_cases(input, input_b,
-                                    single_role="b" if options.mode == "b" else "a")
+                                    single_role=Mode.B if options.mode == Mode.B else Mode.A)
     if options.share:
         found = case_mod.select_shard(found, *options.share)
     dicom_types = [t for t in options.output_types if t in outputs.DICOM_TYPES]
@@ -241,7 +244,7 @@ def _open_checked(info: ModelInfo, rules: PairingRules, found: list[case_mod.Cas
     need already open; a new one is closed again if that fails."""
     segmenter = given or options.make_segmenter(info)
     modes = planned_modes(found, info, rules, options.mode)
-    if options.qc == QC_FULL and "fused" in modes:  # the cross-modal opinion's graphs
+    if options.qc == QcLevel.FULL and Mode.FUSED in modes:  # the cross-modal opinion's graphs
         modes += [m for m in ("a", "b") if m in info.modes and m not in modes]
     try:
         for mode in modes:

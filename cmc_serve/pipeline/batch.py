@@ -8,7 +8,7 @@
   each failure, so it survives a killed run) and the batch goes on. report.json and
   failures.csv go to `records` (OUT, or a shard's own folder, see `shards`).
 - `resume` (`--continue`) skips cases whose `done` file exists.
-- Quality control (`qc`, `run_case.QC_LEVELS`) judges each case; a flagged case is done
+- Quality control (`qc`, `contract.QcLevel`) judges each case; a flagged case is done
   like any other (its outputs written, the DICOM objects' descriptions saying "needs
   review: ..."), its verdict in report.json and `done`, and the console says why.
 - A runtime that cannot run here (RuntimeUnavailable: not installed, no GPU, engine built

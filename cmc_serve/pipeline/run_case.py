@@ -13,7 +13,7 @@ Geometry rules (orientation/flip errors are the most reported bug class of such 
 - labels come back to the reference image's own grid by nearest neighbour (uint8 labels,
   never per-class probabilities), and their shape must equal the input's.
 
-Quality control (`qc`: "off" | "on" | "full", `QC_LEVELS`) judges each case after
+Quality control (`qc`: "off" | "on" | "full", `QcLevel`) judges each case after
 post-processing, on the model grid, from what segmenting produced: the fused pass's two
 decoders (same graph calls), the images as read, and with "full" also the a-only and
 b-only answers (two more passes, the cost of the cross-modal opinion). A flagged case is
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cmc_common.contract import AUTO, MODES, ROLES
+from cmc_common.contract import AUTO, MODES, ROLES, Mode, QcLevel
 from cmc_common.errors import CmcError, one_line
 from cmc_serve.compatibility import (
     ASSUME_ORIENTATION,
@@ -56,10 +56,6 @@ if TYPE_CHECKING:
     from cmc_serve.engine import Segmenter
     from cmc_serve.preprocess import PreparedVolume
     from cmc_serve.qc.inputs import BranchOutputs
-
-# Quality control: none (speed runs), the signals of one fused pass, plus the cross-modal opinion.
-QC_OFF, QC_ON, QC_FULL = "off", "on", "full"
-QC_LEVELS = (QC_OFF, QC_ON, QC_FULL)
 
 
 class CaseError(CmcError):
@@ -114,7 +110,7 @@ class CaseResult:
 
 def roles_for(mode: str) -> tuple[str, ...]:
     """Roles an inference mode reads; `auto` reads whatever is present."""
-    return ROLES if mode in (AUTO, "fused") else (mode,)
+    return ROLES if mode in (AUTO, Mode.FUSED) else (mode,)
 
 
 def assign_roles(case: Case, rules: PairingRules,
@@ -138,11 +134,11 @@ def assign_roles(case: Case, rules: PairingRules,
             continue
         pick = pair_series([s.summary for s in fixed if s.summary], rules, (role,),
                            where=str(fixed[0].path))
-        series = pick.a if role == "a" else pick.b
+        series = pick.a if role == Mode.A else pick.b
         if series is None:  # e.g. the MR folder given first: say what it holds instead
             why = "; ".join(r.removeprefix(f"{role} ({name}): ") for r in pick.reasons)
             held = ", ".join(s.summary.label() for s in fixed if s.summary)
-            slot = "INPUT" if role == "a" else "INPUT_B"
+            slot = "INPUT" if role == Mode.A else "INPUT_B"
             raise PairingError(f"{fixed[0].path}: given as {role} ({name}) but {why}; it holds "
                                f"{held or 'no usable series'}: give the {name} series as "
                                f"{slot}")
@@ -315,7 +311,7 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
                        for role, image in images.items()})
 
 
-def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QC_ON) -> CaseResult:
+def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QcLevel.ON) -> CaseResult:
     """Infer on the prepared grid, then return uint8 labels to the reference's source grid;
     with `qc` other than "off", judge the answer (module docstring)."""
     from cmc_serve import postprocess
@@ -328,7 +324,7 @@ def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QC_ON) -> C
             result = segmenter.segment(
                 prep["a"].array if "a" in prep else None,
                 prep["b"].array if "b" in prep else None, loaded.mode,
-                branches=qc != QC_OFF)
+                branches=qc != QcLevel.OFF)
         except (RuntimeUnavailable, ModelFileError):
             raise  # the runtime or the model, not the case, is the problem: the run stops
         except Exception as exc:
@@ -341,7 +337,7 @@ def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QC_ON) -> C
             raise CaseError("postprocess", f"{loaded.case.case_id}: labels {labels.shape} do "
                                            f"not match the input shape {ref.volume.shape}")
     verdict = None
-    if qc != QC_OFF:
+    if qc != QcLevel.OFF:
         with timer.stage("qc"):
             verdict = assess_quality(loaded, segmenter, cleaned, result.branches, qc)
     # Nothing after this stage reads the prepared volumes or QC's images: the outputs are
@@ -366,12 +362,12 @@ def assess_quality(loaded: LoadedCase, segmenter: Segmenter, labels: np.ndarray,
     info = segmenter.model
     prep = loaded.prepared
     unavailable: dict[str, str] = {}
-    if loaded.mode == "fused" and branches is None:
+    if loaded.mode == Mode.FUSED and branches is None:
         unavailable["branches"] = ("unavailable: the fused graph returns no branch outputs "
                                    "(exported before them, or a Triton repository that "
                                    "does not declare them)")
     single: dict[str, np.ndarray] = {}
-    if qc == QC_FULL and loaded.mode == "fused":
+    if qc == QcLevel.FULL and loaded.mode == Mode.FUSED:
         missing = [role for role in ROLES if role not in info.modes]
         if missing:
             unavailable["cross_modal"] = (f"unavailable: the model has no graph for mode "
@@ -392,6 +388,6 @@ def _single_modality(prep: dict[str, PreparedVolume], segmenter: Segmenter,
     """The `role`-only answer on the same model grid, post-processed as that mode is."""
     from cmc_serve import postprocess
 
-    result = segmenter.segment(prep["a"].array if role == "a" else None,
-                               prep["b"].array if role == "b" else None, role)
+    result = segmenter.segment(prep["a"].array if role == Mode.A else None,
+                               prep["b"].array if role == Mode.B else None, role)
     return postprocess.apply(result.labels, segmenter.model.postprocessing, role)
