@@ -19,8 +19,9 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 import segment_fixtures as fx
@@ -29,7 +30,11 @@ from pydicom.uid import generate_uid
 
 from cmc_serve.triton.server import free_ports
 
+if TYPE_CHECKING:
+    from orthanc_fixture import OrthancServer
+
 REPO = Path(__file__).resolve().parents[1]
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 NODE_START_TIMEOUT = 60.0
 
 
@@ -73,6 +78,21 @@ def write_study(folder: Path, patient_id: str = "PAT1", grid: str = "small") -> 
         ds.PatientID = patient_id
         ds.save_as(path, enforce_file_format=True)
     return Study(study_uid, ct_files, mr_files, ct.series_uid)
+
+
+def stored_seg(pacs: OrthancServer, instance: str) -> pydicom.Dataset:
+    """The SEG instance `instance` as the PACS stored it."""
+    return pydicom.dcmread(BytesIO(pacs.seg_file(instance)))
+
+
+def assert_seg_of(seg: pydicom.Dataset, study: Study) -> None:
+    """The SEG belongs to the study, references its CT series and holds both classes."""
+    assert seg.SOPClassUID == SEG_STORAGE
+    assert seg.StudyInstanceUID == study.study_uid
+    assert seg.SeriesDate == seg.ContentDate  # listed under its date in PACS browsers
+    (ref,) = seg.ReferencedSeriesSequence
+    assert ref.SeriesInstanceUID == study.ct_series_uid  # labels on the CT (modality a) grid
+    assert {s.SegmentLabel for s in seg.SegmentSequence} == {"bright_a", "bright_b"}
 
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:

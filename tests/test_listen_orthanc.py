@@ -13,7 +13,6 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -23,8 +22,10 @@ from dicom_factory import ROOT_UID
 from listen_fixtures import (
     Node,
     Study,
+    assert_seg_of,
     association_rejected,
     send,
+    stored_seg,
     wait_until,
     write_study,
 )
@@ -32,13 +33,7 @@ from orthanc_fixture import OrthancServer, orthanc_server, require_orthanc
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fx.make_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +43,10 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
                               modalities={"cmc": ("CMC", "127.0.0.1", 11112)})
 
 
-def _seg(pacs: OrthancServer, instance: str) -> pydicom.Dataset:
-    return pydicom.dcmread(BytesIO(pacs.seg_file(instance)))
-
-
-def _assert_seg_of(seg: pydicom.Dataset, study: Study) -> None:
-    """The SEG belongs to the study, references its CT series and holds both classes."""
-    assert seg.SOPClassUID == SEG_STORAGE
-    assert seg.StudyInstanceUID == study.study_uid
-    assert seg.SeriesDate == seg.ContentDate  # listed under its date in PACS browsers
-    (ref,) = seg.ReferencedSeriesSequence
-    assert ref.SeriesInstanceUID == study.ct_series_uid  # labels on the CT (modality a) grid
-    assert {s.SegmentLabel for s in seg.SegmentSequence} == {"bright_a", "bright_b"}
-
-
 def _exactly_one_seg(pacs: OrthancServer, study: Study, state: dict) -> pydicom.Dataset:
     (instance,) = pacs.wait_for_seg(study.study_uid)
-    seg = _seg(pacs, instance)
-    _assert_seg_of(seg, study)
+    seg = stored_seg(pacs, instance)
+    assert_seg_of(seg, study)
     assert state["result_uids"] == [seg.SOPInstanceUID]
     return seg
 
@@ -303,43 +284,6 @@ def test_pacs_that_does_not_know_the_ae_title_is_reported_clearly(
     assert not pacs.seg_instances(study.study_uid)
 
 
-# ---------------------------------------------------------------------- DICOMweb
-
-def test_segment_from_dicomweb_and_stow_back(tmp_path: Path, model_dir: Path,
-                                             pacs: OrthancServer) -> None:
-    study = write_study(tmp_path / "study", patient_id="PAT-WEB")
-    pacs.upload(study.files)
-    out = tmp_path / "out"
-    args = ["--from-dicomweb", pacs.dicomweb, "--study", study.study_uid, "-o", out,
-            "--model", model_dir, "--runtime", "onnxruntime", "--stow", pacs.dicomweb]
-    r = fx.segment(*args)
-    assert r.exit_code == 0, r.output
-    (seg_file,) = out.glob("PAT-WEB_*/seg.dcm")
-    local = pydicom.dcmread(seg_file)
-    (instance,) = pacs.wait_for_seg(study.study_uid)
-    stored = _seg(pacs, instance)
-    assert stored.SOPInstanceUID == local.SOPInstanceUID
-    _assert_seg_of(stored, study)
-    assert "1 SEG(s) stored at" in r.stderr
-    # --continue: the study is done in OUT, so it is neither retrieved nor stored again
-    r = fx.segment(*args, "--continue")
-    assert r.exit_code == 0, r.output
-    assert "1 finished study not retrieved" in r.stderr and "0 done" in r.stderr
-    assert pacs.seg_instances(study.study_uid) == [instance]
-
-
-def test_from_dicomweb_unknown_study_is_refused_in_one_line(tmp_path: Path, model_dir: Path,
-                                                           pacs: OrthancServer) -> None:
-    out = tmp_path / "out"
-    missing = generate_uid(ROOT_UID)
-    r = fx.segment("--from-dicomweb", pacs.dicomweb, "--study", missing, "-o", out, "--model",
-                   model_dir, "--runtime", "onnxruntime")
-    assert r.exit_code == 2
-    (line,) = r.stderr.strip().splitlines()
-    assert line.startswith("cmc segment: error: ") and missing in line and "404" in line
-    assert not out.exists()
-
-
 # ---------------------------------------------------------------------- status page
 
 def test_status_page_in_headless_chromium_shows_states_and_previews(
@@ -387,22 +331,3 @@ def test_documented_orthanc_routing_rule_segments_each_study_once(
     finally:
         node.stop()
         pacs.stop()
-
-
-def test_from_dicomweb_shards_cover_every_study_once(tmp_path: Path, model_dir: Path,
-                                                      pacs: OrthancServer) -> None:
-    studies = [write_study(tmp_path / f"s{i}", patient_id=f"PAT-SHARD{i}") for i in range(3)]
-    for study in studies:
-        pacs.upload(study.files)
-    seen: list[str] = []
-    for shard in ("1/2", "2/2"):
-        out = tmp_path / f"out{shard[0]}"
-        args = ["--from-dicomweb", pacs.dicomweb, "-o", out, "--model", model_dir,
-                "--runtime", "onnxruntime", "--output-type", "nifti", "--shard", shard]
-        for study in studies:
-            args += ["--study", study.study_uid]
-        r = fx.segment(*args)
-        assert r.exit_code == 0, r.output
-        cases = json.loads((out / "report.json").read_text())["cases"]
-        seen += [c["case_id"].split("_")[0] for c in cases if c["status"] == "done"]
-    assert sorted(seen) == [f"PAT-SHARD{i}" for i in range(3)]
