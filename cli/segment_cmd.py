@@ -101,7 +101,7 @@ def command(
                                  param_hint="--study")
     with sigterm_as_interrupt():  # a killed run cleans up as on Ctrl-C: no temporary files
         if from_dicomweb is not None:
-            from cmc_serve.node.dicomweb import segment_from_dicomweb
+            from cmc_serve.pipeline.dicomweb import segment_from_dicomweb
 
             result = segment_from_dicomweb(from_dicomweb, study or [], out, model, options,
                                            console)
@@ -120,7 +120,7 @@ def command(
 
 def _stow(result: object, url: str) -> bool:
     """`--stow`: store the new SEGs; say each failure; True when any failed."""
-    from cmc_serve.node.dicomweb import stow_results
+    from cmc_serve.pipeline.dicomweb import stow_results
 
     stowed = stow_results(result, url)  # type: ignore[arg-type]
     say("segment", f"{len(stowed.stored)} SEG(s) stored at {url}")

@@ -17,7 +17,6 @@ STOW-RS. Modules, one job each:
 - `worker`: picks the next complete study, segments it, delivers it.
 - `status_http`: the status page and `/health`.
 - `service`: `listen(...)`, the whole node as one call (the CLI only parses options).
-- `dicomweb`: `cmc segment --from-dicomweb URL --study UID`: WADO-RS in, STOW-RS out.
 
 Nothing here imports torch (tests/test_serve_no_torch.py).
 """

@@ -11,6 +11,7 @@
 - `outputs`, `statistics`, `preview`: the files of a case, written atomically, `done` last.
 - `report`: report.json (versions, engine actually used, timings) and failures.csv.
 - `batch`: the runner (model loaded once, reading overlapped with inference, --continue).
+- `dicomweb`: `segment --from-dicomweb URL --study UID`: WADO-RS in, STOW-RS out.
 
 Modules import their heavy dependencies lazily; none imports torch.
 """

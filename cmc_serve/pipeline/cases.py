@@ -104,10 +104,11 @@ def summarise(info: Any) -> SeriesSummary:
                          number=info.series_number, num_slices=info.n_slices)
 
 
-def _study_case_id(info: Any) -> str:
-    """PatientID plus a hash of the StudyInstanceUID: stable, unique, no raw UID in paths."""
-    digest = hashlib.sha1(info.study_uid.encode()).hexdigest()[:8]
-    return f"{sanitise(info.patient_id or 'anonymous', 40)}_{digest}"
+def study_case_id(patient_id: str, study_uid: str) -> str:
+    """The case id of a DICOM study: PatientID plus a hash of the StudyInstanceUID (stable,
+    unique, no raw UID in paths); also how `dicomweb` finds a study's case before retrieval."""
+    digest = hashlib.sha1(study_uid.encode()).hexdigest()[:8]
+    return f"{sanitise(patient_id or 'anonymous', 40)}_{digest}"
 
 
 def _dicom_sources(series: Sequence[Any], role: str | None) -> tuple[Source, ...]:
@@ -126,7 +127,7 @@ def _dicom_cases(volumes: Sequence[Any], others: Sequence[Any], root: Path) -> l
     for info in others:
         notes[info.study_uid].append(f"skipped {info.summary()}")
         first.setdefault(info.study_uid, info)
-    return [Case(_study_case_id(info), _dicom_sources(by_study[uid], None), root,
+    return [Case(study_case_id(info.patient_id, info.study_uid), _dicom_sources(by_study[uid], None), root,
                  tuple(notes[uid]))
             for uid, info in first.items()]
 
@@ -182,7 +183,8 @@ def discover_cases(input_path: Path, input_b: Path | None = None,
             raise CaseDiscoveryError(f"{input_b}: no such file or folder")
         sources = _single_source(input_path, "a") + _single_source(input_b, "b")
         first = sources[0]
-        name = (_study_case_id(first.series) if first.kind == "dicom"
+        name = (study_case_id(first.series.patient_id, first.series.study_uid)
+                if first.kind == "dicom"
                 else sanitise(_nifti_stem(first.path)))
         return [Case(name, sources, input_path)]
     if input_path.is_file():
@@ -242,7 +244,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def shard_of(keys: Sequence[str], index: int, count: int) -> list[str]:
+    """The one shard rule: share `index` (1-based) of `count`, every `count`-th of the sorted
+    keys (case ids for inputs, study UIDs for `dicomweb`), so N machines given the same
+    input cover every key exactly once."""
+    return sorted(keys)[index - 1::count]
+
+
 def select_shard(cases: Sequence[Case], index: int, count: int) -> list[Case]:
-    """Round-robin share `index` (1-based) of `count` over the id-sorted cases."""
-    ordered = sorted(cases, key=lambda c: c.case_id)
-    return [c for i, c in enumerate(ordered) if i % count == index - 1]
+    """The cases of share `index` of `count` by their ids (`shard_of`), in id order."""
+    kept = set(shard_of([c.case_id for c in cases], index, count))
+    return sorted((c for c in cases if c.case_id in kept), key=lambda c: c.case_id)

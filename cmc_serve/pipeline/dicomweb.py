@@ -19,13 +19,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from cmc_serve.node.delivery import NETWORK_TIMEOUT, DeliveryError, case_results, parse_stow
 from cmc_serve.node.spool import valid_uid
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.api import SegmentError, SegmentOptions, SegmentRunResult, segment
+from cmc_serve.pipeline.cases import shard_of, study_case_id
 
 DICOM_MEDIA_TYPE = "application/dicom"
 
@@ -56,13 +56,6 @@ def _http_error(url: str, action: str, exc: Exception) -> SegmentError:
         return SegmentError(f"{url}: {action}: HTTP {code}{hint}")
     return SegmentError(f"{url}: {action}: {type(exc).__name__} (DICOMweb service down or "
                         "unreachable)")
-
-
-def case_id_of(patient_id: str, study_uid: str) -> str:
-    """The case id `cmc segment` gives a DICOM study, by the pipeline's own function."""
-    from cmc_serve.pipeline.cases import _study_case_id
-
-    return _study_case_id(SimpleNamespace(patient_id=patient_id, study_uid=study_uid))
 
 
 def _patient_id(client: Any, url: str, study_uid: str) -> str:
@@ -107,13 +100,12 @@ def select_studies(url: str, study_uids: Sequence[str], out: Path,
     if bad:
         raise SegmentError(f"--study {bad[0]!r}: not a DICOM UID (digits and dots)")
     uids = sorted(set(study_uids))
-    if options.share:  # the folders' rule: every N-th of the sorted ids
-        index, count = options.share
-        uids = uids[index - 1::count]
+    if options.share:  # the folders' rule, on study UIDs
+        uids = shard_of(uids, *options.share)
     if not options.resume:
         return uids, []
     client = _client(url)
-    done = [u for u in uids if outputs.is_done(out, case_id_of(_patient_id(client, url, u), u))]
+    done = [u for u in uids if outputs.is_done(out, study_case_id(_patient_id(client, url, u), u))]
     return [u for u in uids if u not in done], done
 
 
