@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from cmc_common.contract import OUTPUT_TYPES, OutputType
 from cmc_common.files import atomic_write
 from cmc_serve.errors import SegmentError
 
@@ -59,9 +60,11 @@ FAILURES = "failures.csv"
 CASE_FILES = (SEG_NIFTI, SEG_SIDECAR, SEG_DICOM, RTSTRUCT_DICOM, SR_DICOM, STATISTICS, PREVIEW,
               DONE)
 AUTO_TYPES = "auto"
-OUTPUT_TYPES = ("nifti", "dicom-seg", "rtstruct", "sr")
-DICOM_TYPES = {"dicom-seg": SEG_DICOM, "rtstruct": RTSTRUCT_DICOM, "sr": SR_DICOM}
-OUTPUT_ALIASES = {"seg": "dicom-seg", "dicom-rtstruct": "rtstruct", "dicom-sr": "sr"}
+DICOM_TYPES: dict[str, str] = {OutputType.DICOM_SEG: SEG_DICOM, OutputType.RTSTRUCT: RTSTRUCT_DICOM,
+                               OutputType.SR: SR_DICOM}
+OUTPUT_ALIASES: dict[str, str] = {"seg": OutputType.DICOM_SEG,
+                                  "dicom-rtstruct": OutputType.RTSTRUCT,
+                                  "dicom-sr": OutputType.SR}
 
 
 class OutputError(SegmentError, ValueError):
@@ -96,7 +99,7 @@ def check_output_types(types: Sequence[str], given: object = None) -> None:
     if not types or unknown:
         raise ValueError(f"{shown}: use auto or a comma list of {', '.join(OUTPUT_TYPES)} "
                          "(e.g. auto,rtstruct,sr)")
-    if "sr" in types and not {"dicom-seg", AUTO_TYPES} & set(types):
+    if OutputType.SR in types and not {OutputType.DICOM_SEG, AUTO_TYPES} & set(types):
         raise ValueError(f"{shown}: sr reports on the DICOM SEG's segments; add dicom-seg "
                          "(e.g. dicom-seg,sr or auto,sr)")
 
@@ -107,7 +110,7 @@ def resolve_output_types(requested: Sequence[str], dicom: bool) -> tuple[str, ..
     if requested and AUTO_TYPES not in requested:
         return tuple(requested)
     extras = [t for t in requested if t != AUTO_TYPES and (dicom or t not in DICOM_TYPES)]
-    base = ("nifti", "dicom-seg") if dicom else ("nifti",)
+    base = (OutputType.NIFTI, OutputType.DICOM_SEG) if dicom else (OutputType.NIFTI,)
     return tuple(dict.fromkeys([*base, *extras]))
 
 
@@ -228,7 +231,7 @@ def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[s
     folder.mkdir(parents=True, exist_ok=True)
     done = CaseOutputs([], [], [])
     try:
-        if "nifti" in output_types:
+        if OutputType.NIFTI in output_types:
             from cmc_serve.nifti_io import write_label_nifti
 
             write_label_nifti(result.labels, volume.affine, folder / SEG_NIFTI, class_names,
@@ -238,7 +241,7 @@ def write_case_outputs(folder: Path, result: CaseResult, class_names: Sequence[s
             done.written.extend([SEG_NIFTI, SEG_SIDECAR])
         stats = (class_statistics(result.labels, class_names, volume.affine,
                                   result.loaded.on_reference, result.qc)
-                 if statistics or "sr" in output_types else None)
+                 if statistics or OutputType.SR in output_types else None)
         dicom_types = [t for t in DICOM_TYPES if t in output_types]
         if dicom_types:
             _write_dicom(folder, result, class_names, dicom_types, stats, model, review, done)
@@ -291,18 +294,18 @@ def _write_dicom(folder: Path, result: CaseResult, class_names: Sequence[str],
     codes = model.codes if model is not None and model.codes else resolve(class_names)
     common: dict[str, Any] = {"codes": codes, "provenance": dicom_provenance(result, model),
                               "review": review}
-    if "dicom-seg" in types:
+    if OutputType.DICOM_SEG in types:
         from cmc_serve.dicom.seg_writer import write_dicom_seg
 
         write_dicom_seg(result.labels, ref.datasets, class_names, folder / SEG_DICOM, **common)
         done.written.append(SEG_DICOM)
-    if "rtstruct" in types:
+    if OutputType.RTSTRUCT in types:
         from cmc_serve.dicom.rtstruct_writer import write_rtstruct
 
         write_rtstruct(result.labels, ref.datasets, class_names, folder / RTSTRUCT_DICOM,
                        **common)
         done.written.append(RTSTRUCT_DICOM)
-    if "sr" in types:
+    if OutputType.SR in types:
         from cmc_serve.dicom.sr_writer import write_measurement_report
 
         assert stats is not None  # computed whenever sr is asked for
