@@ -15,8 +15,8 @@ import segment_fixtures as fx
 from browser_fixture import overlay_pixels, render, require_chromium
 from PIL import Image
 
-from cmc_serve.pipeline.html_report import outliers
 from cmc_serve.pipeline.preview import PALETTE
+from cmc_serve.pipeline.statistics import outliers
 
 SHAPE = (24, 24, 16)
 AFFINE = fx.ras_affine((2.0, 2.0, 2.0), SHAPE)

@@ -1,6 +1,6 @@
 """The node's status page (`/`), health check (`/health`) and its two actions, on `--http-port`.
 
-`/` is the same self-contained page as `cmc segment`'s report.html (html_report): one row
+`/` is the same self-contained page as `cmc segment`'s report.html (html_page): one row
 per study with its state, timings, the preview, its quality verdict (score and the flags'
 sentences), deliveries and, for failures, the reason; it refreshes itself every few
 seconds. Above the table, what needs a person: failed deliveries with their error and a
@@ -33,17 +33,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from cmc_serve.html_page import badge, engine_text, esc, page, thumb_cell
 from cmc_serve.node.spool import Spool, valid_uid
 from cmc_serve.node.study_record import HELD, Study
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, qc_reasons
 from cmc_serve.pipeline import outputs
-from cmc_serve.pipeline.html_report import (
-    badge,
-    engine_text,
-    esc,
-    page,
-    thumb_cell,
-)
 
 if TYPE_CHECKING:
     from cmc_serve.node.scp import RefusedSyntax, StorageSCP
