@@ -20,15 +20,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-HALF_TYPES = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16}
+from cmc_common.contract import Precision
+
+HALF_TYPES: dict[str, int] = {Precision.BF16: TensorProto.BFLOAT16,
+                              Precision.FP16: TensorProto.FLOAT16}
 
 
 def round_to(array: np.ndarray, precision: str) -> np.ndarray:
     """`array` (float32) rounded to the nearest bf16 / fp16 value, returned as float32."""
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if precision == "fp16":
+    if precision == Precision.FP16:
         return array.astype(np.float16).astype(np.float32)
-    if precision != "bf16":
+    if precision != Precision.BF16:
         raise ValueError(f"unknown half precision {precision!r}; expected one of {list(HALF_TYPES)}")
     bits = array.view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round half to even

@@ -37,6 +37,8 @@ from cmc_common.contract import (
     PRECISIONS,
     RUNTIMES,
     SUPPORTED_FORMAT_VERSIONS,
+    Precision,
+    Runtime,
 )
 from cmc_common.files import file_digest
 from cmc_serve.errors import SegmentError
@@ -178,8 +180,8 @@ class ModelInfo:
         without an explicit bf16 entry it resolves to the fp32 IR.
         """
         wanted = [(mode, runtime, precision)]
-        if runtime == "openvino" and precision == "bf16":
-            wanted.append((mode, runtime, "fp32"))
+        if runtime == Runtime.OPENVINO and precision == Precision.BF16:
+            wanted.append((mode, runtime, Precision.FP32))
         for key in wanted:
             for g in self.graphs:
                 if (g.mode, g.runtime, g.precision) == key:
