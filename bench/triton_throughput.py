@@ -18,50 +18,49 @@ in this one run and on the same synthetic pre-processed volume:
 
 Every configuration segments the same number of cases (`--cases`, split evenly over its
 clients), each client process in its own interpreter, started and connected before a
-barrier so only segmentation is timed. Throughput is cases / wall time from the barrier to
+barrier so only segmentation is timed (bench/triton_clients.py). Throughput is cases / wall time from the barrier to
 the last client's end. Every client's labels are compared with the local ONNX Runtime
 labels. CPU busy is the fraction of all cores' time spent busy (by any process, from
 /proc/stat) while a configuration ran: near 100 % with one client means more clients have
 no cores left to fill. Prints the CPU, thread counts, load average, a markdown table with
-the ratios (N clients vs 1, Triton vs local ONNX Runtime) and the command. The server listens on
-127.0.0.1 only and is stopped on exit, error or Ctrl-C.
+the ratios (N clients vs 1, Triton vs local ONNX Runtime), the verdicts (Triton vs the
+local engine on the same runtime, target within 5 %; most clients vs 1) and the command;
+progress goes to stderr as it runs, and the rows, with the host's CPU model and features,
+to docs/benchmarks/perf_<cpu>.json (`triton_throughput`). The server listens on 127.0.0.1
+only and is stopped on exit, error or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import dataclasses
 import os
 import platform
-import queue
 import shlex
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.synchronize import Barrier
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-# bench/engine.py: the CPU name and the synthetic pre-processed volume shared by the benches
-# (this script's folder is sys.path[0], and spawned clients inherit sys.path).
-from engine import cpu_model, synthetic_case
+# Sibling modules (this script's folder is sys.path[0]): bench/engine.py's synthetic
+# pre-processed volume, the host's CPU and the perf_<cpu>.json rows, the client processes.
+from engine import synthetic_case
+from host_info import cpu_info, update_perf_rows
+from triton_clients import MODE, BenchError, busy_since, cpu_jiffies, run_clients
 
 ROOT = Path(__file__).resolve().parents[1]
-MODE = "fused"
 CLASSES = 5
 MAX_BATCH = 4
-CONNECT_TIMEOUT_S = 300.0  # client processes import, connect and reach the barrier
-CASE_TIMEOUT_S = 900.0  # one case on a heavily shared 2-core machine
-
-
-class BenchError(RuntimeError):
-    """A configuration could not be measured (a client failed; the message says why)."""
+FEATURES = ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+            "amx_int8")
+CLIENT_SIDE = "Triton, client-side tiling"
+REMOTE_TARGET = 0.05  # issue 29: Triton client-side tiling within 5 % of the local engine
 
 
 @dataclass(frozen=True)
@@ -85,21 +84,6 @@ class Measurement:
     @property
     def tiles_per_s(self) -> float:
         return self.cases * self.tiles_per_case / self.wall_s
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU time of the whole machine so far, from /proc/stat's `cpu` line.
-
-    System-wide on purpose: the server, its python-backend stubs and the clients are
-    separate processes, and the question is whether any core was left idle."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
-def busy_since(start: tuple[int, int]) -> float:
-    busy, total = cpu_jiffies()
-    return (busy - start[0]) / max(1, total - start[1])
 
 
 # --- the model ---------------------------------------------------------------------------
@@ -154,115 +138,6 @@ def edit_patch_config(repository: Path, model: str, batching: bool, runtime: str
         config.ClearField("dynamic_batching")
     config.parameters["runtime"].string_value = runtime  # OpenVINO reads the ONNX graph
     path.write_text(text_format.MessageToString(config))
-
-
-# --- client processes --------------------------------------------------------------------
-
-def open_client(kind: str, url: str, model_dir: str
-                ) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], Callable[[], None]]:
-    """(segment(image_a, image_b) -> labels, close) of a connected, checked client."""
-    if kind == "volume":
-        from cmc_serve.model_dir import ModelInfo
-        from cmc_serve.triton.client import TritonVolumeClient
-
-        volume = TritonVolumeClient(url, ModelInfo.load(Path(model_dir)).name)
-
-        def on_server(image_a: np.ndarray, image_b: np.ndarray) -> np.ndarray:
-            return volume.segment(image_a, image_b).labels
-
-        return on_server, volume.close
-    from cmc_serve.engine import Segmenter
-
-    segmenter = Segmenter(model_dir, runtime="triton", server=url)
-    segmenter.runtime_for(MODE)  # connect and check the served model before timing
-
-    def client_side(image_a: np.ndarray, image_b: np.ndarray) -> np.ndarray:
-        return segmenter.segment(image_a, image_b, mode=MODE).labels
-
-    return client_side, segmenter.close
-
-
-def client_process(kind: str, url: str, model_dir: str, size: int, cases: int,
-                   barrier: Barrier, results: Any) -> None:
-    """One client (own interpreter): connect, wait at the barrier, segment `cases` times."""
-    close: Callable[[], None] | None = None
-    try:
-        image_a, image_b = synthetic_case((size,) * 3)
-        segment, close = open_client(kind, url, model_dir)
-        barrier.wait(CONNECT_TIMEOUT_S)
-        start = time.monotonic()
-        labels = [segment(image_a, image_b) for _ in range(cases)][-1]
-        results.put((start, time.monotonic(), labels))
-    except BaseException as exc:  # reported to the parent, which names the configuration
-        barrier.abort()
-        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    finally:
-        if close is not None:
-            close()
-
-
-def run_clients(kind: str, url: str, model_dir: Path, size: int, clients: int,
-                cases: int) -> tuple[float, list[np.ndarray], float]:
-    """Wall time of `clients` processes segmenting `cases` cases in all, their labels and the
-    machine's CPU busy fraction meanwhile."""
-    context = mp.get_context("spawn")  # fresh interpreters: no forked gRPC state
-    barrier = context.Barrier(clients + 1)
-    results = context.Queue()
-    processes = [context.Process(target=client_process, daemon=True, args=(
-        kind, url, str(model_dir), size, cases // clients, barrier, results))
-        for _ in range(clients)]
-    where = f"{kind} tiling, {clients} client(s)"
-    try:
-        for process in processes:
-            process.start()
-        watcher = threading.Thread(target=abort_on_death, args=(processes, barrier), daemon=True)
-        watcher.start()
-        try:
-            barrier.wait(CONNECT_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            raise BenchError(f"{where}: {first_error(results, clients)}") from None
-        cpu_start = cpu_jiffies()
-        outcomes = []
-        for _ in processes:
-            try:
-                outcomes.append(results.get(timeout=CASE_TIMEOUT_S * cases))
-            except queue.Empty:
-                raise BenchError(f"{where}: no result within {CASE_TIMEOUT_S * cases:.0f} s")\
-                    from None
-        cpu_busy = busy_since(cpu_start)
-        errors = [o for o in outcomes if isinstance(o, str)]
-        if errors:
-            raise BenchError(f"{where}: {errors[0]}")
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join()
-    wall = max(o[1] for o in outcomes) - min(o[0] for o in outcomes)
-    return wall, [o[2] for o in outcomes], cpu_busy
-
-
-def abort_on_death(processes: list[Any], barrier: Barrier) -> None:
-    """Break the barrier as soon as a client dies without a word (e.g. at import), instead
-    of letting the others wait out CONNECT_TIMEOUT_S."""
-    while any(p.exitcode is None for p in processes):
-        if any(p.exitcode not in (None, 0) for p in processes):
-            barrier.abort()
-            return
-        time.sleep(0.2)
-
-
-def first_error(results: Any, clients: int) -> str:
-    """The message of the client that broke the barrier (or a timeout if none did)."""
-    for _ in range(clients):
-        try:
-            outcome = results.get(timeout=10)
-        except queue.Empty:
-            break
-        if isinstance(outcome, str):
-            return outcome
-    return f"clients not connected within {CONNECT_TIMEOUT_S:.0f} s"
 
 
 # --- the measurements --------------------------------------------------------------------
@@ -334,7 +209,7 @@ def measure_triton(repository: Path, model_dir: Path, size: int, cases: int,
                   file=sys.stderr, flush=True)
             wall, labels, cpu_busy = run_clients(kind, url, model_dir, size, clients, cases)
             print(f"    {cases} cases in {wall:.1f} s", file=sys.stderr, flush=True)
-            path = "Triton, client-side tiling" if kind == "client" else \
+            path = CLIENT_SIDE if kind == "client" else \
                 "Triton, server-side tiling (volume model)"
             rows.append(Measurement(path, runtime, batching, clients, cases, wall, tiles,
                                     agreement(labels, reference), cpu_busy))
@@ -379,6 +254,26 @@ def verdict(rows: list[Measurement], target: float) -> list[str]:
         lines.append(f"- {key[0]} (batching {key[1]}): {most.clients} clients = {ratio:.2f}x "
                      f"1 client: target >= {target}x {'MET' if ratio >= target else 'NOT met'}")
     return lines
+
+
+def remote_ratio(rows: list[Measurement]) -> float | None:
+    """Wall time per case of Triton client-side tiling (1 client, batching on) over the
+    local engine's on the server's runtime: the price of serving, 1.0 = none."""
+    one = next((r for r in rows if r.path == CLIENT_SIDE and r.clients == 1
+                and r.batching == "on"), None)
+    local = next((r for r in rows if r.path.startswith("local")
+                  and one is not None and r.runtime == one.runtime), None)
+    return None if one is None or local is None else \
+        round(local.cases_per_min / one.cases_per_min, 4)
+
+
+def remote_verdict(rows: list[Measurement]) -> str:
+    ratio = remote_ratio(rows)
+    if ratio is None:
+        return "- Triton vs local: no 1-client client-side row"
+    met = "MET" if ratio <= 1 + REMOTE_TARGET else "NOT met"
+    return (f"- Triton client-side tiling, 1 client: {ratio:.3f}x the local engine's time per "
+            f"case: target <= {1 + REMOTE_TARGET:.2f}x {met}")
 
 
 def thread_summary() -> str:
@@ -439,9 +334,11 @@ def main() -> None:
         model_dir = build(work)
         info = ModelInfo.load(model_dir)
         patch_model = patch_model_name(info.name, MODE)
-        batched = model_dir / "repository"
-        unbatched = work / "repository_nobatch"
-        shutil.copytree(batched, unbatched)
+        # Served copies: cmc.json records the sizes of the export's files, so the model
+        # directory itself stays as exported.
+        batched, unbatched = work / "repository_batch", work / "repository_nobatch"
+        shutil.copytree(model_dir / "repository", batched)
+        shutil.copytree(model_dir / "repository", unbatched)
         edit_patch_config(batched, patch_model, batching=True, runtime=args.server_runtime)
         edit_patch_config(unbatched, patch_model, batching=False, runtime=args.server_runtime)
 
@@ -462,7 +359,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"CPU: {cpu_model()}; {thread_summary()}; python {platform.python_version()}")
+    cpu, features = cpu_info(FEATURES)
+    print(f"CPU: {cpu} ({', '.join(features) or 'none of ' + ', '.join(FEATURES)}); "
+          f"{thread_summary()}; python {platform.python_version()}")
     print(f"Load average (1 min) at start {load_before[0]:.1f}, at end {os.getloadavg()[0]:.1f}; "
           f"total run {time.monotonic() - started:.0f} s\n")
     print(f"## Triton throughput: {description}, fused mode, patch "
@@ -470,8 +369,17 @@ def main() -> None:
           f"{args.size}^3 volume, overlap 0.5 ({tiles} tiles/case), gRPC on 127.0.0.1, "
           f"patch model max_batch_size {info.max_batch}\n")
     print("\n".join(table(rows)))
-    print("\n" + "\n".join(verdict(rows, args.target)))
-    print(f"\nCommand: .venv/bin/python {shlex.join(sys.argv)}")
+    print("\n" + "\n".join([remote_verdict(rows), *verdict(rows, args.target)]))
+    command = f".venv/bin/python {shlex.join(sys.argv)}"
+    print(f"\nCommand: {command}")
+    saved = update_perf_rows(cpu, lambda document: document.update({"triton_throughput": {
+        "host": {"cpu": cpu, "features": features}, "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+        "load_average_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "volume": args.size, "tiles_per_case": tiles, "remote_vs_local": remote_ratio(rows),
+        "rows": [dataclasses.asdict(r) | {"cases_per_min": round(r.cases_per_min, 2)}
+                 for r in rows]}}))
+    print(f"rows written to {saved.relative_to(ROOT)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
