@@ -11,7 +11,6 @@ import segment_fixtures as fx
 from cmc_serve.pipeline.cases import (
     CaseDiscoveryError,
     discover_cases,
-    parse_shard,
     sanitise,
     select_shard,
 )
@@ -22,6 +21,7 @@ from cmc_serve.pipeline.pairing import (
     dicom_modality,
     pair_series,
 )
+from cmc_serve.pipeline.shard_env import ShardChoiceError, parse_shard
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 IMAGE = np.ones((4, 4, 4), np.float32)
@@ -98,7 +98,7 @@ def test_shards_partition_the_cases(tmp_path: Path, n: int, count: int) -> None:
 
 @pytest.mark.parametrize("text", ["0/2", "3/2", "a/b", "1", "1/0"])
 def test_bad_shard(text: str) -> None:
-    with pytest.raises(CaseDiscoveryError, match="expected I/N"):
+    with pytest.raises(ShardChoiceError, match="expected I/N"):
         parse_shard(text)
     assert parse_shard(" 2 / 3 ") == (2, 3)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
+from cmc_common.errors import CmcError
 from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelFileError, ModelInfo
 from cmc_serve.pipeline import outputs
@@ -32,9 +33,9 @@ from cmc_serve.pipeline.cases import Case
 from cmc_serve.pipeline.pairing import PairingRules
 from cmc_serve.pipeline.report import CaseRecord, RunReport, write_report
 from cmc_serve.pipeline.run_case import (
-    CaseError,
     CaseResult,
     LoadedCase,
+    failed_stage,
     load_case,
     segment_case,
 )
@@ -52,13 +53,12 @@ def _inputs(case: Case) -> list[str]:
     return [s.describe() for s in case.sources] or [str(case.origin)]
 
 
-def _error(exc: BaseException, stage: str) -> tuple[str, str]:
-    """(stage, one-line message) of a failure; CaseError knows its own stage."""
-    stage = exc.stage if isinstance(exc, CaseError) else stage
+def _error(exc: BaseException, running: str) -> tuple[str, str]:
+    """(stage, one-line message) of a failure in the stage the batch was `running`."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, (CaseError, ValueError, OSError)):
+    if not isinstance(exc, (CmcError, ValueError, OSError)):
         message = f"{type(exc).__name__}: {message}"
-    return stage, message
+    return failed_stage(exc, running), message
 
 
 class BatchRunner:

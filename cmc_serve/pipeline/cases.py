@@ -86,14 +86,11 @@ def _nifti_stem(path: Path) -> str:
 # ------------------------------------------------------------------------------- DICOM
 
 def _scan_dicom(folder: Path) -> tuple[list[Any], list[Any]]:
-    """(volume series, other image series) under `folder`; SEG/SR/... objects are ignored."""
-    from cmc_serve.dicom.errors import DicomScanError
+    """(volume series, other image series) under `folder`; SEG/SR/... objects are ignored.
+    A folder that cannot be scanned raises the scanner's `DicomScanError`."""
     from cmc_serve.dicom.scan import NON_IMAGE, VOLUME, scan_folder
 
-    try:
-        result = scan_folder(folder)
-    except DicomScanError as exc:
-        raise CaseDiscoveryError(str(exc)) from exc
+    result = scan_folder(folder)
     others = [s for s in result.series if s.kind not in (VOLUME, NON_IMAGE)]
     return result.volumes, others
 
@@ -201,9 +198,11 @@ def discover_cases(input_path: Path, input_b: Path | None = None,
     nifti = sorted(p for p in files if is_nifti_path(p))
     cases = _nifti_cases(nifti, input_path, single_role)
     if len(nifti) < len(files):
+        from cmc_serve.dicom.errors import DicomScanError
+
         try:
             cases += _dicom_cases(*_scan_dicom(input_path), input_path)
-        except CaseDiscoveryError:
+        except (CaseDiscoveryError, DicomScanError):
             if not cases:
                 raise
     if not cases:
@@ -235,14 +234,6 @@ def _unique(cases: list[Case]) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------- shards
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'I/N' -> (I, N) with 1 <= I <= N."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m or not 1 <= int(m[1]) <= int(m[2]):
-        raise CaseDiscoveryError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/4")
-    return int(m[1]), int(m[2])
-
 
 def shard_of(keys: Sequence[str], index: int, count: int) -> list[str]:
     """The one shard rule: share `index` (1-based) of `count`, every `count`-th of the sorted

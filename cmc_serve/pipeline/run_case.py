@@ -1,8 +1,11 @@
 """One case from its inputs to labels on the source grid, in stages the batch runner overlaps.
 
 `load_case` (threads: read + pre-process) -> `segment_case` (main thread: infer + labels back
-to the source grid) -> `outputs.write_case_outputs`. Each stage raises `CaseError` naming
-the stage and the problem, so the batch can log it in failures.csv and go on.
+to the source grid) -> `outputs.write_case_outputs`. A case that cannot go on raises a
+one-line error the batch logs in failures.csv before it goes on, with the stage it stopped
+in (`failed_stage`): this module's own checks raise `CaseError` naming the stage, the
+refusals of pairing, the images' combination and pre-processing arrive as they were raised
+and are placed by their class, and another library's exception is folded into a CaseError.
 
 Geometry rules (orientation/flip errors are the most reported bug class of such tools):
 - two images are combined only when `cmc_serve.compatibility.check_combination` allows it
@@ -64,6 +67,19 @@ class CaseError(CmcError):
     def __init__(self, stage: str, message: str) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+def failed_stage(exc: BaseException, running: str) -> str:
+    """The stage a case's failure stopped in: a CaseError's own, "pair" for a refused pairing
+    or combination of the images, "preprocess" for a refused pre-processing, otherwise the
+    stage the caller was `running`."""
+    from cmc_serve.preprocess import PreprocessError
+
+    if isinstance(exc, CaseError):
+        return exc.stage
+    if isinstance(exc, (PairingError, CompatibilityError)):
+        return "pair"
+    return "preprocess" if isinstance(exc, PreprocessError) else running
 
 
 @dataclass(frozen=True)
@@ -238,10 +254,7 @@ def pair_case(case: Case, info: ModelInfo, rules: PairingRules,
     if not case.sources:
         raise CaseError("pair", f"{case.case_id}: no series that can be segmented ("
                         + "; ".join(case.notes) + ")")
-    try:
-        chosen, reasons = assign_roles(case, rules, roles_for(requested_mode))
-    except PairingError as exc:
-        raise CaseError("pair", str(exc)) from exc
+    chosen, reasons = assign_roles(case, rules, roles_for(requested_mode))
     mode = resolve_mode(requested_mode, [r for r in ROLES if r in chosen], info, case.case_id)
     return chosen, reasons, mode
 
@@ -254,7 +267,7 @@ def planned_modes(cases: Sequence[Case], info: ModelInfo, rules: PairingRules,
     for case in cases:
         try:
             modes.add(pair_case(case, info, rules, requested_mode)[2])
-        except CaseError:
+        except (CaseError, PairingError):
             continue
     return [m for m in MODES if m in modes]
 
@@ -262,7 +275,7 @@ def planned_modes(cases: Sequence[Case], info: ModelInfo, rules: PairingRules,
 def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: str,
               assumptions: Assumptions | None = None) -> LoadedCase:
     """Pair, read, check and pre-process a case (safe to run in a worker thread)."""
-    from cmc_serve.preprocess import PreprocessError, preprocess, resample_to_reference
+    from cmc_serve.preprocess import preprocess, resample_to_reference
 
     timer = StageTimer()
     chosen, reasons, mode = pair_case(case, info, rules, requested_mode)
@@ -277,14 +290,13 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
             try:
                 with library_warnings.collected(src.describe(), reasons):
                     images[role] = _read(role, names[role], src, assumptions, provenance)
-            except Exception as exc:  # each reader raises its own one-line error class
+            except CmcError:
+                raise  # each reader's own one-line refusal
+            except Exception as exc:  # a library's exception the readers did not foresee
                 raise CaseError("read", one_line(exc)) from exc
             _check_image(images[role].volume, src)
     if len(roles) == 2:
-        try:
-            combination = check_combination(images["a"].facts, images["b"].facts, assumptions)
-        except CompatibilityError as exc:
-            raise CaseError("pair", str(exc)) from exc
+        combination = check_combination(images["a"].facts, images["b"].facts, assumptions)
         reasons.extend(combination.notes)
         if combination.registered_by_assumption:
             provenance.apply(ASSUME_REGISTERED, combination.registered_by_assumption)
@@ -292,19 +304,16 @@ def load_case(case: Case, info: ModelInfo, rules: PairingRules, requested_mode: 
     on_reference = {reference.modality: reference.volume.array}
     prepared: dict[str, PreparedVolume] = {}
     with timer.stage("preprocess"):
-        try:
-            for role in roles:
-                volume = images[role].volume
-                if role != reference.role:
-                    if not volume.grid.same_as(reference.volume.grid):
-                        volume = resample_to_reference(volume, reference.volume.grid)
-                        reasons.append(f"{role} ({names[role]}) resampled into "
-                                       f"{reference.role}'s world grid "
-                                       f"{list(reference.volume.shape)} before pre-processing")
-                    on_reference[names[role]] = volume.array
-                prepared[role] = preprocess(volume, names[role], info.preprocessing)
-        except PreprocessError as exc:
-            raise CaseError("preprocess", f"{case.case_id}: {exc}") from exc
+        for role in roles:
+            volume = images[role].volume
+            if role != reference.role:
+                if not volume.grid.same_as(reference.volume.grid):
+                    volume = resample_to_reference(volume, reference.volume.grid)
+                    reasons.append(f"{role} ({names[role]}) resampled into "
+                                   f"{reference.role}'s world grid "
+                                   f"{list(reference.volume.shape)} before pre-processing")
+                on_reference[names[role]] = volume.array
+            prepared[role] = preprocess(volume, names[role], info.preprocessing)
     return LoadedCase(case, mode, reference, prepared, on_reference, reasons, timer,
                       assumptions.record(provenance.applied), provenance.warnings,
                       {role: RoleImage(image.modality, image.volume.array, image.volume.affine)
@@ -327,6 +336,8 @@ def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QcLevel.ON)
                 branches=qc != QcLevel.OFF)
         except (RuntimeUnavailable, ModelFileError):
             raise  # the runtime or the model, not the case, is the problem: the run stops
+        except CmcError:
+            raise  # the engine's own one-line refusal of this case's input
         except Exception as exc:
             raise CaseError("infer", f"{loaded.case.case_id}: {one_line(exc)}") from exc
     with timer.stage("postprocess"):

@@ -33,7 +33,6 @@ from typing import Any
 
 from cmc_serve.errors import SegmentOptionError
 from cmc_serve.pipeline import shards
-from cmc_serve.pipeline.cases import CaseDiscoveryError, parse_shard
 
 AUTO = "auto"
 COUNT_ENV = "CMC_SHARD_COUNT"
@@ -46,6 +45,7 @@ KUBERNETES_INDEX = "JOB_COMPLETION_INDEX"
 SLURM_VARIABLES = (SLURM_ID, SLURM_MIN, SLURM_MAX, SLURM_STEP, SLURM_COUNT)
 
 _AUTO = re.compile(r"\s*auto\s*(?:/\s*(\d+)\s*)?")
+_INDEX_OF_COUNT = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
 
 class ShardChoiceError(SegmentOptionError):
@@ -178,12 +178,16 @@ def parse_shard_text(text: str, environ: Mapping[str, str]) -> ShardChoice:
     auto = _AUTO.fullmatch(text)
     if auto and (auto[1] is None or int(auto[1]) >= 1):
         return shard_from_environment(environ, int(auto[1]) if auto[1] else None)
-    try:
-        return ShardChoice(*parse_shard(text), ShardSource("option"))
-    except CaseDiscoveryError:
+    return ShardChoice(*parse_shard(text), ShardSource("option"))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 1 <= I <= N."""
+    m = _INDEX_OF_COUNT.fullmatch(text)
+    if not m or not 1 <= int(m[1]) <= int(m[2]):
         raise ShardChoiceError(f"--shard {text!r}: expected I/N with 1 <= I <= N (e.g. 2/4), "
-                               "auto (from a Slurm array or Kubernetes Indexed Job) or auto/N"
-                               ) from None
+                               "auto (from a Slurm array or Kubernetes Indexed Job) or auto/N")
+    return int(m[1]), int(m[2])
 
 
 def check_out_sharding(out: Path, index: int, count: int, source: ShardSource) -> None:
