@@ -17,8 +17,8 @@ import numpy as np
 
 from cmc_common.contract import GRAPH_OUTPUT
 from cmc_export.errors import ExportError
+from cmc_serve.errors import RuntimeUnavailable
 from cmc_serve.model_dir import ModelFileError
-from cmc_serve.runtimes.base import RuntimeUnavailable
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime, unsupported_reason
 
 __all__ = ["export_openvino", "openvino_runner", "unsupported_reason"]

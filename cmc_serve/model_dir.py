@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ from cmc_common.contract import (
     Runtime,
 )
 from cmc_common.files import file_digest
-from cmc_serve.errors import SegmentError
+from cmc_serve.errors import RuntimeUnavailable, SegmentError
 
 if TYPE_CHECKING:
     from cmc_serve.dicom.codes import ClassCode
@@ -55,6 +55,11 @@ class ModelDirError(SegmentError, ValueError):
 
 class ModelFileError(ModelDirError):
     """A file of the model directory is damaged: wrong size or checksum, or unreadable."""
+
+
+class GraphNotExported(ModelDirError, RuntimeUnavailable):
+    """The model has no graph for the (mode, runtime, precision) asked for: that runtime
+    cannot run it, so `--runtime auto` tries the next one (RuntimeUnavailable)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +192,7 @@ class ModelInfo:
                 if (g.mode, g.runtime, g.precision) == key:
                     return g
         have = ", ".join(f"{g.mode}/{g.runtime}/{g.precision}" for g in self.graphs)
-        raise ModelDirError(
+        raise GraphNotExported(
             f"{self.root / MODEL_JSON}: no graph for mode={mode} runtime={runtime} "
             f"precision={precision} (available: {have})")
 
@@ -238,12 +243,9 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
 
     postprocessing = data.get("postprocessing")
     if postprocessing is not None:
-        from cmc_serve.postprocess import PostprocessError, check_record
+        from cmc_serve.postprocess import check_record
 
-        try:
-            check_record(postprocessing, len(classes))
-        except PostprocessError as exc:
-            raise fail(str(exc)) from None
+        check_record(postprocessing, len(classes), fail)
     qc_reference = data.get("qc_reference")
     if qc_reference is not None and not isinstance(qc_reference, dict):
         raise fail("qc_reference must be an object")
@@ -280,7 +282,8 @@ def _parse(root: Path, path: Path, data: Any) -> ModelInfo:
         qc_reference=qc_reference, codes=codes)
 
 
-def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
+def _parse_graph(root: Path, fail: Callable[[str], ModelDirError], index: int, g: Any
+                 ) -> GraphInfo:
     where = f"graphs[{index}]"
     if not isinstance(g, dict):
         raise fail(f"{where} must be an object")
@@ -311,7 +314,7 @@ def _parse_graph(root: Path, fail: Any, index: int, g: Any) -> GraphInfo:
                      gate=gate if isinstance(gate, dict) else {}, files=files)
 
 
-def _parse_files(root: Path, fail: Any, where: str, files: Any,
+def _parse_files(root: Path, fail: Callable[[str], ModelDirError], where: str, files: Any,
                  required: str | None) -> tuple[ModelFile, ...]:
     """A `files` object ({relative path: {"size", "sha256"}}) that must list `required`
     (a graph entry's own file); () when absent."""

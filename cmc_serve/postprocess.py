@@ -26,7 +26,7 @@ labels return to the input geometry, so `min_mm3` means the same everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,28 +71,28 @@ def clean_class(labels: np.ndarray, cls: int, op: Mapping[str, Any],
     return out
 
 
-def check_record(record: Mapping[str, Any], num_classes: int) -> None:
-    """Raise PostprocessError unless `record` is a valid choice for `num_classes` classes."""
+def check_record(record: Mapping[str, Any], num_classes: int,
+                 fail: Callable[[str], Exception] = PostprocessError) -> None:
+    """Raise `fail(problem)` unless `record` is a valid choice for `num_classes` classes;
+    the reader of a file holding the record passes its own error, naming the file."""
     spacing = record.get("spacing_mm")
     if not isinstance(spacing, Sequence) or len(spacing) != 3 or \
             not all(isinstance(s, int | float) and s > 0 for s in spacing):
-        raise PostprocessError(f"postprocessing: spacing_mm must be 3 positive numbers, got "
-                               f"{spacing!r}")
+        raise fail(f"postprocessing: spacing_mm must be 3 positive numbers, got {spacing!r}")
     modes = record.get("modes")
     if not isinstance(modes, Mapping):
-        raise PostprocessError("postprocessing: 'modes' must map a mode to its operations")
+        raise fail("postprocessing: 'modes' must map a mode to its operations")
     for mode, ops in modes.items():
         if mode not in MODES or not isinstance(ops, Sequence):
-            raise PostprocessError(f"postprocessing: {mode!r} is not a mode with a list of "
-                                   "operations")
+            raise fail(f"postprocessing: {mode!r} is not a mode with a list of operations")
         for op in ops:
             if not isinstance(op, Mapping) or op.get("op") not in OPS or \
                     not isinstance(op.get("class"), int) or not 0 < op["class"] < num_classes:
-                raise PostprocessError(f"postprocessing[{mode}]: {op!r} is not an operation on "
-                                       f"a foreground class 1..{num_classes - 1}")
+                raise fail(f"postprocessing[{mode}]: {op!r} is not an operation on a "
+                           f"foreground class 1..{num_classes - 1}")
             if op["op"] == "remove_small" and not (
                     isinstance(op.get("min_mm3"), int | float) and op["min_mm3"] >= 0):
-                raise PostprocessError(f"postprocessing[{mode}]: {op!r} needs min_mm3 >= 0")
+                raise fail(f"postprocessing[{mode}]: {op!r} needs min_mm3 >= 0")
 
 
 def apply_operations(labels: np.ndarray, ops: Sequence[Mapping[str, Any]],

@@ -119,13 +119,11 @@ def record_postprocessing(path: Path, record: dict[str, Any]) -> None:
     """Store the post-processing `cmc evaluate --choose-postprocessing` chose in the
     checkpoint's metadata ("postprocessing"), replacing an earlier choice. The weights and
     any trainer state are written back unchanged, atomically (`save_checkpoint`)."""
-    from cmc_serve.postprocess import PostprocessError, check_record
+    from cmc_serve.postprocess import check_record
 
     ckpt = load_checkpoint(path)
-    try:
-        check_record(record, len(ckpt.metadata["classes"]))
-    except PostprocessError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+    check_record(record, len(ckpt.metadata["classes"]),
+                 lambda problem: CheckpointError(f"{path}: {problem}"))
     save_checkpoint(path, ckpt.state_dict, {**ckpt.metadata, "postprocessing": record},
                     ckpt.trainer_state)
 

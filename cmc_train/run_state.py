@@ -25,7 +25,6 @@ import torch
 from cmc_common.contract import ROLES
 from cmc_common.errors import CmcError
 from cmc_train.checkpoint import (
-    CheckpointError,
     LoadedCheckpoint,
     build_metadata,
     load_checkpoint,
@@ -233,7 +232,8 @@ class RunState:
 
 
 def prepare_run_dir(run: RunState, resume: bool) -> LoadedCheckpoint | None:
-    """Check the run folder; on resume return the checkpoint to restart from."""
+    """Check the run folder; on resume return the checkpoint to restart from (a damaged one
+    raises its CheckpointError)."""
     last = run.run_dir / LAST
     if not resume:
         if last.exists():
@@ -250,10 +250,7 @@ def prepare_run_dir(run: RunState, resume: bool) -> LoadedCheckpoint | None:
         if saved != current:
             raise TrainError(f"{saved_cfg_path}: the run configuration differs from the one "
                              "being resumed (only the number of steps may change)")
-    try:
-        return load_checkpoint(last)
-    except CheckpointError as exc:
-        raise TrainError(str(exc)) from exc
+    return load_checkpoint(last)
 
 
 def iter_metrics(run_dir: Path) -> Iterator[dict[str, Any]]:

@@ -3,8 +3,9 @@
 Start-up refuses, with one `CmcError` line and before anything listens, what would make
 the node useless later: an unreadable model, bad pairing rules, an unusable runtime (the
 `ModelDirError`, `PairingError` or `RuntimeUnavailable` of that check, as `cmc segment`
-raises them), a spool that is not a spool (`SpoolError`), a malformed destination, a
-non-loopback address without an allow-list, a port in use (`ListenError`). Then: the Storage SCP and (optionally) the status page serve in
+raises them), a spool that is not a spool or is held by another node (`SpoolError`), a
+malformed destination, a non-loopback address without an allow-list, a port in use
+(`ListenError`). Then: the Storage SCP and (optionally) the status page serve in
 background threads and the worker runs in the calling thread until `stop` is set or
 SIGTERM/SIGINT arrives; the study in flight is finished (segmented and its delivery
 attempted) before the node exits, and whatever is left resumes at the next start, failed
@@ -32,7 +33,7 @@ from cmc_serve.node.delivery import (
     parse_stow,
 )
 from cmc_serve.node.scp import ListenError, StorageSCP, check_listen_address
-from cmc_serve.node.spool import Spool, SpoolError, valid_uid
+from cmc_serve.node.spool import Spool, valid_uid
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, Routing, Worker
 from cmc_serve.pipeline.api import SegmentOptions
 
@@ -162,14 +163,10 @@ def listen(model: Path | str, options: ListenOptions | None = None,
                           "--qc off would never flag a case")
     check_listen_address(options.host, options.allow)
     with _open_segmenter(model, seg_options) as segmenter:
-        try:
-            # last check (a refused start creates nothing); held until the node stops
-            spool = Spool.open(options.spool, exclusive=True)
-        except SpoolError as exc:
-            if not (options.redeliver or options.release):
-                raise
-            raise SpoolError(f"{exc}; a running node takes --redeliver / --release from its "
-                             "status page's buttons (--http-port)") from exc
+        # last check (a refused start creates nothing); held until the node stops
+        spool = Spool.open(options.spool, exclusive=True, in_use_hint=(
+            "a running node takes --redeliver / --release from its status page's buttons "
+            "(--http-port)" if options.redeliver or options.release else ""))
         scp = StorageSCP(spool, options.ae_title, options.host, options.port, options.allow,
                          say)
         worker = Worker(spool, model, seg_options, segmenter, routing, options.retry,

@@ -103,11 +103,12 @@ class Spool:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, root: Path | str, exclusive: bool = False) -> Spool:
+    def open(cls, root: Path | str, exclusive: bool = False, in_use_hint: str = "") -> Spool:
         """Create or adopt SPOOL and recover from an interrupted run (see module docstring).
 
         `exclusive` (the node): hold the spool's lock until `close()`, taken before the
-        recovery so that a second node cannot reset the first one's studies."""
+        recovery so that a second node cannot reset the first one's studies; `in_use_hint`
+        ends the refusal when another node holds it (what the caller can do instead)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise SpoolError(f"{root}: exists and is not a folder")
@@ -122,7 +123,7 @@ class Spool:
             raise SpoolError(f"{root}: cannot write the spool ({exc.strerror or exc})") from exc
         spool = cls(root)
         if exclusive:
-            spool._held = spool._lock_file()
+            spool._held = spool._lock_file(in_use_hint)
         spool._recover()
         return spool
 
@@ -155,7 +156,7 @@ class Spool:
                                       "node restarted: delivery resumed"])
                 self._save(study)
 
-    def _lock_file(self) -> Any:
+    def _lock_file(self, in_use_hint: str) -> Any:
         """Take the spool for this process (an open file holding an exclusive flock; the
         kernel releases it when the process dies, SIGKILL included). Two nodes on one spool
         would segment and deliver the same studies twice."""
@@ -168,7 +169,8 @@ class Spool:
             handle.seek(0)
             owner = handle.read().strip() or "?"
             handle.close()
-            raise SpoolError(f"{self.root}: in use by another cmc listen (pid {owner})") from None
+            raise SpoolError(f"{self.root}: in use by another cmc listen (pid {owner})"
+                             + (f"; {in_use_hint}" if in_use_hint else "")) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -4,7 +4,8 @@ The runtime back-ends (onnxruntime, openvino, tensorrt) are imported only when o
 importing this package needs none of them.
 """
 
-from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
+from cmc_serve.errors import RuntimeUnavailable
+from cmc_serve.runtimes.base import PatchRuntime
 from cmc_serve.runtimes.select import open_runtime
 
 __all__ = ["PatchRuntime", "RuntimeUnavailable", "open_runtime"]

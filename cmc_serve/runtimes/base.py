@@ -1,4 +1,5 @@
-"""The interface every patch runtime implements, and the error for one that cannot run."""
+"""The interface every patch runtime implements (the error for one that cannot run,
+`RuntimeUnavailable`, is in `cmc_serve.errors` with the other refusals of a run)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,6 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from cmc_serve.errors import SegmentError
-
-
-class RuntimeUnavailable(SegmentError, RuntimeError):
-    """The requested runtime/device/precision cannot run here (not installed, no GPU,
-    incompatible engine, silent fallback detected)."""
 
 
 @runtime_checkable

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import Device, Precision, Runtime
+from cmc_serve.errors import RuntimeUnavailable
 from cmc_serve.model_dir import ModelFileError
-from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
+from cmc_serve.runtimes.base import check_batch, check_outputs
 from cmc_serve.runtimes.signal_stack import own_signal_stack
 
 log = logging.getLogger(__name__)

@@ -32,14 +32,13 @@ from cmc_common.contract import (
     Precision,
     Runtime,
 )
+from cmc_serve.errors import RuntimeUnavailable
 from cmc_serve.model_dir import (
     GraphInfo,
-    ModelDirError,
-    ModelFileError,
     ModelInfo,
     verify_files,
 )
-from cmc_serve.runtimes.base import PatchRuntime, RuntimeUnavailable
+from cmc_serve.runtimes.base import PatchRuntime
 from cmc_serve.runtimes.precision import (
     PrecisionChoice,
     choose_precision,
@@ -96,13 +95,12 @@ def _open_triton(model: ModelInfo, mode: str, server: str) -> PatchRuntime:
     """The Triton server's patch model of `mode`, checked against cmc.json; its batch size
     and precision are the served model's."""
     try:
-        from cmc_serve.triton.client import TritonClientError, TritonPatchRuntime
+        from cmc_serve.triton.client import TritonPatchRuntime
     except ImportError as exc:
         raise RuntimeUnavailable(f"the Triton runtime is not available: {exc}") from exc
-    try:
-        return TritonPatchRuntime(server, model, mode)
-    except TritonClientError as exc:  # unreachable, or not this model: stop the run
-        raise RuntimeUnavailable(str(exc)) from exc
+    # unreachable or not this model: TritonUnavailable / TritonModelMismatch, both
+    # RuntimeUnavailable, stop the run
+    return TritonPatchRuntime(server, model, mode)
 
 
 OPENERS: dict[str, Callable[[ModelInfo, str, str, str, int], PatchRuntime]] = {
@@ -153,14 +151,9 @@ def resolve_precision(model: ModelInfo, mode: str, runtime: str, device: str,
 
 
 def _graph(model: ModelInfo, mode: str, runtime: str, precision: str) -> GraphInfo:
-    """The verified graph for the combination; RuntimeUnavailable when none was exported,
-    ModelFileError (never caught by "auto") when its files are damaged."""
-    try:
-        graph = model.graph(mode, runtime, precision)
-    except ModelFileError:
-        raise
-    except ModelDirError as exc:
-        raise RuntimeUnavailable(str(exc)) from exc
+    """The verified graph for the combination; GraphNotExported (a RuntimeUnavailable) when
+    none was exported, ModelFileError (never caught by "auto") when its files are damaged."""
+    graph = model.graph(mode, runtime, precision)
     verify_files(graph.files)
     return graph
 

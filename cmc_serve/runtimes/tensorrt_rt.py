@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import Device, Runtime
-from cmc_serve.runtimes.base import RuntimeUnavailable, check_batch, check_outputs
+from cmc_serve.errors import RuntimeUnavailable
+from cmc_serve.runtimes.base import check_batch, check_outputs
 
 try:
     import tensorrt as trt  # type: ignore[import-untyped,unused-ignore]

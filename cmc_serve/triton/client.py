@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Mode, Precision, Runtime
-from cmc_common.errors import CmcError, one_line
+from cmc_common.errors import one_line
+from cmc_serve.errors import RuntimeUnavailable, SegmentError
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch, check_outputs
 
@@ -40,12 +41,14 @@ NUMPY_TO_TRITON: dict[np.dtype[Any], str] = {
 TRITON_TO_NUMPY: dict[str, np.dtype[Any]] = {v: k for k, v in NUMPY_TO_TRITON.items()}
 
 
-class TritonClientError(CmcError, RuntimeError):
-    """Base of every error raised by these clients (one line: server, model, problem)."""
+class TritonClientError(SegmentError, RuntimeError):
+    """Base of every error raised by these clients (one line: server, model, problem); a
+    SegmentError, as `cmc segment --runtime triton` documents its refusals."""
 
 
-class TritonUnavailable(TritonClientError):
-    """The server cannot be reached, is not ready, or went away during a request."""
+class TritonUnavailable(TritonClientError, RuntimeUnavailable):
+    """The server cannot be reached, is not ready, or went away during a request: no case
+    can run, so a run stops (RuntimeUnavailable)."""
 
 
 class TritonTimeout(TritonClientError):
@@ -56,8 +59,9 @@ class TritonInferenceError(TritonClientError):
     """The server answered with an error; its message is passed through."""
 
 
-class TritonModelMismatch(TritonClientError):
-    """The served model's inputs/outputs disagree with the local cmc.json."""
+class TritonModelMismatch(TritonClientError, RuntimeUnavailable):
+    """The served model's inputs/outputs disagree with the local cmc.json: the runtime
+    cannot run this model (RuntimeUnavailable)."""
 
 
 @dataclass(frozen=True)
