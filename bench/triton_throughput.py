@@ -316,9 +316,9 @@ def main() -> None:
     if bad:
         parser.error(f"--cases {args.cases} must be divisible by every client count ({bad})")
 
+    from cmc_common.contract import patch_model_name
     from cmc_serve.model_dir import ModelInfo
     from cmc_serve.tiling import TileGrid
-    from cmc_serve.triton.client import patch_model_name
     from cmc_serve.triton.server import TritonInstall, TritonSetupError
 
     try:

@@ -148,6 +148,13 @@ MODEL_FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1,)
 
 
+def patch_model_name(name: str, mode: str) -> str:
+    """The Triton model name of a mode's patch graph, as `cmc export` writes the repository
+    and the Triton runtime asks for it: `<name>_patch` for fused, `<name>_patch_<mode>` for
+    the single-modality graphs."""
+    return f"{name}_patch" if mode == Mode.FUSED else f"{name}_patch_{mode}"
+
+
 def check_overlap(overlap: float) -> None:
     """ValueError unless 0 <= overlap <= MAX_OVERLAP (the same limit for every caller)."""
     if not 0.0 <= overlap <= MAX_OVERLAP:

@@ -21,7 +21,13 @@ from typing import Any
 
 import cmc_model_repository
 
-from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, RUNTIMES, Mode, Runtime
+from cmc_common.contract import (
+    MODE_INPUTS,
+    MODE_OUTPUTS,
+    RUNTIMES,
+    Runtime,
+    patch_model_name,
+)
 from cmc_export.errors import ExportError
 
 # The python backend (cmc's own model code) or a graph runtime's native Triton backend.
@@ -45,11 +51,6 @@ class PatchGraph:
     file: Path
     gated: tuple[str, ...] = ()
     int8_file: Path | None = None  # the int8 IR beside an OpenVINO fp32 IR at "auto"
-
-
-def patch_model_name(name: str, mode: str) -> str:
-    """`<name>_patch` for the fused graph, `<name>_patch_<mode>` for single-modality graphs."""
-    return f"{name}_patch" if mode == Mode.FUSED else f"{name}_patch_{mode}"
 
 
 def _dims(values: Sequence[int]) -> str:

@@ -200,7 +200,7 @@ def test_unavailable_runtime_stops_the_run(tmp_path: Path, model_dir: Path) -> N
 
 
 def test_unreachable_triton_server_stops_the_run(tmp_path: Path, model_dir: Path) -> None:
-    from cmc_serve.triton.client import patch_model_name
+    from cmc_common.contract import patch_model_name
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -9,13 +9,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from cmc_common.contract import patch_model_name
 from cmc_export.errors import ExportError
 from cmc_export.triton_repository import (
     BACKENDS,
     MODEL_CODE_DIR,
     PatchGraph,
     patch_model_config,
-    patch_model_name,
     volume_model_config,
     write_repository,
 )

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from cmc_common.errors import CmcError
+from cmc_common.errors import CmcError, one_line
 from cmc_serve.engine import Segmenter
 from cmc_serve.model_dir import ModelFileError, ModelInfo
 from cmc_serve.pipeline import outputs
@@ -55,7 +55,7 @@ def _inputs(case: Case) -> list[str]:
 
 def _error(exc: BaseException, running: str) -> tuple[str, str]:
     """(stage, one-line message) of a failure in the stage the batch was `running`."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = one_line(exc)
     if not isinstance(exc, (CmcError, ValueError, OSError)):
         message = f"{type(exc).__name__}: {message}"
     return failed_stage(exc, running), message

@@ -16,16 +16,20 @@ makes the run exit 1.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cmc_common.progress import Say
 from cmc_serve.node.delivery import NETWORK_TIMEOUT, DeliveryError, case_results, parse_stow
 from cmc_serve.node.spool import valid_uid
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.api import SegmentError, SegmentOptions, SegmentRunResult, segment
 from cmc_serve.pipeline.cases import shard_of, study_case_id
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DICOM_MEDIA_TYPE = "application/dicom"
 
@@ -111,7 +115,7 @@ def select_studies(url: str, study_uids: Sequence[str], out: Path,
 
 def segment_from_dicomweb(url: str, study_uids: Sequence[str], out: Path | str,
                           model: Path | str, options: SegmentOptions | None = None,
-                          console: Any = None) -> SegmentRunResult:
+                          console: Console | None = None) -> SegmentRunResult:
     """Retrieve the studies with WADO-RS and segment them into OUT (module docstring).
 
     Raises SegmentError (one line) for an unreachable service or an unknown study, before
@@ -121,8 +125,8 @@ def segment_from_dicomweb(url: str, study_uids: Sequence[str], out: Path | str,
     if not study_uids:
         raise SegmentError("--from-dicomweb needs at least one --study UID")
     todo, done = select_studies(url, study_uids, out, options)
-    say: Callable[[str], Any] = (lambda text: console.print(text, highlight=False, markup=False)
-                                 ) if console is not None else (lambda text: None)
+    say: Say = (lambda text: console.print(text, highlight=False, markup=False)
+                ) if console is not None else (lambda text: None)
     if done:
         say(f"--continue: {len(done)} finished stud{'y' if len(done) == 1 else 'ies'} not "
             "retrieved")

@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Mode, Precision, Runtime
+from cmc_common.contract import (
+    MODE_INPUTS,
+    MODE_OUTPUTS,
+    Mode,
+    Precision,
+    Runtime,
+    patch_model_name,
+)
 from cmc_common.errors import one_line
 from cmc_serve.errors import RuntimeUnavailable, SegmentError
 from cmc_serve.model_dir import ModelInfo
@@ -347,12 +354,6 @@ class TritonPatchRuntime:
 
     def close(self) -> None:
         self._conn.close()
-
-
-def patch_model_name(name: str, mode: str) -> str:
-    """Triton model name of a mode's patch graph, as `cmc export` names them (cmc_export.
-    triton_repository): `<name>_patch` for fused, `<name>_patch_a` / `<name>_patch_b`."""
-    return f"{name}_patch" if mode == Mode.FUSED else f"{name}_patch_{mode}"
 
 
 @dataclass(frozen=True)
