@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import ROLES
+from cmc_common.errors import CmcError
 from cmc_export.errors import ExportError
 
 # Tiles per set, and at most this many cases read per set (reading is the slow part).
@@ -158,13 +159,10 @@ def tile_sets(datalist_path: Path, modalities: Sequence[str], preprocessing: Map
               patch: int, calibration_tiles: int = CALIBRATION_TILES,
               gate_tiles: int = GATE_TILES) -> TileSets:
     """Calibration and gate tiles from the datalist (module docstring); CalibrationUnavailable
-    when it cannot give both, ExportError (a DatalistError's message) when it is invalid."""
-    from cmc_train.data.datalist import Datalist, DatalistError
+    when it cannot give both, the DatalistError as raised when it is invalid."""
+    from cmc_train.data.datalist import Datalist
 
-    try:
-        datalist = Datalist.load(datalist_path)
-    except DatalistError as exc:
-        raise CalibrationUnavailable(str(exc)) from exc
+    datalist = Datalist.load(datalist_path)
     if list(datalist.modalities) != list(modalities):
         raise CalibrationUnavailable(f"{datalist_path}: modalities {list(datalist.modalities)} "
                                      f"differ from the model's {list(modalities)}")
@@ -178,6 +176,8 @@ def tile_sets(datalist_path: Path, modalities: Sequence[str], preprocessing: Map
         calibration, calibration_ids = draw_tiles(training, calibration_tiles, patch,
                                                   modalities, preprocessing, rng)
         gate, gate_ids = draw_tiles(held_out, gate_tiles, patch, modalities, preprocessing, rng)
-    except (OSError, ValueError) as exc:  # unreadable image, pre-processing refused
+    except CmcError:  # the reader's or pre-processing's own refusal names its file
+        raise
+    except (OSError, ValueError) as exc:
         raise CalibrationUnavailable(f"{datalist_path}: {exc}") from exc
     return TileSets(datalist_path, calibration, gate, calibration_ids, gate_ids)

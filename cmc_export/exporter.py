@@ -20,7 +20,7 @@ required: any failure fails the export and nothing is written.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,15 @@ from cmc_common.contract import (
     Runtime,
 )
 from cmc_common.files import file_digest
+from cmc_common.progress import Say
 from cmc_export.errors import ExportError, GateFailed
+from cmc_export.export_request import (
+    check_backend,
+    check_choices,
+    check_name,
+    check_precisions,
+    class_codes,
+)
 from cmc_export.gates import (
     THRESHOLDS,
     RoundingNoise,
@@ -54,7 +62,7 @@ from cmc_export.gates import (
 )
 from cmc_export.quantise import Int8Stage
 from cmc_export.staging import check_output, staged
-from cmc_export.triton_repository import BACKENDS, PatchGraph, write_repository
+from cmc_export.triton_repository import PatchGraph, write_repository
 from cmc_serve.model_json import ModelJson, graph_entry, refused_entry, write_model_json
 
 # Without an OpenVINO graph, the ONNX graph a python-backend Triton patch model serves.
@@ -77,65 +85,15 @@ class ExportReport:
     refused: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _check_choices(kind: str, values: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
-    values = tuple(dict.fromkeys(values))
-    unknown = [v for v in values if v not in allowed]
-    if not values or unknown:
-        raise ExportError(f"invalid {kind} {list(unknown or values)}; choose from {list(allowed)}")
-    return values
-
-
-def _check_precisions(values: Sequence[str]) -> tuple[tuple[str, ...], bool]:
-    """(precisions to export, whether each is required); `auto` alone: all, fp32 required."""
-    if AUTO in values:
-        if tuple(values) != (AUTO,):
-            raise ExportError(f"invalid precision {list(values)}: auto cannot be combined with "
-                              "named precisions")
-        return PRECISIONS, False
-    return _check_choices("precision", values, PRECISIONS), True
-
-
-def _check_backend(backend: str, formats: Sequence[str]) -> None:
-    if backend not in BACKENDS:
-        raise ExportError(f"unknown Triton backend {backend!r}; choose one of {list(BACKENDS)}")
-    needed = {"python": (ExportFormat.ONNX, ExportFormat.OPENVINO),
-              "onnxruntime": (ExportFormat.ONNX,), "openvino": (ExportFormat.OPENVINO,),
-              "tensorrt": (ExportFormat.TENSORRT,)}[backend]
-    if not set(needed) & set(formats):
-        raise ExportError(f"Triton backend {backend} needs format {' or '.join(needed)} "
-                          f"(requested {list(formats)})")
-
-
 def sha256_file(path: Path) -> str:
     return str(file_digest(path)["sha256"])
-
-
-def _load(ckpt_path: Path) -> tuple[Any, dict[str, Any]]:
-    """The checkpoint's network and metadata; ExportError naming the file otherwise."""
-    from cmc_train.checkpoint import CheckpointError, load_model
-    from cmc_train.config import PreprocessConfig
-
-    try:
-        net, metadata = load_model(ckpt_path)
-        preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from exc
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ExportError(f"{ckpt_path}: invalid pre-processing in metadata ({exc})") from exc
-    if len(metadata["classes"]) != net.cfg.num_classes:
-        raise ExportError(f"{ckpt_path}: {len(metadata['classes'])} class names for a model with "
-                          f"{net.cfg.num_classes} classes")
-    if list(metadata["modalities"]) != list(preprocess.modalities):
-        raise ExportError(f"{ckpt_path}: modalities {metadata['modalities']} differ from the "
-                          f"pre-processing's {list(preprocess.modalities)}")
-    return net, metadata
 
 
 class _Exporter:
     """One export run inside the temporary folder `root` (see `export`)."""
 
     def __init__(self, root: Path, net: Any, metadata: dict[str, Any], sha256: str,
-                 max_batch: int, thresholds: Thresholds, log: Callable[[str], None],
+                 max_batch: int, thresholds: Thresholds, log: Say,
                  half_required: bool) -> None:
         from cmc_train.config import PreprocessConfig
 
@@ -364,24 +322,12 @@ def _cmc_version() -> str:
     return __version__
 
 
-def _class_codes(path: Path | str | None, classes: Sequence[str]) -> dict[str, Any]:
-    """cmc.json's `codes`: the user's table (`--codes`) over the shipped one, checked
-    against the model's classes before anything is exported (ExportError naming the row)."""
-    from cmc_serve.dicom.codes import CodesError, codes_to_json, read_table, resolve
-
-    try:
-        overrides = read_table(path) if path is not None else None
-        return codes_to_json(resolve(classes, overrides, where=str(path)))
-    except CodesError as exc:
-        raise ExportError(str(exc)) from None
-
-
 def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
            formats: Sequence[str] = (ExportFormat.ONNX, ExportFormat.OPENVINO),
            precisions: Sequence[str] = (AUTO,),
            modes: Sequence[str] = MODES, max_batch: int = 8, triton_backend: str = "python",
            force: bool = False, thresholds: Thresholds = THRESHOLDS,
-           log: Callable[[str], None] = print,
+           log: Say = print,
            calibration: Path | str | None = None,
            codes: Path | str | None = None) -> ExportReport:
     """Export a checkpoint to MODEL_DIR (docs/DESIGN.md layout); all or nothing.
@@ -392,14 +338,13 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
     the shipped table (`cmc_serve.dicom.codes`); the codes of every class are recorded in
     cmc.json for the DICOM outputs.
     """
+    from cmc_train.checkpoint import load_model
+
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir).absolute()
-    formats = _check_choices("format", formats, EXPORT_FORMATS)
-    precisions, half_required = _check_precisions(precisions)
-    modes = _check_choices("mode", modes, MODES)
-    if max_batch < 1:
-        raise ExportError(f"max_batch must be >= 1, got {max_batch}")
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
-        raise ExportError(f"model name {name!r} must be letters, digits, '_' or '-'")
+    formats = check_choices("format", formats, EXPORT_FORMATS)
+    precisions, half_required = check_precisions(precisions)
+    modes = check_choices("mode", modes, MODES)
+    check_name(name, max_batch)
     skipped = []
     if ExportFormat.TENSORRT in formats:
         from cmc_export.tensorrt_build import tensorrt_unavailable_reason
@@ -410,10 +355,10 @@ def export(ckpt_path: Path | str, out_dir: Path | str, name: str = "cmc",
         if reason:
             skipped.append(f"tensorrt: {reason}")
             formats = tuple(f for f in formats if f != ExportFormat.TENSORRT)
-    _check_backend(triton_backend, formats)
+    check_backend(triton_backend, formats)
     check_output(out_dir, force)
-    net, metadata = _load(ckpt_path)
-    metadata = {**metadata, "codes": _class_codes(codes, metadata["classes"])}
+    net, metadata = load_model(ckpt_path)
+    metadata = {**metadata, "codes": class_codes(codes, metadata["classes"])}
     int8 = (Int8Stage(ckpt_path, metadata, int(net.cfg.img_size),
                       Path(calibration) if calibration else None, required=half_required)
             if Precision.INT8 in precisions and ExportFormat.OPENVINO in formats else None)

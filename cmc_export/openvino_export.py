@@ -17,8 +17,6 @@ import numpy as np
 
 from cmc_common.contract import GRAPH_OUTPUT
 from cmc_export.errors import ExportError
-from cmc_serve.errors import RuntimeUnavailable
-from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.openvino_rt import OpenVinoRuntime, unsupported_reason
 
 __all__ = ["export_openvino", "openvino_runner", "unsupported_reason"]
@@ -47,12 +45,9 @@ def openvino_runner(xml_path: Path, precision: str, inputs: Sequence[str], max_b
     joined along the class axis (`cmc_export.gates.join_outputs`)."""
     from cmc_export.gates import join_outputs
 
-    try:
-        runtime = OpenVinoRuntime(xml_path, inputs=tuple(inputs), output=GRAPH_OUTPUT,
-                                  precision=precision, max_batch=max_batch,
-                                  num_threads=threads or None)
-    except (RuntimeUnavailable, ModelFileError) as exc:
-        raise ExportError(str(exc)) from exc
+    runtime = OpenVinoRuntime(xml_path, inputs=tuple(inputs), output=GRAPH_OUTPUT,
+                              precision=precision, max_batch=max_batch,
+                              num_threads=threads or None)
 
     def run(feed: Mapping[str, np.ndarray]) -> np.ndarray:
         return join_outputs(runtime.run_outputs(dict(feed), tuple(outputs)))

@@ -21,14 +21,16 @@ after the softmax and GELU they are not centred), and bias correction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Precision, Runtime
-from cmc_export.calibration import CalibrationUnavailable, TileSets, find_datalist, tile_sets
+from cmc_common.errors import CmcError
+from cmc_common.progress import Say
+from cmc_export.calibration import TileSets, find_datalist, tile_sets
 from cmc_export.errors import ExportError, GateFailed
 from cmc_export.int8_gate import INT8_THRESHOLDS, Int8Thresholds, int8_parity
 from cmc_serve.model_json import refused_entry
@@ -75,7 +77,7 @@ class Exporting(Protocol):
     classes: list[str]
     half_required: bool
     refused: list[dict[str, Any]]
-    log: Callable[[str], None]
+    log: Say
 
     def props(self, mode: str, precision: str) -> dict[str, str]: ...
 
@@ -95,18 +97,19 @@ class Int8Stage:
         # int8, fails the export before any work.
         self.requested = (find_datalist(calibration, metadata, checkpoint)
                           if calibration or required else None)
-        self._tiles: TileSets | CalibrationUnavailable | None = None
+        self._tiles: TileSets | CmcError | None = None
 
     def tiles(self) -> TileSets:
-        """The calibration and gate tiles (read once); CalibrationUnavailable says why not."""
+        """The calibration and gate tiles (read once); otherwise the CmcError saying why not
+        (CalibrationUnavailable, or the datalist's or an image's own refusal)."""
         if self._tiles is None:
             try:
                 datalist = self.requested or find_datalist(None, self.metadata, self.checkpoint)
                 self._tiles = tile_sets(datalist, self.metadata["modalities"],
                                         self.metadata["preprocessing"], self.patch)
-            except CalibrationUnavailable as exc:
+            except CmcError as exc:
                 self._tiles = exc
-        if isinstance(self._tiles, CalibrationUnavailable):
+        if isinstance(self._tiles, CmcError):
             raise self._tiles
         return self._tiles
 
@@ -125,7 +128,7 @@ class Int8Stage:
                 path.unlink(missing_ok=True)
             if job.half_required:
                 raise
-            reason = str(exc) if isinstance(exc, ExportError) else (
+            reason = str(exc) if isinstance(exc, CmcError) else (
                 f"{int8_xml.name}: {type(exc).__name__}: {' '.join(str(exc).split())}")
             numbers = exc.numbers if isinstance(exc, GateFailed) else {}
             job.log(f"refused: openvino int8 {mode}: {reason} (left out; `--precision auto` "

@@ -129,14 +129,28 @@ def record_postprocessing(path: Path, record: dict[str, Any]) -> None:
 
 
 def load_model(path: Path) -> tuple[CMCNet, dict[str, Any]]:
-    """Rebuild the network a checkpoint describes, load its weights strictly, set eval mode."""
+    """Rebuild the network a checkpoint describes, load its weights strictly, set eval mode.
+
+    The metadata is checked as a whole here (model config, pre-processing, class names and
+    modalities agreeing), so every reader of a checkpoint gets one CheckpointError naming
+    the file; a config's own refusal is folded into that line because only this reader
+    knows which file held it."""
     from cmc_train.network import build_cmc
 
     ckpt = load_checkpoint(path)
+    metadata = ckpt.metadata
     try:
-        cfg = ModelConfig.from_dict(ckpt.metadata["model"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid model config in metadata ({exc})") from exc
+        cfg = ModelConfig.from_dict(metadata["model"])
+        preprocess = PreprocessConfig.from_dict(metadata["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model config or pre-processing in metadata "
+                              f"({exc})") from exc
+    if len(metadata["classes"]) != cfg.num_classes:
+        raise CheckpointError(f"{path}: {len(metadata['classes'])} class names for a model with "
+                              f"{cfg.num_classes} classes")
+    if list(metadata["modalities"]) != list(preprocess.modalities):
+        raise CheckpointError(f"{path}: modalities {metadata['modalities']} differ from the "
+                              f"pre-processing's {list(preprocess.modalities)}")
     net = build_cmc(cfg)
     try:
         net.load_state_dict(ckpt.state_dict, strict=True)
@@ -145,4 +159,4 @@ def load_model(path: Path) -> tuple[CMCNet, dict[str, Any]]:
             f"{path}: weights do not match the model config ({one_line(exc, first_line=True)})"
         ) from exc
     net.eval()
-    return net, ckpt.metadata
+    return net, metadata

@@ -22,6 +22,7 @@ from cmc_export.gates import Thresholds
 from cmc_export.onnx_export import onnxruntime_runner, read_metadata_props
 from cmc_export.openvino_export import unsupported_reason
 from cmc_serve.model_dir import ModelInfo
+from cmc_train.checkpoint import CheckpointError
 
 S = MICRO.img_size
 MODES = ("fused", "a")
@@ -217,19 +218,23 @@ def test_unwritable_output_is_a_clear_error(ckpt: Path, tmp_path: Path) -> None:
 def test_wrong_checkpoints_are_clear_errors(ckpt: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ExportError, match="garbage.pt: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.pt: not a readable torch checkpoint"):
         export(garbage, tmp_path / "m1", **SMALL)
     payload = torch.load(ckpt, weights_only=True)
     future = dict(payload, format_version=99)
     torch.save(future, tmp_path / "future.pt")
-    with pytest.raises(ExportError, match="future.pt: unsupported CMC checkpoint format_version 99"):
+    with pytest.raises(CheckpointError, match="future.pt: unsupported CMC checkpoint format_version 99"):
         export(tmp_path / "future.pt", tmp_path / "m2", **SMALL)
     metadata = json.loads(payload["metadata_json"])
     metadata["model"]["embed_dim"] = 64  # another configuration than the weights
     torch.save(dict(payload, metadata_json=json.dumps(metadata)), tmp_path / "other.pt")
-    with pytest.raises(ExportError, match="other.pt: weights do not match the model config"):
+    with pytest.raises(CheckpointError, match="other.pt: weights do not match the model config"):
         export(tmp_path / "other.pt", tmp_path / "m3", **SMALL)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["future.pt", "garbage.pt", "other.pt"]
+    metadata = dict(json.loads(payload["metadata_json"]), classes=["background", "liver"])
+    torch.save(dict(payload, metadata_json=json.dumps(metadata)), tmp_path / "classes.pt")
+    with pytest.raises(CheckpointError, match="classes.pt: 2 class names for a model with 5"):
+        export(tmp_path / "classes.pt", tmp_path / "m4", **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.pt", "future.pt", "garbage.pt", "other.pt"]
 
 
 def test_bad_choices_and_tensorrt_only_without_gpu(ckpt: Path, tmp_path: Path) -> None:

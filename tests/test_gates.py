@@ -15,7 +15,7 @@ from export_fixtures import CLASSES, MICRO, PREPROCESS, micro_net
 from onnx import numpy_helper
 
 from cmc_export.emulated_precision import emulate, round_to
-from cmc_export.errors import ExportError, GateFailed
+from cmc_export.errors import GateFailed
 from cmc_export.fault_injection import inject
 from cmc_export.fp16 import FP32_OPS, convert_fp16
 from cmc_export.gate_inputs import mode_inputs, random_patches, synthetic_tiles
@@ -29,6 +29,7 @@ from cmc_export.gates import (
 from cmc_export.onnx_export import onnxruntime_runner, trace_to_onnx
 from cmc_export.openvino_export import export_openvino, openvino_runner, unsupported_reason
 from cmc_export.patch_graph import patch_graph, torch_runner
+from cmc_serve.errors import RuntimeUnavailable
 
 S = MICRO.img_size
 
@@ -253,5 +254,5 @@ def test_openvino_refuses_a_half_precision_the_cpu_lacks(tmp_path: Path, precisi
 
     other = {"bf16": "FP16", "fp16": "BF16"}[precision]
     monkeypatch.setattr(openvino_rt, "cpu_capabilities", lambda: ("test host", ("FP32", other)))
-    with pytest.raises(ExportError, match=f"no native {precision}"):
+    with pytest.raises(RuntimeUnavailable, match=f"no native {precision}"):
         openvino_runner(tmp_path / "never_read.xml", precision, ("image_a", "image_b"), 8)
