@@ -30,12 +30,14 @@ from cmc_serve.runtimes.precision import choose_precision
 from cmc_serve.triton.client import (
     Endpoint,
     TritonConnection,
+    TritonPatchRuntime,
+    TritonVolumeClient,
+)
+from cmc_serve.triton.errors import (
     TritonInferenceError,
     TritonModelMismatch,
-    TritonPatchRuntime,
     TritonTimeout,
     TritonUnavailable,
-    TritonVolumeClient,
 )
 from cmc_serve.triton.server import (
     TritonInstall,

@@ -2,10 +2,9 @@
 
 `load_case` (threads: read + pre-process) -> `segment_case` (main thread: infer + labels back
 to the source grid) -> `outputs.write_case_outputs`. A case that cannot go on raises a
-one-line error the batch logs in failures.csv before it goes on, with the stage it stopped
-in (`failed_stage`): this module's own checks raise `CaseError` naming the stage, the
-refusals of pairing, the images' combination and pre-processing arrive as they were raised
-and are placed by their class, and another library's exception is folded into a CaseError.
+one-line error the batch logs in failures.csv with the stage it stopped in (`failed_stage`):
+this module's checks raise `CaseError` naming the stage, other cmc refusals arrive as
+raised and are placed by their class, another library's exception becomes a CaseError.
 
 Geometry rules (orientation/flip errors are the most reported bug class of such tools):
 - two images are combined only when `cmc_serve.compatibility.check_combination` allows it
@@ -43,14 +42,13 @@ from cmc_serve.compatibility import (
     ImageFacts,
     check_combination,
 )
-from cmc_serve.model_dir import ModelFileError, ModelInfo
+from cmc_serve.model_dir import ModelInfo
 from cmc_serve.pipeline import library_warnings
 from cmc_serve.pipeline.cases import Case, Source
 from cmc_serve.pipeline.pairing import PairingError, PairingRules, pair_series
 from cmc_serve.pipeline.report import StageTimer
 from cmc_serve.qc.flags import CaseQc
 from cmc_serve.qc.inputs import RoleImage
-from cmc_serve.runtimes import RuntimeUnavailable
 from cmc_serve.volume import Volume
 
 if TYPE_CHECKING:
@@ -334,10 +332,8 @@ def segment_case(loaded: LoadedCase, segmenter: Segmenter, qc: str = QcLevel.ON)
                 prep["a"].array if "a" in prep else None,
                 prep["b"].array if "b" in prep else None, loaded.mode,
                 branches=qc != QcLevel.OFF)
-        except (RuntimeUnavailable, ModelFileError):
-            raise  # the runtime or the model, not the case, is the problem: the run stops
-        except CmcError:
-            raise  # the engine's own one-line refusal of this case's input
+        except CmcError:  # the engine's refusal of this input, or of the runtime or model
+            raise  # (RuntimeUnavailable, ModelFileError: the batch stops the run)
         except Exception as exc:
             raise CaseError("infer", f"{loaded.case.case_id}: {one_line(exc)}") from exc
     with timer.stage("postprocess"):

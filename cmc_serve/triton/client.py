@@ -7,10 +7,8 @@ server=URL)`). A batch of tiles is split into several requests sent together (as
 so the server's dynamic batcher can fill its batches across clients. `TritonVolumeClient`
 sends a whole pre-processed volume to the `<name>` model, which tiles on the server.
 
-Every failure surfaces as one line naming the server and the model: `TritonUnavailable`
-(server down or gone, after a bounded retry), `TritonTimeout`, `TritonInferenceError` (the
-server's own message, e.g. a wrong shape or data type) or `TritonModelMismatch` (the
-served model is not the one the local cmc.json describes).
+Every failure surfaces as one line naming the server and the model, as one of the
+`cmc_serve.triton.errors` classes.
 """
 
 from __future__ import annotations
@@ -35,9 +33,15 @@ from cmc_common.contract import (
     patch_model_name,
 )
 from cmc_common.errors import one_line
-from cmc_serve.errors import RuntimeUnavailable, SegmentError
 from cmc_serve.model_dir import ModelInfo
 from cmc_serve.runtimes.base import check_batch, check_outputs
+from cmc_serve.triton.errors import (
+    TritonClientError,
+    TritonInferenceError,
+    TritonModelMismatch,
+    TritonTimeout,
+    TritonUnavailable,
+)
 
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's limit; the default 4 MiB is below one 128^3 tile pair
 TRANSIENT_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
@@ -46,29 +50,6 @@ HTTP_TIMEOUT_MESSAGE = "failed to obtain inference response"  # tritonclient.htt
 NUMPY_TO_TRITON: dict[np.dtype[Any], str] = {
     np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.uint8): "UINT8"}
 TRITON_TO_NUMPY: dict[str, np.dtype[Any]] = {v: k for k, v in NUMPY_TO_TRITON.items()}
-
-
-class TritonClientError(SegmentError, RuntimeError):
-    """Base of every error raised by these clients (one line: server, model, problem); a
-    SegmentError, as `cmc segment --runtime triton` documents its refusals."""
-
-
-class TritonUnavailable(TritonClientError, RuntimeUnavailable):
-    """The server cannot be reached, is not ready, or went away during a request: no case
-    can run, so a run stops (RuntimeUnavailable)."""
-
-
-class TritonTimeout(TritonClientError):
-    """The server did not answer within the client's timeout."""
-
-
-class TritonInferenceError(TritonClientError):
-    """The server answered with an error; its message is passed through."""
-
-
-class TritonModelMismatch(TritonClientError, RuntimeUnavailable):
-    """The served model's inputs/outputs disagree with the local cmc.json: the runtime
-    cannot run this model (RuntimeUnavailable)."""
 
 
 @dataclass(frozen=True)
