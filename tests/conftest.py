@@ -15,8 +15,9 @@ import pytest
 import segment_fixtures as fx
 
 # triton_install, tiny_model_dir, triton_server: a real tritonserver (tests marked triton);
-# slurm_cluster: a real single-node Slurm (munged, slurmctld, slurmd).
-pytest_plugins = ["triton_fixture", "slurm_fixture"]
+# slurm_cluster: a real single-node Slurm (munged, slurmctld, slurmd); conv3_model_dir,
+# pointwise_dir, images: the engine tests' patch models and images.
+pytest_plugins = ["triton_fixture", "slurm_fixture", "engine_fixtures"]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """CMC-shaped patch models for the engine tests: graphs built with onnx.helper (inputs
 image_a/image_b [N, 1, P, P, P], a convolution per modality to K channels, softmax, fused =
 mean of the two softmaxes, as DESIGN.md specifies), converted to OpenVINO IR, with a
-matching cmc.json, so the tests exercise the real runtimes without the trainer.
+matching cmc.json, so the tests exercise the real runtimes without the trainer. A pytest
+plugin (tests/conftest.py): `conv3_model_dir`, `pointwise_dir` and `images` are fixtures of
+every test module, one per module.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from cmc_common.contract import MODES
@@ -89,3 +92,24 @@ def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     e = np.exp(x - x.max(axis, keepdims=True))
     return e / e.sum(axis, keepdims=True)
 
+
+@pytest.fixture(scope="module")
+def conv3_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 3^3-kernel model in every mode (ONNX + OpenVINO), one per test module."""
+    return write_model_dir(tmp_path_factory.mktemp("conv3"), kernel_size=3)
+
+
+@pytest.fixture(scope="module")
+def pointwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1^3-kernel fused model, ONNX only: its answer is known voxel by voxel."""
+    return write_model_dir(tmp_path_factory.mktemp("conv1"), kernel_size=1, modes=("fused",),
+                           openvino=False)
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[np.ndarray, np.ndarray]:
+    """Two random images of an odd shape no patch size divides."""
+    rng = np.random.default_rng(7)
+    shape = (29, 23, 19)
+    return (rng.normal(size=shape).astype(np.float32),
+            rng.normal(size=shape).astype(np.float32))

@@ -18,32 +18,11 @@ from cmc_serve.engine import Segmenter, SegmenterInputError
 from cmc_serve.model_dir import ModelDirError, ModelInfo
 from cmc_serve.tiling import TileGrid, clip_box, extract_patch, gaussian_importance
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(tmp_path_factory.mktemp("conv3"), kernel_size=3)
-
-
-@pytest.fixture(scope="module")
-def pointwise_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(tmp_path_factory.mktemp("conv1"), kernel_size=1, modes=("fused",),
-                           openvino=False)
-
-
-@pytest.fixture(scope="module")
-def images() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(7)
-    shape = (29, 23, 19)
-    return (rng.normal(size=shape).astype(np.float32),
-            rng.normal(size=shape).astype(np.float32))
-
-
-
 # ---------------------------------------------------------------- cmc.json
 
 
-def test_model_info_loads(model_dir: Path) -> None:
-    info = ModelInfo.load(model_dir)
+def test_model_info_loads(conv3_model_dir: Path) -> None:
+    info = ModelInfo.load(conv3_model_dir)
     assert info.num_classes == K and info.patch_size == (P, P, P) and info.modes == ("fused", "a", "b")
     assert info.graph("a", "openvino", "bf16").path.name == "a_fp32.xml"  # bf16 = hint on fp32 IR
     with pytest.raises(ModelDirError, match="no graph for mode=a runtime=onnxruntime precision=fp16"):
@@ -59,11 +38,11 @@ def test_model_info_loads(model_dir: Path) -> None:
     (lambda m: m["graphs"][0].update(inputs=["image_a"]), "mode fused needs inputs"),
     (lambda m: m["graphs"].append(dict(m["graphs"][0])), "duplicate graph entries"),
 ])
-def test_model_info_rejects_bad_cmc_json(model_dir: Path, tmp_path: Path, edit, message: str) -> None:
-    meta = json.loads((model_dir / "cmc.json").read_text())
+def test_model_info_rejects_bad_cmc_json(conv3_model_dir: Path, tmp_path: Path, edit, message: str) -> None:
+    meta = json.loads((conv3_model_dir / "cmc.json").read_text())
     edit(meta)
     for sub in ("onnx", "openvino"):
-        (tmp_path / sub).symlink_to(model_dir / sub)
+        (tmp_path / sub).symlink_to(conv3_model_dir / sub)
     (tmp_path / "cmc.json").write_text(json.dumps(meta))
     with pytest.raises(ModelDirError, match=message) as err:
         ModelInfo.load(tmp_path)
@@ -103,11 +82,11 @@ def test_pointwise_model_equals_whole_volume_evaluation(pointwise_dir: Path,
     np.testing.assert_array_equal(result.labels, expected.argmax(0))
 
 
-def naive_reference(model_dir: Path, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def naive_reference(conv3_model_dir: Path, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Dense full-volume gaussian blending, one tile per ORT call."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model_dir / "onnx/fused_fp32.onnx"),
+    sess = ort.InferenceSession(str(conv3_model_dir / "onnx/fused_fp32.onnx"),
                                 providers=["CPUExecutionProvider"])
     grid = TileGrid.build(a.shape, (P, P, P), 0.5)
     weights = gaussian_importance((P, P, P))
@@ -125,21 +104,21 @@ def naive_reference(model_dir: Path, a: np.ndarray, b: np.ndarray) -> np.ndarray
     return acc / wsum
 
 
-def test_onnxruntime_and_openvino_match_naive_reference(model_dir: Path,
+def test_onnxruntime_and_openvino_match_naive_reference(conv3_model_dir: Path,
                                                         images: tuple[np.ndarray, np.ndarray]) -> None:
     a, b = images
-    ref = naive_reference(model_dir, a, b)
+    ref = naive_reference(conv3_model_dir, a, b)
     for runtime in ("onnxruntime", "openvino"):
-        with Segmenter(model_dir, runtime=runtime, return_probs=True, batch_size=3) as seg:
+        with Segmenter(conv3_model_dir, runtime=runtime, return_probs=True, batch_size=3) as seg:
             result = seg.segment(a, b, mode="fused")
         assert result.runtime == runtime and result.precision == "fp32"
         np.testing.assert_allclose(result.probs, ref, atol=1e-5, err_msg=runtime)
         assert (result.labels == ref.argmax(0)).mean() > 0.999
 
 
-def test_single_modality_modes_and_auto(model_dir: Path, images: tuple[np.ndarray, np.ndarray]) -> None:
+def test_single_modality_modes_and_auto(conv3_model_dir: Path, images: tuple[np.ndarray, np.ndarray]) -> None:
     a, b = images
-    with Segmenter(model_dir, runtime="onnxruntime") as seg:
+    with Segmenter(conv3_model_dir, runtime="onnxruntime") as seg:
         only_b = seg.segment(None, b)
         assert only_b.mode == "b"
         assert seg.segment(a, None).mode == "a"
@@ -148,7 +127,7 @@ def test_single_modality_modes_and_auto(model_dir: Path, images: tuple[np.ndarra
     np.testing.assert_array_equal(explicit.labels, only_b.labels)
 
 
-def test_tta_by_flips(pointwise_dir: Path, model_dir: Path,
+def test_tta_by_flips(pointwise_dir: Path, conv3_model_dir: Path,
                       images: tuple[np.ndarray, np.ndarray]) -> None:
     a, b = images
     # a pointwise model is flip-equivariant: TTA must not change it
@@ -156,14 +135,14 @@ def test_tta_by_flips(pointwise_dir: Path, model_dir: Path,
             Segmenter(pointwise_dir, runtime="onnxruntime", return_probs=True, tta=True) as tta:
         np.testing.assert_allclose(tta.segment(a, b).probs, plain.segment(a, b).probs, atol=1e-6)
     # a 3x3x3 model is not: TTA averages different predictions but mostly agrees
-    with Segmenter(model_dir, runtime="onnxruntime", return_probs=True) as plain, \
-            Segmenter(model_dir, runtime="onnxruntime", return_probs=True, tta=True) as tta:
+    with Segmenter(conv3_model_dir, runtime="onnxruntime", return_probs=True) as plain, \
+            Segmenter(conv3_model_dir, runtime="onnxruntime", return_probs=True, tta=True) as tta:
         p0, p1 = plain.segment(a, b).probs, tta.segment(a, b).probs
     assert np.abs(p0 - p1).max() > 1e-3
     np.testing.assert_allclose(p1.sum(0), 1.0, atol=1e-5)
 
 
-def test_memmap_input_gives_the_same_result(model_dir: Path, tmp_path: Path,
+def test_memmap_input_gives_the_same_result(conv3_model_dir: Path, tmp_path: Path,
                                             images: tuple[np.ndarray, np.ndarray]) -> None:
     a, b = images
     maps = []
@@ -173,13 +152,13 @@ def test_memmap_input_gives_the_same_result(model_dir: Path, tmp_path: Path,
         mm[:] = arr
         mm.flush()
         maps.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
-    with Segmenter(model_dir, runtime="onnxruntime") as seg:
+    with Segmenter(conv3_model_dir, runtime="onnxruntime") as seg:
         np.testing.assert_array_equal(seg.segment(*maps).labels, seg.segment(a, b).labels)
 
 
-def test_volume_smaller_than_patch_and_one_slice(model_dir: Path) -> None:
+def test_volume_smaller_than_patch_and_one_slice(conv3_model_dir: Path) -> None:
     rng = np.random.default_rng(3)
-    with Segmenter(model_dir, runtime="openvino", return_probs=True) as seg:
+    with Segmenter(conv3_model_dir, runtime="openvino", return_probs=True) as seg:
         for shape in ((5, 9, 7), (1, 40, 21)):
             a, b = rng.normal(size=(2, *shape)).astype(np.float32)
             result = seg.segment(a, b)
@@ -190,12 +169,12 @@ def test_volume_smaller_than_patch_and_one_slice(model_dir: Path) -> None:
 # ---------------------------------------------------------------- errors
 
 
-def test_bad_inputs_are_clear_errors(model_dir: Path, images: tuple[np.ndarray, np.ndarray],
+def test_bad_inputs_are_clear_errors(conv3_model_dir: Path, images: tuple[np.ndarray, np.ndarray],
                                      tmp_path: Path) -> None:
     a, b = images
     nan = a.copy()
     nan[20, 3, 3] = np.nan
-    with Segmenter(model_dir, runtime="onnxruntime") as seg:
+    with Segmenter(conv3_model_dir, runtime="onnxruntime") as seg:
         with pytest.raises(SegmenterInputError, match=r"image_a contains NaN.*slices 16\.\.28"):
             seg.segment(nan, b)
         with pytest.raises(SegmenterInputError, match="image shapes differ"):
@@ -213,4 +192,4 @@ def test_bad_inputs_are_clear_errors(model_dir: Path, images: tuple[np.ndarray, 
         with pytest.raises(SegmenterInputError, match="no exported mode"):
             seg.segment(None, b)
     with pytest.raises(ValueError, match="batch size 9 outside 1..4"):
-        Segmenter(model_dir, runtime="onnxruntime", batch_size=9).segment(a, b)
+        Segmenter(conv3_model_dir, runtime="onnxruntime", batch_size=9).segment(a, b)
