@@ -1,8 +1,9 @@
-"""Pages a person looks at: OUT/report.html of `cmc segment` and the `cmc listen` status page.
+"""OUT/report.html of `cmc segment`, the page a person opens after a batch.
 
-Both are made of `cmc_serve.html_page` (one self-contained HTML file, nothing fetched). Rows are cases (report.html) or studies (status page)
-with the preview thumbnail, class volumes, what ran (runtime, precision, timings) and, for
-failures, the one-line reason.
+Made of `cmc_serve.html_page` like the `cmc listen` status page (one self-contained HTML
+file, nothing fetched), from report.json: one row per case with the preview thumbnail,
+class volumes (`statistics.class_volumes`), what ran (runtime, precision, timings) and,
+for failures, the one-line reason.
 
 Outlier volumes (`statistics.outliers`): a class volume far from the batch's is marked; a
 mark asks for a look, it is not a verdict.
