@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from cmc_common.contract import MODE_INPUTS, MODE_OUTPUTS, Precision, Runtime
-from cmc_common.errors import CmcError
+from cmc_common.errors import CmcError, one_line
 from cmc_common.progress import Say
 from cmc_export.calibration import TileSets, find_datalist, tile_sets
 from cmc_export.errors import ExportError, GateFailed
@@ -62,7 +62,7 @@ def quantise_ir(fp32_xml: Path, int8_xml: Path, tiles: Mapping[str, np.ndarray],
             model_type=nncf.ModelType(model_type) if model_type else None)
     except Exception as exc:  # NNCF raises its own and OpenVINO's runtime errors
         raise ExportError(f"{fp32_xml.name}: NNCF could not quantise the graph "
-                          f"({' '.join(str(exc).split())})") from exc
+                          f"({one_line(exc)})") from exc
     for key, value in props.items():
         quantised.set_rt_info(value, ["cmc", key])
     int8_xml.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ class Int8Stage:
             if job.half_required:
                 raise
             reason = str(exc) if isinstance(exc, CmcError) else (
-                f"{int8_xml.name}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+                f"{int8_xml.name}: {type(exc).__name__}: {one_line(exc)}")
             numbers = exc.numbers if isinstance(exc, GateFailed) else {}
             job.log(f"refused: openvino int8 {mode}: {reason} (left out; `--precision auto` "
                     "keeps the other graphs)")

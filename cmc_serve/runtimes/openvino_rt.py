@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cmc_common.contract import Device, Precision, Runtime
+from cmc_common.errors import one_line
 from cmc_serve.errors import RuntimeUnavailable
 from cmc_serve.model_dir import ModelFileError
 from cmc_serve.runtimes.base import check_batch, check_outputs
@@ -93,7 +94,7 @@ class OpenVinoRuntime:
         except Exception as exc:  # OpenVINO raises plain RuntimeError subclasses
             # a file problem, not "cannot run here": never a reason for auto to fall back
             raise ModelFileError(f"{path}: openvino cannot read the graph "
-                                 f"({' '.join(str(exc).split())})") from exc
+                                 f"({one_line(exc)})") from exc
         names = {n for port in model.inputs for n in port.get_names()}
         outs = {n for port in model.outputs for n in port.get_names()}
         if not set(inputs) <= names or output not in outs:
