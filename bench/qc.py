@@ -76,7 +76,8 @@ def _demo_training(work: Path) -> Path:
 
     study = work / "study"
     for args in (["synth", str(study), "--cases", "24", "--labelled-ratio", "0.25",
-                  "--val-cases", "4", "--test-cases", "0", "--seed", "0"],
+                  "--val-cases", "4", "--test-cases", "0", "--calibration-cases", "20",
+                  "--seed", "0"],
                  ["train", "--data", str(study / "datalist.json"), "--out", str(work / "run"),
                   "--config", "tiny", "--seed", "0"]):
         subprocess.run([sys.executable, "-m", "cmc_cli.main", *args], check=True)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     study, run, model, clinic, seg = (out / "study", out / "run", out / "model",
                                       out / "clinic", out / "segment")
     _cmc("synth", str(study), "--cases", "24", "--labelled-ratio", "0.25", "--val-cases", "4",
-         "--test-cases", "0", "--seed", "0")
+         "--test-cases", "0", "--calibration-cases", "20", "--seed", "0")
     train = ["train", "--data", str(study / "datalist.json"), "--out", str(run),
              "--config", "tiny", "--seed", "0"]
     if args.steps:

@@ -22,6 +22,8 @@ def command(
         help="Fraction of training cases that are labelled (at least one).")] = 0.1,
     val_cases: Annotated[int, typer.Option(help="Validation cases (labelled).")] = 4,
     test_cases: Annotated[int, typer.Option(help="Test cases (labelled).")] = 4,
+    calibration_cases: Annotated[int, typer.Option(
+        help="Held-out unlabelled cases quality control is calibrated on (the demo: 20).")] = 0,
     dicom: Annotated[bool, typer.Option(
         help="Also write DICOM series to OUT/dicom/<case>/<ct|mr>/.")] = False,
     unpaired: Annotated[bool, typer.Option(
@@ -42,13 +44,14 @@ def command(
     from cmc_train.synth import write_synthetic_study
 
     path = write_synthetic_study(out, cases, seed, size=size, labelled_ratio=labelled_ratio,
-                                 val_cases=val_cases, test_cases=test_cases, dicom=dicom,
+                                 val_cases=val_cases, test_cases=test_cases,
+                                 calibration_cases=calibration_cases, dicom=dicom,
                                  unpaired=unpaired, offset_mm=offset_mm,
                                  rotation_deg=rotation_deg, elastic_mm=elastic_mm,
                                  difficulty=difficulty)
-    from cmc_train.data.datalist import Datalist
+    from cmc_train.data.datalist import OPTIONAL_SPLITS, SPLITS, Datalist
 
     datalist = Datalist.load(path)
-    counts = ", ".join(f"{len(datalist.split(s))} {s}" for s in
-                       ("labelled", "unlabelled", "validation", "test"))
+    counts = ", ".join(f"{len(datalist.split(s))} {s}" for s in SPLITS
+                       if datalist.split(s) or s not in OPTIONAL_SPLITS)
     typer.echo(f"wrote {counts} cases to {out}; datalist {path}")

@@ -141,7 +141,8 @@ class RunState:
             raise TrainError(f"{self.datalist_path}: {len(self.datalist.classes)} classes, but "
                              f"the model config has num_classes={self.cfg.model.num_classes}")
         trained = [modalities[0 if mode == "a" else 1] for mode in validation_modes(self.ablation)]
-        check_data(self.datalist, self.datalist_path, ("labelled", "unlabelled", "validation"),
+        check_data(self.datalist, self.datalist_path,
+                   ("labelled", "unlabelled", "validation", "calibration"),
                    need_labelled=trained, need_validation=trained).raise_first()
 
     def describe(self) -> list[str]:
@@ -149,7 +150,8 @@ class RunState:
         tc, prep = self.cfg.train, self.cfg.preprocess
         lines = [f"cmc train: {len(self.datalist.labelled)} labelled, "
                  f"{len(self.datalist.unlabelled)} unlabelled, "
-                 f"{len(self.datalist.validation)} validation cases; preset {self.cfg.preset}, "
+                 f"{len(self.datalist.validation)} validation, "
+                 f"{len(self.datalist.calibration)} calibration cases; preset {self.cfg.preset}, "
                  f"{tc.steps} steps, validation every {tc.val_every} steps, spacing "
                  f"{'x'.join(f'{s:g}' for s in prep.spacing)} mm, device {self.ctx.device}"]
         for modality in prep.modalities:

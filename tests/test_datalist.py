@@ -53,6 +53,26 @@ def test_load_resolves_paths_and_save_round_trips(tmp_path: Path, valid: dict[st
     assert Datalist.load(other) == datalist
 
 
+def test_calibration_split_is_optional_and_takes_labels_or_none(
+        tmp_path: Path, valid: dict[str, Any]) -> None:
+    """A datalist written before the calibration split loads with it empty and saves
+    without it; calibration entries may carry labels or none (a held-out unlabelled pool)."""
+    plain = Datalist.load(_write(tmp_path, valid))
+    assert plain.calibration == ()
+    plain.save(tmp_path / "again.json")
+    assert "calibration" not in json.loads((tmp_path / "again.json").read_text())
+    _files(tmp_path, "img/e_ct.nii.gz", "img/e_mr.nii.gz")
+    valid["calibration"] = [_entry("e", False), {**_entry("d2", False), "label": {}}]
+    valid["calibration"][1]["image"] = {"ct": "img/d_ct.nii.gz"}
+    valid["calibration"].append({"id": "d3", "image": {"ct": "img/c_ct.nii.gz"},
+                                 "label": {"ct": "lab/c_ct.nii.gz"}})
+    datalist = Datalist.load(_write(tmp_path, valid))
+    assert [e.id for e in datalist.split("calibration")] == ["e", "d2", "d3"]
+    assert datalist.calibration[2].label == {"ct": tmp_path / "lab/c_ct.nii.gz"}
+    datalist.save(tmp_path / "with.json")
+    assert Datalist.load(tmp_path / "with.json") == datalist
+
+
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda d: d.pop("classes"), "missing keys ['classes']"),
     (lambda d: d.update(modalities=["ct", "ct"]), "two distinct names"),
@@ -66,6 +86,8 @@ def test_load_resolves_paths_and_save_round_trips(tmp_path: Path, valid: dict[st
     (lambda d: d["validation"][0]["label"].pop("mr"), "validation entry 'c' has no label"),
     (lambda d: d["unlabelled"][0].update(image={}), "no image"),
     (lambda d: d.update(test={}), "'test' must be a list"),
+    (lambda d: d.update(calibration={}), "'calibration' must be a list"),
+    (lambda d: d.update(calibration=[_entry("a", False)]), "duplicate id 'a'"),
 ])
 def test_bad_datalists_raise_one_clear_error(tmp_path: Path, valid: dict[str, Any],
                                              mutate: Any, message: str) -> None:

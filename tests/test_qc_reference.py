@@ -33,7 +33,11 @@ MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_study(tmp_path_factory.mktemp("study"), cases=3, seed=0, size=32,
-                                 labelled_ratio=0.34, val_cases=2, test_cases=0)
+                                 labelled_ratio=0.34, val_cases=2, test_cases=0,
+                                 calibration_cases=2)
+
+
+RECORDED_SAID: list[str] = []  # what `recorded` reported
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def recorded(study: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = write_micro_checkpoint(tmp_path_factory.mktemp("ckpt") / "micro.pt")
     datalist = Datalist.load(study)
     val_set = ValidationSet.from_datalist(datalist, PREPROCESS)
-    record_reference([path], datalist, val_set, torch.device("cpu"))
+    record_reference([path], datalist, val_set, torch.device("cpu"), say=RECORDED_SAID.append)
     return path
 
 
@@ -56,8 +60,9 @@ def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Pat
     assert reference["version"] == 1
     fingerprints = reference["fingerprint"]
     assert set(fingerprints) == {"ct", "mr"}
-    # 3 training and 2 validation cases; MR z-scored (judged by its profile), CT windowed
-    assert fingerprints["ct"]["images"] == 5 and fingerprints["mr"]["images"] == 5
+    # 3 training, 2 validation and 2 calibration cases; MR z-scored (judged by its
+    # profile), CT windowed
+    assert fingerprints["ct"]["images"] == 7 and fingerprints["mr"]["images"] == 7
     assert not fingerprints["ct"]["scale_invariant"] and fingerprints["mr"]["scale_invariant"]
     ct_p50 = fingerprints["ct"]["intensity"]["p50"]
     assert ct_p50["min"] <= ct_p50["median"] <= ct_p50["max"]
@@ -67,12 +72,20 @@ def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Pat
     assert set(anatomy["structures"]) == {"liver", "spleen", "kidney_r", "kidney_l"}
     assert [p["right"] for p in anatomy["lateral_pairs"]] == ["kidney_r"]
     calibration = reference["calibration"]
-    assert calibration["cases"] == 2
+    # the 2 validation and the 2 unlabelled calibration cases; Dice from the labelled two
+    assert calibration["cases"] == 4 and calibration["labelled_cases"] == 2
     assert 0.0 <= calibration["validation_mean_dice"] <= 1.0
     assert set(calibration["signals"]) == {"mean_dice", "mean_margin", "cross_a", "cross_b"}
     for stats in calibration["signals"].values():
         assert stats["min"] <= stats["mean"] <= stats["max"]
-    assert calibration["anatomy"]["labels"] == 2  # the fused answers to the two cases
+    assert calibration["anatomy"]["labels"] == 4  # the fused answers to the four cases
+
+
+def test_the_recording_says_what_it_rests_on_and_warns_when_thin(recorded: Path) -> None:
+    (said,) = RECORDED_SAID
+    assert said.startswith("micro.pt: quality-control reference recorded (4 held-out cases")
+    assert "on the 2 labelled" in said
+    assert "fewer than 20: the flags' floors are coarse" in said and "'calibration'" in said
 
 
 @pytest.mark.slow  # a micro training run (about 40 s on 2 busy cores)
@@ -84,7 +97,7 @@ def test_training_records_the_reference_in_both_checkpoints(study: Path, tmp_pat
     for name in (BEST, LAST):
         reference = _reference(tmp_path / name)
         assert set(reference) == {"version", "fingerprint", "anatomy", "calibration"}
-        assert reference["calibration"]["cases"] == 2
+        assert reference["calibration"]["cases"] == 4
     # the resumable checkpoint keeps its trainer state through the rewrite
     assert load_checkpoint(tmp_path / LAST).trainer_state is not None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -165,13 +166,34 @@ def test_dicom_passes_dciodvfy(study: Path) -> None:
             assert not errors, f"{path}: {errors}"
 
 
+def test_calibration_cases_come_last_unlabelled_and_change_no_other_case(
+        tmp_path: Path) -> None:
+    """Quality control's held-out cases are appended: the training, validation and test
+    cases (and so a trained model) are the ones the same seed gives without them."""
+    kwargs: dict[str, Any] = dict(cases=2, seed=3, size=24, val_cases=1, test_cases=1)
+    without = Datalist.load(write_synthetic_study(tmp_path / "without", **kwargs))
+    study = write_synthetic_study(tmp_path / "with", **kwargs, calibration_cases=2)
+    datalist = Datalist.load(study)
+    assert [e.id for e in datalist.calibration] == ["case_0004", "case_0005"]
+    assert all(not e.label and set(e.image) == {"ct", "mr"} for e in datalist.calibration)
+    for split in ("labelled", "unlabelled", "validation", "test"):
+        for old, new in zip(without.split(split), datalist.split(split), strict=True):
+            assert old.id == new.id
+            for modality, path in old.image.items():
+                np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
+                                              np.asarray(nib.load(new.image[modality]).dataobj))
+
+
 def test_cli_writes_study_and_refuses_non_empty_folder(tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "cli"
     result = runner.invoke(app, ["synth", str(out), "--cases", "2", "--size", "24",
-                                 "--val-cases", "1", "--test-cases", "0", "--seed", "1"])
+                                 "--val-cases", "1", "--test-cases", "0", "--seed", "1",
+                                 "--calibration-cases", "1"])
     assert result.exit_code == 0, result.output
+    assert "1 validation, 0 test, 1 calibration cases" in result.output
     datalist = Datalist.load(out / "datalist.json")
     assert len(datalist.labelled) == 1 and len(datalist.unlabelled) == 1
+    assert len(datalist.calibration) == 1
     again = runner.invoke(app, ["synth", str(out), "--cases", "2"])
     assert again.exit_code == 2 and "not an empty folder" in again.output

@@ -4,12 +4,19 @@ One JSON file, paths relative to its own folder, so that a data folder can be mo
 copied as a whole:
 
     {"modalities": ["ct", "mr"], "classes": ["background", ...],
-     "labelled": [...], "unlabelled": [...], "validation": [...], "test": [...]}
+     "labelled": [...], "unlabelled": [...], "validation": [...], "test": [...],
+     "calibration": [...]}                                         # optional
 
 each entry `{"id": str, "image": {"ct": path, "mr": path}, "label": {"ct": path, ...}}`.
 An entry may carry one modality only (AMOS: CT and MRI of different patients). Labels
 appear only where a volume is labelled: unlabelled entries carry none (so that nothing
 downstream can peek at them), validation and test entries carry one per image.
+
+`calibration` (optional, labels optional): held-out cases neither trained on nor used to
+choose the checkpoint, on which `cmc train` calibrates quality control
+(`cmc_train.qc_reference`). Four validation cases that also chose the checkpoint give
+coarse and optimistic floors; twenty or more unlabelled volumes set aside from the
+unlabelled pool give floors a case of the same distribution rarely crosses.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from typing import Any
 
 from cmc_common.errors import CmcError
 
-SPLITS: tuple[str, ...] = ("labelled", "unlabelled", "validation", "test")
+SPLITS: tuple[str, ...] = ("labelled", "unlabelled", "validation", "test", "calibration")
+OPTIONAL_SPLITS: tuple[str, ...] = ("calibration",)  # absent from a datalist: empty
 
 
 class DatalistError(CmcError, ValueError):
@@ -49,6 +57,7 @@ class Datalist:
     unlabelled: tuple[Entry, ...] = ()
     validation: tuple[Entry, ...] = ()
     test: tuple[Entry, ...] = ()
+    calibration: tuple[Entry, ...] = ()
 
     def split(self, name: str) -> tuple[Entry, ...]:
         """The entries of split `name` (one of SPLITS)."""
@@ -85,7 +94,8 @@ class Datalist:
 
         data: dict[str, Any] = {"modalities": list(self.modalities), "classes": list(self.classes)}
         for split in SPLITS:
-            data[split] = [encode(e) for e in self.split(split)]
+            if self.split(split) or split not in OPTIONAL_SPLITS:
+                data[split] = [encode(e) for e in self.split(split)]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -96,7 +106,8 @@ def _parse(data: Any, path: Path) -> Datalist:
 
     if not isinstance(data, dict):
         raise fail("top level must be a JSON object")
-    missing = [k for k in ("modalities", "classes", *SPLITS) if k not in data]
+    missing = [k for k in ("modalities", "classes", *SPLITS)
+               if k not in data and k not in OPTIONAL_SPLITS]
     if missing:
         raise fail(f"missing keys {missing}")
     modalities = data["modalities"]
@@ -112,10 +123,11 @@ def _parse(data: Any, path: Path) -> Datalist:
     seen: set[str] = set()
     splits: dict[str, tuple[Entry, ...]] = {}
     for split in SPLITS:
-        if not isinstance(data[split], list):
+        raw_entries = data.get(split, [])
+        if not isinstance(raw_entries, list):
             raise fail(f"'{split}' must be a list of entries")
         entries = []
-        for i, raw in enumerate(data[split]):
+        for i, raw in enumerate(raw_entries):
             entry = _parse_entry(raw, f"{split}[{i}]", modalities, root, fail)
             if entry.id in seen:
                 raise fail(f"duplicate id {entry.id!r} in {split}[{i}]")
@@ -157,7 +169,8 @@ def _parse_entry(raw: Any, where: str, modalities: list[str], root: Path,
 
 
 def _check_labels(entry: Entry, split: str, fail: Callable[[str], DatalistError]) -> None:
-    """Unlabelled entries carry no label; labelled ones some; evaluation splits all."""
+    """Unlabelled entries carry no label; labelled ones some; evaluation splits all;
+    calibration entries any."""
     if split == "unlabelled" and entry.label:
         raise fail(f"unlabelled entry {entry.id!r} carries labels {sorted(entry.label)}")
     if split == "labelled" and not entry.label:

@@ -221,3 +221,40 @@ def _affine(x: Any) -> Any:
     if affine is None:
         raise TypeError("pre-processing did not return a MetaTensor with an affine")
     return affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else affine
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """One case's two pre-processed images, each on its own grid, and a's label where the
+    case has one: what quality control is calibrated on (`cmc_train.qc_reference`), which
+    needs no label except to report the fused answer's Dice."""
+
+    case_id: str
+    image_a: torch.Tensor          # [1, D, H, W] float32
+    affine_a: np.ndarray           # 4x4 voxel-to-world (RAS, mm) after pre-processing
+    image_b: torch.Tensor
+    affine_b: np.ndarray
+    label_a: torch.Tensor | None   # [1, D, H, W] long
+
+    @classmethod
+    def from_volumes(cls, a: EvalVolume, b: EvalVolume) -> ImagePair:
+        return cls(a.case_id, a.image, a.affine, b.image, b.affine, a.label)
+
+
+def image_pairs(datalist: Datalist, preprocess: PreprocessConfig, split: str
+                ) -> Iterator[ImagePair]:
+    """Every case of `split` with both modalities, pre-processed exactly like training data,
+    one at a time (a calibration split may be large); a's label loaded where present."""
+    load = Preprocessor(preprocess)
+    a, b = datalist.modalities
+    for entry in datalist.split(split):
+        if a not in entry.image or b not in entry.image:
+            continue
+        sample_a = load(entry, a, with_label=a in entry.label)
+        sample_b = load(entry, b, with_label=False)
+        label = sample_a.get("label")
+        yield ImagePair(entry.id, _plain(sample_a["image"]).float(),
+                        np.asarray(_affine(sample_a["image"]), dtype=np.float64),
+                        _plain(sample_b["image"]).float(),
+                        np.asarray(_affine(sample_b["image"]), dtype=np.float64),
+                        None if label is None else _plain(label).round().long())

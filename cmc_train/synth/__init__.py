@@ -64,10 +64,11 @@ def _write_case_dicom(out: Path, case_id: str, pair: PhantomPair, seed: int) -> 
 
 def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: int = 64,
                           labelled_ratio: float = 0.1, val_cases: int = 4, test_cases: int = 4,
-                          dicom: bool = False, unpaired: bool = False, offset_mm: float = 10.0,
+                          calibration_cases: int = 0, dicom: bool = False, unpaired: bool = False, offset_mm: float = 10.0,
                           rotation_deg: float = 5.0, elastic_mm: float = 2.0,
                           difficulty: str = "easy") -> Path:
-    """Write `cases` training cases plus validation and test cases; return the datalist path.
+    """Write `cases` training cases plus validation, test and calibration cases; return the
+    datalist path.
 
     Training cases are split into labelled (`labelled_ratio` of them, at least one, chosen
     with the seed) and unlabelled; unlabelled cases get no label files at all. Each case
@@ -77,7 +78,9 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
     [0.5, 1] x `rotation_deg`) plus an elastic field of about `elastic_mm`.
     `difficulty` "hard" draws every subject's anatomy, lesions, scanner (grid, contrast,
     noise, field of view) from wide ranges instead (`hard_study.make_hard_pair`); "easy",
-    the default, is the phantom described above.
+    the default, is the phantom described above. Calibration cases (quality control's
+    held-out set, `cmc_train.data.datalist`) come last and unlabelled, like volumes set
+    aside from a real unlabelled pool, so adding them leaves every other case unchanged.
     """
     if difficulty not in PAIR_MAKERS:
         raise ConfigError(f"difficulty must be one of {', '.join(PAIR_MAKERS)}, got "
@@ -87,23 +90,26 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
         raise ConfigError(f"need at least one training case, got {cases}")
     if not 0.0 < labelled_ratio <= 1.0:
         raise ConfigError(f"labelled ratio must be in (0, 1], got {labelled_ratio}")
-    if val_cases < 0 or test_cases < 0:
-        raise ConfigError("validation and test case counts must be >= 0")
+    if min(val_cases, test_cases, calibration_cases) < 0:
+        raise ConfigError("validation, test and calibration case counts must be >= 0")
     out = Path(out)
     n_labelled = max(1, int(round(labelled_ratio * cases)))
     labelled_idx = set(np.random.default_rng([seed, 2**31]).permutation(cases)[:n_labelled])
     splits: dict[str, list[Entry]] = {"labelled": [], "unlabelled": [], "validation": [],
-                                      "test": []}
-    for index in range(cases + val_cases + test_cases):
+                                      "test": [], "calibration": []}
+    for index in range(cases + val_cases + test_cases + calibration_cases):
         case_id = f"case_{index:04d}"
         if index < cases:
             split = "labelled" if index in labelled_idx else "unlabelled"
+        elif index < cases + val_cases:
+            split = "validation"
         else:
-            split = "validation" if index < cases + val_cases else "test"
+            split = "test" if index < cases + val_cases + test_cases else "calibration"
         pair = make(case_rng(seed, index), size=size, offset_mm=offset_mm,
                     rotation_deg=rotation_deg, elastic_mm=elastic_mm,
                     unpaired_rng=case_rng(seed, index, 1) if unpaired else None)
-        splits[split].append(_write_case(out, case_id, pair, with_label=split != "unlabelled"))
+        labelled = split not in ("unlabelled", "calibration")
+        splits[split].append(_write_case(out, case_id, pair, with_label=labelled))
         if dicom:
             _write_case_dicom(out, case_id, pair, seed)
     datalist = Datalist(modalities=MODALITIES, classes=CLASSES,
