@@ -167,7 +167,8 @@ def markdown(result: dict[str, Any]) -> str:
         "run).", "",
         f"Command: `{result['command']}`", "",
         f"Model: {json.dumps(result['model'])}; validation mean foreground Dice (fused) "
-        f"{s['validation_mean_dice']:.3f}, so a case failed below {s['failure_threshold']:.3f}.",
+        f"{s['validation_mean_dice']:.3f}, so a case failed below {s['failure_threshold']:.3f};"
+        f" QC calibrated on {result['calibration_cases']} held-out cases.",
         "",
         "| figure | measured | target |", "|---|---|---|",
         f"| AUROC, failed (Dice > 0.15 below validation) | {num(s['auroc_failed'])} | >= 0.95 |",
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/qc.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": dict(zip(("cpu", "cpu_features"), cpu_info(CPU_FEATURES), strict=True), cores=_cores()),
         "model": made, "counts": case_set.DEFAULT_COUNTS, "seed": args.seed,
+        "calibration_cases": info.qc_reference["calibration"]["cases"],
         "segment_seconds_all_cases": round(segment_seconds, 1),
         "summary": scoring.summarise(rows, validation, case_set.OOD_KINDS),
         "cases": rows,

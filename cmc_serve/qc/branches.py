@@ -9,7 +9,7 @@ fused margin sums over (`BranchOutputs`). When the a-only and b-only modes were 
 
 Agreement alone is not a verdict: on clean cases of a misaligned pair the decoders agree
 only partly, so `cmc_serve.qc.verdict` judges these numbers against the same numbers
-measured on the validation cases (`cmc_train.qc_reference`), never against a fixed value.
+measured on the held-out cases (`cmc_train.qc_reference`), never against a fixed value.
 Training measures them with these same functions.
 """
 

@@ -6,14 +6,14 @@ against what the model directory recorded about its training (`ModelInfo.qc_refe
 written by `cmc_train.qc_reference`, docs/QC.md):
 
 - agreement signals (the decoders' mean foreground Dice, each structure's Dice, the
-  cross-modal Dice) against the same numbers on the validation cases, as an excess below
-  the validation mean in units of (mean - floor). The floor is the validation mean minus
-  FLOOR_SIGMAS sample standard deviations, and at least FLOOR_GAP below the lowest
-  validation case, so that no validation case sits at the floor; the validation data set
-  the numbers, not a constant.
+  cross-modal Dice) against the same numbers on the held-out cases (the validation split and
+  the datalist's calibration split), as an excess below their mean in units of
+  (mean - floor). The floor is the mean minus FLOOR_SIGMAS sample standard deviations, and
+  at least FLOOR_GAP below the lowest held-out case, so that no held-out case sits at the
+  floor; the held-out data set the numbers, not a constant.
 - range checks (fingerprint, anatomy) report a normalised excess (0 inside the range of
-  the training images and labels, widened to the model's answers on the validation
-  cases; 1 at the tolerance edge).
+  the training images and labels, widened to the model's answers on the held-out cases;
+  1 at the tolerance edge).
 - an excess maps to a score by `excess_score`: 1 at 0, 0.5 at the edge, 0.5 / excess
   beyond it.
 
@@ -24,7 +24,7 @@ its edge, each such check one flag: the agreement itself, the fingerprint (an in
 the training images), the anatomy. A flagged case's score is its agreement score times
 FLAGGED_FACTOR, so every flagged case scores below 0.5 and below every unflagged one, and
 flagged cases keep the order of their agreement. A structure's score is the lowest of its
-anatomy and its decoders' agreement (too rough to flag with few validation cases,
+anatomy and its decoders' agreement (too rough to flag with few held-out cases,
 `_judge_branches`). The fused margin is reported in `signals` (its validation numbers
 are in the reference) but neither flags nor scores.
 
@@ -61,12 +61,12 @@ def excess_score(excess: float) -> float:
 
 
 def calibrated_floor(stats: Mapping[str, float]) -> float:
-    """The lowest value still in keeping with the validation cases (module docstring)."""
+    """The lowest value still in keeping with the held-out cases (module docstring)."""
     return min(stats["mean"] - FLOOR_SIGMAS * stats["std"], stats["min"] - FLOOR_GAP)
 
 
 def low_excess(value: float, stats: Mapping[str, float]) -> float:
-    """How far below the validation mean a value lies, in units of mean - floor."""
+    """How far below the held-out mean a value lies, in units of mean - floor."""
     span = max(stats["mean"] - calibrated_floor(stats), 1e-6)
     return max(0.0, (stats["mean"] - value) / span)
 
@@ -80,7 +80,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
     signals: dict[str, Any] = {"reference": "present" if reference else _MISSING}
     calibration = (reference or {}).get("calibration")
     if reference and not calibration:
-        signals["calibration"] = "missing: trained without validation cases"
+        signals["calibration"] = "missing: trained without held-out cases of both modalities"
 
     if inputs.branches is not None:
         agreement = branches.branch_agreement(inputs.branches, inputs.class_names)
@@ -125,12 +125,13 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
 
 def _judge_branches(agreement: Mapping[str, Any], calibration: Mapping[str, Any],
                     flags: list[QcFlag], structure_excess: dict[str, float]) -> list[float]:
-    """Branch agreement against the validation cases; returns the case-level excesses.
+    """Branch agreement against the held-out cases; returns the case-level excesses.
 
     Only the case's mean agreement flags and sets the case score: it is the one number
-    the validation cases estimate well enough. Each structure's agreement sets that
-    structure's score and the fused margin is reported in `signals`, but neither flags: with a handful of validation cases their floors are rough, and one of
-    K rough per-structure floors is crossed by chance far more often than one."""
+    the held-out cases estimate well enough. Each structure's agreement sets that
+    structure's score and the fused margin is reported in `signals`, but neither flags:
+    with a handful of held-out cases their floors are rough, and one of K rough
+    per-structure floors is crossed by chance far more often than one."""
     stats = calibration["signals"]
     value = agreement.get("mean_dice")
     if value is None or "mean_dice" not in stats:
@@ -149,7 +150,7 @@ def _judge_branches(agreement: Mapping[str, Any], calibration: Mapping[str, Any]
 
 def _judge_cross(cross: Mapping[str, Any], calibration: Mapping[str, Any],
                  flags: list[QcFlag]) -> list[float]:
-    """Each single-modality answer against the fused one, judged by the validation cases."""
+    """Each single-modality answer against the fused one, judged by the held-out cases."""
     out: list[float] = []
     for role, row in cross.items():
         stats = calibration["signals"].get(f"cross_{role}")
@@ -166,7 +167,7 @@ def _judge_cross(cross: Mapping[str, Any], calibration: Mapping[str, Any],
 def _low_flag(code: str, what: str, value: float, stats: Mapping[str, float],
               structure: str | None = None, role: str | None = None) -> QcFlag:
     floor = calibrated_floor(stats)
-    return QcFlag(code, f"{what} {value:.2f}, validation {stats['mean']:.2f} "
+    return QcFlag(code, f"{what} {value:.2f}, held-out cases {stats['mean']:.2f} "
                   f"(floor {floor:.2f})", structure=structure, role=role,
                   values={"value": round(value, 4), "validation_mean": stats["mean"],
                           "validation_std": stats["std"], "floor": round(floor, 4)})
@@ -174,8 +175,8 @@ def _low_flag(code: str, what: str, value: float, stats: Mapping[str, float],
 
 def _widened_anatomy(reference: Mapping[str, Any]) -> dict[str, Any]:
     """The training labels' anatomy, each range widened to take in the model's own answers
-    on the validation cases (calibration's `anatomy`): what the model does on every case is
-    no reason to doubt one, so no validation case is flagged by construction."""
+    on the held-out cases (calibration's `anatomy`): what the model does on every case is
+    no reason to doubt one, so no held-out case is flagged by construction."""
     train = reference["anatomy"]
     seen = (reference.get("calibration") or {}).get("anatomy")
     if not seen:

@@ -131,22 +131,30 @@ class OpenVinoRuntime:
         # Tile `row` goes to request `row % jobs`; that request last ran tile `row - jobs`,
         # the oldest one still running, so collecting before reuse keeps the tiles in order.
         jobs = len(self._requests)
-        tiles: list[list[np.ndarray]] = []
+        batch: list[np.ndarray] = []
         for row in range(n):
             request = self._requests[row % jobs]
             if row >= jobs:
-                tiles.append(self._outputs(request, names))
+                self._collect(request, names, row - jobs, n, batch)
             request.start_async({k: np.ascontiguousarray(v[row:row + 1], dtype=np.float32)
                                  for k, v in inputs.items()})
-        tiles += [self._outputs(self._requests[row % jobs], names)
-                  for row in range(max(0, n - jobs), n)]
-        return [np.concatenate([tile[i] for tile in tiles], axis=0) for i in range(len(names))]
+        for row in range(max(0, n - jobs), n):
+            self._collect(self._requests[row % jobs], names, row, n, batch)
+        return batch
 
     @staticmethod
-    def _outputs(request: Any, names: Sequence[str]) -> list[np.ndarray]:
-        """Wait for `request` and copy the named outputs out of the request's buffers."""
+    def _collect(request: Any, names: Sequence[str], row: int, n: int,
+                 batch: list[np.ndarray]) -> None:
+        """Wait for `request`, which ran tile `row` (tiles are collected in order), and copy
+        its named outputs into row `row` of `batch`'s arrays, allocated at tile 0: one copy
+        out of the request's buffers and none to assemble the batch (the outputs are
+        three probability volumes per tile with quality control on)."""
         request.wait()
-        return [np.array(request.get_tensor(name).data, dtype=np.float32) for name in names]
+        for i, name in enumerate(names):
+            data = request.get_tensor(name).data
+            if row == 0:
+                batch.append(np.empty((n, *data.shape[1:]), np.float32))
+            batch[i][row] = data[0]
 
     def close(self) -> None:
         self._requests = []
