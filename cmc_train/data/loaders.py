@@ -210,10 +210,15 @@ def validation_volumes(datalist: Datalist, preprocess: PreprocessConfig,
             if modality not in entry.label:
                 continue
             sample = load(entry, modality, with_label=True)
-            affine = np.asarray(_affine(sample["image"]), dtype=np.float64)
-            yield EvalVolume(case_id=entry.id, modality=modality,
-                             image=_plain(sample["image"]).float(),
+            image, affine = _image_and_affine(sample)
+            yield EvalVolume(case_id=entry.id, modality=modality, image=image,
                              label=_plain(sample["label"]).round().long(), affine=affine)
+
+
+def _image_and_affine(sample: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """A pre-processed sample's image as a plain float32 tensor and its affine (float64)."""
+    return (_plain(sample["image"]).float(),
+            np.asarray(_affine(sample["image"]), dtype=np.float64))
 
 
 def _affine(x: Any) -> Any:
@@ -253,8 +258,5 @@ def image_pairs(datalist: Datalist, preprocess: PreprocessConfig, split: str
         sample_a = load(entry, a, with_label=a in entry.label)
         sample_b = load(entry, b, with_label=False)
         label = sample_a.get("label")
-        yield ImagePair(entry.id, _plain(sample_a["image"]).float(),
-                        np.asarray(_affine(sample_a["image"]), dtype=np.float64),
-                        _plain(sample_b["image"]).float(),
-                        np.asarray(_affine(sample_b["image"]), dtype=np.float64),
+        yield ImagePair(entry.id, *_image_and_affine(sample_a), *_image_and_affine(sample_b),
                         None if label is None else _plain(label).round().long())

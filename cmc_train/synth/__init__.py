@@ -64,7 +64,8 @@ def _write_case_dicom(out: Path, case_id: str, pair: PhantomPair, seed: int) -> 
 
 def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: int = 64,
                           labelled_ratio: float = 0.1, val_cases: int = 4, test_cases: int = 4,
-                          calibration_cases: int = 0, dicom: bool = False, unpaired: bool = False, offset_mm: float = 10.0,
+                          calibration_cases: int = 0, dicom: bool = False,
+                          unpaired: bool = False, offset_mm: float = 10.0,
                           rotation_deg: float = 5.0, elastic_mm: float = 2.0,
                           difficulty: str = "easy") -> Path:
     """Write `cases` training cases plus validation, test and calibration cases; return the
