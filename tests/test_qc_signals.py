@@ -158,6 +158,8 @@ FIRE: dict[str, Callable[[PhantomPair], dict[str, Any]]] = {
     "fov_cut": lambda c: dict(zip(("labels", "affine"), _cut_liver(c), strict=True)),
     "left_right": lambda c: {"labels": c.label_a[::-1].copy()},
 }
+INPUT_CODES = {"intensity_out_of_range", "modality_role", "spacing_out_of_range",
+               "fov_out_of_range", "body_extent_out_of_range"}  # the fingerprint's flags
 QUIET: dict[str, Callable[[PhantomPair], dict[str, Any]]] = {
     "branch_disagreement": lambda c: {"branches": _branches(c.label_a, _shifted(c.label_a, 1))},
     "cross_modal_disagreement": lambda c: {
@@ -193,7 +195,11 @@ def test_each_flag_fires_on_its_failure(code: str, reference: dict[str, Any],
     qc = assess_case(reference, _inputs(case, **FIRE[code](case)))
     codes = [f.code for f in qc.flags]
     assert code in codes, [f.message for f in qc.flags]
-    assert qc.flagged and qc.score < 0.5
+    assert qc.flagged
+    if code in INPUT_CODES:  # the input needs review; the score stays the answer's
+        assert qc.score == assess_case(reference, _inputs(case)).score >= 0.5
+    else:
+        assert qc.score < 0.5
     flag = next(f for f in qc.flags if f.code == code)
     assert flag.message and flag.values
     assert review_text(qc.flags).startswith("needs review: ")
@@ -274,19 +280,24 @@ def test_score_orders_worse_disagreement_lower(reference: dict[str, Any],
     assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
 
 
-def test_flagged_cases_rank_below_unflagged_ones_by_their_agreement(
+def test_a_doubtful_answer_ranks_below_every_other_by_its_agreement(
         reference: dict[str, Any], case: PhantomPair) -> None:
-    """A flag (here an input out of range) puts a case below every unflagged one, even one
-    whose branches agree less; among flagged cases the agreement keeps the order."""
-    halved = (case.image_a * 0.5).astype(np.int16)
-    agree = assess_case(reference, _inputs(case, images=_image(case, "a", halved)))
-    worse = assess_case(reference, _inputs(case, images=_image(case, "a", halved),
-                                           branches=_branches(case.label_a,
-                                                              _shifted(case.label_a, 2))))
+    """A flag on the answer (here a kidney missing) puts a case below every case without
+    one, even one whose branches agree less; among such cases the agreement keeps the
+    order. A flag on the input alone (CT intensities halved) flags, but the score stays
+    the answer's agreement."""
+    missing = _without(case.label_a, "kidney_l")
+    agree = assess_case(reference, _inputs(case, labels=missing))
+    worse = assess_case(reference, _inputs(case, labels=missing, branches=_branches(
+        case.label_a, _shifted(case.label_a, 2))))
     unflagged = assess_case(reference, _inputs(case, branches=_branches(
         case.label_a, _shifted(case.label_a, 1))))
-    assert agree.flagged and worse.flagged and not unflagged.flagged
-    assert worse.score < agree.score < 0.5 <= unflagged.score
+    halved = (case.image_a * 0.5).astype(np.int16)
+    odd_input = assess_case(reference, _inputs(case, images=_image(case, "a", halved),
+                                               branches=_branches(case.label_a,
+                                                                  _shifted(case.label_a, 1))))
+    assert agree.flagged and worse.flagged and not unflagged.flagged and odd_input.flagged
+    assert worse.score < agree.score < 0.5 <= unflagged.score == odd_input.score
 
 
 def test_floor_is_set_by_the_validation_cases() -> None:

@@ -21,17 +21,19 @@ The case's score is the answer's agreement: the score of the decoders' mean agre
 (and of the cross-modal agreement, the lower, with `--qc full`), which measures the answer
 itself and ranks cases by how likely they fail. A case is flagged when any check passes
 its edge, each such check one flag: the agreement itself, the fingerprint (an input unlike
-the training images), the anatomy. A flagged case's score is its agreement score times
-FLAGGED_FACTOR, so every flagged case scores below 0.5 and below every unflagged one, and
-flagged cases keep the order of their agreement. A structure's score is the lowest of its
-anatomy and its decoders' agreement (too rough to flag with few held-out cases,
+the training images), the anatomy. A flag on the answer (agreement, anatomy) multiplies
+the score by FLAGGED_FACTOR, so such a case scores below 0.5 and below every case without
+one, and those cases keep the order of their agreement. A structure's score is the lowest
+of its anatomy and its decoders' agreement (too rough to flag with few held-out cases,
 `_judge_branches`). The fused margin is reported in `signals` (its validation numbers
 are in the reference) but neither flags nor scores.
 
-Range checks decide the flag, not the order: an input unlike the training images (noise,
-a scanner's other scale) is worth a look whether or not the model still copes, but how far
-outside the range it lies says little about how wrong the answer is, which the decoders'
-agreement measures (docs/QC.md has the benchmark runs behind this choice).
+A flag on the input alone leaves the score to the answer. An input unlike the training
+images (noise, a scanner's other scale) is worth a look whether or not the model still
+copes, but how far outside the range it lies says little about how wrong the answer is,
+which the decoders' agreement measures; where they agree as on the held-out cases the
+answer is more often right than one whose anatomy is off (docs/QC.md has the benchmark
+runs behind both choices).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
         if calibration:
             agreement_excess += _judge_cross(cross, calibration, flags)
 
+    input_flags = 0  # how many of `flags` are on the input rather than the answer
     if reference and "fingerprint" in reference:
         measures = {}
         for role, image in sorted(inputs.images.items()):
@@ -103,6 +106,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
             found, worst = fingerprint.check_role(role, measure, image.modality,
                                                   reference["fingerprint"])
             flags += found
+            input_flags += len(found)
             signals.setdefault("fingerprint_excess", {})[role] = round(worst, 4)
         signals["fingerprint"] = measures
 
@@ -117,7 +121,7 @@ def assess_case(reference: Mapping[str, Any] | None, inputs: QcInputs) -> CaseQc
 
     structures = {name: excess_score(v) for name, v in structure_excess.items()}
     score = excess_score(max(agreement_excess))
-    if flags:  # every flagged case below every other, still ordered by its agreement
+    if len(flags) > input_flags:  # a doubtful answer below every other, still in order
         score *= FLAGGED_FACTOR
     return CaseQc(score=score, flagged=bool(flags), flags=tuple(flags),
                   structures=structures, signals=signals)
