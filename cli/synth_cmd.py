@@ -23,7 +23,7 @@ def command(
     val_cases: Annotated[int, typer.Option(help="Validation cases (labelled).")] = 4,
     test_cases: Annotated[int, typer.Option(help="Test cases (labelled).")] = 4,
     calibration_cases: Annotated[int, typer.Option(
-        help="Held-out unlabelled cases quality control is calibrated on (the demo: 20).")] = 0,
+        help="Held-out labelled cases quality control is calibrated on (the demo: 20).")] = 0,
     dicom: Annotated[bool, typer.Option(
         help="Also write DICOM series to OUT/dicom/<case>/<ct|mr>/.")] = False,
     unpaired: Annotated[bool, typer.Option(

@@ -5,6 +5,7 @@ exported before it existed still loads and is still assessed."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,15 @@ MICRO = ModelConfig(img_size=16, vit_patch=4, embed_dim=32, depth=2, num_heads=2
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_study(tmp_path_factory.mktemp("study"), cases=3, seed=0, size=32,
+    """3 training, 2 validation and 2 calibration cases, the last one's labels dropped
+    (calibration labels are optional)."""
+    path = write_synthetic_study(tmp_path_factory.mktemp("study"), cases=3, seed=0, size=32,
                                  labelled_ratio=0.34, val_cases=2, test_cases=0,
                                  calibration_cases=2)
+    datalist = Datalist.load(path)
+    first, last = datalist.calibration
+    replace(datalist, calibration=(first, replace(last, label={}))).save(path)
+    return path
 
 
 RECORDED_SAID: list[str] = []  # what `recorded` reported
@@ -72,8 +79,8 @@ def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Pat
     assert set(anatomy["structures"]) == {"liver", "spleen", "kidney_r", "kidney_l"}
     assert [p["right"] for p in anatomy["lateral_pairs"]] == ["kidney_r"]
     calibration = reference["calibration"]
-    # the 2 validation and the 2 unlabelled calibration cases; Dice from the labelled two
-    assert calibration["cases"] == 4 and calibration["labelled_cases"] == 2
+    # the 2 validation and the 2 calibration cases; Dice from the three labelled ones
+    assert calibration["cases"] == 4 and calibration["labelled_cases"] == 3
     assert 0.0 <= calibration["validation_mean_dice"] <= 1.0
     assert set(calibration["signals"]) == {"mean_dice", "mean_margin", "cross_a", "cross_b"}
     for stats in calibration["signals"].values():
@@ -84,7 +91,7 @@ def test_the_reference_records_fingerprint_anatomy_and_calibration(recorded: Pat
 def test_the_recording_says_what_it_rests_on_and_warns_when_thin(recorded: Path) -> None:
     (said,) = RECORDED_SAID
     assert said.startswith("micro.pt: quality-control reference recorded (4 held-out cases")
-    assert "on the 2 labelled" in said
+    assert "on the 3 labelled" in said
     assert "fewer than 20: the flags' floors are coarse" in said and "'calibration'" in said
 
 

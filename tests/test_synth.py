@@ -166,7 +166,7 @@ def test_dicom_passes_dciodvfy(study: Path) -> None:
             assert not errors, f"{path}: {errors}"
 
 
-def test_calibration_cases_come_last_unlabelled_and_change_no_other_case(
+def test_calibration_cases_come_last_labelled_and_change_no_other_case(
         tmp_path: Path) -> None:
     """Quality control's held-out cases are appended: the training, validation and test
     cases (and so a trained model) are the ones the same seed gives without them."""
@@ -175,7 +175,7 @@ def test_calibration_cases_come_last_unlabelled_and_change_no_other_case(
     study = write_synthetic_study(tmp_path / "with", **kwargs, calibration_cases=2)
     datalist = Datalist.load(study)
     assert [e.id for e in datalist.calibration] == ["case_0004", "case_0005"]
-    assert all(not e.label and set(e.image) == {"ct", "mr"} for e in datalist.calibration)
+    assert all(set(e.image) == set(e.label) == {"ct", "mr"} for e in datalist.calibration)
     for split in ("labelled", "unlabelled", "validation", "test"):
         for old, new in zip(without.split(split), datalist.split(split), strict=True):
             assert old.id == new.id

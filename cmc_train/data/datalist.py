@@ -15,8 +15,10 @@ downstream can peek at them), validation and test entries carry one per image.
 `calibration` (optional, labels optional): held-out cases neither trained on nor used to
 choose the checkpoint, on which `cmc train` calibrates quality control
 (`cmc_train.qc_reference`). Four validation cases that also chose the checkpoint give
-coarse and optimistic floors; twenty or more unlabelled volumes set aside from the
-unlabelled pool give floors a case of the same distribution rarely crosses.
+coarse and optimistic floors; twenty or more volumes set aside give floors a case of the
+same distribution rarely crosses. Labels, where given, set the fused answer's held-out
+mean Dice (the measure a failed case is judged by) on cases that did not choose the
+checkpoint.
 """
 
 from __future__ import annotations

@@ -80,8 +80,10 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
     `difficulty` "hard" draws every subject's anatomy, lesions, scanner (grid, contrast,
     noise, field of view) from wide ranges instead (`hard_study.make_hard_pair`); "easy",
     the default, is the phantom described above. Calibration cases (quality control's
-    held-out set, `cmc_train.data.datalist`) come last and unlabelled, like volumes set
-    aside from a real unlabelled pool, so adding them leaves every other case unchanged.
+    held-out set, `cmc_train.data.datalist`) come last, so adding them leaves every other
+    case unchanged, and labelled: the fused answer's mean Dice on held-out cases is what a
+    failed case is measured from, and the validation cases alone overrate it (they chose
+    the checkpoint).
     """
     if difficulty not in PAIR_MAKERS:
         raise ConfigError(f"difficulty must be one of {', '.join(PAIR_MAKERS)}, got "
@@ -109,8 +111,7 @@ def write_synthetic_study(out: Path | str, cases: int, seed: int = 0, *, size: i
         pair = make(case_rng(seed, index), size=size, offset_mm=offset_mm,
                     rotation_deg=rotation_deg, elastic_mm=elastic_mm,
                     unpaired_rng=case_rng(seed, index, 1) if unpaired else None)
-        labelled = split not in ("unlabelled", "calibration")
-        splits[split].append(_write_case(out, case_id, pair, with_label=labelled))
+        splits[split].append(_write_case(out, case_id, pair, with_label=split != "unlabelled"))
         if dicom:
             _write_case_dicom(out, case_id, pair, seed)
     datalist = Datalist(modalities=MODALITIES, classes=CLASSES,
