@@ -284,21 +284,32 @@ def test_an_amx_host_gates_both_openvino_half_precisions(
     # cmc.json and the Triton repository, and skips neither. What OpenVINO runs for a hint
     # the CPU lacks differs by host (fp32 on plain AVX-512; bf16 for fp16 on an AVX512-BF16
     # host, which the fp16 gate refuses), so fp16 may be written or refused here; native
-    # half-precision numbers are test_gates' and the device checks' business.
+    # half-precision numbers are test_gates' and the device checks' business. The fused
+    # graph's two branch outputs (quality control's agreement signal) are judged too.
     import cmc_serve.runtimes.openvino_rt as openvino_rt
 
     monkeypatch.setattr(openvino_rt, "cpu_capabilities",
                         lambda: ("AMX host", ("BF16", "FP16", "FP32", "INT8")))
     out = tmp_path / "model"
-    report = export(ckpt, out, modes=("b",), log=lambda _: None)
+    report = export(ckpt, out, modes=("b", "fused"), log=lambda _: None)
     assert not any(s.startswith("OpenVINO") for s in report.skipped)
     model = json.loads((out / "cmc.json").read_text())
-    written = {g["precision"] for g in model["graphs"] if g["runtime"] == "openvino"}
-    refused = {r["precision"]: r for r in model.get("refused", []) if r["runtime"] == "openvino"}
+    fused = {g["precision"]: g["gate"] for g in model["graphs"]
+             if g["runtime"] == "openvino" and g["mode"] == "fused" and g["precision"] != "fp32"}
+    assert "bf16" in fused
+    for gate in fused.values():
+        assert set(gate["branch_outputs"]) == {"probs_a", "probs_b"}
+    fused_refused = [r for r in model.get("refused", []) if r["runtime"] == "openvino"
+                     and r["mode"] == "fused" and r["precision"] != "int8"]
+    assert set(fused) | {r["precision"] for r in fused_refused} == {"bf16", "fp16"}
+    b_graphs = [g for g in model["graphs"] if g["mode"] == "b"]
+    written = {g["precision"] for g in b_graphs if g["runtime"] == "openvino"}
+    refused = {r["precision"]: r for r in model.get("refused", [])
+               if r["runtime"] == "openvino" and r["mode"] == "b"}
     # The micro checkpoint records no datalist: int8 is refused for want of calibration data.
     assert "pass --calibration DATALIST" in refused.pop("int8")["reason"]
     assert {"fp32", "bf16"} <= written and written | set(refused) == {"fp32", "bf16", "fp16"}
-    for graph in model["graphs"]:
+    for graph in b_graphs:
         if graph["runtime"] == "openvino" and graph["precision"] != "fp32":
             assert graph["gate"]["kind"] == "segmentation_parity"
             assert graph["gate"]["noise"]["emulated"] == graph["precision"]
