@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage
 
 from cmc_serve.qc import anatomy, fingerprint
-from cmc_serve.qc.flags import review_text
+from cmc_serve.qc.flags import review_text, value_range
 from cmc_serve.qc.inputs import BranchOutputs, QcInputs, RoleImage
 from cmc_serve.qc.verdict import assess_case, calibrated_floor
 from cmc_train.synth.phantom import CLASSES, PhantomPair, make_pair
@@ -271,6 +271,16 @@ def test_messages_name_the_numbers(reference: dict[str, Any], case: PhantomPair)
     intensity = next(f for f in qc.flags if f.code == "intensity_out_of_range" and f.role == "b")
     assert intensity.message.startswith("b: intensity p")
     assert "training" in intensity.message
+    # a CT's HU range below zero reads "-757 to -420", not "-757--420"
+    ct = [f for f in qc.flags if f.code == "intensity_out_of_range" and f.role == "a"
+          and f.values["training_min"] < 0]
+    assert ct and all(" to -" in f.message and "--" not in f.message for f in ct)
+
+
+def test_ranges_read_plainly_whatever_their_sign() -> None:
+    assert value_range(140.2, 259.7) == "140-260"
+    assert value_range(-757.4, -420.0) == "-757 to -420"
+    assert value_range(-30.0, 80.0) == "-30 to 80"
 
 
 def test_score_orders_worse_disagreement_lower(reference: dict[str, Any],

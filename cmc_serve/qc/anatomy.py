@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from cmc_serve.qc.flags import QcFlag
+from cmc_serve.qc.flags import QcFlag, value_range
 from cmc_serve.volume import count_labels
 
 MIN_COMPONENT_SHARE = 0.02
@@ -203,7 +203,7 @@ def _volume_check(name: str, volume: float, stats: Mapping[str, float],
     excess = max(0.0, low - value, value - high) / tol
     if excess > 1.0:
         flags.append(QcFlag("volume_out_of_range", f"{name}: {volume:.0f} ml, training "
-                            f"{stats['min']:.0f}-{stats['max']:.0f} ml", structure=name,
+                            f"{value_range(stats['min'], stats['max'])} ml", structure=name,
                             values={"volume_ml": round(volume, 2), "training_min": stats["min"],
                                     "training_max": stats["max"]}))
     return excess

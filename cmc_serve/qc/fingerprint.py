@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cmc_serve.qc.flags import QcFlag
+from cmc_serve.qc.flags import QcFlag, value_range
 
 PERCENTILES = (5, 25, 50, 75, 95)
 INTENSITY_KEYS = tuple(f"p{p}" for p in PERCENTILES)
@@ -186,7 +186,7 @@ def check_role(role: str, measure: Mapping[str, Any], modality: str,
             if excess > 1.0:
                 flags.append(QcFlag(
                     code, f"{role}: {what} {value:.0f} mm ({name}), training "
-                    f"{stats['min']:.0f}-{stats['max']:.0f} mm",
+                    f"{value_range(stats['min'], stats['max'])} mm",
                     role=role, values={"axis": name, "value": round(value, 2),
                                        "training_min": stats["min"],
                                        "training_max": stats["max"]}))
@@ -208,7 +208,7 @@ def _check_absolute(role: str, measure: Mapping[str, Any], own: Mapping[str, Any
             flags.append(QcFlag(
                 "intensity_out_of_range",
                 f"{role}: intensity {key} {value:.0f}, training "
-                f"{stats['min']:.0f}-{stats['max']:.0f}",
+                f"{value_range(stats['min'], stats['max'])}",
                 role=role, values={"percentile": key, "value": round(value, 2),
                                    "training_min": stats["min"], "training_max": stats["max"]}))
     return worst

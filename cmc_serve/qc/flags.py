@@ -18,6 +18,14 @@ DICOM_LO_MAX = 64
 REVIEW_PREFIX = "needs review: "
 
 
+def value_range(low: float, high: float) -> str:
+    """A training range as a message writes it, whole numbers: "140-260", but "-757 to -420"
+    where a bound is negative (a CT's HU), which a hyphen would make unreadable."""
+    if min(low, high) < 0:
+        return f"{low:.0f} to {high:.0f}"
+    return f"{low:.0f}-{high:.0f}"
+
+
 @dataclass(frozen=True)
 class QcFlag:
     """One reason to doubt a case.
