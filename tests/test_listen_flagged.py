@@ -17,6 +17,8 @@ import segment_fixtures as fx
 from listen_fixtures import Node, send, wait_until, write_study
 from orthanc_fixture import OrthancServer, require_orthanc
 
+from cmc_serve.qc.flags import score_text
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -58,9 +60,10 @@ def test_flagged_result_goes_to_the_review_destination_instead(
         ds = pydicom.dcmread(BytesIO(review.seg_file(seg)))
         assert "needs review: fov_cut" in ds.SeriesDescription
         page = node.page()
-        assert f"score {flagged['qc']['score']:.2f}: needs review" in page
+        assert f"score {score_text(flagged['qc']['score'])}: needs review" in page
+        assert float(score_text(flagged["qc"]["score"])) < 0.5  # an answer flag: below 0.5
         assert "bright_b: cut off by the field" in page
-        assert f"score {clean['qc']['score']:.2f}" in page
+        assert f"score {score_text(clean['qc']['score'])}" in page
         assert "flagged results to: " + review.send_to in node.output()
     finally:
         node.stop()
@@ -90,7 +93,7 @@ def test_held_results_wait_for_release_on_the_page_or_at_start(
         shown = render(f"http://127.0.0.1:{node.http_port}/", tmp_path / "held.png",
                        (1400, 1000))
         assert "Held for review (2)" in shown.dom
-        assert f"QC score {held['qc']['score']:.2f}" in shown.dom
+        assert f"QC score {score_text(held['qc']['score'])}" in shown.dom
         assert node.health()["status"] == "ok"  # waiting for a person is not a fault
 
         assert node.press("release", first.study_uid) == 200

@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage
 
 from cmc_serve.qc import anatomy, fingerprint
-from cmc_serve.qc.flags import review_text, value_range
+from cmc_serve.qc.flags import review_text, score_text, value_range
 from cmc_serve.qc.inputs import BranchOutputs, QcInputs, RoleImage
 from cmc_serve.qc.verdict import assess_case, calibrated_floor
 from cmc_train.synth.phantom import CLASSES, PhantomPair, make_pair
@@ -275,6 +275,12 @@ def test_messages_name_the_numbers(reference: dict[str, Any], case: PhantomPair)
     ct = [f for f in qc.flags if f.code == "intensity_out_of_range" and f.role == "a"
           and f.values["training_min"] < 0]
     assert ct and all(" to -" in f.message and "--" not in f.message for f in ct)
+
+
+def test_a_doubtful_answer_never_reads_as_the_floor_score() -> None:
+    # the verdict puts such an answer at most at 0.499; shown rounded, it would read 0.50
+    assert [score_text(s) for s in (0.499, 0.5, 0.57, 0.29, 1.0, 0.0)] == [
+        "0.49", "0.50", "0.57", "0.29", "1.00", "0.00"]
 
 
 def test_ranges_read_plainly_whatever_their_sign() -> None:

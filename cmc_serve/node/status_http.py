@@ -38,6 +38,7 @@ from cmc_serve.node.spool import Spool, valid_uid
 from cmc_serve.node.study_record import HELD, Study
 from cmc_serve.node.worker import ALL, REDELIVER, RELEASE, qc_reasons
 from cmc_serve.pipeline import outputs
+from cmc_serve.qc.flags import score_text
 
 if TYPE_CHECKING:
     from cmc_serve.node.scp import RefusedSyntax, StorageSCP
@@ -55,7 +56,7 @@ def _when(epoch: float | None) -> str:
 
 def _score(qc: dict[str, Any] | None) -> str:
     score = (qc or {}).get("score")
-    return f"{score:.2f}" if isinstance(score, (int, float)) else "-"
+    return score_text(score) if isinstance(score, (int, float)) else "-"
 
 
 def _qc_cell(s: Study) -> str:

@@ -39,7 +39,7 @@ from cmc_serve.pipeline.run_case import (
     load_case,
     segment_case,
 )
-from cmc_serve.qc.flags import review_text
+from cmc_serve.qc.flags import review_text, score_text
 from cmc_serve.runtimes import RuntimeUnavailable
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class BatchRunner:
         for warning in record.warnings:
             self._say(f"  [yellow]warning[/yellow]: {escape(warning)}")
         if result.qc and result.qc.flagged:
-            self._say(f"  [yellow]needs review[/yellow] (QC score {result.qc.score:.2f}): "
+            self._say(f"  [yellow]needs review[/yellow] (QC score {score_text(result.qc.score)}): "
                       + escape("; ".join(f.message for f in result.qc.flags)))
         self._flush()
 

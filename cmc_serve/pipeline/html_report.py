@@ -22,6 +22,7 @@ from typing import Any
 from cmc_serve.html_page import badge, engine_text, esc, page, thumb_cell
 from cmc_serve.pipeline import outputs
 from cmc_serve.pipeline.statistics import class_volumes, outliers
+from cmc_serve.qc.flags import score_text
 
 REPORT_HTML = "report.html"
 
@@ -42,7 +43,7 @@ def qc_cell(qc: Mapping[str, Any] | None) -> str:
     """Quality control's verdict: the score, and for a flagged case each flag's sentence."""
     if not qc:
         return ""
-    score = f"QC score {float(qc.get('score', 0.0)):.2f}"
+    score = f"QC score {score_text(float(qc.get('score', 0.0)))}"
     if not qc.get("flagged"):
         return f'<div class="qcok">{esc(score)}</div>'
     reasons = "".join(f"<li>{esc(f.get('message'))}</li>" for f in qc.get("flags", []))

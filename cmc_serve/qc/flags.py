@@ -9,6 +9,7 @@ the same thing in the same words.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,12 @@ from typing import Any
 # DICOM LO (SeriesDescription, ContentDescription) holds at most 64 characters.
 DICOM_LO_MAX = 64
 REVIEW_PREFIX = "needs review: "
+
+
+def score_text(score: float) -> str:
+    """A score as people read it: two decimals, rounded down, so that an answer the verdict
+    put below 0.5 never shows as "0.50", the score of an unflagged case at its floor."""
+    return f"{math.floor(score * 100 + 1e-9) / 100:.2f}"
 
 
 def value_range(low: float, high: float) -> str:
